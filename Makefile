@@ -1,0 +1,45 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# tflite-runtime (the fallback runtime) only exists for python3.11 with numpy<2: it gets a venv of its own.
+TFLITE_VENV := .venv-tflite-runtime
+TFLITE_STAMP := $(TFLITE_VENV)/.installed
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.PHONY: demo test bench lock clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
+	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
+	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest"
+	touch $@
+
+$(TFLITE_STAMP): requirements-tflite-runtime.lock
+	$(PYTHON) -m venv $(TFLITE_VENV)
+	$(TFLITE_VENV)/bin/pip install $(PIP_QUIET) -r requirements-tflite-runtime.lock
+	$(TFLITE_VENV)/bin/python -c "import tflite_runtime.interpreter"
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/slimserve examples
+	$(BIN)/slimserve check
+	$(BIN)/slimserve demo
+
+test: $(STAMP) $(TFLITE_STAMP)
+	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python $(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+# Re-resolve the pins after changing requirements.in (needs network to PyPI).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install $(PIP_QUIET) -r requirements.in
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	rm -rf .venv-lock
+
+clean:
+	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache

@@ -1,0 +1,228 @@
+"""The inference core: an HTTP-shaped request in, a response out, for every protocol.
+
+The Lambda handler, the SageMaker container and the local gateway each translate
+their own transport into `Request` and back from `Response`; routing, limits,
+decoding, validation, the runtime call and error mapping live here once.
+"""
+
+import logging
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+
+from . import jsoncodec, tfserving, v2
+from .errors import (
+    InferenceError,
+    InvalidInput,
+    MethodNotAllowed,
+    ModelNotReady,
+    NotFound,
+    PayloadTooLarge,
+    RuntimeFailure,
+)
+
+logger = logging.getLogger("slimserve")
+
+MAX_BODY_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
+MAX_DECODED_BYTES = 4 * MAX_BODY_BYTES  # a compressed body may expand, but only so far
+CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
+SERVER_NAME = "slimserve"
+SERVER_VERSION = "0.1.0"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def __post_init__(self):
+        self.method = self.method.upper()
+        self.headers = {key.lower(): value for key, value in self.headers.items()}
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+    model: str | None = None
+    error_kind: str | None = None
+    inference_ms: float | None = None
+
+    @classmethod
+    def json(cls, status: int, payload, **extra) -> "Response":
+        return cls(status, jsoncodec.dumps(payload), **extra)
+
+
+@dataclass
+class ServedModel:
+    """A model as the core serves it: loaded (`runtime` set) or failed (`failure` says why)."""
+
+    name: str
+    version: str
+    runtime: object | None = None
+    failure: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None
+
+    def require_ready(self):
+        if self.runtime is None:
+            raise ModelNotReady(f"model {self.name!r} version {self.version} is not ready: {self.failure}")
+        return self.runtime
+
+
+_NAME = r"(?P<name>[A-Za-z0-9_.-]+)(?:/versions/(?P<version>[A-Za-z0-9_.-]+))?"
+_ROUTES = [
+    ("GET", re.compile(r"/v2/health/live"), "live"),
+    ("GET", re.compile(r"/v2/health/ready"), "server_ready"),
+    ("GET", re.compile(r"/v2"), "server_metadata"),
+    ("GET", re.compile(rf"/v2/models/{_NAME}"), "v2_metadata"),
+    ("GET", re.compile(rf"/v2/models/{_NAME}/ready"), "v2_ready"),
+    ("POST", re.compile(rf"/v2/models/{_NAME}/infer"), "v2_infer"),
+    ("GET", re.compile(rf"/v1/models/{_NAME}"), "tfs_status"),
+    ("GET", re.compile(rf"/v1/models/{_NAME}/metadata"), "tfs_metadata"),
+    ("POST", re.compile(rf"/v1/models/{_NAME}:predict"), "tfs_predict"),
+]
+
+
+class InferenceCore:
+    def __init__(self, models: list[ServedModel], max_body_bytes: int = MAX_BODY_BYTES):
+        self.models: dict[str, dict[str, ServedModel]] = {}
+        for model in models:
+            self.models.setdefault(model.name, {})[model.version] = model
+        self.max_body_bytes = max_body_bytes
+
+    def handle(self, request: Request) -> Response:
+        try:
+            return self._route(request)
+        except InferenceError as error:
+            return Response.json(error.status, {"error": error.message}, error_kind=error.kind)
+        except Exception:
+            logger.exception("unexpected failure on %s %s", request.method, request.path)
+            return Response.json(500, {"error": "internal error; see the server log"}, error_kind="internal")
+
+    def _route(self, request: Request) -> Response:
+        path = request.path.rstrip("/") or "/"
+        allowed = []
+        for method, pattern, action in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if method != request.method:
+                allowed.append(method)
+                continue
+            return getattr(self, "_" + action)(request, **match.groupdict())
+        if allowed:
+            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
+        raise NotFound(f"no route for {request.method} {path}")
+
+    def _model(self, name: str, version: str | None) -> ServedModel:
+        versions = self.models.get(name)
+        if versions is None:
+            raise NotFound(f"unknown model {name!r}; served models: {', '.join(sorted(self.models)) or 'none'}")
+        if version is None:
+            return versions[max(versions, key=_version_order)]
+        if version not in versions:
+            raise NotFound(f"model {name!r} has no version {version!r}; served versions: {', '.join(sorted(versions))}")
+        return versions[version]
+
+    def _body(self, request: Request) -> bytes:
+        body = request.body
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {self.max_body_bytes}")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
+        if encoding not in CONTENT_ENCODINGS:
+            raise InvalidInput(
+                f"unsupported Content-Encoding {encoding!r}: expected one of {', '.join(CONTENT_ENCODINGS)}"
+            )
+        if encoding == "identity":
+            return body
+        decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+        try:
+            decoded = decoder.decompress(body, MAX_DECODED_BYTES)
+        except zlib.error as exc:
+            raise InvalidInput(f"body is not valid {encoding} data: {exc}") from None
+        if decoder.unconsumed_tail:
+            raise PayloadTooLarge(f"{encoding} body expands past {MAX_DECODED_BYTES} bytes")
+        if not decoder.eof:
+            raise InvalidInput(f"{encoding} body is truncated")
+        return decoded
+
+    def _run(self, model: ServedModel, inputs, output_names):
+        runtime = model.require_ready()
+        started = time.perf_counter()
+        try:
+            results = runtime.run(inputs, output_names)
+        except InferenceError:
+            raise
+        except Exception as exc:  # each runtime raises its own types; the message is what matters
+            raise RuntimeFailure(f"model {model.name!r} failed on valid input: {exc}") from exc
+        return results, (time.perf_counter() - started) * 1000
+
+    # V2 routes
+
+    def _live(self, request):
+        return Response.json(200, {"live": True})
+
+    def _server_ready(self, request):
+        not_ready = [m for versions in self.models.values() for m in versions.values() if not m.ready]
+        if not_ready:
+            reasons = "; ".join(f"{m.name} {m.version}: {m.failure}" for m in not_ready)
+            return Response.json(503, {"ready": False, "error": reasons}, error_kind=ModelNotReady.kind)
+        return Response.json(200, {"ready": True})
+
+    def _server_metadata(self, request):
+        return Response.json(
+            200, {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]}
+        )
+
+    def _v2_metadata(self, request, name, version):
+        model = self._model(name, version)
+        runtime = model.require_ready()
+        versions = sorted(self.models[name], key=_version_order)
+        return Response.json(200, v2.model_metadata(name, versions, runtime.platform, runtime.signature), model=name)
+
+    def _v2_ready(self, request, name, version):
+        model = self._model(name, version)
+        if not model.ready:
+            return Response.json(
+                503, {"ready": False, "error": model.failure}, model=name, error_kind=ModelNotReady.kind
+            )
+        return Response.json(200, {"ready": True}, model=name)
+
+    def _v2_infer(self, request, name, version):
+        model = self._model(name, version)
+        runtime = model.require_ready()
+        body = self._body(request)
+        parsed = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), runtime.signature)
+        results, elapsed = self._run(model, parsed.inputs, [o.name for o in parsed.outputs])
+        payload, headers = v2.encode_infer(name, model.version, parsed, results, runtime.signature)
+        return Response(200, payload, headers, model=name, inference_ms=elapsed)
+
+    # TF Serving routes
+
+    def _tfs_status(self, request, name, version):
+        model = self._model(name, version)
+        return Response.json(200, tfserving.model_status(model.version, model.ready, model.failure), model=name)
+
+    def _tfs_metadata(self, request, name, version):
+        model = self._model(name, version)
+        runtime = model.require_ready()
+        return Response.json(200, tfserving.model_metadata(name, model.version, runtime.signature), model=name)
+
+    def _tfs_predict(self, request, name, version):
+        model = self._model(name, version)
+        runtime = model.require_ready()
+        parsed = tfserving.parse_predict(self._body(request), runtime.signature)
+        output_names = [spec.name for spec in runtime.signature.outputs]
+        results, elapsed = self._run(model, parsed.inputs, output_names)
+        return Response(200, tfserving.encode_predict(parsed, results), model=name, inference_ms=elapsed)
+
+
+def _version_order(version: str):
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)

@@ -1,0 +1,159 @@
+"""One Lambda function serving one model: loaded once per container, then reused.
+
+The model comes from S3 (bucket, key and sha256 in the environment) or, for local
+runs and benchmarks, from a file. Bytes whose sha256 differs from the expected one
+are never handed to a runtime: the function stays up, reports not ready, and
+answers every inference with 503 and the reason.
+"""
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from . import events, telemetry
+from .core import InferenceCore, Response, ServedModel
+from .errors import InferenceError
+from .runtimes import FORMATS, ModelLoadError, load_model
+
+DEFAULT_NAMESPACE = "Slimserve"
+
+
+class ModelSourceError(Exception):
+    """The model's bytes could not be fetched or did not verify."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one function's model lives, read from its environment."""
+
+    name: str
+    version: str
+    model_format: str
+    sha256: str
+    bucket: str | None = None
+    key: str | None = None
+    path: str | None = None
+
+    @classmethod
+    def from_environment(cls, environ) -> "ModelSource":
+        missing = [key for key in ("SLIMSERVE_MODEL_NAME", "SLIMSERVE_MODEL_FORMAT", "SLIMSERVE_MODEL_SHA256") if not environ.get(key)]
+        located = environ.get("SLIMSERVE_MODEL_PATH") or (
+            environ.get("SLIMSERVE_MODEL_BUCKET") and environ.get("SLIMSERVE_MODEL_KEY")
+        )
+        if not located:
+            missing.append("SLIMSERVE_MODEL_BUCKET and SLIMSERVE_MODEL_KEY (or SLIMSERVE_MODEL_PATH)")
+        if missing:
+            raise ModelSourceError(f"environment lacks {', '.join(missing)}")
+        model_format = environ["SLIMSERVE_MODEL_FORMAT"]
+        if model_format not in FORMATS:
+            raise ModelSourceError(
+                f"SLIMSERVE_MODEL_FORMAT is {model_format!r}; expected one of {', '.join(FORMATS)}"
+            )
+        return cls(
+            name=environ["SLIMSERVE_MODEL_NAME"],
+            version=environ.get("SLIMSERVE_MODEL_VERSION", "1"),
+            model_format=model_format,
+            sha256=environ["SLIMSERVE_MODEL_SHA256"].lower(),
+            bucket=environ.get("SLIMSERVE_MODEL_BUCKET"),
+            key=environ.get("SLIMSERVE_MODEL_KEY"),
+            path=environ.get("SLIMSERVE_MODEL_PATH"),
+        )
+
+    @property
+    def location(self) -> str:
+        return self.path if self.path else f"s3://{self.bucket}/{self.key}"
+
+    def fetch(self) -> bytes:
+        if self.path:
+            try:
+                with open(self.path, "rb") as file:
+                    data = file.read()
+            except OSError as exc:
+                raise ModelSourceError(f"cannot read {self.path}: {exc.strerror}") from None
+        else:
+            data = _s3_get(self.bucket, self.key)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != self.sha256:
+            raise ModelSourceError(
+                f"sha256 of {self.location} is {digest}, expected {self.sha256}; refusing to serve it"
+            )
+        return data
+
+
+def _s3_get(bucket: str, key: str) -> bytes:
+    import boto3  # part of the Lambda Python runtime; only needed when the model is in S3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3))
+    try:
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {error.get('Code')} {error.get('Message', '')}".rstrip()) from None
+    except BotoCoreError as exc:
+        raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {exc}") from None
+
+
+class ModelFunction:
+    """The Lambda entry point's state; calling it handles one API Gateway event."""
+
+    def __init__(self, environ):
+        self.namespace = environ.get("SLIMSERVE_METRICS_NAMESPACE", DEFAULT_NAMESPACE)
+        self.function_name = environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")
+        self.log_context = {"function": self.function_name}
+        logger = logging.getLogger("slimserve")
+        logger.handlers[:] = [telemetry.JsonLogHandler(self.log_context)]
+        logger.propagate = False
+        started = time.perf_counter()
+        self.model = self._load(environ)
+        self.load_ms = (time.perf_counter() - started) * 1000
+        self.core = InferenceCore([self.model])
+        self.cold = True
+
+    def _load(self, environ) -> ServedModel:
+        name = environ.get("SLIMSERVE_MODEL_NAME", "unnamed")
+        version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
+        try:
+            source = ModelSource.from_environment(environ)
+            runtime = load_model(source.fetch(), source.model_format)
+        except (ModelSourceError, ModelLoadError) as exc:
+            telemetry.log("ERROR", "model not loaded", model=name, version=version, reason=str(exc), **self.log_context)
+            return ServedModel(name, version, failure=str(exc))
+        telemetry.log(
+            "INFO", "model loaded", model=name, version=version, source=source.location,
+            sha256=source.sha256, **self.log_context,
+        )
+        return ServedModel(name, version, runtime=runtime)
+
+    def __call__(self, event: dict, context) -> dict:
+        started = time.perf_counter()
+        request_id = getattr(context, "aws_request_id", None) or "local"
+        self.log_context["request_id"] = request_id
+        try:
+            response = self.core.handle(events.to_request(event))
+        except InferenceError as error:
+            response = Response.json(error.status, {"error": error.message}, error_kind=error.kind)
+        elapsed = (time.perf_counter() - started) * 1000
+        self._record(response, elapsed, request_id)
+        return events.to_event_response(response)
+
+    def _record(self, response: Response, elapsed_ms: float, request_id: str) -> None:
+        values = {"Requests": 1, "Errors": int(response.status >= 400), "RequestLatency": round(elapsed_ms, 3)}
+        if response.inference_ms is not None:
+            values["InferenceLatency"] = round(response.inference_ms, 3)
+        values["ColdStart"] = int(self.cold)
+        if self.cold:
+            values["ModelLoadTime"] = round(self.load_ms, 3)
+            self.cold = False
+        telemetry.emit_metrics(
+            self.namespace, self.model.name, values, response.error_kind,
+            request_id=request_id, status=response.status, version=self.model.version,
+        )
+        if response.status >= 400:
+            telemetry.log(
+                "WARNING" if response.status < 500 else "ERROR", "request failed",
+                status=response.status, error=response.body[:500].decode(errors="replace"),
+                model=self.model.name, **self.log_context,
+            )

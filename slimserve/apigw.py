@@ -1,0 +1,84 @@
+"""API Gateway proxy events as the deployed API sends them to Lambda.
+
+REST APIs send payload format 1.0, HTTP APIs 2.0. Bodies of binary media types
+arrive base64-encoded, as API Gateway does for `binaryMediaTypes`.
+"""
+
+import base64
+import time
+import uuid
+
+BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary")
+
+
+def _is_binary(headers: dict[str, str]) -> bool:
+    content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+    encoded = any(k.lower() == "content-encoding" and v.lower() != "identity" for k, v in headers.items())
+    return encoded or content_type.split(";")[0].strip() in BINARY_MEDIA_TYPES
+
+
+def _body(body: bytes, headers: dict[str, str]) -> tuple[str | None, bool]:
+    if not body:
+        return None, False
+    if _is_binary(headers):
+        return base64.b64encode(body).decode(), True
+    try:
+        return body.decode(), False
+    except UnicodeDecodeError:
+        return base64.b64encode(body).decode(), True
+
+
+def rest_event(method: str, path: str, body: bytes = b"", headers: dict | None = None, stage: str = "prod") -> dict:
+    headers = dict(headers or {})
+    encoded_body, is_base64 = _body(body, headers)
+    request_id = str(uuid.uuid4())
+    return {
+        "resource": "/{proxy+}",
+        "path": path,
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": {k: [v] for k, v in headers.items()},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": {"proxy": path.lstrip("/")},
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": "/{proxy+}",
+            "httpMethod": method,
+            "path": f"/{stage}{path}",
+            "stage": stage,
+            "requestId": request_id,
+            "requestTimeEpoch": int(time.time() * 1000),
+            "protocol": "HTTP/1.1",
+            "identity": {"sourceIp": "127.0.0.1", "userAgent": headers.get("User-Agent", "")},
+        },
+        "body": encoded_body,
+        "isBase64Encoded": is_base64,
+    }
+
+
+def http_api_event(method: str, path: str, body: bytes = b"", headers: dict | None = None, stage: str = "$default") -> dict:
+    headers = {k.lower(): v for k, v in (headers or {}).items()}
+    encoded_body, is_base64 = _body(body, headers)
+    raw_path = path if stage == "$default" else f"/{stage}{path}"
+    return {
+        "version": "2.0",
+        "routeKey": "$default",
+        "rawPath": raw_path,
+        "rawQueryString": "",
+        "headers": headers,
+        "requestContext": {
+            "http": {"method": method, "path": raw_path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": headers.get("user-agent", "")},
+            "requestId": str(uuid.uuid4()),
+            "routeKey": "$default",
+            "stage": stage,
+            "timeEpoch": int(time.time() * 1000),
+        },
+        "body": encoded_body,
+        "isBase64Encoded": is_base64,
+    }
+
+
+def response_body(response: dict) -> bytes:
+    body = response.get("body") or ""
+    return base64.b64decode(body) if response.get("isBase64Encoded") else body.encode()

@@ -1,0 +1,59 @@
+"""The `slimserve` command line."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG, ConfigError, load_config
+
+
+def _examples(args) -> int:
+    from .examples import build_all
+
+    for model in build_all(Path(args.out)):
+        print(f"{model.name}: wrote {model.path} ({model.path.stat().st_size} bytes), "
+              f"held-out accuracy {model.accuracy:.3f} on {len(model.test_labels)} samples")
+    return 0
+
+
+def _check(args) -> int:
+    config = load_config(args.config)
+    print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
+    for model in config.models:
+        where = model.sagemaker.instance_type if model.sagemaker else f"{model.memory_mb} MB {model.architecture}"
+        print(f"  {model.name}: {model.format} {model.artifact} -> {model.target} ({where}), auth {model.auth}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(load_config(args.config), sys.stdout)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slimserve", description="Serve ONNX and TFLite models on AWS Lambda and SageMaker.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    examples = commands.add_parser("examples", help="train the example models and write them")
+    examples.add_argument("--out", default="examples/models", help="folder for the model files")
+    examples.set_defaults(run=_examples)
+
+    for name, run, text in [
+        ("check", _check, "validate the config and list its models"),
+        ("demo", _demo, "run the config's Lambda models through the handler on a local S3"),
+    ]:
+        command = commands.add_parser(name, help=text)
+        command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+        command.set_defaults(run=run)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""`slimserve.toml`, parsed once into frozen, typed objects.
+
+Every error names the file, the key path (`models.iris.memory_mb`), what was
+expected and what was found, so neither the CLI nor `cdk synth` ever shows a
+stack trace for a config mistake.
+"""
+
+import difflib
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+DEFAULT_CONFIG = "slimserve.toml"
+MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
+INSTANCE_TYPE = re.compile(r"ml\.(?P<family>[a-z0-9]+)\.(?P<size>[a-z0-9]+)")
+INSTANCE_FAMILIES = (
+    "g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5", "inf2",  # accelerators
+    "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5",  # CPU, for models too large for Lambda
+)
+API_GATEWAY_TIMEOUT_S = 29
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _choice(*allowed):
+    return lambda v: isinstance(v, str) and v in allowed, "one of " + ", ".join(repr(a) for a in allowed)
+
+
+def _int_range(low, high=None):
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)  # noqa: E731
+    return ok, f"an integer between {low} and {high}" if high is not None else f"an integer >= {low}"
+
+
+def _number_range(low, high, low_open=False):
+    def ok(v):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return False
+        return (v > low if low_open else v >= low) and v <= high
+
+    return ok, f"a number {'>' if low_open else '>='} {low} and <= {high}"
+
+
+def _string(pattern: re.Pattern | None = None, what: str = "a non-empty string"):
+    return lambda v: isinstance(v, str) and bool(v) and (pattern is None or pattern.fullmatch(v)), what
+
+
+def _rule(check, default=MISSING, doc=""):
+    """A dataclass field carrying its validation rule and a one-line description."""
+    ok, expected = check
+    kwargs = {} if default is MISSING else {"default": default}
+    return field(metadata={"ok": ok, "expected": expected, "doc": doc}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Alarms:
+    error_rate_percent: float = _rule(_number_range(0, 100, low_open=True), 1.0, "errors as % of requests over 5 minutes")
+    p99_latency_ms: float = _rule(_number_range(0, 900_000, low_open=True), 1000.0, "p99 duration or latency")
+    throttles: int = _rule(_int_range(0), 1, "throttled invocations in 5 minutes")
+    server_errors: int = _rule(_int_range(0), 1, "5xx responses in 5 minutes")
+    gpu_utilization_percent: float = _rule(_number_range(0, 100, low_open=True), 90.0, "SageMaker GPU utilization")
+
+
+@dataclass(frozen=True)
+class SageMakerSettings:
+    instance_type: str = _rule(
+        _string(INSTANCE_TYPE, "an instance type like 'ml.g5.xlarge'"), "ml.g5.xlarge", "endpoint instance type"
+    )
+    initial_instance_count: int = _rule(_int_range(1, 100), 1, "instances at deploy")
+    min_instances: int = _rule(_int_range(1, 100), 1, "autoscaling floor")
+    max_instances: int = _rule(_int_range(1, 100), 2, "autoscaling ceiling")
+    invocations_per_instance: int = _rule(_int_range(1), 100, "autoscaling target, invocations per instance per minute")
+    data_capture_percent: int = _rule(_int_range(0, 100), 0, "share of requests captured to the model store")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    format: str = _rule(_choice("onnx", "tflite"), doc="model file format")
+    artifact: Path = _rule(_string(what="a path to the model file"), doc="model file, relative to the config file")
+    target: str = _rule(_choice("lambda", "sagemaker"), "lambda", "where the model runs")
+    memory_mb: int = _rule(_int_range(128, 10240), 1024, "Lambda memory")
+    timeout_s: int = _rule(_int_range(1, API_GATEWAY_TIMEOUT_S), 10, "Lambda timeout (API Gateway stops at 29 s)")
+    architecture: str = _rule(_choice("x86_64", "arm64"), "x86_64", "Lambda architecture")
+    ephemeral_storage_mb: int = _rule(_int_range(512, 10240), 512, "Lambda /tmp size")
+    reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
+    provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
+    auth: str = _rule(_choice("none", "api_key", "iam"), "api_key", "how clients authenticate")
+    alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
+    sagemaker: SageMakerSettings | None = field(default=None, metadata={"doc": "settings for target 'sagemaker'"})
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    path: Path
+    name: str
+    models: tuple[ModelConfig, ...]
+    account: str | None = None
+    region: str | None = None
+    model_store_encryption: str = "kms"
+    alarm_email: str | None = None
+
+    def model(self, name: str) -> ModelConfig:
+        return next(m for m in self.models if m.name == name)
+
+
+APP_RULES = {
+    "name": _string(re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}"), "letters, digits and '-', starting with a letter"),
+    "account": _string(re.compile(r"\d{12}"), "a 12-digit AWS account ID"),
+    "region": _string(re.compile(r"[a-z]{2}(-[a-z]+)+-\d"), "an AWS region like 'eu-west-1'"),
+    "model_store_encryption": _choice("kms", "s3-managed"),
+    "alarm_email": _string(re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+"), "an email address"),
+}
+
+
+class _Reader:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, message: str):
+        raise ConfigError(f"{self.path}: {where}: {message}")
+
+    def unknown_keys(self, table: dict, allowed, where: str) -> None:
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                self.fail(f"{where}.{key}" if where else key, f"unknown key{hint}; expected one of {', '.join(sorted(allowed))}")
+
+    def check(self, where: str, value, rule) -> None:
+        ok, expected = rule
+        if not ok(value):
+            self.fail(where, f"expected {expected}, found {value!r}")
+
+    def table(self, where: str, value) -> dict:
+        if not isinstance(value, dict):
+            self.fail(where, f"expected a table, found {value!r}")
+        return value
+
+    def dataclass_values(self, cls, table: dict, where: str, skip=()) -> dict:
+        rules = {f.name: f for f in fields(cls) if "ok" in f.metadata}
+        self.unknown_keys(table, [f.name for f in fields(cls) if f.name not in skip], where)
+        for key, value in table.items():
+            if key in rules:
+                self.check(f"{where}.{key}", value, (rules[key].metadata["ok"], rules[key].metadata["expected"]))
+        return dict(table)
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> AppConfig:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict, path: Path) -> AppConfig:
+    reader = _Reader(path)
+    reader.unknown_keys(raw, ["app", "defaults", "models"], "")
+    app = reader.table("app", raw.get("app", {}))
+    reader.unknown_keys(app, list(APP_RULES), "app")
+    for key, value in app.items():
+        reader.check(f"app.{key}", value, APP_RULES[key])
+    defaults = reader.dataclass_values(ModelConfig, reader.table("defaults", raw.get("defaults", {})), "defaults", skip=("name", "artifact", "format"))
+    models_table = reader.table("models", raw.get("models", {}))
+    if not models_table:
+        reader.fail("models", "expected at least one [models.NAME] table, found none")
+    models = tuple(_model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items())
+    return AppConfig(
+        path=path,
+        name=app.get("name", "slimserve"),
+        models=models,
+        account=app.get("account"),
+        region=app.get("region"),
+        model_store_encryption=app.get("model_store_encryption", "kms"),
+        alarm_email=app.get("alarm_email"),
+    )
+
+
+def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConfig:
+    where = f"models.{name}"
+    if not MODEL_NAME.fullmatch(name):
+        reader.fail(where, f"model name {name!r} must be lowercase letters, digits and '-', starting with a letter, at most 40 characters")
+    values = {**defaults, **reader.dataclass_values(ModelConfig, table, where, skip=("name",))}
+    for key in ("format", "artifact"):
+        if key not in values:
+            reader.fail(f"{where}.{key}", "missing; every model needs a format and an artifact")
+
+    artifact = reader.path.parent / values["artifact"]
+    suffix = {"onnx": ".onnx", "tflite": ".tflite"}[values["format"]]
+    if artifact.suffix != suffix:
+        reader.fail(f"{where}.artifact", f"expected a {suffix} file for format {values['format']!r}, found {values['artifact']!r}")
+    if not artifact.is_file():
+        reader.fail(f"{where}.artifact", f"model file {artifact} does not exist")
+    values["artifact"] = artifact
+
+    alarms = Alarms(**reader.dataclass_values(Alarms, reader.table(f"{where}.alarms", values.get("alarms", {})), f"{where}.alarms"))
+    values["alarms"] = alarms
+    target = values.get("target", "lambda")
+    if "sagemaker" in values:
+        if target != "sagemaker":
+            reader.fail(f"{where}.sagemaker", f"only applies to target 'sagemaker', but target is {target!r}")
+        settings = reader.dataclass_values(SageMakerSettings, reader.table(f"{where}.sagemaker", values["sagemaker"]), f"{where}.sagemaker")
+        values["sagemaker"] = SageMakerSettings(**settings)
+    elif target == "sagemaker":
+        values["sagemaker"] = SageMakerSettings()
+    if target == "sagemaker":
+        _check_sagemaker(reader, where, values)
+
+    reserved = values.get("reserved_concurrency")
+    provisioned = values.get("provisioned_concurrency", 0)
+    if reserved is not None and provisioned > reserved:
+        reader.fail(f"{where}.provisioned_concurrency", f"expected at most reserved_concurrency ({reserved}), found {provisioned}")
+    return ModelConfig(name=name, **values)
+
+
+def _check_sagemaker(reader: _Reader, where: str, values: dict) -> None:
+    if values["format"] != "onnx":
+        reader.fail(f"{where}.format", f"target 'sagemaker' serves ONNX models, found {values['format']!r}")
+    settings: SageMakerSettings = values["sagemaker"]
+    family = INSTANCE_TYPE.fullmatch(settings.instance_type)["family"]
+    if family not in INSTANCE_FAMILIES:
+        reader.fail(f"{where}.sagemaker.instance_type", f"expected an instance family among {', '.join(INSTANCE_FAMILIES)}, found {settings.instance_type!r}")
+    if not settings.min_instances <= settings.initial_instance_count <= settings.max_instances:
+        reader.fail(
+            f"{where}.sagemaker",
+            f"expected min_instances <= initial_instance_count <= max_instances, found "
+            f"{settings.min_instances}, {settings.initial_instance_count}, {settings.max_instances}",
+        )

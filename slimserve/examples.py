@@ -1,0 +1,107 @@
+"""The example models: trained here on data that ships inside scikit-learn.
+
+iris -> ONNX (scikit-learn pipeline through skl2onnx) and handwritten digits ->
+TFLite (an MLP written with the TFLite schema, no TensorFlow). Accuracy is
+measured on a held-out split by the serving runtime itself, not by scikit-learn.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lambda_handlers.runtimes import load_model
+
+SEED = 0
+
+
+@dataclass(frozen=True)
+class ExampleModel:
+    name: str
+    path: Path
+    accuracy: float
+    test_inputs: np.ndarray
+    test_labels: np.ndarray
+
+
+def iris_split():
+    from sklearn.datasets import load_iris
+    from sklearn.model_selection import train_test_split
+
+    features, labels = load_iris(return_X_y=True)
+    return train_test_split(
+        features.astype(np.float32), labels, test_size=0.3, random_state=SEED, stratify=labels
+    )
+
+
+def digits_split():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    pixels, labels = load_digits(return_X_y=True)
+    return train_test_split(
+        pixels.astype(np.float32), labels, test_size=0.25, random_state=SEED, stratify=labels
+    )
+
+
+def build_iris_onnx(path: Path) -> ExampleModel:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x, train_y, test_y = iris_split()
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=SEED))
+    pipeline.fit(train_x, train_y)
+    onnx_model = to_onnx(
+        pipeline,
+        train_x[:1],
+        options={id(pipeline.steps[-1][1]): {"zipmap": False}},
+        initial_types=None,
+        target_opset=17,
+    )
+    _rename_io(onnx_model, {"X": "features", "output_label": "label", "output_probability": "probabilities"})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(onnx_model.SerializeToString())
+    return _evaluate("iris", path, "onnx", test_x, test_y, "label")
+
+
+def _rename_io(onnx_model, names: dict[str, str]) -> None:
+    """Give the graph's inputs and outputs names a client can guess."""
+    graph = onnx_model.graph
+    for value in [*graph.input, *graph.output]:
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+
+
+def build_digits_tflite(path: Path) -> ExampleModel:
+    from sklearn.neural_network import MLPClassifier
+
+    from .tflite_writer import DenseLayer, dense_network_to_tflite
+
+    train_x, test_x, train_y, test_y = digits_split()
+    scale = np.float32(1 / 16)  # pixels are 0..16; the scaling is folded into the first layer
+    mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=600, random_state=SEED)
+    mlp.fit(train_x * scale, train_y)
+    layers = [
+        DenseLayer(mlp.coefs_[0] * scale, mlp.intercepts_[0], relu=True),
+        DenseLayer(mlp.coefs_[1], mlp.intercepts_[1], relu=False),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(dense_network_to_tflite(layers, input_name="pixels", output_name="probabilities"))
+    return _evaluate("digits", path, "tflite", test_x, test_y, "probabilities")
+
+
+def _evaluate(name, path, model_format, test_x, test_y, output) -> ExampleModel:
+    model = load_model(path, model_format)
+    predicted = model.run({model.signature.inputs[0].name: test_x}, [output])[output]
+    if predicted.ndim == 2:
+        predicted = predicted.argmax(axis=1)
+    accuracy = float((predicted == test_y).mean())
+    return ExampleModel(name, path, accuracy, test_x, test_y)
+
+
+def build_all(folder: Path) -> list[ExampleModel]:
+    return [build_iris_onnx(folder / "iris.onnx"), build_digits_tflite(folder / "digits.tflite")]

@@ -1,0 +1,62 @@
+"""A local S3 on loopback (moto's server), reached through boto3 exactly as AWS is."""
+
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+LOCAL_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "slimserve-local",
+    "AWS_SECRET_ACCESS_KEY": "slimserve-local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class LocalS3:
+    endpoint: str
+    bucket: str
+    environment: dict[str, str]
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **_credential_kwargs())
+
+
+def _credential_kwargs() -> dict:
+    return {
+        "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        "region_name": LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def local_s3(bucket: str = "slimserve-models"):
+    """Start moto's server, create the bucket, and point this process's boto3 at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    environment = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    saved = {key: os.environ.get(key) for key in environment}
+    os.environ.update(environment)
+    try:
+        store = LocalS3(environment["AWS_ENDPOINT_URL_S3"], bucket, environment)
+        store.client().create_bucket(Bucket=bucket)
+        yield store
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -1,0 +1,121 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from lambda_handlers.core import InferenceCore, Request, ServedModel
+from lambda_handlers.runtimes import OnnxModel, TfliteModel
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+# Every V2 datatype, as the ONNX element type an identity model passes through unchanged.
+IDENTITY_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "UINT16": TensorProto.UINT16,
+    "UINT32": TensorProto.UINT32,
+    "UINT64": TensorProto.UINT64,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+
+def identity_onnx(datatypes: dict[str, int], shape=("batch", 3)) -> bytes:
+    """An ONNX model echoing one input per datatype: `in_<type>` -> `out_<type>`."""
+    nodes, inputs, outputs = [], [], []
+    for name, elem in datatypes.items():
+        lower = name.lower()
+        inputs.append(helper.make_tensor_value_info(f"in_{lower}", elem, list(shape)))
+        outputs.append(helper.make_tensor_value_info(f"out_{lower}", elem, list(shape)))
+        nodes.append(helper.make_node("Identity", [f"in_{lower}"], [f"out_{lower}"]))
+    graph = helper.make_graph(nodes, "identity", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def iris() -> OnnxModel:
+    return OnnxModel(MODELS / "iris.onnx")
+
+
+@pytest.fixture(scope="session")
+def digits() -> TfliteModel:
+    return TfliteModel(MODELS / "digits.tflite")
+
+
+@pytest.fixture(scope="session")
+def identity() -> OnnxModel:
+    return OnnxModel(identity_onnx(IDENTITY_TYPES))
+
+
+@pytest.fixture(scope="session")
+def core(iris, digits, identity) -> InferenceCore:
+    return InferenceCore(
+        [
+            ServedModel("iris", "1", runtime=iris),
+            ServedModel("digits", "1", runtime=digits),
+            ServedModel("identity", "1", runtime=identity),
+        ]
+    )
+
+
+def call(core: InferenceCore, method: str, path: str, body=b"", headers=None):
+    """One request through the core; returns (status, decoded JSON or raw bytes, response)."""
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+    response = core.handle(Request(method, path, headers or {}, body))
+    if response.headers.get("Content-Type") == "application/json":
+        return response.status, json.loads(response.body), response
+    return response.status, response.body, response
+
+
+@pytest.fixture(scope="session")
+def iris_test_split():
+    from slimserve.examples import iris_split
+
+    _, test_x, _, test_y = iris_split()
+    return test_x, test_y
+
+
+@pytest.fixture(scope="session")
+def digits_test_split():
+    from slimserve.examples import digits_split
+
+    _, test_x, _, test_y = digits_split()
+    return test_x, test_y
+
+
+@pytest.fixture(scope="session")
+def s3_store():
+    from slimserve.local_s3 import local_s3
+
+    with local_s3() as store:
+        yield store
+
+
+def sample(datatype: str, rows: int = 2) -> np.ndarray:
+    """Values that survive a round trip for `datatype`, with each type's extremes."""
+    from lambda_handlers.datatypes import V2_TO_NUMPY
+
+    dtype = V2_TO_NUMPY[datatype]
+    if datatype == "BYTES":
+        return np.array([[b"a", b"\xc3\xa9t\xc3\xa9", b""]] * rows, dtype=object)
+    if datatype == "BOOL":
+        return np.array([[True, False, True]] * rows)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return np.array([[info.min, 0, info.max]] * rows, dtype=dtype)
+    return np.array([[-1.5, 0.0, 3.25]] * rows, dtype=dtype)

@@ -1,0 +1,121 @@
+"""slimserve.toml: parsed once into typed objects; every error names file, key, expected and found."""
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from slimserve.cli import main
+from slimserve.config import Alarms, ConfigError, SageMakerSettings, load_config
+
+MODEL = '''
+[models.iris]
+format = "onnx"
+artifact = "iris.onnx"
+'''
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    (tmp_path / "iris.onnx").write_bytes(b"onnx")
+    (tmp_path / "digits.tflite").write_bytes(b"tflite")
+    return tmp_path
+
+
+def write(folder: Path, text: str) -> Path:
+    path = folder / "slimserve.toml"
+    path.write_text(text)
+    return path
+
+
+def error_of(folder: Path, text: str) -> str:
+    path = write(folder, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return str(caught.value).removeprefix(f"{path}: ")
+
+
+def test_example_config_parses_with_defaults():
+    config = load_config(ROOT / "slimserve.toml")
+    assert config.name == "slimserve-demo" and config.model_store_encryption == "kms"
+    assert [m.name for m in config.models] == ["iris", "digits"]
+    iris = config.model("iris")
+    assert (iris.format, iris.target, iris.memory_mb, iris.timeout_s, iris.architecture, iris.auth) == ("onnx", "lambda", 512, 10, "x86_64", "api_key")
+    assert iris.artifact == ROOT / "examples/models/iris.onnx"
+    assert iris.alarms == Alarms(error_rate_percent=1.0, p99_latency_ms=300)
+    assert iris.sagemaker is None and iris.provisioned_concurrency == 0
+
+
+def test_minimal_model_gets_every_default(folder):
+    model = load_config(write(folder, MODEL)).model("iris")
+    assert (model.target, model.memory_mb, model.timeout_s, model.architecture, model.ephemeral_storage_mb,
+            model.reserved_concurrency, model.provisioned_concurrency, model.auth, model.alarms) == (
+        "lambda", 1024, 10, "x86_64", 512, None, 0, "api_key", Alarms())
+
+
+def test_defaults_table_applies_to_every_model_and_models_override_it(folder):
+    config = load_config(write(folder, '[defaults]\nmemory_mb = 2048\narchitecture = "arm64"\n' + MODEL + 'memory_mb = 256\n'
+                                       '[models.digits]\nformat = "tflite"\nartifact = "digits.tflite"\n'))
+    assert (config.model("iris").memory_mb, config.model("iris").architecture) == (256, "arm64")
+    assert (config.model("digits").memory_mb, config.model("digits").architecture) == (2048, "arm64")
+
+
+def test_sagemaker_target_gets_instance_defaults(folder):
+    model = load_config(write(folder, MODEL + 'target = "sagemaker"\n')).model("iris")
+    assert model.sagemaker == SageMakerSettings(instance_type="ml.g5.xlarge", initial_instance_count=1, min_instances=1, max_instances=2)
+    model = load_config(write(folder, MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\ninstance_type = "ml.g6.2xlarge"\nmax_instances = 4\n')).model("iris")
+    assert (model.sagemaker.instance_type, model.sagemaker.max_instances) == ("ml.g6.2xlarge", 4)
+
+
+@pytest.mark.parametrize("text, message", [
+    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, target, timeout_s"),
+    (MODEL + 'memory_mb = "big"\n', "models.iris.memory_mb: expected an integer between 128 and 10240, found 'big'"),
+    (MODEL + "memory_mb = 64\n", "models.iris.memory_mb: expected an integer between 128 and 10240, found 64"),
+    (MODEL + "timeout_s = 60\n", "models.iris.timeout_s: expected an integer between 1 and 29, found 60"),
+    (MODEL + 'architecture = "arm"\n', "models.iris.architecture: expected one of 'x86_64', 'arm64', found 'arm'"),
+    (MODEL + 'target = "ec2"\n', "models.iris.target: expected one of 'lambda', 'sagemaker', found 'ec2'"),
+    (MODEL + 'auth = "cognito"\n', "models.iris.auth: expected one of 'none', 'api_key', 'iam', found 'cognito'"),
+    (MODEL + "reserved_concurrency = 0\n", "models.iris.reserved_concurrency: expected an integer >= 1, found 0"),
+    (MODEL + "reserved_concurrency = 2\nprovisioned_concurrency = 5\n", "models.iris.provisioned_concurrency: expected at most reserved_concurrency (2), found 5"),
+    (MODEL + "memory_mb = true\n", "models.iris.memory_mb: expected an integer between 128 and 10240, found True"),
+    (MODEL + "[models.iris.alarms]\np99_latency_ms = 0\n", "models.iris.alarms.p99_latency_ms: expected a number > 0 and <= 900000, found 0"),
+    (MODEL + "[models.iris.alarms]\nlatency = 5\n", "models.iris.alarms.latency: unknown key (did you mean 'p99_latency_ms'?); expected one of error_rate_percent, gpu_utilization_percent, p99_latency_ms, server_errors, throttles"),
+    (MODEL.replace('"onnx"', '"pickle"'), "models.iris.format: expected one of 'onnx', 'tflite', found 'pickle'"),
+    (MODEL.replace('"iris.onnx"', '"digits.tflite"'), "models.iris.artifact: expected a .onnx file for format 'onnx', found 'digits.tflite'"),
+    (MODEL.replace('"iris.onnx"', '"missing.onnx"'), "models.iris.artifact: model file {folder}/missing.onnx does not exist"),
+    ('[models.iris]\nartifact = "iris.onnx"\n', "models.iris.format: missing; every model needs a format and an artifact"),
+    ('[models.Iris_Model]\nformat = "onnx"\nartifact = "iris.onnx"\n', "models.Iris_Model: model name 'Iris_Model' must be lowercase letters, digits and '-', starting with a letter, at most 40 characters"),
+    (MODEL + '[models.iris.sagemaker]\ninstance_type = "ml.g5.xlarge"\n', "models.iris.sagemaker: only applies to target 'sagemaker', but target is 'lambda'"),
+    (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\ninstance_type = "g5.xlarge"\n', "models.iris.sagemaker.instance_type: expected an instance type like 'ml.g5.xlarge', found 'g5.xlarge'"),
+    (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\ninstance_type = "ml.x9.huge"\n', "models.iris.sagemaker.instance_type: expected an instance family among g4dn, g5, g6, g6e, p3, p4d, p5, inf2, c5, c6i, c7i, m5, m6i, m7i, r5, found 'ml.x9.huge'"),
+    (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\nmin_instances = 3\n', "models.iris.sagemaker: expected min_instances <= initial_instance_count <= max_instances, found 3, 1, 2"),
+    ('[models.digits]\nformat = "tflite"\nartifact = "digits.tflite"\ntarget = "sagemaker"\n', "models.digits.format: target 'sagemaker' serves ONNX models, found 'tflite'"),
+    ("[app]\nregion = 'mars-1'\n" + MODEL, "app.region: expected an AWS region like 'eu-west-1', found 'mars-1'"),
+    ("[app]\naccount = '12345'\n" + MODEL, "app.account: expected a 12-digit AWS account ID, found '12345'"),
+    ("[app]\nencryption = 'kms'\n" + MODEL, "app.encryption: unknown key (did you mean 'model_store_encryption'?); expected one of account, alarm_email, model_store_encryption, name, region"),
+    ("[app]\nname = 'demo'\n", "models: expected at least one [models.NAME] table, found none"),
+    ("modles = 1\n" + MODEL, "modles: unknown key (did you mean 'models'?); expected one of app, defaults, models"),
+    ("models = 3\n", "models: expected a table, found 3"),
+    ("[defaults]\nformat = 'onnx'\n" + MODEL, "defaults.format: unknown key; expected one of alarms, architecture, auth, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, target, timeout_s"),
+    ("[models.iris\n", "not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 13)"),
+])
+def test_errors_name_the_key_what_was_expected_and_what_was_found(folder, text, message):
+    assert error_of(folder, text) == message.format(folder=folder)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}/nope.toml: no such config file$"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_cli_reports_config_errors_without_a_trace(folder, capsys):
+    path = write(folder, MODEL + "memory_mb = 1\n")
+    assert main(["check", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {path}: models.iris.memory_mb: expected an integer between 128 and 10240, found 1\n"
+
+
+def test_cli_check_lists_the_models(capsys):
+    assert main(["check", "--config", str(ROOT / "slimserve.toml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{ROOT / 'slimserve.toml'}: app 'slimserve-demo', 2 models"
+    assert out[1] == f"  iris: onnx {ROOT / 'examples/models/iris.onnx'} -> lambda (512 MB x86_64), auth api_key"
