@@ -5,11 +5,9 @@ their own transport into `Request` and back from `Response`; routing, limits,
 decoding, validation, the runtime call and error mapping live here once.
 """
 
-import logging
 import re
 import time
-import zlib
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from . import jsoncodec, tfserving, v2
 from .errors import (
@@ -22,8 +20,6 @@ from .errors import (
     RuntimeFailure,
 )
 
-logger = logging.getLogger("slimserve")
-
 MAX_BODY_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
 MAX_DECODED_BYTES = 4 * MAX_BODY_BYTES  # a compressed body may expand, but only so far
 CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
@@ -31,34 +27,42 @@ SERVER_NAME = "slimserve"
 SERVER_VERSION = "0.1.0"
 
 
-@dataclass
 class Request:
-    method: str
-    path: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
+    """An HTTP request as every transport hands it to the core; header names are lower-cased."""
 
-    def __post_init__(self):
-        self.method = self.method.upper()
-        self.headers = {key.lower(): value for key, value in self.headers.items()}
+    __slots__ = ("method", "path", "headers", "body")
+
+    def __init__(self, method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b""):
+        self.method = method.upper()
+        self.path = path
+        self.headers = {key.lower(): value for key, value in (headers or {}).items()}
+        self.body = body
 
 
-@dataclass
 class Response:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
-    model: str | None = None
-    error_kind: str | None = None
-    inference_ms: float | None = None
+    """What the core answers, plus what the transport needs for its logs and metrics."""
+
+    __slots__ = ("status", "body", "headers", "model", "error_kind", "inference_ms", "detail")
+
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, model: str | None = None,
+                 error_kind: str | None = None, inference_ms: float | None = None, detail: str | None = None):
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else {"Content-Type": "application/json"}
+        self.model = model
+        self.error_kind = error_kind
+        self.inference_ms = inference_ms
+        self.detail = detail  # a server-side failure's traceback: logged, never sent
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.body[:200]!r}, error_kind={self.error_kind!r})"
 
     @classmethod
     def json(cls, status: int, payload, **extra) -> "Response":
         return cls(status, jsoncodec.dumps(payload), **extra)
 
 
-@dataclass
-class ServedModel:
+class ServedModel(NamedTuple):
     """A model as the core serves it: loaded (`runtime` set) or failed (`failure` says why)."""
 
     name: str
@@ -103,8 +107,11 @@ class InferenceCore:
         except InferenceError as error:
             return Response.json(error.status, {"error": error.message}, error_kind=error.kind)
         except Exception:
-            logger.exception("unexpected failure on %s %s", request.method, request.path)
-            return Response.json(500, {"error": "internal error; see the server log"}, error_kind="internal")
+            import traceback
+
+            return Response.json(
+                500, {"error": "internal error; see the server log"}, error_kind="internal", detail=traceback.format_exc()
+            )
 
     def _route(self, request: Request) -> Response:
         path = request.path.rstrip("/") or "/"
@@ -142,6 +149,8 @@ class InferenceCore:
             )
         if encoding == "identity":
             return body
+        import zlib  # compressed bodies are rare; keep it off the cold-start path
+
         decoder = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
         try:
             decoded = decoder.decompress(body, MAX_DECODED_BYTES)

@@ -1,6 +1,6 @@
 """Tensor datatypes: the V2 protocol's names, numpy's dtypes and TF Serving's names."""
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,8 +51,7 @@ def v2_datatype(dtype) -> str:
         raise ValueError(f"numpy dtype {dtype} has no V2 datatype") from None
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """One input or output of a model; -1 in `shape` marks a dynamic dimension."""
 
     name: str
@@ -68,8 +67,7 @@ class TensorSpec:
         )
 
 
-@dataclass(frozen=True)
-class Signature:
+class Signature(NamedTuple):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 

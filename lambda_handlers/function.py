@@ -7,9 +7,8 @@ answers every inference with 503 and the reason.
 """
 
 import hashlib
-import logging
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import events, telemetry
 from .core import InferenceCore, Response, ServedModel
@@ -23,8 +22,7 @@ class ModelSourceError(Exception):
     """The model's bytes could not be fetched or did not verify."""
 
 
-@dataclass(frozen=True)
-class ModelSource:
+class ModelSource(NamedTuple):
     """Where one function's model lives, read from its environment."""
 
     name: str
@@ -103,9 +101,6 @@ class ModelFunction:
         self.namespace = environ.get("SLIMSERVE_METRICS_NAMESPACE", DEFAULT_NAMESPACE)
         self.function_name = environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")
         self.log_context = {"function": self.function_name}
-        logger = logging.getLogger("slimserve")
-        logger.handlers[:] = [telemetry.JsonLogHandler(self.log_context)]
-        logger.propagate = False
         started = time.perf_counter()
         self.model = self._load(environ)
         self.load_ms = (time.perf_counter() - started) * 1000
@@ -152,8 +147,9 @@ class ModelFunction:
             request_id=request_id, status=response.status, version=self.model.version,
         )
         if response.status >= 400:
+            details = {"exception": response.detail} if response.detail else {}
             telemetry.log(
                 "WARNING" if response.status < 500 else "ERROR", "request failed",
                 status=response.status, error=response.body[:500].decode(errors="replace"),
-                model=self.model.name, **self.log_context,
+                model=self.model.name, **details, **self.log_context,
             )

@@ -4,8 +4,6 @@ Nesting depth is bounded before parsing, so no request can drive a parser or
 anything after it into deep recursion.
 """
 
-import json
-
 import numpy as np
 
 from .errors import InvalidInput
@@ -13,6 +11,8 @@ from .errors import InvalidInput
 try:
     import orjson
 except ImportError:  # the layer may leave it out; everything still works, slower
+    import json
+
     orjson = None
 
 MAX_JSON_DEPTH = 64
@@ -23,22 +23,32 @@ _DEPTH_STEP[list(b"[{")] = 1
 _DEPTH_STEP[list(b"]}")] = -1
 
 
-def max_depth(body: bytes) -> int:
-    """Deepest nesting of arrays and objects, ignoring brackets inside strings."""
+def _structure(body: bytes) -> bytes:
+    """Only the brackets and quotes that decide nesting, in order."""
     if b"\\" in body:  # escaped quotes and backslashes must not toggle string state
         body = body.replace(b"\\\\", b"").replace(b'\\"', b"")
-    structure = np.frombuffer(body.translate(None, _STRUCTURE_ONLY), np.uint8)
-    if structure.size == 0:
+    return body.translate(None, _STRUCTURE_ONLY)
+
+
+def _depth(structure: bytes) -> int:
+    if not structure:
         return 0
-    quotes = structure == ord('"')
+    chars = np.frombuffer(structure, np.uint8)
+    quotes = chars == ord('"')
     outside_strings = (np.cumsum(quotes) - quotes) % 2 == 0
-    steps = np.where(outside_strings & ~quotes, _DEPTH_STEP[structure], 0)
+    steps = np.where(outside_strings & ~quotes, _DEPTH_STEP[chars], 0)
     return int(np.cumsum(steps).max())
 
 
+def max_depth(body: bytes) -> int:
+    """Deepest nesting of arrays and objects, ignoring brackets inside strings."""
+    return _depth(_structure(body))
+
+
 def loads(body: bytes, what: str = "request body"):
-    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:  # fewer brackets cannot nest too deep
-        depth = max_depth(body)
+    structure = _structure(body)
+    if len(structure) > MAX_JSON_DEPTH:  # too few brackets and quotes to nest past the bound
+        depth = _depth(structure)
         if depth > MAX_JSON_DEPTH:
             raise InvalidInput(f"{what} nests JSON {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:

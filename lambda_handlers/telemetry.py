@@ -4,10 +4,10 @@ Lambda ships stdout to CloudWatch Logs, which turns EMF lines into metrics: no A
 call on the hot path, one line per invocation.
 """
 
-import json
-import logging
 import sys
 import time
+
+from . import jsoncodec
 
 _UNITS = {
     "Requests": "Count",
@@ -20,7 +20,7 @@ _UNITS = {
 
 
 def _write(record: dict) -> None:
-    sys.stdout.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.write(jsoncodec.dumps(record).decode() + "\n")
     sys.stdout.flush()
 
 
@@ -50,16 +50,3 @@ def metrics_record(namespace: str, model: str, values: dict, error_kind: str | N
 def emit_metrics(namespace: str, model: str, values: dict, error_kind: str | None = None, **properties) -> None:
     _write(metrics_record(namespace, model, values, error_kind, **properties))
 
-
-class JsonLogHandler(logging.Handler):
-    """Routes the standard `logging` calls (the core's) into the same JSON lines."""
-
-    def __init__(self, context: dict):
-        super().__init__()
-        self.context = context
-
-    def emit(self, record: logging.LogRecord) -> None:
-        fields = dict(self.context)
-        if record.exc_info:
-            fields["exception"] = logging.Formatter().formatException(record.exc_info)
-        log(record.levelname, record.getMessage(), logger=record.name, **fields)

@@ -5,7 +5,7 @@ the model's signature, with the same checks as V2 JSON tensors.
 """
 
 import base64
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,8 +17,7 @@ from .tensors import bytes_to_utf8, check_spec, json_to_array
 SIGNATURE_NAME = "serving_default"
 
 
-@dataclass(frozen=True)
-class PredictRequest:
+class PredictRequest(NamedTuple):
     inputs: dict[str, np.ndarray]
     row_format: bool
 

@@ -5,7 +5,7 @@ followed by the raw tensors, in input order, each `binary_data_size` bytes long.
 """
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -17,14 +17,12 @@ from .tensors import bytes_to_utf8, check_spec, element_count, fit_to_shape, jso
 HEADER_LENGTH = "inference-header-content-length"
 
 
-@dataclass(frozen=True)
-class RequestedOutput:
+class RequestedOutput(NamedTuple):
     name: str
     binary: bool
 
 
-@dataclass(frozen=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     id: str | None
     inputs: dict[str, np.ndarray]
     outputs: tuple[RequestedOutput, ...]

@@ -1,0 +1,38 @@
+"""`python -m bench`: measured values beside their targets and same-run baselines.
+
+Timings are medians over interleaved rounds; compare ratios, not absolute numbers,
+across machines.
+"""
+
+import argparse
+import platform
+import sys
+
+from . import handler
+
+
+def print_table(rows: list[tuple]) -> None:
+    headers = ("measure", "value", "target", "baseline / context", "ok")
+    cells = [(name, f"{value:.3f}" + ("x" if "x" in target else " ms"), target, context, "yes" if ok else "NO")
+             for name, value, target, context, ok in rows]
+    widths = [max(len(str(row[i])) for row in [headers, *cells]) for i in range(len(headers))]
+    line = lambda row: "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |"  # noqa: E731
+    print(line(headers))
+    print("|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    for row in cells:
+        print(line(row))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for warm timings")
+    parser.add_argument("--cold-runs", type=int, default=15, help="fresh processes per cold-start contender")
+    args = parser.parse_args()
+    print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}", file=sys.stderr)
+    rows = handler.warm_overhead(args.rounds) + handler.cold_init(args.cold_runs)
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
