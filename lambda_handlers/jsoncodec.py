@@ -31,6 +31,7 @@ def _structure(body: bytes) -> bytes:
 
 
 def _depth(structure: bytes) -> int:
+    """Deepest nesting of arrays and objects, ignoring brackets inside strings."""
     if not structure:
         return 0
     chars = np.frombuffer(structure, np.uint8)
@@ -38,11 +39,6 @@ def _depth(structure: bytes) -> int:
     outside_strings = (np.cumsum(quotes) - quotes) % 2 == 0
     steps = np.where(outside_strings & ~quotes, _DEPTH_STEP[chars], 0)
     return int(np.cumsum(steps).max())
-
-
-def max_depth(body: bytes) -> int:
-    """Deepest nesting of arrays and objects, ignoring brackets inside strings."""
-    return _depth(_structure(body))
 
 
 def loads(body: bytes, what: str = "request body"):

@@ -129,7 +129,11 @@ class TfliteModel:
         shape = detail.get("shape_signature")
         if shape is None or len(shape) == 0:
             shape = detail["shape"]
-        return TensorSpec(detail["name"], v2_datatype(detail["dtype"]), tuple(int(d) for d in shape))
+        try:
+            datatype = v2_datatype(detail["dtype"])
+        except ValueError:
+            raise ModelLoadError(f"TFLite tensor {detail['name']!r} has dtype {detail['dtype']}, which no V2 datatype covers") from None
+        return TensorSpec(detail["name"], datatype, tuple(int(d) for d in shape))
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         with self._lock:

@@ -68,13 +68,9 @@ def json_to_array(name: str, data, datatype: str) -> np.ndarray:
     if kind not in allowed:
         raise InvalidInput(f"input {name!r}: expected {datatype} values, found {_describe_kind(array)}")
     if dtype.kind in "iu":
-        info = np.iinfo(dtype)
         low, high = array.min(), array.max()
-        if low < info.min or high > info.max:
-            raise InvalidInput(
-                f"input {name!r}: values must lie in [{info.min}, {info.max}] for {datatype}, "
-                f"found {low if low < info.min else high}"
-            )
+        _check_range(name, dtype, low)
+        _check_range(name, dtype, high)
     return array.astype(dtype, copy=False)
 
 
@@ -83,14 +79,15 @@ def _exact_integers(name: str, data, inferred: np.ndarray, dtype: np.dtype) -> n
     items = np.array(data, dtype=object).reshape(-1)
     if not all(type(item) is int for item in items):
         return inferred  # genuinely fractional or mixed: the kind check below names it
-    try:
-        return np.array(items.tolist(), dtype=dtype).reshape(inferred.shape)
-    except OverflowError:
-        info = np.iinfo(dtype)
-        outside = next(item for item in items if not info.min <= item <= info.max)
-        raise InvalidInput(
-            f"input {name!r}: values must lie in [{info.min}, {info.max}] for {NUMPY_TO_V2[dtype]}, found {outside}"
-        ) from None
+    for item in items:
+        _check_range(name, dtype, item)
+    return np.array(items.tolist(), dtype=dtype).reshape(inferred.shape)
+
+
+def _check_range(name: str, dtype: np.dtype, value) -> None:
+    info = np.iinfo(dtype)
+    if not info.min <= value <= info.max:
+        raise InvalidInput(f"input {name!r}: values must lie in [{info.min}, {info.max}] for {NUMPY_TO_V2[dtype]}, found {value}")
 
 
 def _bytes_array(name: str, data) -> np.ndarray:

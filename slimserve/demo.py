@@ -10,6 +10,7 @@ import io
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -72,6 +73,11 @@ def _row_class(row) -> int:
     return int(np.argmax(row)) if isinstance(row, list) else int(row)
 
 
+def _invoke(function: ModelFunction, event: dict) -> dict:
+    """Call the handler as Lambda does, with a context carrying the request id."""
+    return function(event, SimpleNamespace(aws_request_id=event["requestContext"]["requestId"]))
+
+
 def demo_model(function: ModelFunction, out) -> None:
     name = function.model.name
     runtime = function.model.require_ready()
@@ -80,16 +86,16 @@ def demo_model(function: ModelFunction, out) -> None:
     inputs, labels = _sample_inputs(name, runtime.signature)
 
     body = json.dumps({"id": "demo-1", "inputs": [{"name": spec.name, "shape": list(inputs.shape), "datatype": spec.datatype, "data": inputs.tolist()}]}).encode()
-    response = function(rest_event("POST", f"/v2/models/{name}/infer", body, {"Content-Type": "application/json"}), None)
+    response = _invoke(function, rest_event("POST", f"/v2/models/{name}/infer", body, {"Content-Type": "application/json"}))
     v2_json = json.loads(response_body(response))
     json_outputs = {o["name"]: np.array(o["data"]).reshape(o["shape"]) for o in v2_json["outputs"]}
 
     body, headers = v2_binary_body(spec.name, inputs, spec.datatype, output_names)
-    response = function(rest_event("POST", f"/v2/models/{name}/infer", body, headers), None)
+    response = _invoke(function, rest_event("POST", f"/v2/models/{name}/infer", body, headers))
     binary_outputs = _decode_v2_binary(response_body(response), int(response["headers"]["Inference-Header-Content-Length"]))
 
     tfs_body = json.dumps({"instances": inputs[:3].tolist()}).encode()
-    response = function(http_api_event("POST", f"/v1/models/{name}:predict", tfs_body, {"content-type": "application/json"}), None)
+    response = _invoke(function, http_api_event("POST", f"/v1/models/{name}:predict", tfs_body, {"content-type": "application/json"}))
     predictions = json.loads(response_body(response))["predictions"]
 
     direct = runtime.run({spec.name: inputs}, output_names)
@@ -100,7 +106,7 @@ def demo_model(function: ModelFunction, out) -> None:
     event = rest_event("POST", f"/v2/models/{name}/infer", single, {"Content-Type": "application/json"})
     for _ in range(200):
         started = time.perf_counter()
-        function(event, None)
+        _invoke(function, event)
         warm.append((time.perf_counter() - started) * 1000)
 
     print(f"\n== {name} ({runtime.format}, {runtime.platform}) ==", file=out)

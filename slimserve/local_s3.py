@@ -1,5 +1,6 @@
 """A local S3 on loopback (moto's server), reached through boto3 exactly as AWS is."""
 
+import logging
 import os
 import socket
 from contextlib import contextmanager
@@ -43,6 +44,7 @@ def local_s3(bucket: str = "slimserve-models"):
     """Start moto's server, create the bucket, and point this process's boto3 at it."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 call is noise here
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -6,21 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from conftest import MODELS, call
 
 from lambda_handlers.core import MAX_BODY_BYTES
 from lambda_handlers.function import ModelFunction
 from slimserve.apigw import response_body, rest_event
+from slimserve.config import ModelConfig
+from slimserve.store import upload_model
 
 GOOD_ROW = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture(scope="module")
 def function(s3_store):
-    from conftest import MODELS
-
-    from slimserve.config import ModelConfig
-    from slimserve.store import upload_model
-
     stored = upload_model(s3_store.client(), s3_store.bucket, ModelConfig(name="iris", format="onnx", artifact=MODELS / "iris.onnx"))
     function = ModelFunction(stored.environment())
     assert function.model.ready, function.model.failure
@@ -133,8 +131,6 @@ def test_bad_request_gets_a_clear_4xx_and_the_next_request_succeeds(function, ca
     ("BYTES", [1, 2, 3], "input 'in_bytes': BYTES elements must be strings, found int"),
 ])
 def test_values_a_datatype_cannot_hold_are_refused(core, datatype, data, message):
-    from conftest import call
-
     request = {"inputs": [{"name": f"in_{datatype.lower()}", "shape": [1, 3], "datatype": datatype, "data": data}],
                "outputs": [{"name": f"out_{datatype.lower()}"}]}
     # values are checked while parsing, before the identity model's other inputs are found missing
@@ -143,7 +139,5 @@ def test_values_a_datatype_cannot_hold_are_refused(core, datatype, data, message
 
 
 def test_missing_input_names_the_input(core):
-    from conftest import call
-
     request = {"inputs": [{"name": "in_fp32", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
     assert call(core, "POST", "/v2/models/identity/infer", request)[:2] == (400, {"error": "missing input 'in_bool' (BOOL [-1, 3])"})

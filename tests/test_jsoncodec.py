@@ -19,9 +19,14 @@ from lambda_handlers.errors import InvalidInput
     ("[]", 1),
     ("3", 0),
 ])
-def test_depth_ignores_brackets_inside_strings(text, depth):
-    json.loads(text)  # the cases are valid JSON
-    assert jsoncodec.max_depth(text.encode()) == depth
+def test_depth_ignores_brackets_inside_strings(monkeypatch, text, depth):
+    assert jsoncodec.loads(text.encode()) == json.loads(text)
+    monkeypatch.setattr(jsoncodec, "MAX_JSON_DEPTH", 0)  # every nesting is now too deep, and the error says how deep
+    if depth == 0:
+        assert jsoncodec.loads(text.encode()) == json.loads(text)
+    else:
+        with pytest.raises(InvalidInput, match=rf"^request body nests JSON {depth} levels deep; the limit is 0$"):
+            jsoncodec.loads(text.encode())
 
 
 def test_strings_full_of_brackets_are_not_mistaken_for_nesting():
