@@ -135,7 +135,7 @@ class InferenceCore:
         if version is None:
             return versions[max(versions, key=_version_order)]
         if version not in versions:
-            raise NotFound(f"model {name!r} has no version {version!r}; served versions: {', '.join(sorted(versions))}")
+            raise NotFound(f"model {name!r} has no version {version!r}; served versions: {', '.join(sorted(versions, key=_version_order))}")
         return versions[version]
 
     def _body(self, request: Request) -> bytes:

@@ -6,9 +6,9 @@ request does not pay for it and provisioned concurrency or SnapStart keep it war
 
 import os
 
-# Imported before the rest of the package on purpose: measured here, it makes the
-# whole init about 35 ms faster (python 3.11, numpy 2.4) than letting the package
-# pull numpy in halfway through. bench/ tracks it as "cold init".
+# Imported before the rest of the package on purpose: measured here (python 3.11,
+# numpy 2.4), init is about 40 ms faster than when the package pulls numpy in
+# halfway through; the cause is not pinned down. bench/ tracks it as "cold init".
 import numpy  # noqa: F401
 
 from .function import ModelFunction
