@@ -31,6 +31,23 @@ def _demo(args) -> int:
     return run_demo(load_config(args.config), sys.stdout)
 
 
+def _serve(args) -> int:
+    from .local import LocalStack
+
+    config = load_config(args.config)
+    with LocalStack(config, args.host, args.port, log=lambda line: print(line, flush=True)) as stack:
+        gateway = stack.gateway
+        print(f"slimserve serving {', '.join(gateway.routes)} at {gateway.url}", flush=True)
+        if any(route.api_key_required for route in gateway.routes.values()):
+            print(f"API key (send as x-api-key): {gateway.api_key}", flush=True)
+        print("ready; Ctrl-C stops everything", flush=True)
+        try:
+            stack.serve_forever()
+        except KeyboardInterrupt:
+            print("stopping", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimserve", description="Serve ONNX and TFLite models on AWS Lambda and SageMaker.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -46,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
         command.set_defaults(run=run)
+
+    serve = commands.add_parser("serve", help="serve every model of the config on one port, as the deployed API does")
+    serve.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(run=_serve)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,135 @@
+"""A local API Gateway: HTTP in, the proxy event the deployed API sends, the handler's answer out.
+
+It enforces what API Gateway enforces (10 MB bodies, the 29 s integration timeout,
+API keys) and answers failures with API Gateway's own bodies, so a client sees
+locally what it will see deployed.
+"""
+
+import json
+import re
+import secrets
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from lambda_handlers.core import InferenceCore, Request
+
+from .apigw import response_body, rest_event
+from .runner import FunctionPool
+
+MAX_BODY_BYTES = 10 * 1024 * 1024
+INTEGRATION_TIMEOUT_S = 29.0
+MODEL_ROUTE = re.compile(r"/v[12]/models/(?P<name>[^/:]+)")
+
+# API Gateway's own answers, word for word
+FORBIDDEN = (403, {"message": "Forbidden"})
+TOO_LARGE = (413, {"message": "Request Too Long"})
+BAD_GATEWAY = (502, {"message": "Internal server error"})
+TIMED_OUT = (504, {"message": "Endpoint request timed out"})
+
+
+class Route:
+    """One model behind the gateway: its function and whether callers need the API key."""
+
+    def __init__(self, pool: FunctionPool, api_key_required: bool):
+        self.pool = pool
+        self.api_key_required = api_key_required
+
+
+class LocalGateway(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, routes: dict[str, Route], host: str = "127.0.0.1", port: int = 8080,
+                 api_key: str | None = None, log=print, integration_timeout_s: float = INTEGRATION_TIMEOUT_S):
+        self.routes = routes
+        self.api_key = api_key or secrets.token_urlsafe(24)
+        self.log = log
+        self.integration_timeout_s = integration_timeout_s
+        self.server_routes = InferenceCore([])  # live and server metadata need no function
+        self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="integration")
+        super().__init__((host, port), _GatewayHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up is not our error
+            super().handle_error(request, client_address)
+
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        match = MODEL_ROUTE.match(path)
+        if match is None:
+            if path.rstrip("/") == "/v2/health/ready":
+                return self._ready()
+            response = self.server_routes.handle(Request(method, path, headers, body))
+            return response.status, response.headers, response.body
+        route = self.routes.get(match["name"])
+        if route is None:
+            names = ", ".join(sorted(self.routes)) or "none"
+            return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
+        if route.api_key_required and headers.get("x-api-key") != self.api_key:
+            return _json(*FORBIDDEN)
+        return self.integrate(route.pool, rest_event(method, path, body, headers))
+
+    def integrate(self, pool: FunctionPool, event: dict) -> tuple[int, dict, bytes]:
+        future = self.executor.submit(pool.invoke, event)
+        try:
+            result = future.result(timeout=self.integration_timeout_s)
+        except FutureTimeout:
+            return _json(*TIMED_OUT)
+        if result.error is not None or not isinstance(result.payload, dict) or "statusCode" not in result.payload:
+            self.log(f"{pool.spec.name}: Lambda invocation failed: {result.error or 'malformed proxy response'}")
+            return _json(*BAD_GATEWAY)
+        return result.payload["statusCode"], result.payload.get("headers") or {}, response_body(result.payload)
+
+    def _ready(self) -> tuple[int, dict, bytes]:
+        reasons = []
+        for name, route in sorted(self.routes.items()):
+            status, _, body = self.integrate(route.pool, rest_event("GET", f"/v2/models/{name}/ready"))
+            if status != 200:
+                reasons.append(f"{name}: {body.decode(errors='replace')}")
+        if reasons:
+            return _json(503, {"ready": False, "error": "; ".join(reasons)})
+        return _json(200, {"ready": True})
+
+    def shutdown(self):
+        super().shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _json(status: int, payload: dict) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+
+
+class _GatewayHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: LocalGateway
+
+    def log_message(self, *args):
+        pass
+
+    def _handle(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            while length > 0:  # read it all, so the client finishes sending and reads our answer
+                length -= len(self.rfile.read(min(length, 1 << 20)) or b"\0" * length)
+            return self._send(*_json(*TOO_LARGE))
+        body = self.rfile.read(length) if length else b""
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
+
+    def _send(self, status: int, headers: dict, body: bytes):
+        self.send_response(status)
+        for key, value in headers.items():
+            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle

@@ -1,0 +1,84 @@
+"""The local stack: layers, a local S3, a Lambda-faithful runner per model, and a gateway in front."""
+
+import contextlib
+import os
+from pathlib import Path
+
+from layers.builder import build_layer
+
+from .config import AppConfig
+from .gateway import LocalGateway, Route
+from .local_s3 import local_s3
+from .runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
+from .store import upload_model
+
+LAMBDA_PYTHON = "3.12"
+
+
+def layer_runtime(model_format: str, python_version: str) -> str:
+    """Which layer a model needs: LiteRT from python3.12 on, tflite-runtime before."""
+    if model_format == "tflite" and python_version == "3.11":
+        return "tflite-py311"
+    return model_format
+
+
+class LocalStack:
+    """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
+
+    def __init__(self, config: AppConfig, host: str = "127.0.0.1", port: int = 8080, log=print,
+                 work_dir: Path = Path("build/local"), api_key: str | None = None):
+        self.config = config
+        self.log = log
+        self.resources = contextlib.ExitStack()
+        try:
+            self._start(host, port, Path(work_dir), api_key)
+        except BaseException:
+            self.resources.close()
+            raise
+
+    def _start(self, host: str, port: int, work_dir: Path, api_key: str | None) -> None:
+        python, version, note = lambda_python(LAMBDA_PYTHON)
+        self.log(note)
+        runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
+        task_root = function_bundle(work_dir / "function", python)
+        s3 = self.resources.enter_context(local_s3())
+        self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
+        routes = {}
+        for model in self.config.models:
+            if model.target != "lambda":
+                self.log(f"{model.name}: target {model.target} is not run locally")
+                continue
+            if model.architecture != "x86_64" and os.uname().machine == "x86_64":
+                self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
+            layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
+            stored = upload_model(s3.client(), s3.bucket, model)
+            name = f"{self.config.name}-{model.name}"
+            pool = FunctionPool(
+                FunctionSpec(
+                    name=name, python=python, task_root=task_root, layer=layer.python_path, runtime_dir=runtime_dir,
+                    environment={**s3.environment, **stored.environment()}, memory_mb=model.memory_mb,
+                    timeout_s=model.timeout_s, concurrency=model.reserved_concurrency or 10,
+                    log_path=work_dir / f"{name}.log",
+                ),
+                report=self.log,
+            )
+            self.resources.callback(pool.close)
+            routes[model.name] = Route(pool, api_key_required=model.auth == "api_key")
+            self.log(f"{model.name}: {model.format} on layer {Path(layer.path).name} "
+                     f"({layer.slim_bytes / 2**20:.1f} MiB), logs in {work_dir / f'{name}.log'}")
+            if model.auth == "iam":
+                self.log(f"{model.name}: IAM auth is not checked locally")
+        self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
+        self.resources.callback(self.gateway.server_close)
+
+    def serve_forever(self) -> None:
+        self.gateway.serve_forever()
+
+    def close(self) -> None:
+        self.resources.close()
+
+    def __enter__(self) -> "LocalStack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

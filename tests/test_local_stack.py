@@ -1,0 +1,218 @@
+"""The local stack end to end: real layers, workers driven by awslambdaric, moto's S3, and
+tritonclient and TF Serving-style clients talking to the gateway over HTTP."""
+
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from conftest import FIXTURES, ROOT
+
+from layers.builder import build_layer
+from slimserve.apigw import rest_event
+from slimserve.config import load_config
+from slimserve.gateway import LocalGateway, Route
+from slimserve.local import LocalStack, layer_runtime
+from slimserve.local_s3 import free_port
+from slimserve.runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
+
+LAYERS = ROOT / "build" / "layers"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    lines = []
+    with LocalStack(load_config(ROOT / "slimserve.toml"), port=free_port(), log=lines.append,
+                    work_dir=tmp_path_factory.mktemp("local")) as running:
+        thread = threading.Thread(target=running.serve_forever, daemon=True)
+        thread.start()
+        running.lines = lines
+        yield running
+        running.gateway.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return triton.InferenceServerClient(stack.gateway.url.removeprefix("http://"), concurrency=16, network_timeout=60)
+
+
+@pytest.fixture
+def key(stack):
+    return {"x-api-key": stack.gateway.api_key}  # fresh each test: tritonclient adds its own headers to the dict it is given
+
+
+def http(stack, method, path, body=None, headers=None):
+    request = urllib.request.Request(stack.gateway.url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_server_and_models_are_live_ready_and_described(client, key):
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("iris", headers=key) and client.is_model_ready("digits", "1", headers=key)
+    metadata = client.get_model_metadata("digits", headers=key)
+    assert metadata["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert metadata["platform"] == "tflite"
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_predictions_equal_the_runtime(client, key, iris, digits, iris_test_split, digits_test_split, binary):
+    for name, runtime, (test_x, _), input_name in [("iris", iris, iris_test_split, "features"), ("digits", digits, digits_test_split, "pixels")]:
+        infer_input = triton.InferInput(input_name, list(test_x.shape), "FP32")
+        infer_input.set_data_from_numpy(test_x, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(spec.name, binary_data=binary) for spec in runtime.signature.outputs]
+        result = client.infer(name, [infer_input], outputs=outputs, headers=key, request_id=f"{name}-{binary}")
+        direct = runtime.run({input_name: test_x}, [spec.name for spec in runtime.signature.outputs])
+        for output, expected in direct.items():
+            np.testing.assert_array_equal(result.as_numpy(output), expected)
+        assert result.get_response()["id"] == f"{name}-{binary}"
+
+
+def test_tf_serving_row_and_columnar(stack, key, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    headers = {**key, "Content-Type": "application/json"}
+    status, rows = http(stack, "POST", "/v1/models/iris:predict", json.dumps({"instances": test_x[:5].tolist()}).encode(), headers)
+    status_c, columns = http(stack, "POST", "/v1/models/iris/versions/1:predict", json.dumps({"inputs": test_x[:5].tolist()}).encode(), headers)
+    labels = iris.run({"features": test_x[:5]}, ["label"])["label"].tolist()
+    assert (status, status_c) == (200, 200)
+    assert [row["label"] for row in rows["predictions"]] == labels == columns["outputs"]["label"]
+
+
+def test_api_gateway_limits(stack, key):
+    assert http(stack, "GET", "/v2/models/iris")[:2] == (403, {"message": "Forbidden"})
+    assert http(stack, "GET", "/v2/models/iris", headers={"x-api-key": "wrong"}) == (403, {"message": "Forbidden"})
+    big = b" " * (10 * 1024 * 1024 + 1)
+    assert http(stack, "POST", "/v2/models/iris/infer", big, key) == (413, {"message": "Request Too Long"})
+    assert http(stack, "GET", "/v2/models/nope", headers=key) == (404, {"error": "unknown model 'nope'; served models: digits, iris"})
+
+
+def test_handler_errors_pass_through_unchanged(stack, key):
+    assert http(stack, "POST", "/v2/models/iris/infer", b'{"inputs": [', {**key, "Content-Type": "application/json"}) == (
+        400, {"error": "request body is not valid JSON: unexpected end of data: line 1 column 13 (char 12)"})
+
+
+def test_cold_then_warm_starts_are_reported(stack, key, client):
+    reports = [line for line in stack.lines if line.startswith("REPORT")]
+    assert any("Init Duration:" in line for line in reports)
+    assert any("Init Duration:" not in line for line in reports)
+    assert any(line.startswith("workers run python") or "is not installed here" in line for line in stack.lines)
+
+
+def test_sixteen_concurrent_clients_all_answered_correctly(stack, key, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    expected = iris.run({"features": test_x}, ["label"])["label"]
+    deadline = time.monotonic() + 3
+
+    def loop(worker: int) -> int:
+        client = triton.InferenceServerClient(stack.gateway.url.removeprefix("http://"), network_timeout=60)  # one per thread: gevent
+        done = 0
+        while time.monotonic() < deadline:
+            rows = slice((worker + done) % 40, (worker + done) % 40 + 5)
+            infer_input = triton.InferInput("features", [5, 4], "FP32")
+            infer_input.set_data_from_numpy(test_x[rows], binary_data=bool(done % 2))
+            result = client.infer("iris", [infer_input], outputs=[triton.InferRequestedOutput("label")], headers=dict(key))
+            np.testing.assert_array_equal(result.as_numpy("label"), expected[rows])
+            done += 1
+        return done
+
+    with ThreadPoolExecutor(16) as pool:
+        counts = list(pool.map(loop, range(16)))
+    assert all(count > 0 for count in counts)
+
+
+# The runner and gateway on their own, with functions built to fail
+
+
+@pytest.fixture(scope="module")
+def lambda_env():
+    python, version, _ = lambda_python()
+    return python, version, build_layer("lambda-runtime", version, out=LAYERS).python_path, build_layer(layer_runtime("onnx", version), version, out=LAYERS)
+
+
+def test_incomplete_layer_fails_with_lambdas_import_error_and_a_502(lambda_env, tmp_path):
+    python, _, runtime_dir, layer = lambda_env
+    broken = tmp_path / "layer" / "python"
+    shutil.copytree(layer.python_path, broken, symlinks=True)
+    shutil.rmtree(broken / "numpy")
+    spec = FunctionSpec("broken", python, function_bundle(tmp_path / "task", python), broken, runtime_dir,
+                        environment={"SLIMSERVE_MODEL_NAME": "iris"})
+    pool = FunctionPool(spec)
+    try:
+        result = pool.invoke(rest_event("GET", "/v2/models/iris/ready"))
+        assert result.payload is None
+        assert result.error == {"errorType": "Runtime.ImportModuleError",
+                                "errorMessage": "Unable to import module 'lambda_handlers.handler': No module named 'numpy'"}
+        gateway = LocalGateway({"iris": Route(pool, api_key_required=False)}, port=0, log=lambda line: None)
+        assert gateway.answer("GET", "/v2/models/iris/ready", {}, b"")[0] == 502
+        assert json.loads(gateway.answer("GET", "/v2/models/iris/ready", {}, b"")[2]) == {"message": "Internal server error"}
+        gateway.server_close()
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def faulty(lambda_env, tmp_path):
+    python, _, runtime_dir, layer = lambda_env
+    task = tmp_path / "task"
+    shutil.copytree(FIXTURES / "faulty_function", task)
+    pools = []
+
+    def make(timeout_s=2.0, memory_mb=256, integration_timeout_s=29.0):
+        pool = FunctionPool(FunctionSpec("faulty", python, task, layer.python_path, runtime_dir, memory_mb=memory_mb,
+                                         timeout_s=timeout_s, concurrency=2, handler="faulty.handler"))
+        pools.append(pool)
+        gateway = LocalGateway({"faulty": Route(pool, api_key_required=False)}, port=0, log=lambda line: None,
+                               integration_timeout_s=integration_timeout_s)
+        gateway.server_close()
+        return pool, lambda body: gateway.answer("POST", "/v2/models/faulty/infer", {}, body)
+
+    yield make
+    for pool in pools:
+        pool.close()
+        assert all(not worker.alive for worker in pool.workers)
+
+
+def _pid(answer) -> int:
+    status, _, body = answer
+    assert status == 200
+    return int(body.decode().rsplit(" ", 1)[1])
+
+
+def test_crash_mid_request_is_a_502_and_the_next_request_gets_a_fresh_worker(faulty):
+    pool, send = faulty()
+    first = _pid(send(b"hello"))
+    crashed = pool.idle[0]
+    assert send(b"crash")[:1] == (502,)
+    assert crashed.process.returncode == 3 and not crashed.alive
+    assert _pid(send(b"hello")) != first
+
+
+def test_function_timeout_is_lambdas_error_and_a_502(faulty):
+    pool, send = faulty(timeout_s=1.0)
+    result = pool.invoke(rest_event("POST", "/v2/models/faulty/infer", b"sleep"))
+    assert result.error == {"errorMessage": "Task timed out after 1.00 seconds", "errorType": "Sandbox.Timedout"}
+    assert send(b"sleep")[0] == 502
+    assert send(b"hello")[0] == 200
+
+
+def test_integration_timeout_is_a_504(faulty):
+    pool, send = faulty(timeout_s=5.0, integration_timeout_s=1.0)
+    status, _, body = send(b"sleep")
+    assert (status, json.loads(body)) == (504, {"message": "Endpoint request timed out"})
+
+
+def test_memory_limit_kills_the_worker(faulty):
+    pool, send = faulty(memory_mb=128, timeout_s=20.0)
+    result = pool.invoke(rest_event("POST", "/v2/models/faulty/infer", b"hog"))
+    assert result.error == {"errorMessage": "Runtime exited with error: signal: kill", "errorType": "Runtime.ExitError"}
+    assert result.max_memory_mb > 128
+    assert send(b"hello")[0] == 200
