@@ -1,4 +1,4 @@
-"""`make demo`'s main job, checked: every model answers through the handler with the runtime's own outputs."""
+"""`make demo`'s main job, checked: the local stack answers real clients with the runtime's own outputs."""
 
 import io
 
@@ -8,12 +8,13 @@ from slimserve.config import load_config
 from slimserve.demo import run_demo
 
 
-def test_demo_runs_both_example_models_through_the_handler(capsys):
+def test_demo_serves_both_example_models_through_the_local_stack():
     out = io.StringIO()
     assert run_demo(load_config(ROOT / "slimserve.toml"), out) == 0
     text = out.getvalue()
-    assert text.count("handler outputs equal to the runtime's own: True") == 2
-    assert "held-out accuracy through the handler: 0.978" in text
-    assert "held-out accuracy through the handler: 0.973" in text
-    assert "  first 3 predictions (V2 binary): [2, 2, 0]\n  first 3 predictions (TF Serving rows): [2, 2, 0]" in text
-    assert "V2 JSON request id echoed: 'demo-1'" in text
+    assert text.count("JSON and binary answers equal to the runtime's own: True") == 2
+    assert "held-out accuracy through the local stack: 0.978 on 45 samples" in text
+    assert "held-out accuracy through the local stack: 0.973 on 450 samples" in text
+    assert "  first 3 predictions (tritonclient, binary): [2, 2, 0]\n  first 3 predictions (TF Serving rows): [2, 2, 0]" in text
+    assert text.count("Init Duration") >= 2
+    assert text.endswith("local stack stopped: gateway, workers and S3\n")

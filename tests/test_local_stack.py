@@ -2,12 +2,17 @@
 tritonclient and TF Serving-style clients talking to the gateway over HTTP."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -216,3 +221,41 @@ def test_memory_limit_kills_the_worker(faulty):
     assert result.error == {"errorMessage": "Runtime exited with error: signal: kill", "errorType": "Runtime.ExitError"}
     assert result.max_memory_mb > 128
     assert send(b"hello")[0] == 200
+
+
+def _processes_of(function_prefix: str) -> list[int]:
+    """PIDs whose environment names one of our functions: workers are found even if orphaned."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"AWS_LAMBDA_FUNCTION_NAME={function_prefix}".encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_serve_prints_where_it_listens_and_ctrl_c_leaves_nothing_behind(tmp_path):
+    app = f"ctrlc-{os.getpid()}"
+    config = tmp_path / "slimserve.toml"
+    config.write_text((ROOT / "slimserve.toml").read_text().replace('name = "slimserve-demo"', f'name = "{app}"')
+                      .replace('artifact = "examples/', f'artifact = "{ROOT}/examples/'))
+    port = free_port()
+    serve = subprocess.Popen([sys.executable, "-m", "slimserve.cli", "serve", "--config", str(config), "--port", str(port)],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    lines = []
+    for line in serve.stdout:
+        lines.append(line.rstrip("\n"))
+        if line.startswith("ready"):
+            break
+    assert f"slimserve serving iris, digits at http://127.0.0.1:{port}" in lines, lines
+    key = next(line.rsplit(" ", 1)[1] for line in lines if line.startswith("API key"))
+    for name in ("iris", "digits"):
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{name}/ready", headers={"x-api-key": key})
+        assert urllib.request.urlopen(request, timeout=60).status == 200
+    assert len(_processes_of(app)) == 2  # one warm worker per model
+    serve.send_signal(signal.SIGINT)
+    assert serve.wait(timeout=30) == 0
+    assert serve.stdout.read().splitlines()[-1] == "stopping"
+    assert _processes_of(app) == []

@@ -1,0 +1,125 @@
+"""Layer sizes, cold start through the runner, and the gateway's warm overhead."""
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from lambda_handlers.function import ModelFunction
+from layers.builder import build_layer
+from slimserve.apigw import rest_event
+from slimserve.gateway import LocalGateway, Route
+from slimserve.local import layer_runtime
+from slimserve.runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+LAYER_TARGETS_MIB = {"onnx": 80, "tflite": 60}
+IRIS_REQUEST = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+
+FLOOR = """
+import sys, numpy as np, onnxruntime
+session = onnxruntime.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+session.run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)})
+print("done", flush=True)
+sys.stdin.read()
+"""
+
+
+def layer_sizes() -> list[tuple]:
+    rows = []
+    for runtime, target in LAYER_TARGETS_MIB.items():
+        for architecture in ("x86_64", "arm64"):
+            layer = build_layer(runtime, "3.12", architecture, out=ROOT / "build" / "layers")
+            slim, naive = layer.slim_bytes / 2**20, layer.naive_bytes / 2**20
+            rows.append((f"{runtime} layer, python3.12 {architecture} (MiB unzipped)", slim, f"<= {target} MiB",
+                         f"naive install {naive:.1f} MiB ({slim / naive:.0%}); pyc {layer.pyc}; smoke {layer.smoke}",
+                         slim <= target, "MiB"))
+    return rows
+
+
+def _iris_environment() -> dict[str, str]:
+    model = MODELS / "iris.onnx"
+    return {"SLIMSERVE_MODEL_NAME": "iris", "SLIMSERVE_MODEL_FORMAT": "onnx", "SLIMSERVE_MODEL_PATH": str(model),
+            "SLIMSERVE_MODEL_SHA256": hashlib.sha256(model.read_bytes()).hexdigest()}
+
+
+def _floor_ms(python: str, layer: Path) -> float:
+    """Same Python, same layer, nothing else: spawn -> import + session + one run."""
+    started = time.perf_counter()
+    process = subprocess.Popen([python, "-S", "-c", FLOOR, str(MODELS / "iris.onnx")], env={"PYTHONPATH": str(layer)},
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "done"
+    elapsed = (time.perf_counter() - started) * 1000
+    process.communicate("")
+    return elapsed
+
+
+def cold_and_warm(runs: int, warm_requests: int) -> list[tuple]:
+    python, version, note = lambda_python()
+    runtime_dir = build_layer("lambda-runtime", version, out=ROOT / "build" / "layers").python_path
+    layer = build_layer(layer_runtime("onnx", version), version, out=ROOT / "build" / "layers").python_path
+    event = rest_event("POST", "/v2/models/iris/infer", IRIS_REQUEST, {"Content-Type": "application/json"})
+    with tempfile.TemporaryDirectory() as folder:
+        spec = FunctionSpec("bench-iris", python, function_bundle(Path(folder), python), layer, runtime_dir,
+                            environment=_iris_environment(), concurrency=1)
+        runner_ms, floor_ms = [], []
+        for _ in range(runs):
+            floor_ms.append(_floor_ms(python, layer))
+            pool = FunctionPool(spec)
+            started = time.perf_counter()
+            result = pool.invoke(event)
+            runner_ms.append((time.perf_counter() - started) * 1000)
+            assert result.error is None and result.payload["statusCode"] == 200, result
+            pool.close()
+        cold, floor = statistics.median(runner_ms), statistics.median(floor_ms)
+        rows = [("cold start through the runner / floor", cold / floor, "<= 1.2x",
+                 f"runner {cold:.0f} ms (spawn -> first response), floor {floor:.0f} ms; {note}", cold / floor <= 1.2, "x")]
+        rows.append(_warm_overhead(spec, event, warm_requests))
+    return rows
+
+
+def _warm_overhead(spec: FunctionSpec, event: dict, requests: int) -> tuple:
+    """HTTP through gateway and runner against calling the handler in-process, on the same request."""
+    pool = FunctionPool(spec)
+    gateway = LocalGateway({"iris": Route(pool, api_key_required=False)}, port=0, log=lambda line: None)
+    threading.Thread(target=gateway.serve_forever, daemon=True).start()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        function = ModelFunction(spec.environment)
+    connection = http.client.HTTPConnection(*gateway.server_address[:2])
+
+    def through_gateway():
+        connection.request("POST", "/v2/models/iris/infer", IRIS_REQUEST, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        response.read()
+
+    def in_process():
+        with contextlib.redirect_stdout(sink):
+            function(event, None)
+
+    try:
+        through_gateway()  # the cold start is not what this measures
+        with open(os.devnull, "w") as sink:
+            gateway_ms, process_ms = [], []
+            for _ in range(requests):
+                for samples, call in ((gateway_ms, through_gateway), (process_ms, in_process)):
+                    started = time.perf_counter()
+                    call()
+                    samples.append((time.perf_counter() - started) * 1000)
+    finally:
+        connection.close()
+        gateway.shutdown()
+        gateway.server_close()
+        pool.close()
+    overhead = statistics.median(gateway_ms) - statistics.median(process_ms)
+    return ("warm: gateway + runner minus in-process handler", overhead, "<= 1 ms",
+            f"through HTTP {statistics.median(gateway_ms):.2f} ms, in-process {statistics.median(process_ms):.3f} ms",
+            overhead <= 1, "ms")
