@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -26,6 +27,10 @@ from layers.builder import find_python
 RUNTIME_API = "/2018-06-01/runtime"
 HANDLER = "lambda_handlers.handler.handler"
 REPO = Path(__file__).resolve().parent.parent
+
+# PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not the process:
+# workers are started from this one long-lived thread, never from a request's thread.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-spawner")
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,8 @@ class Worker:
         self.init_ms: float | None = None
         self.init_error: dict | None = None
         self.max_rss_mb = 0.0
-        self.process = subprocess.Popen(
+        self.process = _SPAWNER.submit(
+            subprocess.Popen,
             [spec.python, "-S", "-m", "awslambdaric", spec.handler],
             cwd=spec.task_root,
             env=self._environment(),
@@ -181,7 +187,7 @@ class Worker:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: killing it leaves nothing behind
             preexec_fn=_die_with_parent,
-        )
+        ).result()
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _environment(self) -> dict[str, str]:
