@@ -31,6 +31,21 @@ def _demo(args) -> int:
     return run_demo(load_config(args.config), sys.stdout)
 
 
+def _layer(args) -> int:
+    from layers.builder import LayerBuildError, build_layer
+
+    try:
+        layer = build_layer(args.runtime, args.python, args.arch, out=Path(args.out), log=print)
+    except LayerBuildError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{layer.runtime} layer for python{layer.python_version} {layer.architecture}"
+          f"{' (cached)' if layer.cached else ''}: {layer.path}")
+    print(f"  {layer.slim_bytes / 2**20:.1f} MiB unzipped (naive install {layer.naive_bytes / 2**20:.1f} MiB), "
+          f"{layer.files} files; bytecode: {layer.pyc}; {layer.stripped}; smoke test: {layer.smoke}")
+    return 0
+
+
 def _synth(args) -> int:
     """The CDK app through `app.py`, with jsii's Node from the venv; prints what each stack holds."""
     import collections
@@ -86,6 +101,13 @@ def main(argv: list[str] | None = None) -> int:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
         command.set_defaults(run=run)
+
+    layer = commands.add_parser("layer", help="build (or reuse) a slim runtime layer and print its size report")
+    layer.add_argument("--runtime", default="onnx", help="onnx, tflite, tflite-py311 or lambda-runtime")
+    layer.add_argument("--python", default="3.12", help="the Lambda Python version")
+    layer.add_argument("--arch", default="x86_64", help="x86_64 or arm64")
+    layer.add_argument("--out", default="build/layers", help="where layers are built (default: %(default)s)")
+    layer.set_defaults(run=_layer)
 
     synth = commands.add_parser("synth", help="synthesize the CloudFormation templates and count their resources")
     synth.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
