@@ -11,6 +11,7 @@ import secrets
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from lambda_handlers.core import InferenceCore, Request
@@ -29,12 +30,12 @@ BAD_GATEWAY = (502, {"message": "Internal server error"})
 TIMED_OUT = (504, {"message": "Endpoint request timed out"})
 
 
+@dataclass(frozen=True)
 class Route:
     """One model behind the gateway: its function and whether callers need the API key."""
 
-    def __init__(self, pool: FunctionPool, api_key_required: bool):
-        self.pool = pool
-        self.api_key_required = api_key_required
+    pool: FunctionPool
+    api_key_required: bool
 
 
 class LocalGateway(ThreadingHTTPServer):
@@ -135,4 +136,4 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
