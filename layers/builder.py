@@ -166,7 +166,9 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 
-def _key(recipe: Recipe, runtime: str, python_version: str, architecture: str) -> str:
+def layer_key(runtime: str, python_version: str, architecture: str) -> str:
+    """What a build of this layer depends on, hashed: the cache key, and the CDK asset hash."""
+    recipe = RECIPES[runtime]
     digest = hashlib.sha256()
     for part in (runtime, python_version, architecture, (HERE / recipe.requirements).read_text(), Path(__file__).read_text()):
         digest.update(part.encode() + b"\0")
@@ -251,7 +253,7 @@ def build_layer(runtime: str, python_version: str = "3.12", architecture: str = 
     if architecture not in ARCHITECTURES:
         raise LayerBuildError(f"unknown architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
 
-    key = _key(recipe, runtime, python_version, architecture)
+    key = layer_key(runtime, python_version, architecture)
     folder = Path(out) / f"{runtime}-py{python_version}-{architecture}"
     stamp = folder / "layer.json"
     if stamp.exists():

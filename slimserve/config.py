@@ -43,6 +43,14 @@ def _number_range(low, high, low_open=False):
     return ok, f"a number {'>' if low_open else '>='} {low} and <= {high}"
 
 
+def _choice_of_ints(*allowed):
+    return lambda v: type(v) is int and v in allowed, "one of " + ", ".join(map(str, allowed)) + " (CloudWatch's retention periods)"
+
+
+def _bool():
+    return lambda v: isinstance(v, bool), "true or false"
+
+
 def _string(pattern: re.Pattern | None = None, what: str = "a non-empty string"):
     return lambda v: isinstance(v, str) and bool(v) and (pattern is None or pattern.fullmatch(v)), what
 
@@ -87,6 +95,7 @@ class ModelConfig:
     ephemeral_storage_mb: int = _rule(_int_range(512, 10240), 512, "Lambda /tmp size")
     reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
     provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
+    snapstart: bool = _rule(_bool(), False, "Lambda SnapStart on published versions")
     auth: str = _rule(_choice("none", "api_key", "iam"), "api_key", "how clients authenticate")
     alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
     sagemaker: SageMakerSettings | None = field(default=None, metadata={"doc": "settings for target 'sagemaker'"})
@@ -101,6 +110,9 @@ class AppConfig:
     region: str | None = None
     model_store_encryption: str = "kms"
     alarm_email: str | None = None
+    log_retention_days: int = 30
+    throttle_rate: int = 100
+    throttle_burst: int = 200
 
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
@@ -112,6 +124,9 @@ APP_RULES = {
     "region": _string(re.compile(r"[a-z]{2}(-[a-z]+)+-\d"), "an AWS region like 'eu-west-1'"),
     "model_store_encryption": _choice("kms", "s3-managed"),
     "alarm_email": _string(re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+"), "an email address"),
+    "log_retention_days": _choice_of_ints(1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653),
+    "throttle_rate": _int_range(1, 10000),
+    "throttle_burst": _int_range(1, 5000),
 }
 
 
@@ -179,6 +194,9 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
         region=app.get("region"),
         model_store_encryption=app.get("model_store_encryption", "kms"),
         alarm_email=app.get("alarm_email"),
+        log_retention_days=app.get("log_retention_days", 30),
+        throttle_rate=app.get("throttle_rate", 100),
+        throttle_burst=app.get("throttle_burst", 200),
     )
 
 

@@ -42,15 +42,17 @@ def model_key(name: str, sha256: str, model_format: str) -> str:
     return f"models/{name}/{sha256}/model.{model_format}"
 
 
-def manifest(model: ModelConfig, data: bytes, sha256: str) -> dict:
+def manifest(model: ModelConfig, data: bytes, sha256: str, stamped: bool = True) -> dict:
+    """What the store says about a version; unstamped (no `created`) where uploads must be reproducible."""
     signature = load_model(data, model.format).signature
+    stamp = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} if stamped else {}
     return {
         "name": model.name,
         "format": model.format,
         "sha256": sha256,
         "size": len(data),
         "source": Path(model.artifact).name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **stamp,
         "signature": {
             "inputs": [spec.describe() for spec in signature.inputs],
             "outputs": [spec.describe() for spec in signature.outputs],

@@ -1,11 +1,21 @@
 """The model store: the one bucket every model version lives in."""
 
+import hashlib
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
+
+from .nag import acknowledge
+
+from slimserve.config import ModelConfig
+from slimserve.store import StoredModel, manifest, model_key
 
 ENCRYPTIONS = ("kms", "s3-managed")
 
@@ -64,3 +74,48 @@ class ModelStore(Construct):
             ],
             removal_policy=props.removal_policy,
         )
+
+    def add_models(self, models: list[ModelConfig], staging: Path) -> dict[str, StoredModel]:
+        """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes."""
+        shutil.rmtree(staging, ignore_errors=True)
+        stored = {}
+        for model in models:
+            data = Path(model.artifact).read_bytes()
+            sha256 = hashlib.sha256(data).hexdigest()
+            key = model_key(model.name, sha256, model.format)
+            target = staging / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+            # no "created": the manifest must not change between synths of the same bytes
+            (target.parent / "manifest.json").write_text(json.dumps(manifest(model, data, sha256, stamped=False), indent=2))
+            stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))
+        upload = s3_deployment.BucketDeployment(
+            self,
+            "Models",
+            sources=[s3_deployment.Source.asset(str(staging))],
+            destination_bucket=self.bucket,
+            prune=False,  # versions registered later stay
+            retain_on_delete=True,
+            memory_limit=512,
+        )
+        self._acknowledge_upload_handler()
+        return stored
+
+    def _acknowledge_upload_handler(self) -> None:
+        """BucketDeployment's handler is a singleton at stack level, written by aws-cdk-lib, not here."""
+        stack = Stack.of(self)
+        handler = next(c for c in stack.node.children if c.node.id.startswith("Custom::CDKBucketDeployment"))
+        bucket = stack.resolve(stack.get_logical_id(self.bucket.node.default_child))
+        copy = "BucketDeployment copies every object of the upload from the CDK asset bucket into the store"
+        acknowledge(handler, {
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]":
+                "aws-cdk-lib gives BucketDeployment's handler the managed basic execution role for its own logs",
+            **{f"AwsSolutions-IAM5[Action::{action}]": copy for action in (
+                "s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:DeleteObject*", "s3:Abort*", "kms:ReEncrypt*", "kms:GenerateDataKey*")},
+            f"AwsSolutions-IAM5[Resource::<{bucket}.Arn>/*]": copy,
+            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>/*]": copy,
+            "AwsSolutions-L1": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
+            "Serverless-LambdaLatestVersion": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
+            "Serverless-LambdaDLQ": "a CloudFormation custom resource: CloudFormation reports and retries its failures",
+            "Serverless-LambdaTracing": "a deploy-time custom resource, not on any request path",
+        })

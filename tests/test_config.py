@@ -68,7 +68,7 @@ def test_sagemaker_target_gets_instance_defaults(folder):
 
 
 @pytest.mark.parametrize("text, message", [
-    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, target, timeout_s"),
+    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
     (MODEL + 'memory_mb = "big"\n', "models.iris.memory_mb: expected an integer between 128 and 10240, found 'big'"),
     (MODEL + "memory_mb = 64\n", "models.iris.memory_mb: expected an integer between 128 and 10240, found 64"),
     (MODEL + "timeout_s = 60\n", "models.iris.timeout_s: expected an integer between 1 and 29, found 60"),
@@ -92,11 +92,13 @@ def test_sagemaker_target_gets_instance_defaults(folder):
     ('[models.digits]\nformat = "tflite"\nartifact = "digits.tflite"\ntarget = "sagemaker"\n', "models.digits.format: target 'sagemaker' serves ONNX models, found 'tflite'"),
     ("[app]\nregion = 'mars-1'\n" + MODEL, "app.region: expected an AWS region like 'eu-west-1', found 'mars-1'"),
     ("[app]\naccount = '12345'\n" + MODEL, "app.account: expected a 12-digit AWS account ID, found '12345'"),
-    ("[app]\nencryption = 'kms'\n" + MODEL, "app.encryption: unknown key (did you mean 'model_store_encryption'?); expected one of account, alarm_email, model_store_encryption, name, region"),
+    ("[app]\nencryption = 'kms'\n" + MODEL, "app.encryption: unknown key (did you mean 'model_store_encryption'?); expected one of account, alarm_email, log_retention_days, model_store_encryption, name, region, throttle_burst, throttle_rate"),
+    ("[app]\nlog_retention_days = 10\n" + MODEL, "app.log_retention_days: expected one of 1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653 (CloudWatch's retention periods), found 10"),
+    (MODEL + "snapstart = 1\n", "models.iris.snapstart: expected true or false, found 1"),
     ("[app]\nname = 'demo'\n", "models: expected at least one [models.NAME] table, found none"),
     ("modles = 1\n" + MODEL, "modles: unknown key (did you mean 'models'?); expected one of app, defaults, models"),
     ("models = 3\n", "models: expected a table, found 3"),
-    ("[defaults]\nformat = 'onnx'\n" + MODEL, "defaults.format: unknown key; expected one of alarms, architecture, auth, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, target, timeout_s"),
+    ("[defaults]\nformat = 'onnx'\n" + MODEL, "defaults.format: unknown key; expected one of alarms, architecture, auth, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
     ("[models.iris\n", "not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 13)"),
 ])
 def test_errors_name_the_key_what_was_expected_and_what_was_found(folder, text, message):

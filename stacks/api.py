@@ -1,0 +1,141 @@
+"""The inference API: the routes the local gateway serves, on API Gateway (REST)."""
+
+import json
+from dataclasses import dataclass
+
+import aws_cdk as cdk
+from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from .nag import acknowledge
+
+from lambda_handlers.core import SERVER_NAME, SERVER_VERSION
+from slimserve.apigw import BINARY_MEDIA_TYPES
+
+AUTH_MODES = ("none", "api_key", "iam")
+
+
+@dataclass(frozen=True)
+class InferenceApiProps:
+    name: str
+    """The REST API's name."""
+    throttle_rate: int = 100
+    """Steady-state requests per second for the stage and the usage plan. @default 100."""
+    throttle_burst: int = 200
+    """Burst capacity. @default 200."""
+    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+    """How long access logs are kept. @default one month."""
+    stage_name: str = "prod"
+    """@default "prod"."""
+
+
+def _mock(status_body: dict) -> apigw.MockIntegration:
+    return apigw.MockIntegration(
+        request_templates={"application/json": '{"statusCode": 200}'},
+        integration_responses=[apigw.IntegrationResponse(status_code="200", response_templates={"application/json": json.dumps(status_body)})],
+        passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
+    )
+
+
+class InferenceApi(Construct):
+    """V2 and TF Serving routes per model, request validation, throttling, a usage plan and access logs."""
+
+    def __init__(self, scope: Construct, construct_id: str, props: InferenceApiProps):
+        if props.throttle_rate < 1 or props.throttle_burst < 1:
+            raise ValueError(f"InferenceApiProps throttle_rate and throttle_burst must be >= 1, got {props.throttle_rate}, {props.throttle_burst}")
+        super().__init__(scope, construct_id)
+        self.access_logs = logs.LogGroup(self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
+        self.api = apigw.RestApi(
+            self,
+            "Api",
+            rest_api_name=props.name,
+            description="slimserve inference API: Open Inference Protocol V2 and TF Serving REST",
+            binary_media_types=list(BINARY_MEDIA_TYPES),  # the binary tensor extension passes through untouched
+            endpoint_types=[apigw.EndpointType.REGIONAL],
+            cloud_watch_role=True,
+            deploy_options=apigw.StageOptions(
+                stage_name=props.stage_name,
+                access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
+                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
+                    caller=False, http_method=True, ip=True, protocol=True, request_time=True,
+                    resource_path=True, response_length=True, status=True, user=False),
+                logging_level=apigw.MethodLoggingLevel.ERROR,
+                data_trace_enabled=False,  # request bodies are tensors, and may be personal data
+                tracing_enabled=True,
+                metrics_enabled=True,
+                throttling_rate_limit=props.throttle_rate,
+                throttling_burst_limit=props.throttle_burst,
+            ),
+        )
+        self.validator = self.api.add_request_validator("Validator", validate_request_parameters=True, validate_request_body=True)
+        self.usage_plan = self.api.add_usage_plan(
+            "UsagePlan", name=f"{props.name}-default",
+            throttle=apigw.ThrottleSettings(rate_limit=props.throttle_rate, burst_limit=props.throttle_burst),
+            api_stages=[apigw.UsagePlanPerApiStage(api=self.api, stage=self.api.deployment_stage)],
+        )
+        self.api_key = self.api.add_api_key("ApiKey", description=f"{props.name}: the key for models with auth 'api_key'")
+        self.usage_plan.add_api_key(self.api_key)
+        self.models_v2 = self._path("v2", "models")
+        self.models_v1 = self._path("v1", "models")
+        v2 = self.api.root.get_resource("v2")
+        self._public(v2, "GET", {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": ["binary_tensor_data"]})
+        health = v2.add_resource("health")
+        self._public(health.add_resource("live"), "GET", {"live": True})
+        self._public(health.add_resource("ready"), "GET", {"ready": True})
+        acknowledge(self.api, {
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs]":
+                "API Gateway's account-level CloudWatch role is the AWS-managed push-to-logs policy, as CDK creates it",
+            "AwsSolutions-APIG3": "WAF is an account-level choice with its own cost; attach a web ACL to the stage where needed",
+        })
+
+    def _path(self, *parts: str) -> apigw.IResource:
+        resource = self.api.root
+        for part in parts:
+            resource = resource.get_resource(part) or resource.add_resource(part)
+        return resource
+
+    def _public(self, resource: apigw.IResource, method: str, answer: dict) -> None:
+        resource.add_method(method, _mock(answer), request_validator=self.validator,
+                            method_responses=[apigw.MethodResponse(status_code="200")])
+        self._suppress_auth(resource, "server health and metadata carry no model data and answer without credentials")
+
+    def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> list[apigw.Method]:
+        """Every route the local gateway serves for one model, proxied to its `live` alias."""
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth for model {name!r} must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
+        integration = apigw.LambdaIntegration(target, proxy=True)
+        options = {
+            "api_key_required": auth == "api_key",
+            "authorization_type": apigw.AuthorizationType.IAM if auth == "iam" else apigw.AuthorizationType.NONE,
+            "request_validator": self.validator,
+        }
+        methods = []
+        v2 = self.models_v2.add_resource(name)
+        v1 = self.models_v1.add_resource(name)
+        routes = [
+            (v2, "GET"),  # metadata
+            (v2.add_resource("ready"), "GET"),
+            (v2.add_resource("infer"), "POST"),
+            (v2.add_resource("versions").add_resource("{proxy+}"), "ANY"),  # {v}, {v}/ready, {v}/infer
+            (v1, "GET"),  # status
+            (v1.add_resource("metadata"), "GET"),
+            (v1.add_resource("versions").add_resource("{proxy+}"), "ANY"),  # {v}, {v}/metadata, {v}:predict
+            (self.models_v1.add_resource(f"{name}:predict"), "POST"),
+        ]
+        for resource, method in routes:
+            methods.append(resource.add_method(method, integration, **options))
+        reason = {
+            "api_key": "authorised by API key and usage plan, as slimserve.toml asks for this model",
+            "none": "auth = 'none' is an explicit choice in slimserve.toml for this model",
+            "iam": "authorised by IAM (SigV4), as slimserve.toml asks for this model",
+        }[auth]
+        for resource, _ in routes:
+            self._suppress_auth(resource, reason, iam_authorised=auth == "iam")
+        return methods
+
+    @staticmethod
+    def _suppress_auth(resource: apigw.IResource, reason: str, iam_authorised: bool = False) -> None:
+        findings = {"AwsSolutions-COG4": reason} | ({} if iam_authorised else {"AwsSolutions-APIG4": reason})
+        acknowledge(resource, findings)

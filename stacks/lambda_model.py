@@ -1,0 +1,151 @@
+"""One Lambda function per Lambda-target model, on a slim runtime layer built locally (no Docker)."""
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import aws_cdk as cdk
+import jsii
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from .nag import acknowledge
+
+from layers.builder import build_layer, layer_key
+from slimserve.config import ModelConfig
+from slimserve.runner import REPO, function_bundle
+from slimserve.store import StoredModel
+
+from .model_store import ModelStore
+
+PYTHON_VERSION = "3.12"
+RUNTIME = lambda_.Runtime.PYTHON_3_12
+ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
+ALIAS = "live"
+
+
+@jsii.implements(cdk.ILocalBundling)
+class _LayerBundling:
+    """Builds (or reuses) the slim layer with the layer builder and copies it into the asset."""
+
+    def __init__(self, runtime: str, architecture: str):
+        self.runtime, self.architecture = runtime, architecture
+
+    def try_bundle(self, output_dir: str, options) -> bool:  # noqa: ARG002 (jsii passes the bundling options)
+        layer = build_layer(self.runtime, PYTHON_VERSION, self.architecture, out=REPO / "build" / "layers")
+        shutil.copytree(layer.python_path, Path(output_dir) / "python", symlinks=True, dirs_exist_ok=True)
+        return True
+
+
+@jsii.implements(cdk.ILocalBundling)
+class _FunctionBundling:
+    """The handler package with bytecode for the Lambda Python, as the local runner uses it."""
+
+    def try_bundle(self, output_dir: str, options) -> bool:  # noqa: ARG002 (jsii passes the bundling options)
+        from layers.builder import find_python
+
+        function_bundle(Path(output_dir), find_python(PYTHON_VERSION) or "python3")
+        return True
+
+
+def _local_only() -> cdk.DockerImage:
+    # CDK wants an image for bundling; local bundling always succeeds, so it is never pulled
+    return cdk.DockerImage.from_registry("slimserve/local-bundling-only")
+
+
+def runtime_layer(scope: Construct, model_format: str, architecture: str) -> lambda_.LayerVersion:
+    """One layer per runtime and architecture in a stack, shared by every model that needs it."""
+    stack = cdk.Stack.of(scope)
+    layer_id = f"{model_format.capitalize()}Layer{architecture.replace('_', '').capitalize()}"
+    existing = stack.node.try_find_child(layer_id)
+    if existing is not None:
+        return existing
+    key = layer_key(model_format, PYTHON_VERSION, architecture)
+    return lambda_.LayerVersion(
+        stack,
+        layer_id,
+        code=lambda_.Code.from_asset(
+            str(REPO / "layers"),
+            asset_hash_type=cdk.AssetHashType.CUSTOM,
+            asset_hash=key,  # the builder's cache key: unchanged inputs, no rebuild
+            bundling=cdk.BundlingOptions(image=_local_only(), local=_LayerBundling(model_format, architecture)),
+        ),
+        compatible_runtimes=[RUNTIME],
+        compatible_architectures=[ARCHITECTURES[architecture]],
+        description=f"slimserve {model_format} runtime for python{PYTHON_VERSION} {architecture} ({key})",
+    )
+
+
+@dataclass(frozen=True)
+class LambdaModelProps:
+    model: ModelConfig
+    """The model's config: memory, timeout, architecture, concurrency, SnapStart."""
+    stored: StoredModel
+    """Where the model's bytes are in the store, and their sha256."""
+    store: ModelStore
+    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+    """How long the function's logs are kept. @default one month."""
+
+
+class LambdaModel(Construct):
+    """The function, its log group, a least-privilege role, and a published version behind `live`."""
+
+    def __init__(self, scope: Construct, construct_id: str, props: LambdaModelProps):
+        model = props.model
+        if model.target != "lambda":
+            raise ValueError(f"LambdaModelProps.model {model.name!r} has target {model.target!r}, not 'lambda'")
+        super().__init__(scope, construct_id)
+        self.log_group = logs.LogGroup(self, "Logs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
+        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+                             description=f"slimserve {model.name}: read its model, write its logs")
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            runtime=RUNTIME,
+            architecture=ARCHITECTURES[model.architecture],
+            handler="lambda_handlers.handler.handler",
+            code=lambda_.Code.from_asset(
+                str(REPO / "lambda_handlers"),
+                asset_hash_type=cdk.AssetHashType.SOURCE,
+                exclude=["__pycache__"],
+                bundling=cdk.BundlingOptions(image=_local_only(), local=_FunctionBundling()),
+            ),
+            layers=[runtime_layer(self, model.format, model.architecture)],
+            memory_size=model.memory_mb,
+            timeout=cdk.Duration.seconds(model.timeout_s),
+            ephemeral_storage_size=cdk.Size.mebibytes(model.ephemeral_storage_mb),
+            reserved_concurrent_executions=model.reserved_concurrency,
+            tracing=lambda_.Tracing.ACTIVE,
+            log_group=self.log_group,
+            role=self.role,
+            snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS if model.snapstart else None,
+            environment={
+                **props.stored.environment(),
+                "SLIMSERVE_METRICS_NAMESPACE": "Slimserve",
+            },
+            description=f"slimserve model {model.name} ({model.format})",
+        )
+        self.log_group.grant_write(self.role)
+        # bucket.grant_read would add s3:GetObject* and s3:List* on the bucket: this function reads one object
+        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"],
+                                                    resources=[props.store.bucket.arn_for_objects(props.stored.key)]))
+        if props.store.key is not None:
+            props.store.key.grant_decrypt(self.role)
+        self.alias = lambda_.Alias(
+            self,
+            "Live",
+            alias_name=ALIAS,
+            version=self.function.current_version,
+            provisioned_concurrent_executions=model.provisioned_concurrency or None,
+        )
+        acknowledge(self.role, {"AwsSolutions-IAM5[Resource::*]": "X-Ray's PutTraceSegments and PutTelemetryRecords "
+                                "support no resource-level permissions, so tracing needs Resource '*'"})
+        runtime_reason = (f"python{PYTHON_VERSION} matches the layer's wheels (ONNX Runtime, LiteRT) and the local runner; "
+                          "a newer runtime follows once its layer is built and tested")
+        acknowledge(self.function, {
+            "AwsSolutions-L1": runtime_reason,
+            "Serverless-LambdaLatestVersion": runtime_reason,
+            "Serverless-LambdaDLQ": "invoked synchronously by API Gateway: a failed request is answered, there is nothing to redeliver",
+        })

@@ -1,0 +1,103 @@
+"""Alarms for every model into one SNS topic, and one dashboard for the app."""
+
+from dataclasses import dataclass
+
+import aws_cdk as cdk
+import cdk_monitoring_constructs as monitoring
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from constructs import Construct
+
+from slimserve.config import Alarms
+
+NAMESPACE = "Slimserve"
+SERVER_ERROR_KINDS = ("runtime_error", "internal", "model_not_ready")
+
+
+@dataclass(frozen=True)
+class ModelMonitoringProps:
+    app_name: str
+    """Prefix of alarm and dashboard names."""
+    alarm_email: str | None = None
+    """Subscribed to the alarm topic when set. @default no subscription."""
+
+
+class ModelMonitoring(Construct):
+    """A facade over cdk-monitoring-constructs where it covers the service, hand-written alarms where it does not."""
+
+    def __init__(self, scope: Construct, construct_id: str, props: ModelMonitoringProps):
+        super().__init__(scope, construct_id)
+        self.key = kms.Key(self, "TopicKey", enable_key_rotation=True, description=f"{props.app_name} alarm topic")
+        # CloudWatch publishes alarms into the encrypted topic, so it must be able to use the key
+        self.key.add_to_resource_policy(iam.PolicyStatement(
+            principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+            actions=["kms:Decrypt", "kms:GenerateDataKey*"], resources=["*"]))
+        self.topic = sns.Topic(self, "Alarms", master_key=self.key, enforce_ssl=True, display_name=f"{props.app_name} alarms")
+        if props.alarm_email:
+            self.topic.add_subscription(subscriptions.EmailSubscription(props.alarm_email))
+        self.action = cloudwatch_actions.SnsAction(self.topic)
+        self.facade = monitoring.MonitoringFacade(
+            self,
+            "Facade",
+            alarm_factory_defaults=monitoring.AlarmFactoryDefaults(
+                actions_enabled=True,
+                alarm_name_prefix=props.app_name,
+                action=monitoring.SnsAlarmActionStrategy(on_alarm_topic=self.topic),
+                datapoints_to_alarm=2,
+                evaluation_periods=3,
+            ),
+            dashboard_factory=monitoring.DefaultDashboardFactory(
+                self, "Dashboards", dashboard_name_prefix=props.app_name, create_dashboard=True,
+                create_summary_dashboard=False, create_alarm_dashboard=False),
+        )
+
+    def add_lambda_model(self, name: str, function: lambda_.IFunction, alarms: Alarms) -> None:
+        self.facade.monitor_lambda_function(
+            lambda_function=function,
+            human_readable_name=f"{name} (Lambda)",
+            alarm_friendly_name=f"{name}-lambda",
+            add_fault_rate_alarm={"Critical": monitoring.ErrorRateThreshold(max_error_rate=alarms.error_rate_percent)},
+            add_latency_p99_alarm={"Critical": monitoring.LatencyThreshold(max_latency=cdk.Duration.millis(alarms.p99_latency_ms))},
+            add_throttles_count_alarm={"Critical": monitoring.ErrorCountThreshold(max_error_count=alarms.throttles)},
+        )
+        self._handler_metrics(name, alarms)
+
+    def _handler_metrics(self, name: str, alarms: Alarms) -> None:
+        """The handler's own EMF metrics. The facade graphs custom metrics but alarms on them are plainer by hand."""
+        def metric(metric_name: str, statistic: str, error_kind: str | None = None) -> cloudwatch.Metric:
+            dimensions = {"Model": name} | ({"ErrorKind": error_kind} if error_kind else {})
+            return cloudwatch.Metric(namespace=NAMESPACE, metric_name=metric_name, dimensions_map=dimensions,
+                                     statistic=statistic, period=cdk.Duration.minutes(5))
+
+        self.facade.monitor_custom(
+            human_readable_name=f"{name} (handler)",
+            alarm_friendly_name=f"{name}-handler",
+            metric_groups=[
+                monitoring.CustomMetricGroup(title="Inference latency", metrics=[metric("InferenceLatency", "p99"), metric("InferenceLatency", "p50")]),
+                monitoring.CustomMetricGroup(title="Requests and errors", metrics=[metric("Requests", "Sum"), metric("Errors", "Sum")]),
+                monitoring.CustomMetricGroup(title="Cold starts", metrics=[metric("ColdStart", "Sum"), metric("ModelLoadTime", "Maximum")]),
+            ],
+        )
+        server_errors = cloudwatch.MathExpression(
+            expression=" + ".join(f"FILL(e{i}, 0)" for i in range(len(SERVER_ERROR_KINDS))),
+            using_metrics={f"e{i}": metric("Errors", "Sum", kind) for i, kind in enumerate(SERVER_ERROR_KINDS)},
+            label=f"{name} server-side errors", period=cdk.Duration.minutes(5))
+        alarm = server_errors.create_alarm(
+            self, f"{name}HandlerErrors", alarm_name=f"{cdk.Stack.of(self).stack_name}-{name}-handler-server-errors",
+            threshold=alarms.server_errors, evaluation_periods=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+            alarm_description=f"{name}: runtime failures, internal errors or a model that did not load (EMF ErrorKind)")
+        alarm.add_alarm_action(self.action)
+
+    def add_api(self, api, stage_name: str, alarms: Alarms) -> None:
+        self.facade.monitor_api_gateway(
+            api=api, api_stage=stage_name, human_readable_name="Inference API", alarm_friendly_name="api",
+            add5_xx_fault_count_alarm={"Critical": monitoring.ErrorCountThreshold(max_error_count=alarms.server_errors)},
+            add_latency_p99_alarm={"Critical": monitoring.LatencyThreshold(max_latency=cdk.Duration.millis(alarms.p99_latency_ms))},
+        )
