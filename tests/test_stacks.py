@@ -1,6 +1,7 @@
 """CDK template assertions per construct, AWS's own judges (cdk-nag, cfn-lint), and synth from the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -230,3 +231,16 @@ def test_app_entry_reports_config_errors_without_a_trace(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert result.stderr == f"error: {config}: models.iris.artifact: model file {tmp_path}/gone.onnx does not exist\n"
+
+
+def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
+    cli = ROOT / "node_modules" / ".bin" / "cdk"
+    if not cli.exists():
+        pytest.skip("the CDK CLI is installed by `make test` (npm ci)")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    environment |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"}
+    result = subprocess.run([str(cli), "synth", "--no-notices", "--no-version-reporting", "--output", str(tmp_path), "--quiet"],
+                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    template = json.loads((tmp_path / "slimserve-demo.template.json").read_text())
+    assert sum(r["Type"] == "AWS::Lambda::Function" for r in template["Resources"].values()) == 3  # 2 models + the upload handler
