@@ -8,12 +8,12 @@ import argparse
 import platform
 import sys
 
-from . import handler, local_stack
+from . import handler, local_stack, synth
 
 
 def print_table(rows: list[tuple]) -> None:
     headers = ("measure", "value", "target", "baseline / context", "ok")
-    cells = [(name, f"{value:.3f}{'' if unit == 'x' else ' '}{unit}", target, context, "yes" if ok else "NO")
+    cells = [(name, f"{value:.3f}{'' if unit in ('x', '') else ' '}{unit}" if isinstance(value, float) else str(value), target, context, "yes" if ok else "NO")
              for name, value, target, context, ok, unit in rows]
     widths = [max(len(str(row[i])) for row in [headers, *cells]) for i in range(len(headers))]
     line = lambda row: "| " + " | ".join(str(cell).ljust(width) for cell, width in zip(row, widths)) + " |"  # noqa: E731
@@ -28,11 +28,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds for warm timings")
     parser.add_argument("--cold-runs", type=int, default=15, help="fresh processes per cold-start contender")
     parser.add_argument("--runner-cold-runs", type=int, default=7, help="fresh workers and floor processes through the runner")
+    parser.add_argument("--synth-runs", type=int, default=3, help="synths per model count")
     parser.add_argument("--warm-requests", type=int, default=500, help="requests through the gateway for the warm overhead")
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}", file=sys.stderr)
     rows = (handler.warm_overhead(args.rounds) + handler.cold_init(args.cold_runs) + local_stack.layer_sizes()
-            + local_stack.cold_and_warm(args.runner_cold_runs, args.warm_requests))
+            + local_stack.cold_and_warm(args.runner_cold_runs, args.warm_requests) + synth.synth_times(args.synth_runs))
     print_table(rows)
     return 0
 

@@ -105,7 +105,8 @@ class InferenceApi(Construct):
         """Every route the local gateway serves for one model, proxied to its `live` alias."""
         if auth not in AUTH_MODES:
             raise ValueError(f"auth for model {name!r} must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
-        integration = apigw.LambdaIntegration(target, proxy=True)
+        # one invoke permission for the whole API instead of two per method: the stack stays under 500 resources
+        integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False, allow_test_invoke=False)
         options = {
             "api_key_required": auth == "api_key",
             "authorization_type": apigw.AuthorizationType.IAM if auth == "iam" else apigw.AuthorizationType.NONE,
@@ -114,14 +115,11 @@ class InferenceApi(Construct):
         methods = []
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
-        routes = [
+        routes = [  # five resources a model: API Gateway allows 300 per API by default
             (v2, "GET"),  # metadata
-            (v2.add_resource("ready"), "GET"),
-            (v2.add_resource("infer"), "POST"),
-            (v2.add_resource("versions").add_resource("{proxy+}"), "ANY"),  # {v}, {v}/ready, {v}/infer
+            (v2.add_resource("{proxy+}"), "ANY"),  # ready, infer, versions/{v}[/ready|/infer]
             (v1, "GET"),  # status
-            (v1.add_resource("metadata"), "GET"),
-            (v1.add_resource("versions").add_resource("{proxy+}"), "ANY"),  # {v}, {v}/metadata, {v}:predict
+            (v1.add_resource("{proxy+}"), "ANY"),  # metadata, versions/{v}[/metadata|:predict]
             (self.models_v1.add_resource(f"{name}:predict"), "POST"),
         ]
         for resource, method in routes:

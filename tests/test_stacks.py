@@ -158,9 +158,7 @@ def api_paths(resources) -> set[str]:
 
 
 def test_api_routes_are_the_local_gateways(resources):
-    per_model = ["/v2/models/{m}", "/v2/models/{m}/ready", "/v2/models/{m}/infer", "/v2/models/{m}/versions",
-                 "/v2/models/{m}/versions/{proxy+}", "/v1/models/{m}", "/v1/models/{m}/metadata",
-                 "/v1/models/{m}/versions", "/v1/models/{m}/versions/{proxy+}", "/v1/models/{m}:predict"]
+    per_model = ["/v2/models/{m}", "/v2/models/{m}/{proxy+}", "/v1/models/{m}", "/v1/models/{m}/{proxy+}", "/v1/models/{m}:predict"]
     expected = {"/v1", "/v2", "/v1/models", "/v2/models", "/v2/health", "/v2/health/live", "/v2/health/ready"}
     expected |= {route.replace("{m}", model) for model in ("iris", "digits") for route in per_model}
     assert api_paths(resources) == expected
@@ -171,7 +169,7 @@ def test_api_key_models_require_the_key_and_pass_binary_through(template):
         "BinaryMediaTypes": ["application/octet-stream", "application/vnd.slimserve.binary"],
         "EndpointConfiguration": {"Types": ["REGIONAL"]}})
     methods = template.find_resources("AWS::ApiGateway::Method", {"Properties": {"Integration": {"Type": "AWS_PROXY"}}})
-    assert len(methods) == 16 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())
+    assert len(methods) == 10 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())
     template.has_resource_properties("AWS::ApiGateway::RequestValidator", {"ValidateRequestBody": True, "ValidateRequestParameters": True})
 
 
