@@ -19,6 +19,8 @@ INSTANCE_FAMILIES = (
     "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5",  # CPU, for models too large for Lambda
 )
 API_GATEWAY_TIMEOUT_S = 29
+# a Lambda model costs about 21 CloudFormation resources and a stack may hold 500
+MAX_LAMBDA_MODELS = 20
 
 
 class ConfigError(ValueError):
@@ -186,6 +188,10 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
     if not models_table:
         reader.fail("models", "expected at least one [models.NAME] table, found none")
     models = tuple(_model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items())
+    lambda_models = sum(model.target == "lambda" for model in models)
+    if lambda_models > MAX_LAMBDA_MODELS:
+        reader.fail("models", f"expected at most {MAX_LAMBDA_MODELS} Lambda models in one app (a CloudFormation stack "
+                              f"holds 500 resources, a model needs about 21), found {lambda_models}; split them across apps")
     return AppConfig(
         path=path,
         name=app.get("name", "slimserve"),
