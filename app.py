@@ -7,9 +7,9 @@ from slimserve.config import ConfigError, load_config
 
 try:
     config = load_config(sys.argv[1] if len(sys.argv) > 1 else "slimserve.toml")
+    from stacks.app import build_app  # CDK loads only once the config is known good
+
+    app = build_app(config)
 except ConfigError as error:
     sys.exit(f"error: {error}")
-
-from stacks.app import build_app  # noqa: E402  (CDK loads only once the config is known good)
-
-build_app(config).synth()
+app.synth()

@@ -7,7 +7,7 @@ from aws_cdk import aws_logs as logs
 from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
-from slimserve.config import Alarms, AppConfig
+from slimserve.config import Alarms, AppConfig, ConfigError
 from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps
@@ -25,6 +25,11 @@ def _api_alarms(config: AppConfig) -> Alarms:
 
 class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
+        for model in config.models:
+            if model.target == "sagemaker":  # refused here rather than left out of the deploy without a word
+                raise ConfigError(f"{config.path}: models.{model.name}.target: 'sagemaker' cannot be deployed by this "
+                                  "version yet (GPU endpoints come with the SageMaker serving container); "
+                                  "use target 'lambda' for now")
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))

@@ -242,3 +242,12 @@ def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     template = json.loads((tmp_path / "slimserve-demo.template.json").read_text())
     assert sum(r["Type"] == "AWS::Lambda::Function" for r in template["Resources"].values()) == 3  # 2 models + the upload handler
+
+
+def test_sagemaker_models_are_refused_by_name_not_left_out(tmp_path):
+    config = tmp_path / "slimserve.toml"
+    config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "sagemaker"\n')
+    result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: {config}: models.big.target: 'sagemaker' cannot be deployed by this version yet "
+                             "(GPU endpoints come with the SageMaker serving container); use target 'lambda' for now\n")
