@@ -11,9 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_MODEL_TARGET_S = 0.3
-# 50 is the target; one stack holds about 21 resources a model and CloudFormation allows 500,
-# so 20 is the most that synthesizes until models are sharded across stacks
-MODEL_COUNTS = (1, 10, 20)
+MODEL_COUNTS = (1, 10, 50)
 
 
 def _config(folder: Path, models: int) -> Path:

@@ -19,8 +19,8 @@ INSTANCE_FAMILIES = (
     "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5",  # CPU, for models too large for Lambda
 )
 API_GATEWAY_TIMEOUT_S = 29
-# a Lambda model costs about 21 CloudFormation resources and a stack may hold 500
-MAX_LAMBDA_MODELS = 20
+# each Lambda model adds 5 resources to the REST API; API Gateway allows 300 per API by default
+MAX_LAMBDA_MODELS = 50
 
 
 class ConfigError(ValueError):
@@ -190,8 +190,8 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
     models = tuple(_model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items())
     lambda_models = sum(model.target == "lambda" for model in models)
     if lambda_models > MAX_LAMBDA_MODELS:
-        reader.fail("models", f"expected at most {MAX_LAMBDA_MODELS} Lambda models in one app (a CloudFormation stack "
-                              f"holds 500 resources, a model needs about 21), found {lambda_models}; split them across apps")
+        reader.fail("models", f"expected at most {MAX_LAMBDA_MODELS} Lambda models in one app (each adds 5 resources to the "
+                              f"REST API, which API Gateway caps at 300 by default), found {lambda_models}; split them across apps")
     return AppConfig(
         path=path,
         name=app.get("name", "slimserve"),

@@ -40,13 +40,18 @@ def _mock(status_body: dict) -> apigw.MockIntegration:
 
 
 class InferenceApi(Construct):
-    """V2 and TF Serving routes per model, request validation, throttling, a usage plan and access logs."""
+    """The REST API, its validation, health routes, stage, throttling, usage plan and access logs.
+
+    Model routes are added by `ModelRoutes`, which may live in other (nested) stacks so
+    that one app can hold more models than a single stack's 500 resources allow; `deploy`
+    then publishes the stage once every route exists.
+    """
 
     def __init__(self, scope: Construct, construct_id: str, props: InferenceApiProps):
         if props.throttle_rate < 1 or props.throttle_burst < 1:
             raise ValueError(f"InferenceApiProps throttle_rate and throttle_burst must be >= 1, got {props.throttle_rate}, {props.throttle_burst}")
         super().__init__(scope, construct_id)
-        self.access_logs = logs.LogGroup(self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
+        self.props = props
         self.api = apigw.RestApi(
             self,
             "Api",
@@ -55,28 +60,9 @@ class InferenceApi(Construct):
             binary_media_types=list(BINARY_MEDIA_TYPES),  # the binary tensor extension passes through untouched
             endpoint_types=[apigw.EndpointType.REGIONAL],
             cloud_watch_role=True,
-            deploy_options=apigw.StageOptions(
-                stage_name=props.stage_name,
-                access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
-                access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
-                    caller=False, http_method=True, ip=True, protocol=True, request_time=True,
-                    resource_path=True, response_length=True, status=True, user=False),
-                logging_level=apigw.MethodLoggingLevel.ERROR,
-                data_trace_enabled=False,  # request bodies are tensors, and may be personal data
-                tracing_enabled=True,
-                metrics_enabled=True,
-                throttling_rate_limit=props.throttle_rate,
-                throttling_burst_limit=props.throttle_burst,
-            ),
+            deploy=False,  # deployed by `deploy`, after the routes in other stacks
         )
         self.validator = self.api.add_request_validator("Validator", validate_request_parameters=True, validate_request_body=True)
-        self.usage_plan = self.api.add_usage_plan(
-            "UsagePlan", name=f"{props.name}-default",
-            throttle=apigw.ThrottleSettings(rate_limit=props.throttle_rate, burst_limit=props.throttle_burst),
-            api_stages=[apigw.UsagePlanPerApiStage(api=self.api, stage=self.api.deployment_stage)],
-        )
-        self.api_key = self.api.add_api_key("ApiKey", description=f"{props.name}: the key for models with auth 'api_key'")
-        self.usage_plan.add_api_key(self.api_key)
         self.models_v2 = self._path("v2", "models")
         self.models_v1 = self._path("v1", "models")
         v2 = self.api.root.get_resource("v2")
@@ -87,7 +73,6 @@ class InferenceApi(Construct):
         acknowledge(self.api, {
             "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs]":
                 "API Gateway's account-level CloudWatch role is the AWS-managed push-to-logs policy, as CDK creates it",
-            "AwsSolutions-APIG3": "WAF is an account-level choice with its own cost; attach a web ACL to the stage where needed",
         })
 
     def _path(self, *parts: str) -> apigw.IResource:
@@ -99,20 +84,71 @@ class InferenceApi(Construct):
     def _public(self, resource: apigw.IResource, method: str, answer: dict) -> None:
         resource.add_method(method, _mock(answer), request_validator=self.validator,
                             method_responses=[apigw.MethodResponse(status_code="200")])
-        self._suppress_auth(resource, "server health and metadata carry no model data and answer without credentials")
+        _acknowledge_auth(resource, "server health and metadata carry no model data and answer without credentials")
 
-    def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> list[apigw.Method]:
-        """Every route the local gateway serves for one model, proxied to its `live` alias."""
+    def deploy(self, routes: list["ModelRoutes"]) -> apigw.Stage:
+        """Publish the stage once every model's routes exist; a changed set of models is a new deployment."""
+        props = self.props
+        deployment = apigw.Deployment(self, "Deployment", api=self.api, description="slimserve routes")
+        deployment.add_to_logical_id(sorted(f"{name}:{auth}" for group in routes for name, auth in group.models))
+        for group in routes:
+            deployment.node.add_dependency(group)
+        self.access_logs = logs.LogGroup(self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
+        self.stage = apigw.Stage(
+            self,
+            "Stage",
+            deployment=deployment,
+            stage_name=props.stage_name,
+            access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
+            access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
+                caller=False, http_method=True, ip=True, protocol=True, request_time=True,
+                resource_path=True, response_length=True, status=True, user=False),
+            logging_level=apigw.MethodLoggingLevel.ERROR,
+            data_trace_enabled=False,  # request bodies are tensors, and may be personal data
+            tracing_enabled=True,
+            metrics_enabled=True,
+            throttling_rate_limit=props.throttle_rate,
+            throttling_burst_limit=props.throttle_burst,
+        )
+        self.api.deployment_stage = self.stage
+        usage_plan = self.api.add_usage_plan(
+            "UsagePlan", name=f"{props.name}-default",
+            throttle=apigw.ThrottleSettings(rate_limit=props.throttle_rate, burst_limit=props.throttle_burst),
+            api_stages=[apigw.UsagePlanPerApiStage(api=self.api, stage=self.stage)],
+        )
+        self.api_key = self.api.add_api_key("ApiKey", description=f"{props.name}: the key for models with auth 'api_key'")
+        usage_plan.add_api_key(self.api_key)
+        acknowledge(self.stage, {
+            "AwsSolutions-APIG3": "WAF is an account-level choice with its own cost; attach a web ACL to the stage where needed",
+        })
+        return self.stage
+
+
+class ModelRoutes(Construct):
+    """Every route the local gateway serves for some models, on an API defined in another stack."""
+
+    def __init__(self, scope: Construct, construct_id: str, api: InferenceApi):
+        super().__init__(scope, construct_id)
+        rest_api = apigw.RestApi.from_rest_api_attributes(
+            self, "Api", rest_api_id=api.api.rest_api_id, root_resource_id=api.api.rest_api_root_resource_id)
+        self.models_v2 = apigw.Resource.from_resource_attributes(
+            self, "V2Models", resource_id=api.models_v2.resource_id, rest_api=rest_api, path="/v2/models")
+        self.models_v1 = apigw.Resource.from_resource_attributes(
+            self, "V1Models", resource_id=api.models_v1.resource_id, rest_api=rest_api, path="/v1/models")
+        self.validator = apigw.RequestValidator.from_request_validator_id(self, "Validator", api.validator.request_validator_id)
+        self.models: list[tuple[str, str]] = []
+
+    def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> None:
+        """The model's routes, proxied to `target` (its `live` alias)."""
         if auth not in AUTH_MODES:
             raise ValueError(f"auth for model {name!r} must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
-        # one invoke permission for the whole API instead of two per method: the stack stays under 500 resources
+        # one invoke permission for the whole API instead of two per method keeps stacks small
         integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False, allow_test_invoke=False)
         options = {
             "api_key_required": auth == "api_key",
             "authorization_type": apigw.AuthorizationType.IAM if auth == "iam" else apigw.AuthorizationType.NONE,
             "request_validator": self.validator,
         }
-        methods = []
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
         routes = [  # five resources a model: API Gateway allows 300 per API by default
@@ -122,18 +158,17 @@ class InferenceApi(Construct):
             (v1.add_resource("{proxy+}"), "ANY"),  # metadata, versions/{v}[/metadata|:predict]
             (self.models_v1.add_resource(f"{name}:predict"), "POST"),
         ]
-        for resource, method in routes:
-            methods.append(resource.add_method(method, integration, **options))
         reason = {
             "api_key": "authorised by API key and usage plan, as slimserve.toml asks for this model",
             "none": "auth = 'none' is an explicit choice in slimserve.toml for this model",
             "iam": "authorised by IAM (SigV4), as slimserve.toml asks for this model",
         }[auth]
-        for resource, _ in routes:
-            self._suppress_auth(resource, reason, iam_authorised=auth == "iam")
-        return methods
+        for resource, method in routes:
+            resource.add_method(method, integration, **options)
+            _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
+        self.models.append((name, auth))
 
-    @staticmethod
-    def _suppress_auth(resource: apigw.IResource, reason: str, iam_authorised: bool = False) -> None:
-        findings = {"AwsSolutions-COG4": reason} | ({} if iam_authorised else {"AwsSolutions-APIG4": reason})
-        acknowledge(resource, findings)
+
+def _acknowledge_auth(resource: apigw.IResource, reason: str, iam_authorised: bool = False) -> None:
+    findings = {"AwsSolutions-COG4": reason} | ({} if iam_authorised else {"AwsSolutions-APIG4": reason})
+    acknowledge(resource, findings)

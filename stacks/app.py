@@ -7,10 +7,10 @@ from aws_cdk import aws_logs as logs
 from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
-from slimserve.config import Alarms, AppConfig, ConfigError
+from slimserve.config import Alarms, AppConfig, ConfigError, ModelConfig
 from slimserve.runner import REPO
 
-from .api import InferenceApi, InferenceApiProps
+from .api import InferenceApi, InferenceApiProps, ModelRoutes
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -21,6 +21,24 @@ def _api_alarms(config: AppConfig) -> Alarms:
     models = config.models
     return Alarms(p99_latency_ms=min(m.alarms.p99_latency_ms for m in models),
                   server_errors=min(m.alarms.server_errors for m in models))
+
+
+MODELS_PER_SHARD = 20  # a model needs about 17 resources in its shard; a stack may hold 500
+
+
+class ModelShard(cdk.NestedStack):
+    """Some Lambda models and their routes, in a nested stack so the app is not bound by one stack's limits."""
+
+    def __init__(self, scope: Construct, construct_id: str, models: list[ModelConfig], stored: dict,
+                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays):
+        super().__init__(scope, construct_id, description=f"slimserve models {', '.join(m.name for m in models)}")
+        self.routes = ModelRoutes(self, "Routes", api)
+        self.lambda_models = {}
+        for model in models:
+            lambda_model = LambdaModel(self, f"Model-{model.name}", LambdaModelProps(
+                model=model, stored=stored[model.name], store=store, log_retention=retention))
+            self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
+            self.lambda_models[model.name] = lambda_model
 
 
 class SlimserveStack(cdk.Stack):
@@ -36,18 +54,20 @@ class SlimserveStack(cdk.Stack):
         stored = self.model_store.add_models(list(config.models), REPO / "build" / "model-upload" / construct_id)
         self.api = InferenceApi(self, "Api", InferenceApiProps(
             name=config.name, throttle_rate=config.throttle_rate, throttle_burst=config.throttle_burst, log_retention=retention))
+        lambda_models = [model for model in config.models if model.target == "lambda"]
+        self.shards = [
+            ModelShard(self, f"Models{index + 1}", lambda_models[start:start + MODELS_PER_SHARD], stored,
+                       self.model_store, self.api, retention)
+            for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
+        ]
+        stage = self.api.deploy([shard.routes for shard in self.shards])
         self.monitoring = ModelMonitoring(self, "Monitoring", ModelMonitoringProps(app_name=config.name, alarm_email=config.alarm_email))
-        self.lambda_models = {}
-        for model in config.models:
-            if model.target == "lambda":
-                lambda_model = LambdaModel(self, f"Model-{model.name}", LambdaModelProps(
-                    model=model, stored=stored[model.name], store=self.model_store, log_retention=retention))
-                self.api.add_lambda_model(model.name, lambda_model.alias, model.auth)
-                self.monitoring.add_lambda_model(model.name, lambda_model.function, model.alarms)
-                self.lambda_models[model.name] = lambda_model
-        self.monitoring.add_api(self.api.api, self.api.api.deployment_stage.stage_name, _api_alarms(config))
+        self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
+        for model in lambda_models:
+            self.monitoring.add_lambda_model(model.name, self.lambda_models[model.name].function, model.alarms)
+        self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)
-        cdk.CfnOutput(self, "ApiUrl", value=self.api.api.url)
+        cdk.CfnOutput(self, "ApiUrl", value=stage.url_for_path("/"))
         cdk.CfnOutput(self, "ApiKeyId", value=self.api.api_key.key_id)
 
 

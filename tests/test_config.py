@@ -106,9 +106,9 @@ def test_errors_name_the_key_what_was_expected_and_what_was_found(folder, text, 
 
 
 def test_more_lambda_models_than_one_stack_holds(folder):
-    text = "".join(f'[models.m{i}]\nformat = "onnx"\nartifact = "iris.onnx"\n' for i in range(21))
-    assert error_of(folder, text) == ("models: expected at most 20 Lambda models in one app (a CloudFormation stack holds "
-                                      "500 resources, a model needs about 21), found 21; split them across apps")
+    text = "".join(f'[models.m{i}]\nformat = "onnx"\nartifact = "iris.onnx"\n' for i in range(51))
+    assert error_of(folder, text) == ("models: expected at most 50 Lambda models in one app (each adds 5 resources to the "
+                                      "REST API, which API Gateway caps at 300 by default), found 51; split them across apps")
 
 
 def test_missing_file(tmp_path):

@@ -20,19 +20,36 @@ IRIS_SHA = "2df43e351eee5a9bb6b4a44c9e4b83388cb64d7e67fd84880ff8886bd53c1680"
 Match = assertions.Match
 
 
-def template_for(config) -> assertions.Template:
-    app = build_app(config)
-    return assertions.Template.from_stack(app.node.find_child(config.name))
+def stack_for(config):
+    return build_app(config).node.find_child(config.name)
 
 
 @pytest.fixture(scope="module")
-def template():
-    return template_for(load_config(ROOT / "slimserve.toml"))
+def stack():
+    return stack_for(load_config(ROOT / "slimserve.toml"))
+
+
+@pytest.fixture(scope="module")
+def template(stack):
+    """The app's stack: store, API, monitoring."""
+    return assertions.Template.from_stack(stack)
+
+
+@pytest.fixture(scope="module")
+def shard(stack):
+    """The nested stack holding the example models and their routes."""
+    (only,) = stack.shards
+    return assertions.Template.from_stack(only)
 
 
 @pytest.fixture(scope="module")
 def resources(template):
     return template.to_json()["Resources"]
+
+
+@pytest.fixture(scope="module")
+def shard_resources(shard):
+    return shard.to_json()["Resources"]
 
 
 def logical_id(resources, kind: str, contains: str) -> str:
@@ -84,13 +101,14 @@ def test_s3_managed_encryption_from_config(tmp_path):
     (tmp_path / "m.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
     config = parse_config({"app": {"name": "plain", "model_store_encryption": "s3-managed"},
                            "models": {"m": {"format": "onnx", "artifact": "m.onnx", "auth": "iam"}}}, tmp_path / "slimserve.toml")
-    template = template_for(config)
+    template = assertions.Template.from_stack(stack_for(config))
     assert not [k for k in template.find_resources("AWS::KMS::Key") if k.startswith("ModelStore")]
     template.has_resource_properties("AWS::S3::Bucket", {
         "VersioningConfiguration": {"Status": "Enabled"},
         "BucketEncryption": {"ServerSideEncryptionConfiguration": [{"ServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]},
     })
-    template.has_resource_properties("AWS::ApiGateway::Method", {"HttpMethod": "POST", "AuthorizationType": "AWS_IAM", "ApiKeyRequired": False})
+    assertions.Template.from_stack(stack_for(config).shards[0]).has_resource_properties(
+        "AWS::ApiGateway::Method", {"HttpMethod": "POST", "AuthorizationType": "AWS_IAM", "ApiKeyRequired": False})
 
 
 @pytest.mark.parametrize("props, message", [
@@ -108,7 +126,8 @@ def test_bad_props_are_refused_before_any_resource(props, message):
 # Lambda models
 
 
-def test_one_function_per_model_from_its_config(template):
+def test_one_function_per_model_from_its_config(shard):
+    template = shard
     template.has_resource_properties("AWS::Lambda::Function", {
         "Runtime": "python3.12", "Handler": "lambda_handlers.handler.handler", "Architectures": ["x86_64"],
         "MemorySize": 512, "Timeout": 10, "ReservedConcurrentExecutions": 10, "EphemeralStorage": {"Size": 512},
@@ -123,19 +142,23 @@ def test_one_function_per_model_from_its_config(template):
     template.has_resource_properties("AWS::Logs::LogGroup", {"RetentionInDays": 30})
 
 
-def test_models_share_one_layer_per_runtime(template):
+def test_models_share_one_layer_per_runtime(shard):
+    template = shard
     layers = template.find_resources("AWS::Lambda::LayerVersion", {"Properties": {"Description": Match.string_like_regexp("^slimserve ")}})
     assert sorted(layer["Properties"]["Description"].split(" (")[0] for layer in layers.values()) == [
         "slimserve onnx runtime for python3.12 x86_64", "slimserve tflite runtime for python3.12 x86_64"]
 
 
-def test_function_reads_exactly_its_own_model_object(resources):
+def test_function_reads_exactly_its_own_model_object(shard, shard_resources):
+    resources = shard_resources
     policy = resources[logical_id(resources, "AWS::IAM::Policy", "ModelirisRole")]
     statements = policy["Properties"]["PolicyDocument"]["Statement"]
-    bucket = logical_id(resources, "AWS::S3::Bucket", "ModelStoreBucket")
+    parameters = shard.to_json()["Parameters"]
+    bucket_arn = next(name for name in parameters if "ModelStoreBucket" in name and name.endswith("Arn"))
+    key_arn = next(name for name in parameters if "ModelStoreKey" in name and name.endswith("Arn"))
     assert {"Action": "s3:GetObject", "Effect": "Allow", "Resource": {
-        "Fn::Join": ["", [{"Fn::GetAtt": [bucket, "Arn"]}, f"/models/iris/{IRIS_SHA}/model.onnx"]]}} in statements
-    assert {"Action": "kms:Decrypt", "Effect": "Allow", "Resource": {"Fn::GetAtt": [logical_id(resources, "AWS::KMS::Key", "ModelStoreKey"), "Arn"]}} in statements
+        "Fn::Join": ["", [{"Ref": bucket_arn}, f"/models/iris/{IRIS_SHA}/model.onnx"]]}} in statements
+    assert {"Action": "kms:Decrypt", "Effect": "Allow", "Resource": {"Ref": key_arn}} in statements
     assert {"Action": ["logs:CreateLogStream", "logs:PutLogEvents"], "Effect": "Allow",
             "Resource": {"Fn::GetAtt": [logical_id(resources, "AWS::Logs::LogGroup", "ModelirisLogs"), "Arn"]}} in statements
     assert len(statements) == 4  # and X-Ray, which has no resource-level permissions
@@ -146,29 +169,35 @@ def test_function_reads_exactly_its_own_model_object(resources):
 # API
 
 
-def api_paths(resources) -> set[str]:
-    parents = {key: value["Properties"] for key, value in resources.items() if value["Type"] == "AWS::ApiGateway::Resource"}
+def api_paths(*templates: dict) -> set[str]:
+    """Every resource path, following parents across the nested stack's parameters."""
+    parents = {key: value["Properties"] for template in templates for key, value in template["Resources"].items()
+               if value["Type"] == "AWS::ApiGateway::Resource"}
 
     def path(key):
         parent = parents[key]["ParentId"]
-        prefix = path(parent["Ref"]) if isinstance(parent, dict) and "Ref" in parent else ""
+        reference = parent.get("Ref", "") if isinstance(parent, dict) else ""
+        if reference in parents:
+            prefix = path(reference)
+        else:  # the API root, or a resource passed into the nested stack as a parameter
+            prefix = next((f"/{v}/models" for v in ("v1", "v2") if f"Api{v}models" in reference), "")
         return f"{prefix}/{parents[key]['PathPart']}"
 
     return {path(key) for key in parents}
 
 
-def test_api_routes_are_the_local_gateways(resources):
+def test_api_routes_are_the_local_gateways(template, shard):
     per_model = ["/v2/models/{m}", "/v2/models/{m}/{proxy+}", "/v1/models/{m}", "/v1/models/{m}/{proxy+}", "/v1/models/{m}:predict"]
     expected = {"/v1", "/v2", "/v1/models", "/v2/models", "/v2/health", "/v2/health/live", "/v2/health/ready"}
     expected |= {route.replace("{m}", model) for model in ("iris", "digits") for route in per_model}
-    assert api_paths(resources) == expected
+    assert api_paths(template.to_json(), shard.to_json()) == expected
 
 
-def test_api_key_models_require_the_key_and_pass_binary_through(template):
+def test_api_key_models_require_the_key_and_pass_binary_through(template, shard):
     template.has_resource_properties("AWS::ApiGateway::RestApi", {
         "BinaryMediaTypes": ["application/octet-stream", "application/vnd.slimserve.binary"],
         "EndpointConfiguration": {"Types": ["REGIONAL"]}})
-    methods = template.find_resources("AWS::ApiGateway::Method", {"Properties": {"Integration": {"Type": "AWS_PROXY"}}})
+    methods = shard.find_resources("AWS::ApiGateway::Method", {"Properties": {"Integration": {"Type": "AWS_PROXY"}}})
     assert len(methods) == 10 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())
     template.has_resource_properties("AWS::ApiGateway::RequestValidator", {"ValidateRequestBody": True, "ValidateRequestParameters": True})
 
@@ -217,8 +246,9 @@ def test_cfn_lint_finds_no_errors(tmp_path, monkeypatch):
 
     monkeypatch.chdir(ROOT)
     assert main(["synth", "--out", str(tmp_path)]) == 0
-    result = subprocess.run([sys.executable, "-m", "cfnlint", "--format", "json", str(tmp_path / "slimserve-demo.template.json")],
-                            capture_output=True, text=True)
+    templates = sorted(str(path) for path in tmp_path.glob("*.template.json"))
+    assert len(templates) == 2  # the app's stack and its nested model shard
+    result = subprocess.run([sys.executable, "-m", "cfnlint", "--format", "json", *templates], capture_output=True, text=True)
     findings = json.loads(result.stdout or "[]")
     assert [f for f in findings if f["Level"] == "Error"] == []
 
@@ -241,7 +271,9 @@ def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
                             cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     template = json.loads((tmp_path / "slimserve-demo.template.json").read_text())
-    assert sum(r["Type"] == "AWS::Lambda::Function" for r in template["Resources"].values()) == 3  # 2 models + the upload handler
+    assert sum(r["Type"] == "AWS::Lambda::Function" for r in template["Resources"].values()) == 1  # the upload handler
+    (nested,) = tmp_path.glob("*.nested.template.json")
+    assert sum(r["Type"] == "AWS::Lambda::Function" for r in json.loads(nested.read_text())["Resources"].values()) == 2
 
 
 def test_sagemaker_models_are_refused_by_name_not_left_out(tmp_path):
@@ -251,3 +283,12 @@ def test_sagemaker_models_are_refused_by_name_not_left_out(tmp_path):
     assert result.returncode == 1
     assert result.stderr == (f"error: {config}: models.big.target: 'sagemaker' cannot be deployed by this version yet "
                              "(GPU endpoints come with the SageMaker serving container); use target 'lambda' for now\n")
+
+
+def test_fifty_models_shard_into_nested_stacks_under_cloudformations_limits(tmp_path):
+    (tmp_path / "iris.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(50)}
+    stack = stack_for(parse_config({"app": {"name": "many"}, "models": models}, tmp_path / "slimserve.toml"))
+    counts = [len(assertions.Template.from_stack(part).to_json()["Resources"]) for part in (stack, *stack.shards)]
+    assert len(stack.shards) == 3 and max(counts) <= 500, counts
+    assert sum(len(shard.lambda_models) for shard in stack.shards) == 50
