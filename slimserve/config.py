@@ -83,6 +83,8 @@ class SageMakerSettings:
     max_instances: int = _rule(_int_range(1, 100), 2, "autoscaling ceiling")
     invocations_per_instance: int = _rule(_int_range(1), 100, "autoscaling target, invocations per instance per minute")
     data_capture_percent: int = _rule(_int_range(0, 100), 0, "share of requests captured to the model store")
+    image: str | None = _rule(_string(re.compile(r"\S+/\S+"), "a container image URI like '123456789012.dkr.ecr.eu-west-1.amazonaws.com/slimserve:1'"),
+                              None, "the serving container's image URI")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from slimserve.config import Alarms, AppConfig, ConfigError, ModelConfig
 from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
+from .gpu_endpoint import GpuEndpoint, GpuEndpointProps
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -44,10 +45,9 @@ class ModelShard(cdk.NestedStack):
 class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
         for model in config.models:
-            if model.target == "sagemaker":  # refused here rather than left out of the deploy without a word
-                raise ConfigError(f"{config.path}: models.{model.name}.target: 'sagemaker' cannot be deployed by this "
-                                  "version yet (GPU endpoints come with the SageMaker serving container); "
-                                  "use target 'lambda' for now")
+            if model.target == "sagemaker" and model.sagemaker.image is None:  # refused, not left out without a word
+                raise ConfigError(f"{config.path}: models.{model.name}.sagemaker.image: expected the serving container's "
+                                  "image URI (slimserve's own image comes with the SageMaker serving container), found none")
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
@@ -65,6 +65,13 @@ class SlimserveStack(cdk.Stack):
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
         for model in lambda_models:
             self.monitoring.add_lambda_model(model.name, self.lambda_models[model.name].function, model.alarms)
+        self.gpu_endpoints = {}
+        for model in config.models:
+            if model.target == "sagemaker":
+                endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
+                    model=model, stored=stored[model.name], store=self.model_store, image_uri=model.sagemaker.image))
+                self.monitoring.add_gpu_endpoint(endpoint.alarms)
+                self.gpu_endpoints[model.name] = endpoint
         self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)
         cdk.CfnOutput(self, "ApiUrl", value=stage.url_for_path("/"))

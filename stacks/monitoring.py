@@ -95,6 +95,12 @@ class ModelMonitoring(Construct):
             alarm_description=f"{name}: runtime failures, internal errors or a model that did not load (EMF ErrorKind)")
         alarm.add_alarm_action(self.action)
 
+    def add_gpu_endpoint(self, alarms: list[cloudwatch.Alarm]) -> None:
+        """cdk-monitoring-constructs has no SageMaker monitoring in its facade, so the endpoint's own alarms
+        (which also drive its blue/green rollback) page through the same topic."""
+        for alarm in alarms:
+            alarm.add_alarm_action(self.action)
+
     def add_api(self, api, stage_name: str, alarms: Alarms) -> None:
         self.facade.monitor_api_gateway(
             api=api, api_stage=stage_name, human_readable_name="Inference API", alarm_friendly_name="api",

@@ -89,6 +89,7 @@ def test_sagemaker_target_gets_instance_defaults(folder):
     (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\ninstance_type = "g5.xlarge"\n', "models.iris.sagemaker.instance_type: expected an instance type like 'ml.g5.xlarge', found 'g5.xlarge'"),
     (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\ninstance_type = "ml.x9.huge"\n', "models.iris.sagemaker.instance_type: expected an instance family among g4dn, g5, g6, g6e, p3, p4d, p5, inf2, c5, c6i, c7i, m5, m6i, m7i, r5, found 'ml.x9.huge'"),
     (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\nmin_instances = 3\n', "models.iris.sagemaker: expected min_instances <= initial_instance_count <= max_instances, found 3, 1, 2"),
+    (MODEL + 'target = "sagemaker"\n[models.iris.sagemaker]\nimage = "latest"\n', "models.iris.sagemaker.image: expected a container image URI like '123456789012.dkr.ecr.eu-west-1.amazonaws.com/slimserve:1', found 'latest'"),
     ('[models.digits]\nformat = "tflite"\nartifact = "digits.tflite"\ntarget = "sagemaker"\n', "models.digits.format: target 'sagemaker' serves ONNX models, found 'tflite'"),
     ("[app]\nregion = 'mars-1'\n" + MODEL, "app.region: expected an AWS region like 'eu-west-1', found 'mars-1'"),
     ("[app]\naccount = '12345'\n" + MODEL, "app.account: expected a 12-digit AWS account ID, found '12345'"),

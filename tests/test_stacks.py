@@ -276,13 +276,71 @@ def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
     assert sum(r["Type"] == "AWS::Lambda::Function" for r in json.loads(nested.read_text())["Resources"].values()) == 2
 
 
-def test_sagemaker_models_are_refused_by_name_not_left_out(tmp_path):
+def test_sagemaker_models_without_an_image_are_refused_by_name_not_left_out(tmp_path):
     config = tmp_path / "slimserve.toml"
     config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "sagemaker"\n')
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr == (f"error: {config}: models.big.target: 'sagemaker' cannot be deployed by this version yet "
-                             "(GPU endpoints come with the SageMaker serving container); use target 'lambda' for now\n")
+    assert result.stderr == (f"error: {config}: models.big.sagemaker.image: expected the serving container's image URI "
+                             "(slimserve's own image comes with the SageMaker serving container), found none\n")
+
+
+@pytest.fixture(scope="module")
+def gpu_template(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gpu")
+    (folder / "big.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    config = parse_config({"app": {"name": "gpu-demo"}, "models": {"big": {
+        "format": "onnx", "artifact": "big.onnx", "target": "sagemaker",
+        "alarms": {"p99_latency_ms": 250, "gpu_utilization_percent": 95},
+        "sagemaker": {"image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/slimserve-gpu:1", "data_capture_percent": 20,
+                      "max_instances": 4, "invocations_per_instance": 300}}}}, folder / "slimserve.toml")
+    return assertions.Template.from_stack(stack_for(config))
+
+
+def test_gpu_endpoint_serves_the_models_folder_from_the_store(gpu_template):
+    gpu_template.has_resource_properties("AWS::SageMaker::Model", {"PrimaryContainer": {
+        "Image": "123456789012.dkr.ecr.us-east-1.amazonaws.com/slimserve-gpu:1",
+        "ModelDataSource": {"S3DataSource": {"CompressionType": "None", "S3DataType": "S3Prefix",
+                                             "S3Uri": {"Fn::Join": ["", ["s3://", Match.any_value(), f"/models/big/{IRIS_SHA}/"]]}}},
+        "Environment": Match.object_like({"SLIMSERVE_MODEL_PATH": "/opt/ml/model/model.onnx", "SLIMSERVE_MODEL_SHA256": IRIS_SHA})}})
+    gpu_template.has_resource_properties("AWS::SageMaker::EndpointConfig", {
+        "ProductionVariants": [Match.object_like({"InstanceType": "ml.g5.xlarge", "InitialInstanceCount": 1, "VariantName": "AllTraffic"})],
+        "DataCaptureConfig": {"EnableCapture": True, "InitialSamplingPercentage": 20, "KmsKeyId": Match.any_value(),
+                              "DestinationS3Uri": {"Fn::Join": ["", ["s3://", Match.any_value(), "/data-capture/big/"]]},
+                              "CaptureOptions": [{"CaptureMode": "Input"}, {"CaptureMode": "Output"}]}})
+
+
+def test_gpu_endpoint_updates_blue_green_and_rolls_back_on_its_alarms(gpu_template):
+    endpoint = next(iter(gpu_template.find_resources("AWS::SageMaker::Endpoint").values()))["Properties"]
+    policy = endpoint["DeploymentConfig"]["BlueGreenUpdatePolicy"]
+    assert policy["TrafficRoutingConfiguration"] == {"Type": "CANARY", "WaitIntervalInSeconds": 600,
+                                                     "CanarySize": {"Type": "CAPACITY_PERCENT", "Value": 10}}
+    rollback = [alarm["AlarmName"]["Ref"] for alarm in endpoint["DeploymentConfig"]["AutoRollbackConfiguration"]["Alarms"]]
+    alarms = gpu_template.find_resources("AWS::CloudWatch::Alarm")
+    metrics = {alarms[ref]["Properties"]["MetricName"]: alarms[ref]["Properties"] for ref in rollback}
+    assert set(metrics) == {"ModelLatency", "Invocation5XXErrors", "GPUUtilization"}
+    assert metrics["ModelLatency"]["Threshold"] == 250_000 and metrics["ModelLatency"]["ExtendedStatistic"] == "p99"
+    assert metrics["GPUUtilization"]["Threshold"] == 95 and metrics["GPUUtilization"]["Namespace"] == "/aws/sagemaker/Endpoints"
+    assert all(len(props["AlarmActions"]) == 1 for props in metrics.values())  # they page, too
+
+
+def test_gpu_endpoint_scales_on_invocations_per_instance(gpu_template):
+    gpu_template.has_resource_properties("AWS::ApplicationAutoScaling::ScalableTarget", {
+        "MinCapacity": 1, "MaxCapacity": 4, "ResourceId": "endpoint/gpu-demo-big/variant/AllTraffic",
+        "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "ServiceNamespace": "sagemaker"})
+    gpu_template.has_resource_properties("AWS::ApplicationAutoScaling::ScalingPolicy", {
+        "TargetTrackingScalingPolicyConfiguration": Match.object_like({
+            "TargetValue": 300, "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})})
+
+
+def test_gpu_endpoint_role_reads_its_model_folder_and_writes_only_its_capture(gpu_template):
+    (policy,) = [p for key, p in gpu_template.find_resources("AWS::IAM::Policy").items() if key.startswith("EndpointbigRole")]
+    statements = policy["Properties"]["PolicyDocument"]["Statement"]
+    by_action = {json.dumps(s["Action"]): s for s in statements}
+    assert by_action['"s3:GetObject"']["Resource"]["Fn::Join"][1][1] == f"/models/big/{IRIS_SHA}/*"
+    assert by_action['"s3:PutObject"']["Resource"]["Fn::Join"][1][1] == "/data-capture/big/*"
+    assert by_action['"s3:ListBucket"']["Condition"] == {"StringLike": {"s3:prefix": [f"models/big/{IRIS_SHA}/*"]}}
+    assert by_action['"cloudwatch:PutMetricData"']["Condition"] == {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}
 
 
 def test_fifty_models_shard_into_nested_stacks_under_cloudformations_limits(tmp_path):

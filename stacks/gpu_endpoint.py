@@ -1,0 +1,172 @@
+"""A SageMaker real-time endpoint for a model too large or too slow for Lambda."""
+
+from dataclasses import dataclass
+
+import aws_cdk as cdk
+from aws_cdk import aws_applicationautoscaling as autoscaling
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_sagemaker as sagemaker
+from constructs import Construct
+
+from slimserve.config import ModelConfig
+from slimserve.store import StoredModel
+
+from .model_store import ModelStore
+from .nag import acknowledge
+
+VARIANT = "AllTraffic"
+METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"
+
+
+@dataclass(frozen=True)
+class GpuEndpointProps:
+    model: ModelConfig
+    """The model's config; its `sagemaker` settings size the endpoint."""
+    stored: StoredModel
+    """The model's files in the store: the folder under its sha256 is mounted at /opt/ml/model."""
+    store: ModelStore
+    image_uri: str
+    """The serving container (SageMaker's contract: GET /ping, POST /invocations on 8080)."""
+    canary_percent: int = 10
+    """Share of capacity that takes traffic first in a blue/green update. @default 10."""
+    bake_seconds: int = 600
+    """How long the canary must stay clear of alarms before the rest shifts. @default 10 minutes."""
+
+
+class GpuEndpoint(Construct):
+    """Model, endpoint config (with data capture) and endpoint with guarded blue/green updates and autoscaling."""
+
+    def __init__(self, scope: Construct, construct_id: str, props: GpuEndpointProps):
+        model, settings = props.model, props.model.sagemaker
+        if model.target != "sagemaker" or settings is None:
+            raise ValueError(f"GpuEndpointProps.model {model.name!r} has target {model.target!r}, not 'sagemaker'")
+        if not 1 <= props.canary_percent <= 50:
+            raise ValueError(f"GpuEndpointProps.canary_percent must be between 1 and 50, got {props.canary_percent}")
+        super().__init__(scope, construct_id)
+        stack = cdk.Stack.of(self)
+        bucket = props.store.bucket
+        model_prefix = props.stored.key.rsplit("/", 1)[0] + "/"
+        capture_prefix = f"data-capture/{model.name}/"
+        self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
+
+        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+                             description=f"slimserve {model.name}: read its model, write captured data and logs")
+        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"], resources=[bucket.arn_for_objects(f"{model_prefix}*")]))
+        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
+                                                    conditions={"StringLike": {"s3:prefix": [f"{model_prefix}*"]}}))
+        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:PutObject"], resources=[bucket.arn_for_objects(f"{capture_prefix}*")]))
+        if props.store.key is not None:
+            props.store.key.grant_encrypt_decrypt(self.role)
+        self.role.add_to_policy(iam.PolicyStatement(
+            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+            resources=[stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
+                                        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)]))
+        self.role.add_to_policy(iam.PolicyStatement(
+            actions=["cloudwatch:PutMetricData"], resources=["*"],
+            conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}))
+        self.role.add_to_policy(iam.PolicyStatement(
+            actions=["ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+            resources=["*"]))
+
+        self.model = sagemaker.CfnModel(
+            self, "Model",
+            execution_role_arn=self.role.role_arn,
+            primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
+                image=props.image_uri,
+                model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
+                    s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
+                        s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}", s3_data_type="S3Prefix", compression_type="None")),
+                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_FORMAT": model.format,
+                             "SLIMSERVE_MODEL_SHA256": props.stored.sha256,
+                             "SLIMSERVE_MODEL_PATH": f"/opt/ml/model/model.{model.format}"},
+            ),
+        )
+        self.model.node.add_dependency(self.role)
+        capture = settings.data_capture_percent
+        self.config = sagemaker.CfnEndpointConfig(
+            self, "Config",
+            production_variants=[sagemaker.CfnEndpointConfig.ProductionVariantProperty(
+                variant_name=VARIANT, model_name=self.model.attr_model_name,
+                initial_instance_count=settings.initial_instance_count, instance_type=settings.instance_type)],
+            data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
+                enable_capture=capture > 0,
+                initial_sampling_percentage=max(capture, 1),  # SageMaker wants 1..100 even when capture is off
+                destination_s3_uri=bucket.s3_url_for_object(capture_prefix),
+                kms_key_id=props.store.key.key_arn if props.store.key else None,
+                capture_options=[sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode=mode) for mode in ("Input", "Output")],
+            ),
+        )
+        self.alarms = self._alarms(model)
+        self.endpoint = sagemaker.CfnEndpoint(
+            self, "Endpoint",
+            endpoint_name=self.endpoint_name,
+            endpoint_config_name=self.config.attr_endpoint_config_name,
+            deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
+                blue_green_update_policy=sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
+                    traffic_routing_configuration=sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
+                        type="CANARY", wait_interval_in_seconds=props.bake_seconds,
+                        canary_size=sagemaker.CfnEndpoint.CapacitySizeProperty(type="CAPACITY_PERCENT", value=props.canary_percent)),
+                    termination_wait_in_seconds=300,
+                    maximum_execution_timeout_in_seconds=props.bake_seconds + 3600,
+                ),
+                auto_rollback_configuration=sagemaker.CfnEndpoint.AutoRollbackConfigProperty(
+                    alarms=[sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name) for alarm in self.alarms]),
+            ),
+        )
+        self._autoscaling(settings)
+        acknowledge(self.role, {
+            "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
+                                              "permissions; PutMetricData is limited to SageMaker's namespaces by condition",
+            f"AwsSolutions-IAM5[Resource::<{_logical(bucket)}.Arn>/{model_prefix}*]": "the model's own folder under its sha256",
+            f"AwsSolutions-IAM5[Resource::<{_logical(bucket)}.Arn>/{capture_prefix}*]": "captured requests of this endpoint only",
+            "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
+            "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
+            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/sagemaker/Endpoints/{self.endpoint_name}:*]":
+                "the endpoint's own log group and its streams",
+        })
+        acknowledge(self.config, {
+            "AwsSolutions-SM2": "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
+                                "storage is encrypted by hardware, and captured data is encrypted with the store's key",
+        })
+
+    def _alarms(self, model: ModelConfig) -> list[cloudwatch.Alarm]:
+        """Alarms that both page (via monitoring) and roll a blue/green update back."""
+        def metric(name: str, statistic: str, namespace: str = "AWS/SageMaker") -> cloudwatch.Metric:
+            return cloudwatch.Metric(namespace=namespace, metric_name=name, statistic=statistic, period=cdk.Duration.minutes(1),
+                                     dimensions_map={"EndpointName": self.endpoint_name, "VariantName": VARIANT})
+
+        alarms = model.alarms
+        specs = [
+            ("ModelLatency", metric("ModelLatency", "p99"), alarms.p99_latency_ms * 1000, "p99 model latency (microseconds)"),
+            ("Invocation5XXErrors", metric("Invocation5XXErrors", "Sum"), alarms.server_errors, "5xx answers"),
+            ("GPUUtilization", metric("GPUUtilization", "Average", METRICS_NAMESPACE), alarms.gpu_utilization_percent, "GPU utilization (%)"),
+        ]
+        return [
+            metric_.create_alarm(
+                self, f"{name}Alarm", alarm_name=f"{self.endpoint_name}-{name}", threshold=threshold, evaluation_periods=3,
+                datapoints_to_alarm=2, comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING, alarm_description=f"{model.name}: {text}")
+            for name, metric_, threshold, text in specs
+        ]
+
+    def _autoscaling(self, settings) -> None:
+        target = autoscaling.ScalableTarget(
+            self, "Scaling",
+            service_namespace=autoscaling.ServiceNamespace.SAGEMAKER,
+            resource_id=f"endpoint/{self.endpoint_name}/variant/{VARIANT}",
+            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            min_capacity=settings.min_instances, max_capacity=settings.max_instances,
+        )
+        target.node.add_dependency(self.endpoint)
+        target.scale_to_track_metric(
+            "InvocationsPerInstance",
+            target_value=settings.invocations_per_instance,
+            predefined_metric=autoscaling.PredefinedMetric.SAGEMAKER_VARIANT_INVOCATIONS_PER_INSTANCE,
+            scale_in_cooldown=cdk.Duration.minutes(5), scale_out_cooldown=cdk.Duration.minutes(1),
+        )
+
+
+def _logical(construct) -> str:
+    stack = cdk.Stack.of(construct)
+    return stack.resolve(stack.get_logical_id(construct.node.default_child))
