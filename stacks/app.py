@@ -11,7 +11,7 @@ from slimserve.config import Alarms, AppConfig, ConfigError, ModelConfig
 from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
-from .gpu_endpoint import GpuEndpoint, GpuEndpointProps
+from .gpu_endpoint import VARIANT, GpuEndpoint, GpuEndpointProps
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -70,7 +70,7 @@ class SlimserveStack(cdk.Stack):
             if model.target == "sagemaker":
                 endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
                     model=model, stored=stored[model.name], store=self.model_store, image_uri=model.sagemaker.image))
-                self.monitoring.add_gpu_endpoint(endpoint.alarms)
+                self.monitoring.add_gpu_endpoint(model.name, endpoint.endpoint_name, VARIANT, endpoint.alarms)
                 self.gpu_endpoints[model.name] = endpoint
         self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)

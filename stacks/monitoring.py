@@ -95,11 +95,26 @@ class ModelMonitoring(Construct):
             alarm_description=f"{name}: runtime failures, internal errors or a model that did not load (EMF ErrorKind)")
         alarm.add_alarm_action(self.action)
 
-    def add_gpu_endpoint(self, alarms: list[cloudwatch.Alarm]) -> None:
+    def add_gpu_endpoint(self, name: str, endpoint_name: str, variant: str, alarms: list[cloudwatch.Alarm]) -> None:
         """cdk-monitoring-constructs has no SageMaker monitoring in its facade, so the endpoint's own alarms
-        (which also drive its blue/green rollback) page through the same topic."""
+        (which also drive its blue/green rollback) page through the same topic, and its metrics are graphed as custom ones."""
         for alarm in alarms:
             alarm.add_alarm_action(self.action)
+
+        def metric(metric_name: str, statistic: str, namespace: str = "AWS/SageMaker") -> cloudwatch.Metric:
+            return cloudwatch.Metric(namespace=namespace, metric_name=metric_name, statistic=statistic, period=cdk.Duration.minutes(5),
+                                     dimensions_map={"EndpointName": endpoint_name, "VariantName": variant})
+
+        self.facade.monitor_custom(
+            human_readable_name=f"{name} (SageMaker)",
+            alarm_friendly_name=f"{name}-sagemaker",
+            metric_groups=[
+                monitoring.CustomMetricGroup(title="Model latency (us)", metrics=[metric("ModelLatency", "p99"), metric("ModelLatency", "p50")]),
+                monitoring.CustomMetricGroup(title="Invocations and 5xx", metrics=[metric("Invocations", "Sum"), metric("Invocation5XXErrors", "Sum")]),
+                monitoring.CustomMetricGroup(title="GPU", metrics=[metric("GPUUtilization", "Average", "/aws/sagemaker/Endpoints"),
+                                                                   metric("GPUMemoryUtilization", "Average", "/aws/sagemaker/Endpoints")]),
+            ],
+        )
 
     def add_api(self, api, stage_name: str, alarms: Alarms) -> None:
         self.facade.monitor_api_gateway(

@@ -322,6 +322,8 @@ def test_gpu_endpoint_updates_blue_green_and_rolls_back_on_its_alarms(gpu_templa
     assert metrics["ModelLatency"]["Threshold"] == 250_000 and metrics["ModelLatency"]["ExtendedStatistic"] == "p99"
     assert metrics["GPUUtilization"]["Threshold"] == 95 and metrics["GPUUtilization"]["Namespace"] == "/aws/sagemaker/Endpoints"
     assert all(len(props["AlarmActions"]) == 1 for props in metrics.values())  # they page, too
+    dashboard = json.dumps(next(iter(gpu_template.find_resources("AWS::CloudWatch::Dashboard").values()))["Properties"]["DashboardBody"])
+    assert "GPUUtilization" in dashboard and "gpu-demo-big" in dashboard
 
 
 def test_gpu_endpoint_scales_on_invocations_per_instance(gpu_template):
