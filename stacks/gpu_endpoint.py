@@ -13,10 +13,10 @@ from slimserve.config import ModelConfig
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
+from .monitoring import sagemaker_metric
 from .nag import acknowledge
 
 VARIANT = "AllTraffic"
-METRICS_NAMESPACE = "/aws/sagemaker/Endpoints"
 
 
 @dataclass(frozen=True)
@@ -132,15 +132,14 @@ class GpuEndpoint(Construct):
 
     def _alarms(self, model: ModelConfig) -> list[cloudwatch.Alarm]:
         """Alarms that both page (via monitoring) and roll a blue/green update back."""
-        def metric(name: str, statistic: str, namespace: str = "AWS/SageMaker") -> cloudwatch.Metric:
-            return cloudwatch.Metric(namespace=namespace, metric_name=name, statistic=statistic, period=cdk.Duration.minutes(1),
-                                     dimensions_map={"EndpointName": self.endpoint_name, "VariantName": VARIANT})
+        def metric(name: str, statistic: str) -> cloudwatch.Metric:
+            return sagemaker_metric(self.endpoint_name, VARIANT, name, statistic, minutes=1)
 
         alarms = model.alarms
         specs = [
             ("ModelLatency", metric("ModelLatency", "p99"), alarms.p99_latency_ms * 1000, "p99 model latency (microseconds)"),
             ("Invocation5XXErrors", metric("Invocation5XXErrors", "Sum"), alarms.server_errors, "5xx answers"),
-            ("GPUUtilization", metric("GPUUtilization", "Average", METRICS_NAMESPACE), alarms.gpu_utilization_percent, "GPU utilization (%)"),
+            ("GPUUtilization", metric("GPUUtilization", "Average"), alarms.gpu_utilization_percent, "GPU utilization (%)"),
         ]
         return [
             metric_.create_alarm(

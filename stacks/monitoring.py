@@ -17,6 +17,18 @@ from slimserve.config import Alarms
 
 NAMESPACE = "Slimserve"
 SERVER_ERROR_KINDS = ("runtime_error", "internal", "model_not_ready")
+SAGEMAKER_INSTANCE_METRICS = ("GPUUtilization", "GPUMemoryUtilization", "CPUUtilization", "MemoryUtilization", "DiskUtilization")
+
+
+def metric(namespace: str, name: str, statistic: str, dimensions: dict[str, str], minutes: int = 5) -> cloudwatch.Metric:
+    return cloudwatch.Metric(namespace=namespace, metric_name=name, statistic=statistic, dimensions_map=dimensions,
+                             period=cdk.Duration.minutes(minutes))
+
+
+def sagemaker_metric(endpoint_name: str, variant: str, name: str, statistic: str, minutes: int = 5) -> cloudwatch.Metric:
+    """Invocation metrics live in AWS/SageMaker, instance metrics (GPU, CPU, memory) in /aws/sagemaker/Endpoints."""
+    namespace = "/aws/sagemaker/Endpoints" if name in SAGEMAKER_INSTANCE_METRICS else "AWS/SageMaker"
+    return metric(namespace, name, statistic, {"EndpointName": endpoint_name, "VariantName": variant}, minutes)
 
 
 @dataclass(frozen=True)
@@ -69,23 +81,17 @@ class ModelMonitoring(Construct):
 
     def _handler_metrics(self, name: str, alarms: Alarms) -> None:
         """The handler's own EMF metrics. The facade graphs custom metrics but alarms on them are plainer by hand."""
-        def metric(metric_name: str, statistic: str, error_kind: str | None = None) -> cloudwatch.Metric:
-            dimensions = {"Model": name} | ({"ErrorKind": error_kind} if error_kind else {})
-            return cloudwatch.Metric(namespace=NAMESPACE, metric_name=metric_name, dimensions_map=dimensions,
-                                     statistic=statistic, period=cdk.Duration.minutes(5))
+        def emf(metric_name: str, statistic: str, error_kind: str | None = None) -> cloudwatch.Metric:
+            return metric(NAMESPACE, metric_name, statistic, {"Model": name} | ({"ErrorKind": error_kind} if error_kind else {}))
 
-        self.facade.monitor_custom(
-            human_readable_name=f"{name} (handler)",
-            alarm_friendly_name=f"{name}-handler",
-            metric_groups=[
-                monitoring.CustomMetricGroup(title="Inference latency", metrics=[metric("InferenceLatency", "p99"), metric("InferenceLatency", "p50")]),
-                monitoring.CustomMetricGroup(title="Requests and errors", metrics=[metric("Requests", "Sum"), metric("Errors", "Sum")]),
-                monitoring.CustomMetricGroup(title="Cold starts", metrics=[metric("ColdStart", "Sum"), metric("ModelLoadTime", "Maximum")]),
-            ],
-        )
+        self._graphs(f"{name} (handler)", f"{name}-handler", {
+            "Inference latency": [emf("InferenceLatency", "p99"), emf("InferenceLatency", "p50")],
+            "Requests and errors": [emf("Requests", "Sum"), emf("Errors", "Sum")],
+            "Cold starts": [emf("ColdStart", "Sum"), emf("ModelLoadTime", "Maximum")],
+        })
         server_errors = cloudwatch.MathExpression(
             expression=" + ".join(f"FILL(e{i}, 0)" for i in range(len(SERVER_ERROR_KINDS))),
-            using_metrics={f"e{i}": metric("Errors", "Sum", kind) for i, kind in enumerate(SERVER_ERROR_KINDS)},
+            using_metrics={f"e{i}": emf("Errors", "Sum", kind) for i, kind in enumerate(SERVER_ERROR_KINDS)},
             label=f"{name} server-side errors", period=cdk.Duration.minutes(5))
         alarm = server_errors.create_alarm(
             self, f"{name}HandlerErrors", alarm_name=f"{cdk.Stack.of(self).stack_name}-{name}-handler-server-errors",
@@ -101,20 +107,19 @@ class ModelMonitoring(Construct):
         for alarm in alarms:
             alarm.add_alarm_action(self.action)
 
-        def metric(metric_name: str, statistic: str, namespace: str = "AWS/SageMaker") -> cloudwatch.Metric:
-            return cloudwatch.Metric(namespace=namespace, metric_name=metric_name, statistic=statistic, period=cdk.Duration.minutes(5),
-                                     dimensions_map={"EndpointName": endpoint_name, "VariantName": variant})
+        def endpoint(metric_name: str, statistic: str) -> cloudwatch.Metric:
+            return sagemaker_metric(endpoint_name, variant, metric_name, statistic)
 
+        self._graphs(f"{name} (SageMaker)", f"{name}-sagemaker", {
+            "Model latency (us)": [endpoint("ModelLatency", "p99"), endpoint("ModelLatency", "p50")],
+            "Invocations and 5xx": [endpoint("Invocations", "Sum"), endpoint("Invocation5XXErrors", "Sum")],
+            "GPU": [endpoint("GPUUtilization", "Average"), endpoint("GPUMemoryUtilization", "Average")],
+        })
+
+    def _graphs(self, human_readable_name: str, friendly_name: str, groups: dict[str, list[cloudwatch.Metric]]) -> None:
         self.facade.monitor_custom(
-            human_readable_name=f"{name} (SageMaker)",
-            alarm_friendly_name=f"{name}-sagemaker",
-            metric_groups=[
-                monitoring.CustomMetricGroup(title="Model latency (us)", metrics=[metric("ModelLatency", "p99"), metric("ModelLatency", "p50")]),
-                monitoring.CustomMetricGroup(title="Invocations and 5xx", metrics=[metric("Invocations", "Sum"), metric("Invocation5XXErrors", "Sum")]),
-                monitoring.CustomMetricGroup(title="GPU", metrics=[metric("GPUUtilization", "Average", "/aws/sagemaker/Endpoints"),
-                                                                   metric("GPUMemoryUtilization", "Average", "/aws/sagemaker/Endpoints")]),
-            ],
-        )
+            human_readable_name=human_readable_name, alarm_friendly_name=friendly_name,
+            metric_groups=[monitoring.CustomMetricGroup(title=title, metrics=metrics) for title, metrics in groups.items()])
 
     def add_api(self, api, stage_name: str, alarms: Alarms) -> None:
         self.facade.monitor_api_gateway(
