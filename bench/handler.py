@@ -15,7 +15,6 @@ import numpy as np
 import orjson
 
 from lambda_handlers.function import ModelFunction
-from lambda_handlers.runtimes import load_model
 from slimserve.apigw import rest_event
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -85,12 +85,13 @@ def lambda_python(version: str = "3.12") -> tuple[str, str, str]:
     return sys.executable, current, f"python{version} is not installed here; workers run this python{current} instead"
 
 
-def function_bundle(folder: Path, python: str) -> Path:
-    """The function's code as Lambda gets it: the handler package with bytecode compiled for `python`."""
+def function_bundle(folder: Path, python: str | None) -> Path:
+    """The function's code as Lambda gets it: the handler package, with bytecode compiled for `python` if given."""
     target = folder / "lambda_handlers"
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(REPO / "lambda_handlers", target, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)], check=True)
+    if python:
+        subprocess.run([python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)], check=True)
     return folder
 
 

@@ -9,10 +9,10 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from .nag import acknowledge
-
 from lambda_handlers.core import SERVER_NAME, SERVER_VERSION
 from slimserve.apigw import BINARY_MEDIA_TYPES
+
+from .nag import acknowledge
 
 AUTH_MODES = ("none", "api_key", "iam")
 

@@ -11,14 +11,13 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from .nag import acknowledge
-
-from layers.builder import build_layer, layer_key
+from layers.builder import build_layer, find_python, layer_key
 from slimserve.config import ModelConfig
 from slimserve.runner import REPO, function_bundle
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
+from .nag import acknowledge
 
 PYTHON_VERSION = "3.12"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -44,9 +43,7 @@ class _FunctionBundling:
     """The handler package with bytecode for the Lambda Python, as the local runner uses it."""
 
     def try_bundle(self, output_dir: str, options) -> bool:  # noqa: ARG002 (jsii passes the bundling options)
-        from layers.builder import find_python
-
-        function_bundle(Path(output_dir), find_python(PYTHON_VERSION) or "python3")
+        function_bundle(Path(output_dir), find_python(PYTHON_VERSION))  # no python3.12 here: source only
         return True
 
 

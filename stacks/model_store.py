@@ -12,10 +12,10 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
-from .nag import acknowledge
-
 from slimserve.config import ModelConfig
 from slimserve.store import StoredModel, manifest, model_key
+
+from .nag import acknowledge
 
 ENCRYPTIONS = ("kms", "s3-managed")
 
@@ -89,7 +89,7 @@ class ModelStore(Construct):
             # no "created": the manifest must not change between synths of the same bytes
             (target.parent / "manifest.json").write_text(json.dumps(manifest(model, data, sha256, stamped=False), indent=2))
             stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))
-        upload = s3_deployment.BucketDeployment(
+        s3_deployment.BucketDeployment(
             self,
             "Models",
             sources=[s3_deployment.Source.asset(str(staging))],

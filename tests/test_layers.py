@@ -1,7 +1,6 @@
 """The layer builder: slim, cached, smoke-tested in the target Python, and bounded by Lambda's limit."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,7 +1,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import onnxruntime
