@@ -1,0 +1,204 @@
+"""The model registry: versions in the model store under their sha256, aliases that move between them.
+
+    models/<name>/<sha256>/model.<format>      the bytes, immutable
+    models/<name>/<sha256>/manifest.json       what they are (version number, signature, sizes, source, ...)
+    models/<name>/aliases/<alias>.json         which version an alias points at, and where it pointed before
+
+A version is served only if its bytes still hash to the key they are stored under.
+"""
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
+
+from .store import model_key
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
+SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+class RegistryError(Exception):
+    """A model that cannot be registered, or a version or alias that does not exist; the message says which."""
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    number: int
+    sha256: str
+    format: str
+    size: int
+    created: str
+    source: str
+
+    @property
+    def key(self) -> str:
+        return model_key(self.name, self.sha256, self.format)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "Version":
+        return cls(manifest["name"], manifest["version"], manifest["sha256"], manifest["format"], manifest["size"],
+                   manifest["created"], manifest["source"])
+
+
+def read_model(path: Path) -> tuple[str, bytes]:
+    """The model's format and servable bytes, or a RegistryError naming the file and the reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegistryError(f"{path}: no such file")
+    data = path.read_bytes()
+    if path.suffix.lower() in PICKLE_SUFFIXES or data[:1] == b"\x80":
+        raise RegistryError(f"{path}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
+                            "(unpickling runs arbitrary code): convert it first")
+    model_format = SUFFIX_FORMATS.get(path.suffix.lower())
+    if model_format is None:
+        raise RegistryError(f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; expected one of "
+                            f"{', '.join(SUFFIX_FORMATS)} ({', '.join(FORMATS)})")
+    if model_format == "onnx":
+        data = _self_contained_onnx(path, data)
+    try:
+        load_model(data, model_format)
+    except ModelLoadError as error:
+        raise RegistryError(f"{path}: not a loadable {model_format} model: {error}") from None
+    return model_format, data
+
+
+def _self_contained_onnx(path: Path, data: bytes) -> bytes:
+    """ONNX tensors may live in external files: allowed only inside the model's folder, and folded into one file."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    try:
+        model = onnx.load_model_from_string(data)
+    except Exception as error:  # onnx raises protobuf's DecodeError and others
+        raise RegistryError(f"{path}: not a loadable onnx model: {error}") from None
+    # onnx has no public "every tensor, subgraphs included"; its own helper is the definition that loading uses
+    external = [tensor for tensor in onnx.external_data_helper._get_all_tensors(model) if uses_external_data(tensor)]
+    if not external:
+        return data
+    folder = path.parent.resolve()
+    for tensor in external:
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or folder not in target.parents:
+            raise RegistryError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
+                                f"folder {folder}; refusing to read it")
+        if not target.is_file():
+            raise RegistryError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which does not exist")
+    load_external_data_for_model(model, str(folder))
+    for tensor in external:
+        tensor.ClearField("external_data")
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    return model.SerializeToString()
+
+
+def _git_commit(path: Path) -> str | None:
+    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent, capture_output=True, text=True)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+class Registry:
+    def __init__(self, s3, bucket: str):
+        self.s3 = s3
+        self.bucket = bucket
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            return self.s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self.s3.exceptions.NoSuchKey:
+            return None
+
+    def _put_json(self, key: str, value: dict) -> None:
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(value, indent=2).encode(), ContentType="application/json")
+
+    def register(self, path: Path, name: str, report: dict | None = None) -> tuple[Version, bool]:
+        """Upload a version; the same bytes again are the same version. Returns (version, newly registered)."""
+        model_format, data = read_model(path)
+        sha256 = hashlib.sha256(data).hexdigest()
+        existing = next((v for v in self.versions(name) if v.sha256 == sha256), None)
+        if existing is not None:
+            return existing, False
+        number = max((v.number for v in self.versions(name)), default=0) + 1
+        signature = load_model(data, model_format).signature
+        manifest = {
+            "name": name, "version": number, "format": model_format, "sha256": sha256, "size": len(data),
+            "source": Path(path).name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "git_commit": _git_commit(path), "optimization": report,
+            "signature": {"inputs": [s.describe() for s in signature.inputs], "outputs": [s.describe() for s in signature.outputs]},
+        }
+        key = model_key(name, sha256, model_format)
+        self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
+        self._put_json(key.rsplit("/", 1)[0] + "/manifest.json", manifest)  # last: a version exists once it is whole
+        return Version.from_manifest(manifest), True
+
+    def versions(self, name: str) -> list[Version]:
+        found = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"models/{name}/"):
+            for item in page.get("Contents", []):
+                if item["Key"].endswith("/manifest.json") and "/aliases/" not in item["Key"]:
+                    manifest = json.loads(self._get(item["Key"]))
+                    if "version" in manifest:
+                        found.append(Version.from_manifest(manifest))
+        return sorted(found, key=lambda v: v.number)
+
+    def version(self, name: str, ref: str) -> Version:
+        """A version by number, by sha256 (or a unique prefix of 8+), or by alias."""
+        versions = self.versions(name)
+        if not versions:
+            raise RegistryError(f"model {name!r} has no registered versions")
+        if ref.isdigit():
+            match = [v for v in versions if v.number == int(ref)]
+        elif len(ref) >= 8 and all(c in "0123456789abcdef" for c in ref):
+            match = [v for v in versions if v.sha256.startswith(ref)]
+        else:
+            alias = self.alias(name, ref)
+            match = [v for v in versions if v.sha256 == alias["sha256"]]
+        if len(match) != 1:
+            known = ", ".join(str(v.number) for v in versions)
+            raise RegistryError(f"model {name!r} has no version {ref!r}; versions: {known}")
+        return match[0]
+
+    def alias(self, name: str, alias: str) -> dict:
+        raw = self._get(f"models/{name}/aliases/{alias}.json")
+        if raw is None:
+            raise RegistryError(f"model {name!r} has no alias {alias!r}")
+        return json.loads(raw)
+
+    def set_alias(self, name: str, alias: str, ref: str) -> tuple[int | None, int]:
+        """Point `alias` at a version; returns (previous number or None, new number)."""
+        target = self.version(name, ref)
+        try:
+            current = self.alias(name, alias)
+        except RegistryError:
+            current = None
+        history = ([{"version": current["version"], "sha256": current["sha256"]}] + current["history"]) if current else []
+        self._put_json(f"models/{name}/aliases/{alias}.json",
+                       {"version": target.number, "sha256": target.sha256, "history": history[:50]})
+        return (current["version"] if current else None), target.number
+
+    def rollback(self, name: str, alias: str = "prod") -> tuple[int, int]:
+        """Point `alias` back at the version it pointed at before; returns (from, to)."""
+        current = self.alias(name, alias)
+        if not current["history"]:
+            raise RegistryError(f"alias {alias!r} of model {name!r} has never pointed elsewhere; nothing to roll back to")
+        previous, *older = current["history"]
+        self._put_json(f"models/{name}/aliases/{alias}.json",
+                       {"version": previous["version"], "sha256": previous["sha256"], "history": older})
+        return current["version"], previous["version"]
+
+    def fetch(self, name: str, ref: str) -> bytes:
+        """The version's bytes, refused if they no longer hash to the sha256 they were registered under."""
+        version = self.version(name, ref)
+        data = self._get(version.key)
+        if data is None:
+            raise RegistryError(f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} is missing")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != version.sha256:
+            raise RegistryError(f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} hashes to "
+                                f"{digest}, not {version.sha256}; it was changed after registration and will not be served")
+        return data

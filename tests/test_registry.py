@@ -1,0 +1,149 @@
+"""The registry against moto's S3: idempotent versions, aliases, rollback, tamper detection, refusals."""
+
+import pickle
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+from conftest import MODELS
+
+from lambda_handlers.runtimes import load_model
+from slimserve.registry import Registry, RegistryError
+
+
+@pytest.fixture
+def registry(s3_store, request):
+    bucket = f"registry-{request.node.name.replace('_', '-')[:40]}"
+    client = s3_store.client()
+    client.create_bucket(Bucket=bucket)
+    return Registry(client, bucket)
+
+
+def keys(registry) -> list[str]:
+    return [item["Key"] for item in registry.s3.list_objects_v2(Bucket=registry.bucket).get("Contents", [])]
+
+
+def test_same_bytes_twice_make_one_version(registry):
+    first, new = registry.register(MODELS / "iris.onnx", "iris")
+    again, new_again = registry.register(MODELS / "iris.onnx", "iris")
+    assert (first.number, new, again, new_again) == (1, True, first, False)
+    assert first.key == f"models/iris/{first.sha256}/model.onnx"
+    assert len(keys(registry)) == 2  # the model and its manifest
+
+
+def test_versions_aliases_and_rollback(registry, tmp_path):
+    v1, _ = registry.register(MODELS / "iris.onnx", "m")
+    other = tmp_path / "retrained.onnx"
+    model = onnx.load(MODELS / "iris.onnx")
+    model.doc_string = "retrained"  # different bytes, same graph
+    onnx.save(model, other)
+    v2, _ = registry.register(other, "m")
+    assert [v.number for v in registry.versions("m")] == [1, 2] and v2.source == "retrained.onnx"
+    assert registry.set_alias("m", "prod", "1") == (None, 1)
+    assert registry.set_alias("m", "prod", v2.sha256[:12]) == (1, 2)
+    assert registry.version("m", "prod") == v2
+    assert registry.rollback("m", "prod") == (2, 1)
+    assert registry.version("m", "prod") == v1
+    with pytest.raises(RegistryError, match=r"^alias 'prod' of model 'm' has never pointed elsewhere; nothing to roll back to$"):
+        registry.rollback("m", "prod")
+    with pytest.raises(RegistryError, match=r"^model 'm' has no version '7'; versions: 1, 2$"):
+        registry.set_alias("m", "prod", "7")
+    with pytest.raises(RegistryError, match=r"^model 'm' has no alias 'canary'$"):
+        registry.version("m", "canary")
+
+
+def test_fetch_verifies_and_detects_tampering(registry):
+    version, _ = registry.register(MODELS / "iris.onnx", "iris")
+    assert registry.fetch("iris", "1") == (MODELS / "iris.onnx").read_bytes()
+    registry.s3.put_object(Bucket=registry.bucket, Key=version.key, Body=b"tampered" + (MODELS / "iris.onnx").read_bytes())
+    with pytest.raises(RegistryError, match=rf"^model 'iris' version 1: s3://{registry.bucket}/{version.key} hashes to [0-9a-f]{{64}}, "
+                                            rf"not {version.sha256}; it was changed after registration and will not be served$"):
+        registry.fetch("iris", "1")
+
+
+def test_manifest_says_what_the_version_is(registry):
+    version, _ = registry.register(MODELS / "digits.tflite", "digits", report={"level": "none"})
+    manifest = registry.s3.get_object(Bucket=registry.bucket, Key=version.key.rsplit("/", 1)[0] + "/manifest.json")["Body"].read()
+    manifest = __import__("json").loads(manifest)
+    assert {k: manifest[k] for k in ("name", "version", "format", "size", "source", "optimization")} == {
+        "name": "digits", "version": 1, "format": "tflite", "size": (MODELS / "digits.tflite").stat().st_size,
+        "source": "digits.tflite", "optimization": {"level": "none"}}
+    assert manifest["signature"]["inputs"] == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 64]}]
+    assert len(manifest["git_commit"] or "x" * 40) == 40 and manifest["created"].endswith("Z")
+
+
+def dense_model() -> onnx.ModelProto:
+    """y = x @ W + b with W and b as initializers: tensors that can live in external files."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.normal(size=(3,)).astype(np.float32), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])], "dense",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])], initializer=[weights, bias])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def save_split(model: onnx.ModelProto, path) -> None:
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+
+
+def test_external_data_inside_the_folder_is_folded_into_one_file(registry, tmp_path):
+    save_split(dense_model(), tmp_path / "split.onnx")
+    assert (tmp_path / "weights.bin").is_file()
+    registry.register(tmp_path / "split.onnx", "split")
+    stored = onnx.load_model_from_string(registry.fetch("split", "1"))
+    assert [t.data_location for t in stored.graph.initializer] == [onnx.TensorProto.DEFAULT] * 2  # the weights travel inside
+    served = load_model(registry.fetch("split", "1"), "onnx")
+    x = np.ones((2, 4), np.float32)
+    expected = load_model(tmp_path / "split.onnx", "onnx").run({"x": x}, ["y"])["y"]
+    np.testing.assert_array_equal(served.run({"x": x}, ["y"])["y"], expected)
+
+
+def _external_outside(tmp_path):
+    model = dense_model()
+    (tmp_path / "model").mkdir()
+    save_split(model, tmp_path / "model" / "escape.onnx")
+    shutil.move(tmp_path / "model" / "weights.bin", tmp_path / "weights.bin")
+    escaped = onnx.load(tmp_path / "model" / "escape.onnx", load_external_data=False)
+    for tensor in escaped.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    onnx.save(escaped, tmp_path / "model" / "escape.onnx")
+    return tmp_path / "model" / "escape.onnx"
+
+
+@pytest.mark.parametrize("case", ["unknown format", "pickle file", "pickle inside .onnx", "external data outside", "corrupt file"])
+def test_bad_models_are_refused_by_name_and_nothing_is_uploaded(registry, tmp_path, case):
+    if case == "unknown format":
+        path, message = tmp_path / "model.h5", "unknown model format '.h5'; expected one of .onnx, .tflite (onnx, tflite)"
+        path.write_bytes(b"HDF5")
+    elif case == "pickle file":
+        path, message = tmp_path / "model.pkl", ("looks like a pickle; slimserve serves only ONNX and TFLite files, never "
+                                                 "pickle (unpickling runs arbitrary code): convert it first")
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    elif case == "pickle inside .onnx":
+        path, message = tmp_path / "model.onnx", ("looks like a pickle; slimserve serves only ONNX and TFLite files, never "
+                                                  "pickle (unpickling runs arbitrary code): convert it first")
+        path.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    elif case == "external data outside":
+        path = _external_outside(tmp_path)
+        tensor = onnx.load(path, load_external_data=False).graph.initializer[0].name
+        message = (f"tensor {tensor!r} keeps its data at '../weights.bin', outside the model's folder "
+                   f"{path.parent.resolve()}; refusing to read it")
+    else:
+        path = tmp_path / "model.onnx"
+        path.write_bytes(b"\x08\x07" + bytes(range(200)))
+        message = None
+    with pytest.raises(RegistryError) as caught:
+        registry.register(path, "bad")
+    if message is None:
+        assert str(caught.value).startswith(f"{path}: not a loadable onnx model: ")
+    else:
+        assert str(caught.value) == f"{path}: {message}"
+    assert keys(registry) == []
