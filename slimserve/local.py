@@ -10,7 +10,7 @@ from .config import AppConfig
 from .gateway import LocalGateway, Route
 from .local_s3 import local_s3
 from .runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
-from .store import upload_model
+from .registry import Registry
 
 LAMBDA_PYTHON = "3.12"
 
@@ -51,12 +51,12 @@ class LocalStack:
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
             layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
-            stored = upload_model(s3.client(), s3.bucket, model)
+            registered, _ = Registry(s3.client(), s3.bucket).register(model.artifact, model.name)
             name = f"{self.config.name}-{model.name}"
             pool = FunctionPool(
                 FunctionSpec(
                     name=name, python=python, task_root=task_root, layer=layer.python_path, runtime_dir=runtime_dir,
-                    environment={**s3.environment, **stored.environment()}, memory_mb=model.memory_mb,
+                    environment={**s3.environment, **registered.environment(s3.bucket)}, memory_mb=model.memory_mb,
                     timeout_s=model.timeout_s, concurrency=model.reserved_concurrency or 10,
                     log_path=work_dir / f"{name}.log",
                 ),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
 
-from .store import model_key
+from .store import StoredModel, manifest, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
 SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
@@ -39,6 +39,13 @@ class Version:
     @property
     def key(self) -> str:
         return model_key(self.name, self.sha256, self.format)
+
+    def stored(self, bucket: str) -> StoredModel:
+        return StoredModel(self.name, self.format, bucket, self.key, self.sha256, self.size)
+
+    def environment(self, bucket: str) -> dict[str, str]:
+        """What a Lambda function serving this version needs to find and verify it."""
+        return self.stored(bucket).environment(str(self.number))
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Version":
@@ -123,18 +130,14 @@ class Registry:
         existing = next((v for v in self.versions(name) if v.sha256 == sha256), None)
         if existing is not None:
             return existing, False
-        number = max((v.number for v in self.versions(name)), default=0) + 1
-        signature = load_model(data, model_format).signature
-        manifest = {
-            "name": name, "version": number, "format": model_format, "sha256": sha256, "size": len(data),
-            "source": Path(path).name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git_commit": _git_commit(path), "optimization": report,
-            "signature": {"inputs": [s.describe() for s in signature.inputs], "outputs": [s.describe() for s in signature.outputs]},
-        }
+        details = manifest(name, model_format, data, Path(path).name,
+                           version=max((v.number for v in self.versions(name)), default=0) + 1,
+                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                           git_commit=_git_commit(path), optimization=report)
         key = model_key(name, sha256, model_format)
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
-        self._put_json(key.rsplit("/", 1)[0] + "/manifest.json", manifest)  # last: a version exists once it is whole
-        return Version.from_manifest(manifest), True
+        self._put_json(key.rsplit("/", 1)[0] + "/manifest.json", details)  # last: a version exists once it is whole
+        return Version.from_manifest(details), True
 
     def versions(self, name: str) -> list[Version]:
         found = []

@@ -7,14 +7,9 @@ Content addressing makes a version immutable: the key names the bytes.
 """
 
 import hashlib
-import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from lambda_handlers.runtimes import load_model
-
-from .config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -42,33 +37,18 @@ def model_key(name: str, sha256: str, model_format: str) -> str:
     return f"models/{name}/{sha256}/model.{model_format}"
 
 
-def manifest(model: ModelConfig, data: bytes, sha256: str, stamped: bool = True) -> dict:
-    """What the store says about a version; unstamped (no `created`) where uploads must be reproducible."""
-    signature = load_model(data, model.format).signature
-    stamp = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} if stamped else {}
+def manifest(name: str, model_format: str, data: bytes, source: str, **details) -> dict:
+    """What the store says about a version's bytes; `details` (version, created, ...) come from the registry."""
+    signature = load_model(data, model_format).signature
     return {
-        "name": model.name,
-        "format": model.format,
-        "sha256": sha256,
+        "name": name,
+        "format": model_format,
+        "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
-        "source": Path(model.artifact).name,
-        **stamp,
+        "source": source,
+        **details,
         "signature": {
             "inputs": [spec.describe() for spec in signature.inputs],
             "outputs": [spec.describe() for spec in signature.outputs],
         },
     }
-
-
-def upload_model(s3, bucket: str, model: ModelConfig) -> StoredModel:
-    data = Path(model.artifact).read_bytes()
-    sha256 = hashlib.sha256(data).hexdigest()
-    key = model_key(model.name, sha256, model.format)
-    s3.put_object(Bucket=bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
-    s3.put_object(
-        Bucket=bucket,
-        Key=key.rsplit("/", 1)[0] + "/manifest.json",
-        Body=json.dumps(manifest(model, data, sha256), indent=2).encode(),
-        ContentType="application/json",
-    )
-    return StoredModel(model.name, model.format, bucket, key, sha256, len(data))

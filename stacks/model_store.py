@@ -86,8 +86,8 @@ class ModelStore(Construct):
             target = staging / key
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-            # no "created": the manifest must not change between synths of the same bytes
-            (target.parent / "manifest.json").write_text(json.dumps(manifest(model, data, sha256, stamped=False), indent=2))
+            # no creation time or version number: the same bytes must give the same asset on every synth
+            (target.parent / "manifest.json").write_text(json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2))
             stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))
         s3_deployment.BucketDeployment(
             self,

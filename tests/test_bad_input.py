@@ -11,15 +11,14 @@ from conftest import MODELS, call
 from lambda_handlers.core import MAX_BODY_BYTES
 from lambda_handlers.function import ModelFunction
 from slimserve.apigw import response_body, rest_event
-from slimserve.config import ModelConfig
-from slimserve.store import upload_model
+from slimserve.registry import Registry
 
 GOOD_ROW = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture(scope="module")
 def function(s3_store):
-    stored = upload_model(s3_store.client(), s3_store.bucket, ModelConfig(name="iris", format="onnx", artifact=MODELS / "iris.onnx"))
+    stored = Registry(s3_store.client(), s3_store.bucket).register(MODELS / "iris.onnx", "iris")[0].stored(s3_store.bucket)
     function = ModelFunction(stored.environment())
     assert function.model.ready, function.model.failure
     return function

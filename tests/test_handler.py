@@ -14,8 +14,7 @@ from conftest import FIXTURES, MODELS, ROOT
 
 from lambda_handlers.function import ModelFunction
 from slimserve.apigw import http_api_event, response_body, rest_event
-from slimserve.config import ModelConfig
-from slimserve.store import upload_model
+from slimserve.registry import Registry
 
 
 @dataclass
@@ -30,12 +29,12 @@ def fixture_event(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def stored_iris(s3_store):
-    return upload_model(s3_store.client(), s3_store.bucket, ModelConfig(name="iris", format="onnx", artifact=MODELS / "iris.onnx"))
+    return Registry(s3_store.client(), s3_store.bucket).register(MODELS / "iris.onnx", "iris")[0].stored(s3_store.bucket)
 
 
 @pytest.fixture(scope="module")
 def stored_digits(s3_store):
-    return upload_model(s3_store.client(), s3_store.bucket, ModelConfig(name="digits", format="tflite", artifact=MODELS / "digits.tflite"))
+    return Registry(s3_store.client(), s3_store.bucket).register(MODELS / "digits.tflite", "digits")[0].stored(s3_store.bucket)
 
 
 @pytest.fixture
