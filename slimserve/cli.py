@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
+from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
+from .registry import RegistryError
 
 
 def _examples(args) -> int:
@@ -69,7 +71,7 @@ def _serve(args) -> int:
     from .local import LocalStack
 
     config = load_config(args.config)
-    with LocalStack(config, args.host, args.port, log=lambda line: print(line, flush=True)) as stack:
+    with LocalStack(config, args.host, args.port, log=lambda line: print(line, flush=True), s3_port=args.s3_port) as stack:
         gateway = stack.gateway
         print(f"slimserve serving {', '.join(gateway.routes)} at {gateway.url}", flush=True)
         if any(route.api_key_required for route in gateway.routes.values()):
@@ -79,6 +81,62 @@ def _serve(args) -> int:
             stack.serve_forever()
         except KeyboardInterrupt:
             print("stopping", flush=True)
+    return 0
+
+
+def _registry(args):
+    """The registry on the local stack's S3 unless --profile/--region name an AWS account."""
+    import boto3
+
+    from .local_s3 import LOCAL_CREDENTIALS
+    from .registry import Registry
+
+    if args.profile or args.region:
+        if not args.bucket:
+            raise RegistryUsageError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
+        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+        return Registry(session.client("s3"), args.bucket)
+    client = boto3.client("s3", endpoint_url=args.endpoint_url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                          region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"])
+    return Registry(client, args.bucket or DEFAULT_BUCKET)
+
+
+class RegistryUsageError(Exception):
+    pass
+
+
+def _register(args) -> int:
+    version, new = _registry(args).register(Path(args.model), args.name)
+    if new:
+        print(f"registered {args.name} version {version.number}: sha256 {version.sha256}, {version.size} bytes, {version.key}")
+    else:
+        print(f"{args.name}: these bytes are already version {version.number} (sha256 {version.sha256}); nothing uploaded")
+    return 0
+
+
+def _versions(args) -> int:
+    registry = _registry(args)
+    versions = registry.versions(args.name)
+    if not versions:
+        print(f"{args.name}: no registered versions")
+        return 0
+    print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  source")
+    for version in versions:
+        print(f"{version.number:>7}  {version.sha256[:12]}  {version.format:6}  {version.size:>9}  {version.created:20}  {version.source}")
+    return 0
+
+
+def _alias(args) -> int:
+    before, after = _registry(args).set_alias(args.name, args.alias, args.version)
+    was = f"was version {before}" if before is not None else "new alias"
+    print(f"{args.name}: alias {args.alias} now points at version {after} ({was})")
+    return 0
+
+
+def _rollback(args) -> int:
+    before, after = _registry(args).rollback(args.name, args.alias)
+    print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
     return 0
 
 
@@ -92,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, run, text in [
         ("check", _check, "validate the config and list its models"),
-        ("demo", _demo, "run the config's Lambda models through the handler on a local S3"),
+        ("demo", _demo, "start the local stack, call it with real clients, then stop it"),
     ]:
         command = commands.add_parser(name, help=text)
         command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
@@ -114,12 +172,36 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--s3-port", type=int, default=DEFAULT_PORT, help="the local S3's port (default: %(default)s)")
     serve.set_defaults(run=_serve)
+
+    for name, run, text, positionals in [
+        ("register", _register, "upload a model version under its sha256 with a manifest", [("model", "the .onnx or .tflite file")]),
+        ("versions", _versions, "list a model's versions", []),
+        ("alias", _alias, "point an alias (prod, canary, ...) at a version", [("alias", "alias name"), ("version", "number, sha256 prefix or alias")]),
+        ("rollback", _rollback, "point an alias back where it was", []),
+    ]:
+        command = commands.add_parser(name, help=text)
+        if name == "register":
+            command.add_argument("model", help=positionals[0][1])
+            command.add_argument("--name", required=True, help="the model's name")
+        else:
+            command.add_argument("name", help="the model's name")
+            for positional, description in positionals:
+                command.add_argument(positional, help=description)
+        if name == "rollback":
+            command.add_argument("--alias", default="prod", help="alias to roll back (default: %(default)s)")
+        command.add_argument("--endpoint-url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                             help="S3 endpoint (default: the local stack's, %(default)s)")
+        command.add_argument("--bucket", help=f"model store bucket (default locally: {DEFAULT_BUCKET})")
+        command.add_argument("--profile", help="AWS profile: use the deployed store instead of the local one")
+        command.add_argument("--region", help="AWS region: use the deployed store instead of the local one")
+        command.set_defaults(run=run)
 
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as error:
+    except (ConfigError, RegistryError, RegistryUsageError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -26,22 +26,22 @@ class LocalStack:
     """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
 
     def __init__(self, config: AppConfig, host: str = "127.0.0.1", port: int = 8080, log=print,
-                 work_dir: Path = Path("build/local"), api_key: str | None = None):
+                 work_dir: Path = Path("build/local"), api_key: str | None = None, s3_port: int | None = None):
         self.config = config
         self.log = log
         self.resources = contextlib.ExitStack()
         try:
-            self._start(host, port, Path(work_dir), api_key)
+            self._start(host, port, Path(work_dir), api_key, s3_port)
         except BaseException:
             self.resources.close()
             raise
 
-    def _start(self, host: str, port: int, work_dir: Path, api_key: str | None) -> None:
+    def _start(self, host: str, port: int, work_dir: Path, api_key: str | None, s3_port: int | None) -> None:
         python, version, note = lambda_python(LAMBDA_PYTHON)
         self.log(note)
         runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
         task_root = function_bundle(work_dir / "function", python)
-        s3 = self.resources.enter_context(local_s3())
+        s3 = self.resources.enter_context(local_s3(port=s3_port))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         routes = {}
         for model in self.config.models:

@@ -39,13 +39,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+DEFAULT_PORT = 4566  # where `slimserve serve` keeps its S3, and where the registry commands look by default
+DEFAULT_BUCKET = "slimserve-models"
+
+
 @contextmanager
-def local_s3(bucket: str = "slimserve-models"):
-    """Start moto's server, create the bucket, and point this process's boto3 at it."""
+def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None):
+    """Start moto's server (on `port`, or any free one), create the bucket, and point this process's boto3 at it."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 call is noise here
-    port = free_port()
+    port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     environment = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}

@@ -147,3 +147,53 @@ def test_bad_models_are_refused_by_name_and_nothing_is_uploaded(registry, tmp_pa
     else:
         assert str(caught.value) == f"{path}: {message}"
     assert keys(registry) == []
+
+
+def test_cli_register_versions_alias_rollback(s3_store, tmp_path, capsys):
+    from slimserve.cli import main
+
+    s3_store.client().create_bucket(Bucket="cli-store")
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "cli-store"]
+    other = tmp_path / "iris-v2.onnx"
+    model = onnx.load(MODELS / "iris.onnx")
+    model.doc_string = "v2"
+    onnx.save(model, other)
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
+    assert main(["register", str(other), "--name", "iris", *where]) == 0
+    assert main(["alias", "iris", "prod", "1", *where]) == 0
+    assert main(["alias", "iris", "prod", "2", *where]) == 0
+    assert main(["rollback", "iris", *where]) == 0
+    assert main(["versions", "iris", *where]) == 0
+    out = capsys.readouterr().out.splitlines()
+    sha = load_sha(MODELS / "iris.onnx")
+    assert out[0] == f"registered iris version 1: sha256 {sha}, 637 bytes, models/iris/{sha}/model.onnx"
+    assert out[1] == f"iris: these bytes are already version 1 (sha256 {sha}); nothing uploaded"
+    assert out[2].startswith("registered iris version 2: ")
+    assert out[3:6] == ["iris: alias prod now points at version 1 (new alias)",
+                        "iris: alias prod now points at version 2 (was version 1)",
+                        "iris: alias prod rolled back from version 2 to version 1"]
+    assert out[6].split() == ["version", "sha256", "format", "bytes", "created", "source"]
+    assert out[7].split()[:4] == ["1", sha[:12], "onnx", "637"] and out[8].split()[-1] == "iris-v2.onnx"
+
+
+def test_cli_errors_are_one_line(s3_store, tmp_path, capsys):
+    from slimserve.cli import main
+
+    s3_store.client().create_bucket(Bucket="cli-errors")
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps([1]))
+    assert main(["register", str(tmp_path / "model.pkl"), "--name", "x", "--endpoint-url", s3_store.endpoint, "--bucket", "cli-errors"]) == 2
+    assert main(["rollback", "x", "--endpoint-url", s3_store.endpoint, "--bucket", "cli-errors"]) == 2
+    assert main(["versions", "x", "--region", "eu-west-1"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {tmp_path / 'model.pkl'}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
+        "(unpickling runs arbitrary code): convert it first",
+        "error: model 'x' has no alias 'prod'",
+        "error: --bucket: name the model store's bucket (the stack output ModelStoreBucket)",
+    ]
+
+
+def load_sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
