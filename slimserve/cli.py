@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
+from .optimize import OptimizeError
 from .registry import RegistryError
 
 
@@ -106,6 +107,17 @@ class RegistryUsageError(Exception):
     pass
 
 
+def _optimize(args) -> int:
+    from .optimize import optimize
+
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(f".{args.level}.onnx")
+    report = optimize(Path(args.model), args.level, Path(args.samples), args.tolerance, out)
+    print(report.table())
+    print(f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
+          f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})")
+    return 0
+
+
 def _register(args) -> int:
     version, new = _registry(args).register(Path(args.model), args.name)
     if new:
@@ -175,6 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--s3-port", type=int, default=DEFAULT_PORT, help="the local S3's port (default: %(default)s)")
     serve.set_defaults(run=_serve)
 
+    optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model, gated on drift")
+    optimize.add_argument("model", help="the .onnx model")
+    optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
+    optimize.add_argument("--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs")
+    optimize.add_argument("--tolerance", type=float, default=0.01, help="largest absolute output difference accepted (default: %(default)s)")
+    optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx)")
+    optimize.set_defaults(run=_optimize)
+
     for name, run, text, positionals in [
         ("register", _register, "upload a model version under its sha256 with a manifest", [("model", "the .onnx or .tflite file")]),
         ("versions", _versions, "list a model's versions", []),
@@ -201,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, RegistryError, RegistryUsageError) as error:
+    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

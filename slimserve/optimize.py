@@ -1,0 +1,159 @@
+"""Make an ONNX model smaller or faster, and refuse the result if it drifts from the original.
+
+Every level is measured against the original on the user's own samples: size, median
+latency, max and mean absolute difference of each float output, and top-1 agreement
+for class scores. A result past the tolerance is never written.
+"""
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lambda_handlers.runtimes import OnnxModel
+
+LEVELS = ("graph", "int8", "fp16")
+LATENCY_RUNS = 50
+
+
+class OptimizeError(Exception):
+    """An optimization that cannot run, or whose result is refused; the message says why and by how much."""
+
+
+@dataclass(frozen=True)
+class Measurement:
+    label: str
+    size: int
+    median_ms: float
+    max_abs_diff: float
+    mean_abs_diff: float
+    top1_agreement: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    level: str
+    tolerance: float
+    original: Measurement
+    optimized: Measurement
+    written: str | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def table(self) -> str:
+        rows = [("", "size", "median latency", "max |diff|", "mean |diff|", "top-1 agreement")]
+        for m in (self.original, self.optimized):
+            top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}"
+            rows.append((m.label, f"{m.size:,} B", f"{m.median_ms:.3f} ms", f"{m.max_abs_diff:.3g}", f"{m.mean_abs_diff:.3g}", top1))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
+
+
+def load_samples(path: Path, model: OnnxModel) -> dict[str, np.ndarray]:
+    """A .npy feeds the model's only input; a .npz names each input."""
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise OptimizeError(f"{path}: not a numpy .npy/.npz file of samples: {error}") from None
+    specs = model.signature.inputs
+    if isinstance(loaded, np.ndarray):
+        if len(specs) != 1:
+            raise OptimizeError(f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name")
+        return {specs[0].name: loaded}
+    samples = {name: loaded[name] for name in loaded.files}
+    missing = [s.name for s in specs if s.name not in samples]
+    if missing:
+        raise OptimizeError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples) or 'nothing'}")
+    return samples
+
+
+def _median_ms(model: OnnxModel, samples: dict, outputs: list[str]) -> float:
+    times = []
+    for _ in range(LATENCY_RUNS):
+        started = time.perf_counter()
+        model.run(samples, outputs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def _compare(reference: dict, results: dict) -> tuple[float, float, float | None]:
+    """Max and mean absolute difference over float outputs; top-1 agreement over 2-D float outputs."""
+    diffs, agreements = [], []
+    for name, expected in reference.items():
+        got = results[name]
+        if expected.dtype.kind != "f":
+            continue
+        difference = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        diffs.append((float(difference.max()), float(difference.mean())))
+        if expected.ndim == 2 and expected.shape[1] > 1:
+            agreements.append(float((got.argmax(axis=1) == expected.argmax(axis=1)).mean()))
+    if not diffs:
+        return 0.0, 0.0, None
+    return max(d[0] for d in diffs), statistics.mean(d[1] for d in diffs), (min(agreements) if agreements else None)
+
+
+def _transform(source: Path, level: str, target: Path) -> None:
+    import onnx
+    import onnxruntime
+
+    if level == "graph":
+        options = onnxruntime.SessionOptions()
+        # EXTENDED, not ALL: the saved graph must not carry fusions tied to this machine's CPU
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(target)
+        onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    elif level == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+    else:
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        # inputs and outputs stay float32, so clients and the signature do not change
+        onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
+
+
+def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path) -> Report:
+    model_path, out = Path(model_path), Path(out)
+    if level not in LEVELS:
+        raise OptimizeError(f"unknown level {level!r}: expected one of {', '.join(LEVELS)}")
+    if model_path.suffix == ".tflite":
+        raise OptimizeError(
+            f"{model_path}: TFLite models are quantized when TensorFlow converts them; without the 'tensorflow' extra "
+            "slimserve can only serve them as they are. Convert from Keras with `slimserve convert` and "
+            "the extra installed to get an int8 or fp16 TFLite model.")
+    if model_path.suffix != ".onnx":
+        raise OptimizeError(f"{model_path}: expected an .onnx model")
+    if tolerance < 0:
+        raise OptimizeError(f"--tolerance must be >= 0, got {tolerance}")
+    original = OnnxModel(model_path)
+    samples = load_samples(samples_path, original)
+    outputs = [spec.name for spec in original.signature.outputs]
+    reference = original.run(samples, outputs)
+    with tempfile.TemporaryDirectory() as folder:
+        candidate_path = Path(folder) / out.name
+        try:
+            _transform(model_path, level, candidate_path)
+        except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
+            raise OptimizeError(f"{model_path}: {level} optimization failed: {error}") from None
+        candidate = OnnxModel(candidate_path)
+        max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
+        report = Report(
+            level, tolerance,
+            Measurement("original", model_path.stat().st_size, _median_ms(original, samples, outputs), 0.0, 0.0,
+                        1.0 if agreement is not None else None),
+            Measurement(level, candidate_path.stat().st_size, _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
+            None,
+        )
+        if max_diff > tolerance:
+            raise OptimizeError(
+                f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
+                f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(candidate_path.read_bytes())
+    return Report(report.level, tolerance, report.original, report.optimized, str(out))
