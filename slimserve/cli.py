@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
+from .convert import ConvertError
 from .optimize import OptimizeError
 from .registry import RegistryError
 
@@ -107,6 +108,29 @@ class RegistryUsageError(Exception):
     pass
 
 
+def _convert(args) -> int:
+    import numpy as np
+
+    from .convert import ConvertError, convert_sklearn, convert_torch
+
+    source = Path(args.model)
+    samples = np.load(args.samples, allow_pickle=False)
+    # the user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is
+    if source.suffix in (".joblib", ".pkl", ".pickle"):
+        import joblib
+
+        result = convert_sklearn(joblib.load(source), samples, Path(args.out), args.tolerance)
+    elif source.suffix in (".pt", ".pth"):
+        import torch
+
+        result = convert_torch(torch.load(source, weights_only=False), samples, Path(args.out), args.tolerance)
+    else:
+        raise ConvertError(f"{source}: expected a scikit-learn model (.joblib, .pkl) or a saved PyTorch module (.pt, .pth)")
+    agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
+    print(f"wrote {result.path}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}{agreement}")
+    return 0
+
+
 def _optimize(args) -> int:
     from .optimize import optimize
 
@@ -187,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--s3-port", type=int, default=DEFAULT_PORT, help="the local S3's port (default: %(default)s)")
     serve.set_defaults(run=_serve)
 
+    convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, checked on samples first")
+    convert.add_argument("model", help="scikit-learn (.joblib, .pkl) or PyTorch module (.pt, .pth, saved whole)")
+    convert.add_argument("--samples", required=True, help=".npy of representative inputs")
+    convert.add_argument("--out", required=True, help="the .onnx file to write")
+    convert.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute output difference accepted (default: %(default)s)")
+    convert.set_defaults(run=_convert)
+
     optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model, gated on drift")
     optimize.add_argument("model", help="the .onnx model")
     optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
@@ -221,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError) as error:
+    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError, ConvertError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -45,35 +45,17 @@ def digits_split():
 
 
 def build_iris_onnx(path: Path) -> ExampleModel:
-    from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    from .convert import convert_sklearn
+
     train_x, test_x, train_y, test_y = iris_split()
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=SEED))
     pipeline.fit(train_x, train_y)
-    onnx_model = to_onnx(
-        pipeline,
-        train_x[:1],
-        options={id(pipeline.steps[-1][1]): {"zipmap": False}},
-        initial_types=None,
-        target_opset=17,
-    )
-    _rename_io(onnx_model, {"X": "features", "output_label": "label", "output_probability": "probabilities"})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(onnx_model.SerializeToString())
+    convert_sklearn(pipeline, train_x, path)
     return _evaluate("iris", path, "onnx", test_x, test_y, "label")
-
-
-def _rename_io(onnx_model, names: dict[str, str]) -> None:
-    """Give the graph's inputs and outputs names a client can guess."""
-    graph = onnx_model.graph
-    for value in [*graph.input, *graph.output]:
-        value.name = names.get(value.name, value.name)
-    for node in graph.node:
-        node.input[:] = [names.get(n, n) for n in node.input]
-        node.output[:] = [names.get(n, n) for n in node.output]
 
 
 def build_digits_tflite(path: Path) -> ExampleModel:

@@ -1,0 +1,109 @@
+"""convert: scikit-learn and PyTorch models to ONNX, equal to the source model before anything is written."""
+
+import numpy as np
+import pytest
+
+from lambda_handlers.runtimes import OnnxModel
+from slimserve.convert import ConvertError, convert_sklearn, convert_torch
+
+
+@pytest.fixture(scope="module")
+def iris_data():
+    from slimserve.examples import iris_split
+
+    return iris_split()
+
+
+def test_sklearn_classifier_pipeline_round_trips(iris_data, tmp_path):
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x, train_y, _ = iris_data
+    pipeline = make_pipeline(StandardScaler(), PCA(3), LogisticRegression(max_iter=500)).fit(train_x, train_y)
+    result = convert_sklearn(pipeline, test_x, tmp_path / "pipeline.onnx")
+    model = OnnxModel(tmp_path / "pipeline.onnx")
+    assert [s.name for s in model.signature.inputs] == ["features"]
+    outputs = model.run({"features": test_x}, ["label", "probabilities"])
+    np.testing.assert_array_equal(outputs["label"], pipeline.predict(test_x))
+    np.testing.assert_allclose(outputs["probabilities"], pipeline.predict_proba(test_x), atol=1e-5)
+    assert result.label_agreement == 1.0 and result.samples == len(test_x)
+
+
+def test_drift_past_the_tolerance_is_refused_and_a_looser_one_accepted(iris_data, tmp_path):
+    """Trees compare float32 thresholds in ONNX and float64 in scikit-learn: a sample near a split may differ."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_x, test_x, train_y, _ = iris_data
+    forest = make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=20, random_state=0)).fit(train_x, train_y)
+    with pytest.raises(ConvertError, match=rf"^{tmp_path}/forest.onnx: not written: the ONNX model disagrees with the "
+                                           r"original on the samples: max \|diff\| 0.05 \(tolerance 0.0001\)"):
+        convert_sklearn(forest, test_x, tmp_path / "forest.onnx")
+    assert not (tmp_path / "forest.onnx").exists()
+    assert convert_sklearn(forest, test_x, tmp_path / "forest.onnx", tolerance=0.1).max_abs_diff == pytest.approx(0.05)
+
+
+def test_sklearn_regressor_round_trips(iris_data, tmp_path):
+    from sklearn.linear_model import Ridge
+
+    train_x, test_x, _, _ = iris_data
+    ridge = Ridge().fit(train_x[:, :3], train_x[:, 3])
+    convert_sklearn(ridge, test_x[:, :3], tmp_path / "ridge.onnx")
+    got = OnnxModel(tmp_path / "ridge.onnx").run({"features": test_x[:, :3]}, ["predictions"])["predictions"]
+    np.testing.assert_allclose(got.reshape(-1), ridge.predict(test_x[:, :3]), atol=1e-5)
+
+
+def test_unconvertible_estimator_is_refused_and_nothing_written(iris_data, tmp_path):
+    from sklearn.base import BaseEstimator, ClassifierMixin
+
+    class Custom(ClassifierMixin, BaseEstimator):
+        def fit(self, x, y):
+            self.classes_ = np.unique(y)
+            return self
+
+        def predict(self, x):
+            return np.zeros(len(x), np.int64)
+
+        def predict_proba(self, x):
+            return np.ones((len(x), 3)) / 3
+
+    train_x, test_x, train_y, _ = iris_data
+    with pytest.raises(ConvertError, match=rf"^{tmp_path}/custom.onnx: skl2onnx cannot convert Custom: "):
+        convert_sklearn(Custom().fit(train_x, train_y), test_x, tmp_path / "custom.onnx")
+    assert not (tmp_path / "custom.onnx").exists()
+
+
+def test_small_pytorch_cnn_round_trips_with_a_dynamic_batch(tmp_path):
+    torch = pytest.importorskip("torch", reason="PyTorch is a test extra (pip install torch==2.13.0)")
+    torch.manual_seed(0)
+    cnn = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 10), torch.nn.Softmax(dim=1))
+    samples = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+    result = convert_torch(cnn, samples, tmp_path / "cnn.onnx", input_name="pixels", output_name="scores")
+    model = OnnxModel(tmp_path / "cnn.onnx")
+    assert model.signature.inputs[0].shape == (-1, 1, 8, 8)  # the batch stays dynamic
+    for batch in (1, 5, 12):
+        with torch.no_grad():
+            expected = cnn(torch.from_numpy(samples[:batch])).numpy()
+        np.testing.assert_allclose(model.run({"pixels": samples[:batch]}, ["scores"])["scores"], expected, atol=1e-5)
+    assert result.max_abs_diff <= 1e-4
+
+
+def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    from slimserve.cli import main
+
+    train_x, test_x, train_y, _ = iris_data
+    joblib.dump(LogisticRegression(max_iter=500).fit(train_x, train_y), tmp_path / "model.joblib")
+    np.save(tmp_path / "samples.npy", test_x)
+    assert main(["convert", str(tmp_path / "model.joblib"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "m.onnx")]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'm.onnx'}: checked on 45 samples, max |diff| ")
+    assert main(["convert", str(tmp_path / "samples.npy"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn model (.joblib, .pkl) "
+                                       "or a saved PyTorch module (.pt, .pth)\n")
