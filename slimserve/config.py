@@ -100,6 +100,8 @@ class ModelConfig:
     reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
     provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
     snapstart: bool = _rule(_bool(), False, "Lambda SnapStart on published versions")
+    deployment: str = _rule(_choice("canary", "linear", "all_at_once"), "canary",
+                            "how a new version takes the live alias's traffic (CodeDeploy)")
     auth: str = _rule(_choice("none", "api_key", "iam"), "api_key", "how clients authenticate")
     alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
     sagemaker: SageMakerSettings | None = field(default=None, metadata={"doc": "settings for target 'sagemaker'"})

@@ -8,7 +8,11 @@ import aws_cdk as cdk
 import jsii
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
+from aws_cdk import aws_codedeploy as codedeploy
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
 from constructs import Construct
 
 from layers.builder import build_layer, find_python, layer_key
@@ -23,6 +27,11 @@ PYTHON_VERSION = "3.12"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
 ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
 ALIAS = "live"
+DEPLOYMENTS = {
+    "canary": codedeploy.LambdaDeploymentConfig.CANARY_10_PERCENT_5_MINUTES,
+    "linear": codedeploy.LambdaDeploymentConfig.LINEAR_10_PERCENT_EVERY_1_MINUTE,
+    "all_at_once": codedeploy.LambdaDeploymentConfig.ALL_AT_ONCE,
+}
 
 
 @jsii.implements(cdk.ILocalBundling)
@@ -84,6 +93,8 @@ class LambdaModelProps:
     store: ModelStore
     log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
     """How long the function's logs are kept. @default one month."""
+    alarm_topic: sns.ITopic | None = None
+    """Where the deployment alarms also page. @default they only roll back."""
 
 
 class LambdaModel(Construct):
@@ -137,6 +148,7 @@ class LambdaModel(Construct):
             version=self.function.current_version,
             provisioned_concurrent_executions=model.provisioned_concurrency or None,
         )
+        self.deployment = self._deployment(model, props.alarm_topic)
         acknowledge(self.role, {"AwsSolutions-IAM5[Resource::*]": "X-Ray's PutTraceSegments and PutTelemetryRecords "
                                 "support no resource-level permissions, so tracing needs Resource '*'"})
         runtime_reason = (f"python{PYTHON_VERSION} matches the layer's wheels (ONNX Runtime, LiteRT) and the local runner; "
@@ -146,3 +158,30 @@ class LambdaModel(Construct):
             "Serverless-LambdaLatestVersion": runtime_reason,
             "Serverless-LambdaDLQ": "invoked synchronously by API Gateway: a failed request is answered, there is nothing to redeliver",
         })
+
+    def _deployment(self, model: ModelConfig, topic: sns.ITopic | None) -> codedeploy.LambdaDeploymentGroup:
+        """A new version reaches `live` through CodeDeploy, rolled back when the alias's errors or p99 pass the model's thresholds."""
+        alarms = model.alarms
+        errors = cloudwatch.MathExpression(
+            expression="100 * errors / MAX([errors, invocations])",
+            using_metrics={"errors": self.alias.metric_errors(statistic="Sum", period=cdk.Duration.minutes(1)),
+                           "invocations": self.alias.metric_invocations(statistic="Sum", period=cdk.Duration.minutes(1))},
+            label="error rate (%)", period=cdk.Duration.minutes(1))
+        checks = [
+            errors.create_alarm(self, "ErrorRateAlarm", threshold=alarms.error_rate_percent, evaluation_periods=2,
+                                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                                alarm_description=f"{model.name}: error rate of the live alias during a deployment"),
+            self.alias.metric_duration(statistic="p99", period=cdk.Duration.minutes(1)).create_alarm(
+                self, "LatencyAlarm", threshold=alarms.p99_latency_ms, evaluation_periods=2,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"{model.name}: p99 duration of the live alias during a deployment"),
+        ]
+        if topic is not None:
+            for alarm in checks:
+                alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
+        group = codedeploy.LambdaDeploymentGroup(
+            self, "Deployment", alias=self.alias, deployment_config=DEPLOYMENTS[model.deployment], alarms=checks,
+            auto_rollback=codedeploy.AutoRollbackConfig(failed_deployment=True, stopped_deployment=True, deployment_in_alarm=True))
+        acknowledge(group, {"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited]":
+                            "CodeDeploy's Lambda role is AWS's own limited policy, scoped by CodeDeploy itself"})
+        return group

@@ -68,7 +68,7 @@ def test_sagemaker_target_gets_instance_defaults(folder):
 
 
 @pytest.mark.parametrize("text, message", [
-    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
+    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, deployment, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
     (MODEL + 'memory_mb = "big"\n', "models.iris.memory_mb: expected an integer between 128 and 10240, found 'big'"),
     (MODEL + "memory_mb = 64\n", "models.iris.memory_mb: expected an integer between 128 and 10240, found 64"),
     (MODEL + "timeout_s = 60\n", "models.iris.timeout_s: expected an integer between 1 and 29, found 60"),
@@ -99,7 +99,7 @@ def test_sagemaker_target_gets_instance_defaults(folder):
     ("[app]\nname = 'demo'\n", "models: expected at least one [models.NAME] table, found none"),
     ("modles = 1\n" + MODEL, "modles: unknown key (did you mean 'models'?); expected one of app, defaults, models"),
     ("models = 3\n", "models: expected a table, found 3"),
-    ("[defaults]\nformat = 'onnx'\n" + MODEL, "defaults.format: unknown key; expected one of alarms, architecture, auth, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
+    ("[defaults]\nformat = 'onnx'\n" + MODEL, "defaults.format: unknown key; expected one of alarms, architecture, auth, deployment, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
     ("[models.iris\n", "not valid TOML: Expected ']' at the end of a table declaration (at line 1, column 13)"),
 ])
 def test_errors_name_the_key_what_was_expected_and_what_was_found(folder, text, message):

@@ -352,3 +352,27 @@ def test_fifty_models_shard_into_nested_stacks_under_cloudformations_limits(tmp_
     counts = [len(assertions.Template.from_stack(part).to_json()["Resources"]) for part in (stack, *stack.shards)]
     assert len(stack.shards) == 3 and max(counts) <= 500, counts
     assert sum(len(shard.lambda_models) for shard in stack.shards) == 50
+
+
+def test_new_versions_reach_live_through_codedeploy_with_rollback_alarms(shard, shard_resources):
+    groups = shard.find_resources("AWS::CodeDeploy::DeploymentGroup")
+    assert len(groups) == 2
+    iris = next(g["Properties"] for key, g in groups.items() if "iris" in key)
+    assert iris["DeploymentConfigName"] == "CodeDeployDefault.LambdaCanary10Percent5Minutes"
+    assert iris["AutoRollbackConfiguration"] == {
+        "Enabled": True, "Events": ["DEPLOYMENT_FAILURE", "DEPLOYMENT_STOP_ON_REQUEST", "DEPLOYMENT_STOP_ON_ALARM"]}
+    assert iris["AlarmConfiguration"]["Enabled"] is True
+    alarm_refs = [alarm["Name"]["Ref"] for alarm in iris["AlarmConfiguration"]["Alarms"]]
+    alarms = {ref: shard_resources[ref]["Properties"] for ref in alarm_refs}
+    thresholds = sorted(props["Threshold"] for props in alarms.values())
+    assert thresholds == [1.0, 300]  # the model's error rate (%) and p99 (ms) from slimserve.toml
+    assert all(len(props["AlarmActions"]) == 1 for props in alarms.values())  # and they page
+    shard.has_resource("AWS::Lambda::Alias", {"UpdatePolicy": {"CodeDeployLambdaAliasUpdate": Match.any_value()}})
+
+
+def test_deployment_strategy_from_config(tmp_path):
+    (tmp_path / "m.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    config = parse_config({"models": {"m": {"format": "onnx", "artifact": "m.onnx", "deployment": "linear"}}}, tmp_path / "slimserve.toml")
+    template = assertions.Template.from_stack(stack_for(config).shards[0])
+    template.has_resource_properties("AWS::CodeDeploy::DeploymentGroup",
+                                     {"DeploymentConfigName": "CodeDeployDefault.LambdaLinear10PercentEvery1Minute"})
