@@ -22,6 +22,7 @@ from .runner import FunctionPool
 MAX_BODY_BYTES = 10 * 1024 * 1024
 INTEGRATION_TIMEOUT_S = 29.0
 MODEL_ROUTE = re.compile(r"/v[12]/models/(?P<name>[^/:]+)")
+VERSION_IN_PATH = re.compile(r"/v[12]/models/[^/:]+/versions/(?P<version>[^/:]+)")
 
 # API Gateway's own answers, word for word
 FORBIDDEN = (403, {"message": "Forbidden"})
@@ -36,6 +37,8 @@ class Route:
 
     pool: FunctionPool
     api_key_required: bool
+    versions: object | None = None
+    """Picks the function for a version (`pick(ref or None) -> (pool, number)`, LookupError if none); None: one version only."""
 
 
 class LocalGateway(ThreadingHTTPServer):
@@ -74,7 +77,16 @@ class LocalGateway(ThreadingHTTPServer):
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
-        return self.integrate(route.pool, rest_event(method, path, body, headers))
+        pool = route.pool
+        if route.versions is not None:
+            versioned = VERSION_IN_PATH.match(path)
+            try:
+                pool, number = route.versions.pick(versioned["version"] if versioned else None)
+            except LookupError as error:
+                return _json(404, {"error": str(error)})
+            if versioned:  # an alias or sha256 prefix in the path becomes the number the function knows itself by
+                path = f"{path[:versioned.start('version')]}{number}{path[versioned.end('version'):]}"
+        return self.integrate(pool, rest_event(method, path, body, headers))
 
     def integrate(self, pool: FunctionPool, event: dict) -> tuple[int, dict, bytes]:
         if pool.spec.timeout_s < self.integration_timeout_s:

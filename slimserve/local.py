@@ -2,6 +2,9 @@
 
 import contextlib
 import os
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from layers.builder import build_layer
@@ -10,7 +13,7 @@ from .config import AppConfig
 from .gateway import LocalGateway, Route
 from .local_s3 import local_s3
 from .runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
-from .registry import Registry
+from .registry import Registry, RegistryError, Version
 
 LAMBDA_PYTHON = "3.12"
 
@@ -20,6 +23,51 @@ def layer_runtime(model_format: str, python_version: str) -> str:
     if model_format == "tflite" and python_version == "3.11":
         return "tflite-py311"
     return model_format
+
+
+class ModelVersions:
+    """Every registered version of a model, each in functions of its own started on first use, as Lambda versions are.
+
+    Requests without a version go to the version the registry's `live` alias names (looked up at most once a
+    second), or to the config's version while there is no such alias.
+    """
+
+    ALIAS = "live"
+    ALIAS_TTL_S = 1.0
+
+    def __init__(self, registry: Registry, name: str, default: Version, make_pool: Callable[[Version], FunctionPool]):
+        self.registry, self.name, self.make_pool = registry, name, make_pool
+        self.default = default.number
+        self.pools = {default.number: make_pool(default)}
+        self.lock = threading.Lock()
+        self.live: tuple[float, int | None] = (0.0, None)
+
+    def _live(self) -> int:
+        checked, number = self.live
+        if time.monotonic() - checked > self.ALIAS_TTL_S:
+            try:
+                number = self.registry.alias(self.name, self.ALIAS)["version"]
+            except RegistryError:
+                number = None
+            self.live = (time.monotonic(), number)
+        return number or self.default
+
+    def pick(self, ref: str | None) -> tuple[FunctionPool, int]:
+        try:
+            version = self.registry.version(self.name, ref) if ref is not None else None
+        except RegistryError as error:
+            raise LookupError(str(error)) from None
+        number = version.number if version else self._live()
+        with self.lock:
+            if number not in self.pools:
+                self.pools[number] = self.make_pool(version or self.registry.version(self.name, str(number)))
+            return self.pools[number], number
+
+    def close(self) -> None:
+        with self.lock:
+            pools, self.pools = list(self.pools.values()), {}
+        for pool in pools:
+            pool.close()
 
 
 class LocalStack:
@@ -43,6 +91,7 @@ class LocalStack:
         task_root = function_bundle(work_dir / "function", python)
         s3 = self.resources.enter_context(local_s3(port=s3_port))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
+        self.registry = registry = Registry(s3.client(), s3.bucket)
         routes = {}
         for model in self.config.models:
             if model.target != "lambda":
@@ -51,19 +100,24 @@ class LocalStack:
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
             layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
-            registered, _ = Registry(s3.client(), s3.bucket).register(model.artifact, model.name)
+            registered, _ = registry.register(model.artifact, model.name)
             name = f"{self.config.name}-{model.name}"
-            pool = FunctionPool(
-                FunctionSpec(
-                    name=name, python=python, task_root=task_root, layer=layer.python_path, runtime_dir=runtime_dir,
-                    environment={**s3.environment, **registered.environment(s3.bucket)}, memory_mb=model.memory_mb,
-                    timeout_s=model.timeout_s, concurrency=model.reserved_concurrency or 10,
-                    log_path=work_dir / f"{name}.log",
-                ),
-                report=self.log,
-            )
-            self.resources.callback(pool.close)
-            routes[model.name] = Route(pool, api_key_required=model.auth == "api_key")
+
+            def make_pool(version: Version, model=model, name=name, layer=layer) -> FunctionPool:
+                return FunctionPool(
+                    FunctionSpec(
+                        name=name, python=python, task_root=task_root, layer=layer.python_path, runtime_dir=runtime_dir,
+                        environment={**s3.environment, **version.environment(s3.bucket)}, memory_mb=model.memory_mb,
+                        timeout_s=model.timeout_s, concurrency=model.reserved_concurrency or 10,
+                        log_path=work_dir / f"{name}.log",
+                    ),
+                    report=self.log,
+                )
+
+            versions = ModelVersions(registry, model.name, registered, make_pool)
+            self.resources.callback(versions.close)
+            routes[model.name] = Route(versions.pools[registered.number], api_key_required=model.auth == "api_key",
+                                       versions=versions)
             self.log(f"{model.name}: {model.format} on layer {Path(layer.path).name} "
                      f"({layer.slim_bytes / 2**20:.1f} MiB), logs in {work_dir / f'{name}.log'}")
             if model.auth == "iam":

@@ -134,6 +134,36 @@ def test_sixteen_concurrent_clients_all_answered_correctly(stack, key, iris, iri
     assert all(count > 0 for count in counts)
 
 
+def test_versions_and_the_live_alias_reach_their_own_functions(stack, key, tmp_path):
+    import onnx
+
+    model = onnx.load(ROOT / "examples" / "models" / "iris.onnx")
+    model.doc_string = "iris, retrained"
+    onnx.save(model, tmp_path / "iris-v2.onnx")
+    v2, _ = stack.registry.register(tmp_path / "iris-v2.onnx", "iris")
+    headers = {**key, "Content-Type": "application/json"}
+    row = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+
+    def served_version(path):
+        status, body = http(stack, "POST", path, row, headers)
+        assert status == 200, body
+        return body["model_version"]
+
+    assert served_version("/v2/models/iris/infer") == "1"
+    assert served_version(f"/v2/models/iris/versions/{v2.number}/infer") == "2"
+    assert served_version(f"/v2/models/iris/versions/{v2.sha256[:12]}/infer") == "2"
+    assert http(stack, "GET", "/v2/models/iris/versions/2", headers=key)[1]["versions"] == ["2"]
+    assert http(stack, "GET", "/v2/models/iris/versions/7/ready", headers=key) == (404, {"error": "model 'iris' has no version '7'; versions: 1, 2"})
+    stack.registry.set_alias("iris", "live", "1")
+    stack.registry.set_alias("iris", "live", "2")
+    time.sleep(1.1)  # the gateway looks the alias up at most once a second
+    assert served_version("/v2/models/iris/infer") == "2"
+    assert served_version("/v2/models/iris/versions/live/infer") == "2"
+    assert stack.registry.rollback("iris", "live") == (2, 1)
+    time.sleep(1.1)
+    assert served_version("/v2/models/iris/infer") == "1"
+
+
 # The runner and gateway on their own, with functions built to fail
 
 
