@@ -82,8 +82,6 @@ def _rename(model, names: dict[str, str]) -> None:
 def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-4,
                   input_name: str = "input", output_name: str = "output") -> Conversion:
     """An nn.Module exported with its batch dimension dynamic; checked on `samples` in eval mode."""
-    import io
-
     import torch
 
     module = module.eval()
@@ -91,11 +89,12 @@ def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-
     tensor = torch.from_numpy(samples)
     with torch.no_grad():
         expected = module(tensor).numpy()
-    buffer = io.BytesIO()
+    batch = torch.export.Dim("batch", min=1)
+    example = tensor[:2] if len(tensor) >= 2 else torch.cat([tensor[:1]] * 2)  # a batch of 1 would be specialized away
     try:
-        torch.onnx.export(module, (tensor[:1],), buffer, input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}}, opset_version=TARGET_OPSET,
-                          dynamo=False)
+        program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=[output_name],
+                                    dynamic_shapes=({0: batch},), opset_version=TARGET_OPSET, dynamo=True, verbose=False)
     except Exception as error:  # torch raises many kinds; the module is what is at fault
         raise ConvertError(f"{out}: torch.onnx.export failed: {error}") from None
-    return _check_and_write(buffer.getvalue(), {output_name: expected}, samples, Path(out), tolerance)
+    onnx_bytes = program.model_proto.SerializeToString()
+    return _check_and_write(onnx_bytes, {output_name: expected}, samples, Path(out), tolerance)
