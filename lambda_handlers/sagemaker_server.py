@@ -1,0 +1,180 @@
+"""The serving program for SageMaker's container contract, on the same inference core as Lambda.
+
+    GET  /ping          200 when the model is loaded, 503 with the reason otherwise
+    POST /invocations   the protocol is chosen by Content-Type:
+                          application/json                V2 inference request
+                          application/octet-stream        V2 with the binary tensor extension
+                          application/vnd.tfserving+json  TF Serving :predict body
+    GET  /stats         requests served and runtime calls made (dynamic batching at work)
+
+The model is read from /opt/ml/model (or SLIMSERVE_MODEL_PATH) and checked against
+SLIMSERVE_MODEL_SHA256 when set. ONNX models run on CUDA when a GPU is present (TensorRT
+when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which. SIGTERM finishes the
+requests in flight, then exits.
+"""
+
+import glob
+import json
+import os
+import signal
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from . import telemetry
+from .batching import BatchingModel
+from .core import InferenceCore, Request, ServedModel
+from .function import ModelSource, ModelSourceError
+from .runtimes import ModelLoadError, OnnxModel, TfliteModel
+
+TFSERVING_CONTENT_TYPE = "application/vnd.tfserving+json"
+MODEL_DIR = "/opt/ml/model"
+
+
+def onnx_providers(environ) -> list[str]:
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if environ.get("SLIMSERVE_TENSORRT") == "1":
+        wanted.insert(0, "TensorrtExecutionProvider")
+    return [provider for provider in wanted if provider in available]
+
+
+def _model_path(environ) -> str:
+    if environ.get("SLIMSERVE_MODEL_PATH"):
+        return environ["SLIMSERVE_MODEL_PATH"]
+    found = sorted(glob.glob(os.path.join(environ.get("SM_MODEL_DIR", MODEL_DIR), "model.*")))
+    return found[0] if found else os.path.join(MODEL_DIR, "model.onnx")
+
+
+def load(environ) -> ServedModel:
+    """The model as the core serves it; a failure is kept as the reason /ping and every request give."""
+    path = _model_path(environ)
+    name = environ.get("SLIMSERVE_MODEL_NAME", "model")
+    version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
+    model_format = environ.get("SLIMSERVE_MODEL_FORMAT") or os.path.splitext(path)[1].lstrip(".")
+    try:
+        data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", ""), path=path).fetch() \
+            if environ.get("SLIMSERVE_MODEL_SHA256") else _read(path)
+        if model_format == "onnx":
+            runtime = OnnxModel(data, providers=onnx_providers(environ))
+            used = runtime.session.get_providers()[0]
+            level = "INFO" if used != "CPUExecutionProvider" else "WARNING"
+            telemetry.log(level, f"ONNX Runtime runs on {used}", available=onnx_providers(environ), model=name)
+        elif model_format == "tflite":
+            runtime = TfliteModel(data)
+        else:
+            raise ModelLoadError(f"{path}: unknown model format {model_format!r}; expected onnx or tflite")
+    except (ModelSourceError, ModelLoadError) as error:
+        telemetry.log("ERROR", "model not loaded", model=name, reason=str(error))
+        return ServedModel(name, version, failure=str(error))
+    batching = BatchingModel(runtime, int(environ.get("SLIMSERVE_MAX_BATCH_SIZE", "32")),
+                             float(environ.get("SLIMSERVE_MAX_QUEUE_DELAY_MS", "2")))
+    telemetry.log("INFO", "model loaded", model=name, source=path, batching=batching.batchable,
+                  max_batch_size=batching.max_batch_size, max_delay_ms=batching.max_delay * 1000)
+    return ServedModel(name, version, runtime=batching)
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as error:
+        raise ModelSourceError(f"cannot read {path}: {error.strerror}") from None
+
+
+class SageMakerServer(ThreadingHTTPServer):
+    daemon_threads = False  # SIGTERM waits for the requests in flight
+    block_on_close = True
+
+    def __init__(self, model: ServedModel, host: str = "0.0.0.0", port: int = 8080):
+        self.model = model
+        self.core = InferenceCore([model])
+        super().__init__((host, port), _Handler)
+
+    def invoke(self, content_type: str, headers: dict, body: bytes):
+        base = content_type.split(";")[0].strip().lower()
+        if base == TFSERVING_CONTENT_TYPE:
+            path = f"/v1/models/{self.model.name}:predict"
+        else:
+            path = f"/v2/models/{self.model.name}/infer"
+            if base == "application/octet-stream" and "inference-header-content-length" not in headers:
+                headers["inference-header-content-length"] = str(_json_header_length(body))
+        return self.core.handle(Request("POST", path, headers, body))
+
+
+def _json_header_length(body: bytes) -> int:
+    """Where the V2 JSON header ends when no header says so: the end of the first JSON object in the body."""
+    depth, in_string, escaped = 0, False, False
+    for index, byte in enumerate(body):
+        if in_string:
+            escaped = byte == 0x5C and not escaped
+            if byte == 0x22 and not escaped:
+                in_string = False
+            continue
+        if byte == 0x22:
+            in_string = True
+        elif byte in b"{[":
+            depth += 1
+        elif byte in b"}]":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return len(body)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    server: SageMakerServer
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: bytes, headers: dict | None = None):
+        self.send_response(status)
+        for key, value in (headers or {"Content-Type": "application/json"}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        model = self.server.model
+        if self.path == "/ping":
+            if model.ready:
+                return self._send(200, b'{"status":"healthy"}')
+            return self._send(503, json.dumps({"status": "unhealthy", "error": model.failure}).encode())
+        if self.path == "/stats" and model.ready:
+            runtime = model.runtime
+            return self._send(200, json.dumps({"requests": runtime.requests, "runtime_calls": runtime.runtime_calls}).encode())
+        self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length)
+        if self.path != "/invocations":
+            return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
+        headers = {key.lower(): value for key, value in self.headers.items()}
+        response = self.server.invoke(headers.get("content-type", "application/json"), headers, body)
+        self._send(response.status, response.body, response.headers)
+
+
+def main() -> int:
+    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
+    server = SageMakerServer(load(os.environ), os.environ.get("SLIMSERVE_HOST", "0.0.0.0"), port)
+
+    def stop(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() from the serving thread would deadlock
+
+    signal.signal(signal.SIGTERM, stop)
+    telemetry.log("INFO", f"serving on port {port}", ready=server.model.ready)
+    server.serve_forever()
+    server.server_close()  # joins the request threads: in-flight requests finish
+    telemetry.log("INFO", "stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""The SageMaker serving program as a plain process on loopback: contract, protocols, batching, failure, shutdown."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from conftest import MODELS, ROOT
+from test_v2 import triton_request, triton_result
+
+from lambda_handlers.core import Response
+from slimserve.local_s3 import free_port
+
+
+def start(model: str, **extra) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    path = MODELS / model
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1",
+                   "SLIMSERVE_MODEL_PATH": str(path), "SLIMSERVE_MODEL_NAME": path.stem,
+                   "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest(), "SLIMSERVE_MAX_QUEUE_DELAY_MS": "20", **extra}
+    process = subprocess.Popen([sys.executable, "-m", "lambda_handlers.sagemaker_server"], env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(f"{url}/ping", timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # up, but not healthy: the test looks at why
+        except OSError:
+            time.sleep(0.05)
+    return process, url
+
+
+def call(url, method, path, body=None, headers=None):
+    request = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.fixture(scope="module")
+def iris_server():
+    process, url = start("iris.onnx")
+    yield url
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 0
+
+
+def test_ping_and_v2_json(iris_server, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    assert call(iris_server, "GET", "/ping")[:1] == (200,)
+    body, _ = triton_request({"features": (test_x, "FP32")}, False, ["label", "probabilities"], False)
+    status, headers, raw = call(iris_server, "POST", "/invocations", body, {"Content-Type": "application/json"})
+    result = triton_result(Response(status, raw, headers))
+    direct = iris.run({"features": test_x}, ["label", "probabilities"])
+    np.testing.assert_array_equal(result.as_numpy("label"), direct["label"])
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), direct["probabilities"])
+
+
+@pytest.mark.parametrize("with_length", [True, False], ids=["header-length", "parsed-length"])
+def test_v2_binary(iris_server, iris, iris_test_split, with_length):
+    test_x, _ = iris_test_split
+    body, headers = triton_request({"features": (test_x[:7], "FP32")}, True, ["probabilities"], True)
+    if not with_length:  # InvokeEndpoint carries no such header; the server finds the JSON header's end itself
+        headers.pop("Inference-Header-Content-Length")
+    status, response_headers, raw = call(iris_server, "POST", "/invocations", body, headers)
+    assert status == 200, raw
+    result = triton_result(Response(status, raw, {"Inference-Header-Content-Length": response_headers["Inference-Header-Content-Length"]}))
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), iris.run({"features": test_x[:7]}, ["probabilities"])["probabilities"])
+
+
+def test_tf_serving_body(iris_server, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    status, _, raw = call(iris_server, "POST", "/invocations", json.dumps({"instances": test_x[:4].tolist()}).encode(),
+                          {"Content-Type": "application/vnd.tfserving+json"})
+    assert status == 200
+    assert [row["label"] for row in json.loads(raw)["predictions"]] == iris.run({"features": test_x[:4]}, ["label"])["label"].tolist()
+
+
+def test_bad_input_is_a_4xx_and_the_server_stays_up(iris_server):
+    status, _, raw = call(iris_server, "POST", "/invocations", b'{"inputs": [', {"Content-Type": "application/json"})
+    assert (status, json.loads(raw)) == (400, {"error": "request body is not valid JSON: unexpected end of data: line 1 column 13 (char 12)"})
+    assert call(iris_server, "GET", "/ping")[0] == 200
+
+
+def test_concurrent_single_rows_are_batched_and_each_caller_gets_its_own(iris_server, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    before = json.loads(call(iris_server, "GET", "/stats")[2])
+
+    def one(index: int):
+        row = test_x[index:index + 1]
+        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row.tolist()}]}).encode()
+        status, _, raw = call(iris_server, "POST", "/invocations", body, {"Content-Type": "application/json"})
+        assert status == 200
+        return json.loads(raw)["outputs"][0]["data"][0]
+
+    with ThreadPoolExecutor(32) as pool:
+        labels = list(pool.map(one, range(32)))
+    after = json.loads(call(iris_server, "GET", "/stats")[2])
+    assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
+    assert after["requests"] - before["requests"] == 32
+    assert after["runtime_calls"] - before["runtime_calls"] < 32, (before, after)
+
+
+def test_ping_fails_when_the_model_cannot_be_loaded():
+    process, url = start("iris.onnx", SLIMSERVE_MODEL_SHA256="0" * 64)
+    try:
+        status, _, raw = call(url, "GET", "/ping")
+        assert status == 503 and json.loads(raw)["error"].startswith(f"sha256 of {MODELS / 'iris.onnx'} is ")
+        status, _, raw = call(url, "POST", "/invocations", b"{}", {"Content-Type": "application/json"})
+        assert status == 503
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+
+
+def test_tflite_models_serve_too(digits, digits_test_split):
+    test_x, _ = digits_test_split
+    process, url = start("digits.tflite")
+    try:
+        status, _, raw = call(url, "POST", "/invocations", json.dumps({"inputs": test_x[:3].tolist()}).encode(),
+                              {"Content-Type": "application/vnd.tfserving+json"})
+        assert status == 200
+        np.testing.assert_allclose(np.array(json.loads(raw)["outputs"], np.float32),
+                                   digits.run({"pixels": test_x[:3]}, ["probabilities"])["probabilities"], rtol=1e-6)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
