@@ -137,3 +137,16 @@ def test_tflite_models_serve_too(digits, digits_test_split):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
+
+
+def test_sigterm_lets_a_request_in_flight_finish():
+    process, url = start("iris.onnx", SLIMSERVE_MAX_QUEUE_DELAY_MS="1500")  # a lone request waits 1.5 s for company
+    body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(call, url, "POST", "/invocations", body, {"Content-Type": "application/json"})
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        status, _, raw = pending.result(timeout=30)
+    assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [0]
+    assert process.wait(timeout=20) == 0
+    assert "stopped" in process.stdout.read()
