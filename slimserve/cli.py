@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 from .config import DEFAULT_CONFIG, ConfigError, load_config
-from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
 from .convert import ConvertError
+from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
 from .optimize import OptimizeError
 from .registry import RegistryError
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _examples(args) -> int:
@@ -58,8 +60,11 @@ def _synth(args) -> int:
     import subprocess
 
     load_config(args.config)  # a config error is reported here, in one line, before CDK starts
-    out = Path(args.out)
-    subprocess.run([sys.executable, "app.py", args.config], check=True, env={**os.environ, "CDK_OUTDIR": str(out)})
+    out = Path(args.out).resolve()
+    synth = subprocess.run([sys.executable, str(REPO / "app.py"), str(Path(args.config).resolve())], cwd=REPO,
+                           env={**os.environ, "CDK_OUTDIR": str(out)})
+    if synth.returncode != 0:
+        return synth.returncode  # app.py has said why, in one line
     for template in sorted(out.glob("*.template.json")):
         resources = json.loads(template.read_text()).get("Resources", {})
         counts = collections.Counter(resource["Type"] for resource in resources.values())

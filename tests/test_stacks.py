@@ -376,3 +376,13 @@ def test_deployment_strategy_from_config(tmp_path):
     template = assertions.Template.from_stack(stack_for(config).shards[0])
     template.has_resource_properties("AWS::CodeDeploy::DeploymentGroup",
                                      {"DeploymentConfigName": "CodeDeployDefault.LambdaLinear10PercentEvery1Minute"})
+
+
+def test_cli_synth_from_elsewhere_and_its_errors(tmp_path, monkeypatch, capsys):
+    from slimserve.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "slimserve.toml"
+    config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "sagemaker"\n')
+    assert main(["synth", "--config", "slimserve.toml", "--out", "out"]) == 1
+    assert not list(tmp_path.glob("out/*.template.json"))
