@@ -21,7 +21,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from . import telemetry
+from . import telemetry, wire
 from .batching import BatchingModel
 from .core import InferenceCore, Request, ServedModel
 from .function import ModelSource, ModelSourceError
@@ -133,12 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _send(self, status: int, body: bytes, headers: dict | None = None):
-        self.send_response(status)
-        for key, value in (headers or {"Content-Type": "application/json"}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        wire.send(self, status, body, headers or {"Content-Type": "application/json"})
 
     def do_GET(self):
         model = self.server.model

@@ -14,6 +14,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from lambda_handlers import wire
 from lambda_handlers.core import InferenceCore, Request
 
 from .apigw import response_body, rest_event
@@ -140,12 +141,6 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
 
     def _send(self, status: int, headers: dict, body: bytes):
-        self.send_response(status)
-        for key, value in headers.items():
-            if key.lower() not in ("content-length", "connection", "transfer-encoding"):
-                self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        wire.send(self, status, body, headers)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from lambda_handlers import wire
 from layers.builder import find_python
 
 RUNTIME_API = "/2018-06-01/runtime"
@@ -121,12 +122,7 @@ class _RuntimeApiHandler(BaseHTTPRequestHandler):
         pass
 
     def _reply(self, status: int, body: bytes = b"", headers: dict | None = None):
-        self.send_response(status)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        wire.send(self, status, body, headers)
 
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
