@@ -19,7 +19,7 @@ import os
 import signal
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from . import telemetry, wire
 from .batching import BatchingModel
@@ -124,16 +124,11 @@ def _json_header_length(body: bytes) -> int:
     return len(body)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _Handler(wire.Handler):
     server: SageMakerServer
 
-    def log_message(self, *args):
-        pass
-
     def _send(self, status: int, body: bytes, headers: dict | None = None):
-        wire.send(self, status, body, headers or {"Content-Type": "application/json"})
+        self.reply(status, body, headers or {"Content-Type": "application/json"})
 
     def do_GET(self):
         model = self.server.model

@@ -1,4 +1,4 @@
-"""Writing one complete HTTP/1.1 response from a `BaseHTTPRequestHandler`, for every server here."""
+"""The HTTP plumbing every server here shares: the gateway, the Runtime API and the SageMaker server."""
 
 from http.server import BaseHTTPRequestHandler
 
@@ -14,3 +14,16 @@ def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dic
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with keep-alive, no Nagle delay (headers and body go out as separate writes), no access log."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+        send(self, status, body, headers)

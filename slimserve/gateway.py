@@ -12,7 +12,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from lambda_handlers import wire
 from lambda_handlers.core import InferenceCore, Request
@@ -122,13 +122,8 @@ def _json(status: int, payload: dict) -> tuple[int, dict, bytes]:
     return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
 
 
-class _GatewayHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
+class _GatewayHandler(wire.Handler):
     server: LocalGateway
-
-    def log_message(self, *args):
-        pass
 
     def _handle(self):
         length = int(self.headers.get("Content-Length") or 0)
@@ -141,6 +136,6 @@ class _GatewayHandler(BaseHTTPRequestHandler):
         self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
 
     def _send(self, status: int, headers: dict, body: bytes):
-        wire.send(self, status, body, headers)
+        self.reply(status, body, headers)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle

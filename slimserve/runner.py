@@ -19,7 +19,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from lambda_handlers import wire
@@ -114,25 +114,16 @@ class _RuntimeApi(ThreadingHTTPServer):
         return f"127.0.0.1:{self.server_address[1]}"
 
 
-class _RuntimeApiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out as separate writes: without this, ~40 ms stalls
-
-    def log_message(self, *args):
-        pass
-
-    def _reply(self, status: int, body: bytes = b"", headers: dict | None = None):
-        wire.send(self, status, body, headers)
-
+class _RuntimeApiHandler(wire.Handler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def do_GET(self):
         if self.path != f"{RUNTIME_API}/invocation/next":
-            return self._reply(404)
+            return self.reply(404)
         invocation = self.server.worker.next_invocation()
         spec = self.server.worker.spec
-        self._reply(200, invocation.event, {
+        self.reply(200, invocation.event, {
             "Content-Type": "application/json",
             "Lambda-Runtime-Aws-Request-Id": invocation.request_id,
             "Lambda-Runtime-Deadline-Ms": str(int(invocation.deadline * 1000)),
@@ -150,8 +141,8 @@ class _RuntimeApiHandler(BaseHTTPRequestHandler):
         elif self.path.startswith(f"{RUNTIME_API}/invocation/") and self.path.endswith("/error"):
             worker.complete(self.path.split("/")[-2], error=_error(body))
         else:
-            return self._reply(404)
-        self._reply(202, b'{"status":"OK"}', {"Content-Type": "application/json"})
+            return self.reply(404)
+        self.reply(202, b'{"status":"OK"}', {"Content-Type": "application/json"})
 
 
 def _error(body: bytes) -> dict:
