@@ -3,7 +3,6 @@
 import contextlib
 import json
 import os
-import py_compile
 import statistics
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import orjson
 
 from lambda_handlers.function import ModelFunction
 from slimserve.apigw import rest_event
+from slimserve.runner import function_bundle
+from slimserve.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -63,15 +64,8 @@ def _v2_binary_request(name: str, array: np.ndarray) -> tuple[bytes, dict]:
     return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(json_size)}
 
 
-def _function(path: Path, model_format: str) -> ModelFunction:
-    import hashlib
-
-    return ModelFunction({
-        "SLIMSERVE_MODEL_NAME": path.stem,
-        "SLIMSERVE_MODEL_FORMAT": model_format,
-        "SLIMSERVE_MODEL_PATH": str(path),
-        "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
-    })
+def _function(path: Path) -> ModelFunction:
+    return ModelFunction(file_environment(path))
 
 
 def _median_ms(call, repeat: int) -> float:
@@ -95,7 +89,7 @@ def _interleaved(calls: dict, repeat: int, rounds: int) -> dict:
 def warm_overhead(rounds: int) -> list[tuple]:
     rows = []
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # EMF lines are written, as in Lambda
-        iris = _function(MODELS / "iris.onnx", "onnx")
+        iris = _function(MODELS / "iris.onnx")
         runtime = iris.model.runtime
         row = np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)
         body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row.tolist()}]}).encode()
@@ -108,7 +102,7 @@ def warm_overhead(rounds: int) -> list[tuple]:
                      f"runtime call {m['runtime']:.3f} ms", m["handler"] - m["runtime"] <= 0.2, "ms"))
 
         with tempfile.TemporaryDirectory() as folder:
-            image_model = _function(image_classifier_onnx(Path(folder) / "image.onnx"), "onnx")
+            image_model = _function(image_classifier_onnx(Path(folder) / "image.onnx"))
         runtime = image_model.model.runtime
         image = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
         binary_body, headers = _v2_binary_request("image", image)
@@ -179,24 +173,12 @@ def _process_ms(script: str, args: list[str], env: dict) -> float:
     return json.loads(result.stderr.strip().splitlines()[-1])["ms"]
 
 
-def _function_bundle(folder: Path) -> Path:
-    """The function's code as Lambda gets it: its own folder with compiled bytecode beside it."""
-    import compileall
-    import shutil
-
-    shutil.copytree(ROOT / "lambda_handlers", folder / "lambda_handlers", ignore=shutil.ignore_patterns("__pycache__"))
-    compileall.compile_dir(folder / "lambda_handlers", quiet=1, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
-    return folder
-
-
 def cold_init(runs: int) -> list[tuple]:
-    with tempfile.TemporaryDirectory() as folder:
-        return _cold_init(_function_bundle(Path(folder)), runs)
+    with tempfile.TemporaryDirectory() as folder:  # the function's code as Lambda gets it, bytecode beside it
+        return _cold_init(function_bundle(Path(folder), sys.executable), runs)
 
 
 def _cold_init(bundle: Path, runs: int) -> list[tuple]:
-    import hashlib
-
     rows = []
     cases = [
         ("iris", "onnx", {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}),
@@ -204,8 +186,7 @@ def _cold_init(bundle: Path, runs: int) -> list[tuple]:
     ]
     for name, model_format, request in cases:
         path = MODELS / f"{name}.{model_format}"
-        env = {**os.environ, "PYTHONPATH": str(bundle), "SLIMSERVE_MODEL_NAME": name, "SLIMSERVE_MODEL_FORMAT": model_format,
-               "SLIMSERVE_MODEL_PATH": str(path), "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        env = {**os.environ, "PYTHONPATH": str(bundle), **file_environment(path)}
         event = json.dumps(rest_event("POST", f"/v2/models/{name}/infer", json.dumps(request).encode(), {"Content-Type": "application/json"}))
         handler_ms, floor_ms = [], []
         for _ in range(runs):  # alternate, so both see the same disk cache and machine load

@@ -1,7 +1,6 @@
 """Layer sizes, cold start through the runner, and the gateway's warm overhead."""
 
 import contextlib
-import hashlib
 import http.client
 import json
 import os
@@ -18,6 +17,7 @@ from slimserve.apigw import rest_event
 from slimserve.gateway import LocalGateway, Route
 from slimserve.local import layer_runtime
 from slimserve.runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
+from slimserve.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -45,12 +45,6 @@ def layer_sizes() -> list[tuple]:
     return rows
 
 
-def _iris_environment() -> dict[str, str]:
-    model = MODELS / "iris.onnx"
-    return {"SLIMSERVE_MODEL_NAME": "iris", "SLIMSERVE_MODEL_FORMAT": "onnx", "SLIMSERVE_MODEL_PATH": str(model),
-            "SLIMSERVE_MODEL_SHA256": hashlib.sha256(model.read_bytes()).hexdigest()}
-
-
 def _floor_ms(python: str, layer: Path) -> float:
     """Same Python, same layer, nothing else: spawn -> import + session + one run."""
     started = time.perf_counter()
@@ -69,7 +63,7 @@ def cold_and_warm(runs: int, warm_requests: int) -> list[tuple]:
     event = rest_event("POST", "/v2/models/iris/infer", IRIS_REQUEST, {"Content-Type": "application/json"})
     with tempfile.TemporaryDirectory() as folder:
         spec = FunctionSpec("bench-iris", python, function_bundle(Path(folder), python), layer, runtime_dir,
-                            environment=_iris_environment(), concurrency=1)
+                            environment=file_environment(MODELS / "iris.onnx"), concurrency=1)
         runner_ms, floor_ms = [], []
         for _ in range(runs):
             floor_ms.append(_floor_ms(python, layer))

@@ -8,6 +8,7 @@ Content addressing makes a version immutable: the key names the bytes.
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from lambda_handlers.runtimes import load_model
 
@@ -31,6 +32,17 @@ class StoredModel:
             "SLIMSERVE_MODEL_KEY": self.key,
             "SLIMSERVE_MODEL_SHA256": self.sha256,
         }
+
+
+def file_environment(path: Path) -> dict[str, str]:
+    """The same, for a model read from a local file (benchmarks, the SageMaker container): named by its stem."""
+    path = Path(path)
+    return {
+        "SLIMSERVE_MODEL_NAME": path.stem,
+        "SLIMSERVE_MODEL_FORMAT": path.suffix.lstrip("."),
+        "SLIMSERVE_MODEL_PATH": str(path),
+        "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
 
 
 def model_key(name: str, sha256: str, model_format: str) -> str:

@@ -1,6 +1,5 @@
 """The SageMaker serving program as a plain process on loopback: contract, protocols, batching, failure, shutdown."""
 
-import hashlib
 import json
 import os
 import signal
@@ -18,14 +17,14 @@ from test_v2 import triton_request, triton_result
 
 from lambda_handlers.core import Response
 from slimserve.local_s3 import free_port
+from slimserve.store import file_environment
 
 
 def start(model: str, **extra) -> tuple[subprocess.Popen, str]:
     port = free_port()
     path = MODELS / model
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1",
-                   "SLIMSERVE_MODEL_PATH": str(path), "SLIMSERVE_MODEL_NAME": path.stem,
-                   "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest(), "SLIMSERVE_MAX_QUEUE_DELAY_MS": "20", **extra}
+                   **file_environment(path), "SLIMSERVE_MAX_QUEUE_DELAY_MS": "20", **extra}
     process = subprocess.Popen([sys.executable, "-m", "lambda_handlers.sagemaker_server"], env=environment,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
