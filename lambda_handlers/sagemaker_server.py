@@ -55,13 +55,13 @@ def load(environ) -> ServedModel:
     version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
     model_format = environ.get("SLIMSERVE_MODEL_FORMAT") or os.path.splitext(path)[1].lstrip(".")
     try:
-        data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", ""), path=path).fetch() \
-            if environ.get("SLIMSERVE_MODEL_SHA256") else _read(path)
+        data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", "").lower(), path=path).fetch()
         if model_format == "onnx":
-            runtime = OnnxModel(data, providers=onnx_providers(environ))
+            providers = onnx_providers(environ)
+            runtime = OnnxModel(data, providers=providers)
             used = runtime.session.get_providers()[0]
             level = "INFO" if used != "CPUExecutionProvider" else "WARNING"
-            telemetry.log(level, f"ONNX Runtime runs on {used}", available=onnx_providers(environ), model=name)
+            telemetry.log(level, f"ONNX Runtime runs on {used}", available=providers, model=name)
         elif model_format == "tflite":
             runtime = TfliteModel(data)
         else:
@@ -74,14 +74,6 @@ def load(environ) -> ServedModel:
     telemetry.log("INFO", "model loaded", model=name, source=path, batching=batching.batchable,
                   max_batch_size=batching.max_batch_size, max_delay_ms=batching.max_delay * 1000)
     return ServedModel(name, version, runtime=batching)
-
-
-def _read(path: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as error:
-        raise ModelSourceError(f"cannot read {path}: {error.strerror}") from None
 
 
 class SageMakerServer(ThreadingHTTPServer):

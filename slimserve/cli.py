@@ -95,7 +95,7 @@ def _registry(args):
     """The registry on the local stack's S3 unless --profile/--region name an AWS account."""
     import boto3
 
-    from .local_s3 import LOCAL_CREDENTIALS
+    from .local_s3 import local_client
     from .registry import Registry
 
     if args.profile or args.region:
@@ -103,10 +103,7 @@ def _registry(args):
             raise RegistryUsageError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
         session = boto3.Session(profile_name=args.profile, region_name=args.region)
         return Registry(session.client("s3"), args.bucket)
-    client = boto3.client("s3", endpoint_url=args.endpoint_url, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                          region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"])
-    return Registry(client, args.bucket or DEFAULT_BUCKET)
+    return Registry(local_client(args.endpoint_url), args.bucket or DEFAULT_BUCKET)
 
 
 class RegistryUsageError(Exception):

@@ -20,17 +20,16 @@ class LocalS3:
     environment: dict[str, str]
 
     def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, **_credential_kwargs())
+        return local_client(self.endpoint)
 
 
-def _credential_kwargs() -> dict:
-    return {
-        "aws_access_key_id": LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
-    }
+def local_client(endpoint: str):
+    """boto3's S3 client for a local S3 at `endpoint`, with the local stack's credentials."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+                        region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"])
 
 
 def free_port() -> int:
