@@ -127,11 +127,12 @@ class Registry:
         """Upload a version; the same bytes again are the same version. Returns (version, newly registered)."""
         model_format, data = read_model(path)
         sha256 = hashlib.sha256(data).hexdigest()
-        existing = next((v for v in self.versions(name) if v.sha256 == sha256), None)
+        versions = self.versions(name)
+        existing = next((v for v in versions if v.sha256 == sha256), None)
         if existing is not None:
             return existing, False
         details = manifest(name, model_format, data, Path(path).name,
-                           version=max((v.number for v in self.versions(name)), default=0) + 1,
+                           version=max((v.number for v in versions), default=0) + 1,
                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            git_commit=_git_commit(path), optimization=report)
         key = model_key(name, sha256, model_format)

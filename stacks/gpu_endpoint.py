@@ -14,7 +14,7 @@ from slimserve.store import StoredModel
 
 from .model_store import ModelStore
 from .monitoring import sagemaker_metric
-from .nag import acknowledge
+from .nag import acknowledge, logical_id
 
 VARIANT = "AllTraffic"
 
@@ -118,8 +118,8 @@ class GpuEndpoint(Construct):
         acknowledge(self.role, {
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
                                               "permissions; PutMetricData is limited to SageMaker's namespaces by condition",
-            f"AwsSolutions-IAM5[Resource::<{_logical(bucket)}.Arn>/{model_prefix}*]": "the model's own folder under its sha256",
-            f"AwsSolutions-IAM5[Resource::<{_logical(bucket)}.Arn>/{capture_prefix}*]": "captured requests of this endpoint only",
+            f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{model_prefix}*]": "the model's own folder under its sha256",
+            f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{capture_prefix}*]": "captured requests of this endpoint only",
             "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
             "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
             f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/sagemaker/Endpoints/{self.endpoint_name}:*]":
@@ -164,8 +164,3 @@ class GpuEndpoint(Construct):
             predefined_metric=autoscaling.PredefinedMetric.SAGEMAKER_VARIANT_INVOCATIONS_PER_INSTANCE,
             scale_in_cooldown=cdk.Duration.minutes(5), scale_out_cooldown=cdk.Duration.minutes(1),
         )
-
-
-def _logical(construct) -> str:
-    stack = cdk.Stack.of(construct)
-    return stack.resolve(stack.get_logical_id(construct.node.default_child))

@@ -15,7 +15,7 @@ from constructs import Construct
 from slimserve.config import ModelConfig
 from slimserve.store import StoredModel, manifest, model_key
 
-from .nag import acknowledge
+from .nag import acknowledge, logical_id
 
 ENCRYPTIONS = ("kms", "s3-managed")
 
@@ -105,7 +105,7 @@ class ModelStore(Construct):
         """BucketDeployment's handler is a singleton at stack level, written by aws-cdk-lib, not here."""
         stack = Stack.of(self)
         handler = next(c for c in stack.node.children if c.node.id.startswith("Custom::CDKBucketDeployment"))
-        bucket = stack.resolve(stack.get_logical_id(self.bucket.node.default_child))
+        bucket = logical_id(self.bucket)
         copy = "BucketDeployment copies every object of the upload from the CDK asset bucket into the store"
         acknowledge(handler, {
             "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]":

@@ -1,9 +1,15 @@
 """Acknowledging cdk-nag findings, each with the reason it is acceptable here."""
 
-from aws_cdk import Acknowledgment, Validations
+from aws_cdk import Acknowledgment, Stack, Validations
 from constructs import IConstruct
 
 
 def acknowledge(construct: IConstruct, reasons: dict[str, str]) -> None:
     """`reasons` maps a finding (`AwsSolutions-IAM5[Resource::*]`, or a rule id) to why it stands."""
     Validations.of(construct).acknowledge(*(Acknowledgment(id=finding, reason=reason) for finding, reason in reasons.items()))
+
+
+def logical_id(construct: IConstruct) -> str:
+    """The CloudFormation logical id cdk-nag writes into findings (`<ModelStoreBucket9405F36E.Arn>`)."""
+    stack = Stack.of(construct)
+    return stack.resolve(stack.get_logical_id(construct.node.default_child))
