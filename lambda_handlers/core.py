@@ -42,14 +42,13 @@ class Request:
 class Response:
     """What the core answers, plus what the transport needs for its logs and metrics."""
 
-    __slots__ = ("status", "body", "headers", "model", "error_kind", "inference_ms", "detail")
+    __slots__ = ("status", "body", "headers", "error_kind", "inference_ms", "detail")
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None, model: str | None = None,
+    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                  error_kind: str | None = None, inference_ms: float | None = None, detail: str | None = None):
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else {"Content-Type": "application/json"}
-        self.model = model
         self.error_kind = error_kind
         self.inference_ms = inference_ms
         self.detail = detail  # a server-side failure's traceback: logged, never sent
@@ -194,15 +193,15 @@ class InferenceCore:
         model = self._model(name, version)
         runtime = model.require_ready()
         versions = sorted(self.models[name], key=_version_order)
-        return Response.json(200, v2.model_metadata(name, versions, runtime.platform, runtime.signature), model=name)
+        return Response.json(200, v2.model_metadata(name, versions, runtime.platform, runtime.signature))
 
     def _v2_ready(self, request, name, version):
         model = self._model(name, version)
         if not model.ready:
             return Response.json(
-                503, {"ready": False, "error": model.failure}, model=name, error_kind=ModelNotReady.kind
+                503, {"ready": False, "error": model.failure}, error_kind=ModelNotReady.kind
             )
-        return Response.json(200, {"ready": True}, model=name)
+        return Response.json(200, {"ready": True})
 
     def _v2_infer(self, request, name, version):
         model = self._model(name, version)
@@ -211,18 +210,18 @@ class InferenceCore:
         parsed = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), runtime.signature)
         results, elapsed = self._run(model, parsed.inputs, [o.name for o in parsed.outputs])
         payload, headers = v2.encode_infer(name, model.version, parsed, results, runtime.signature)
-        return Response(200, payload, headers, model=name, inference_ms=elapsed)
+        return Response(200, payload, headers, inference_ms=elapsed)
 
     # TF Serving routes
 
     def _tfs_status(self, request, name, version):
         model = self._model(name, version)
-        return Response.json(200, tfserving.model_status(model.version, model.ready, model.failure), model=name)
+        return Response.json(200, tfserving.model_status(model.version, model.ready, model.failure))
 
     def _tfs_metadata(self, request, name, version):
         model = self._model(name, version)
         runtime = model.require_ready()
-        return Response.json(200, tfserving.model_metadata(name, model.version, runtime.signature), model=name)
+        return Response.json(200, tfserving.model_metadata(name, model.version, runtime.signature))
 
     def _tfs_predict(self, request, name, version):
         model = self._model(name, version)
@@ -230,7 +229,7 @@ class InferenceCore:
         parsed = tfserving.parse_predict(self._body(request), runtime.signature)
         output_names = [spec.name for spec in runtime.signature.outputs]
         results, elapsed = self._run(model, parsed.inputs, output_names)
-        return Response(200, tfserving.encode_predict(parsed, results), model=name, inference_ms=elapsed)
+        return Response(200, tfserving.encode_predict(parsed, results), inference_ms=elapsed)
 
 
 def _version_order(version: str):
