@@ -7,6 +7,11 @@
                           application/vnd.tfserving+json  TF Serving :predict body
     GET  /stats         requests served and runtime calls made (dynamic batching at work)
 
+Behind the inference API, InvokeEndpoint passes the container only Content-Type, Accept and
+one custom-attributes header, always as a POST. The API puts the client's route there
+(`slimserve-route=GET /v2/models/big/ready`), so every route of the protocol reaches the
+core as the client sent it; the binary tensor header's length comes back the same way.
+
 The model is read from /opt/ml/model (or SLIMSERVE_MODEL_PATH) and checked against
 SLIMSERVE_MODEL_SHA256 when set. ONNX models run on CUDA when a GPU is present (TensorRT
 when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which. SIGTERM finishes the
@@ -23,12 +28,29 @@ from http.server import ThreadingHTTPServer
 
 from . import telemetry, wire
 from .batching import BatchingModel
-from .core import InferenceCore, Request, ServedModel
+from .core import InferenceCore, Request, Response, ServedModel
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
+from .v2 import HEADER_LENGTH
 
 TFSERVING_CONTENT_TYPE = "application/vnd.tfserving+json"
 MODEL_DIR = "/opt/ml/model"
+CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+ROUTE_ATTRIBUTE = "slimserve-route"
+
+
+def endpoint_routes(name: str, version: str) -> list[tuple[str, str]]:
+    """The (method, path) pairs the API sends to a model's endpoint: unversioned, and for the one version it serves."""
+    routes = []
+    for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}"):
+        routes += [("GET", base), ("GET", f"{base}/ready"), ("POST", f"{base}/infer")]
+    for base in (f"/v1/models/{name}", f"/v1/models/{name}/versions/{version}"):
+        routes += [("GET", base), ("GET", f"{base}/metadata"), ("POST", f"{base}:predict")]
+    return routes
+
+
+def route_attribute(method: str, path: str) -> str:
+    return f"{ROUTE_ATTRIBUTE}={method} {path}"
 
 
 def onnx_providers(environ) -> list[str]:
@@ -83,17 +105,30 @@ class SageMakerServer(ThreadingHTTPServer):
     def __init__(self, model: ServedModel, host: str = "0.0.0.0", port: int = 8080):
         self.model = model
         self.core = InferenceCore([model])
+        self.routes = set(endpoint_routes(model.name, model.version))
         super().__init__((host, port), _Handler)
 
-    def invoke(self, content_type: str, headers: dict, body: bytes):
-        base = content_type.split(";")[0].strip().lower()
-        if base == TFSERVING_CONTENT_TYPE:
-            path = f"/v1/models/{self.model.name}:predict"
+    def invoke(self, headers: dict[str, str], body: bytes) -> Response:
+        """One InvokeEndpoint call: the route from the custom attribute when the API set one, else from Content-Type."""
+        attribute = headers.get(CUSTOM_ATTRIBUTES.lower(), "")
+        base = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if attribute.startswith(f"{ROUTE_ATTRIBUTE}="):
+            method, _, path = attribute.removeprefix(f"{ROUTE_ATTRIBUTE}=").partition(" ")
+            if (method, path) not in self.routes:
+                return Response.json(404, {"error": f"{CUSTOM_ATTRIBUTES}: no route {method} {path!r} for model "
+                                                    f"{self.model.name!r} version {self.model.version}"})
+            body = body if method == "POST" else b""
+        elif base == TFSERVING_CONTENT_TYPE:
+            method, path = "POST", f"/v1/models/{self.model.name}:predict"
         else:
-            path = f"/v2/models/{self.model.name}/infer"
-            if base == "application/octet-stream" and "inference-header-content-length" not in headers:
-                headers["inference-header-content-length"] = str(_json_header_length(body))
-        return self.core.handle(Request("POST", path, headers, body))
+            method, path = "POST", f"/v2/models/{self.model.name}/infer"
+        if base == "application/octet-stream" and HEADER_LENGTH not in headers:
+            headers[HEADER_LENGTH] = str(_json_header_length(body))
+        response = self.core.handle(Request(method, path, headers, body))
+        header_length = response.headers.get("Inference-Header-Content-Length")
+        if attribute and header_length is not None:  # the one response header InvokeEndpoint returns to the API
+            response.headers[CUSTOM_ATTRIBUTES] = header_length
+        return response
 
 
 def _json_header_length(body: bytes) -> int:
@@ -139,7 +174,7 @@ class _Handler(wire.Handler):
         if self.path != "/invocations":
             return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
         headers = {key.lower(): value for key, value in self.headers.items()}
-        response = self.server.invoke(headers.get("content-type", "application/json"), headers, body)
+        response = self.server.invoke(headers, body)
         self._send(response.status, response.body, response.headers)
 
 

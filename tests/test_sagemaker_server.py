@@ -15,7 +15,8 @@ import pytest
 from conftest import MODELS, ROOT
 from test_v2 import triton_request, triton_result
 
-from lambda_handlers.core import Response
+from lambda_handlers.core import InferenceCore, Request, Response, ServedModel
+from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
 from slimserve.local_s3 import free_port
 from slimserve.store import file_environment
 
@@ -85,6 +86,44 @@ def test_tf_serving_body(iris_server, iris, iris_test_split):
                           {"Content-Type": "application/vnd.tfserving+json"})
     assert status == 200
     assert [row["label"] for row in json.loads(raw)["predictions"]] == iris.run({"features": test_x[:4]}, ["label"])["label"].tolist()
+
+
+def invoke_endpoint(url, method, path, body, content_type="application/json"):
+    """What InvokeEndpoint sends behind the API: a POST with Content-Type, Accept and the route attribute, nothing else."""
+    return call(url, "POST", "/invocations", body if method == "POST" else b"{}", {
+        "Content-Type": content_type, "Accept": "*/*", CUSTOM_ATTRIBUTES: route_attribute(method, path)})
+
+
+def test_every_api_route_reaches_the_core_through_invoke_endpoint(iris_server, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    core = InferenceCore([ServedModel("iris", "1", runtime=iris)])  # what a Lambda model answers on the same route
+    bodies = {"infer": triton_request({"features": (test_x[:3], "FP32")}, False, ["label"], False)[0],
+              ":predict": json.dumps({"instances": test_x[:3].tolist()}).encode()}
+    routes = endpoint_routes("iris", "1")
+    assert len(routes) == 12
+    for method, path in routes:
+        body = next((body for suffix, body in bodies.items() if path.endswith(suffix)), b"")
+        status, headers, raw = invoke_endpoint(iris_server, method, path, body)
+        expected = core.handle(Request(method, path, {"content-type": "application/json"}, body))
+        assert (status, json.loads(raw)) == (expected.status, json.loads(expected.body)), path
+        assert status == 200
+
+
+def test_binary_through_invoke_endpoint_returns_the_header_length_as_the_custom_attribute(iris_server, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    body, _ = triton_request({"features": (test_x[:5], "FP32")}, True, ["probabilities"], True)
+    status, headers, raw = invoke_endpoint(iris_server, "POST", "/v2/models/iris/versions/1/infer", body, "application/octet-stream")
+    assert status == 200, raw
+    result = triton_result(Response(status, raw, {"Inference-Header-Content-Length": headers[CUSTOM_ATTRIBUTES]}))
+    np.testing.assert_array_equal(result.as_numpy("probabilities"), iris.run({"features": test_x[:5]}, ["probabilities"])["probabilities"])
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v2/models/iris/versions/2"), ("POST", "/v2/models/other/infer"),
+                                          ("DELETE", "/v2/models/iris")])
+def test_a_route_the_endpoint_does_not_serve_is_a_404_naming_it(iris_server, method, path):
+    status, _, raw = invoke_endpoint(iris_server, method, path, b"{}")
+    assert (status, json.loads(raw)) == (404, {"error": f"X-Amzn-SageMaker-Custom-Attributes: no route {method} {path!r} "
+                                                        "for model 'iris' version 1"})
 
 
 def test_bad_input_is_a_4xx_and_the_server_stays_up(iris_server):
