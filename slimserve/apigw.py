@@ -1,7 +1,13 @@
-"""API Gateway proxy events as the deployed API sends them to Lambda.
+"""What the deployed API does, written once for the stacks and the local gateway.
 
-REST APIs send payload format 1.0, HTTP APIs 2.0. Bodies of binary media types
-arrive base64-encoded, as API Gateway does for `binaryMediaTypes`.
+Lambda models: proxy events as the API sends them. REST APIs send payload format 1.0,
+HTTP APIs 2.0. Bodies of binary media types arrive base64-encoded, as API Gateway does
+for `binaryMediaTypes`.
+
+SageMaker models: the API calls InvokeEndpoint, which answers a container's 4xx or 5xx
+with a 424 ModelError carrying the original status and body; the API gives the client the
+original back, so a model answers the same wherever it runs. SageMaker's own refusals
+(throttling, an endpoint that is not there or not up) become the answers below.
 """
 
 import base64
@@ -9,6 +15,16 @@ import time
 import uuid
 
 BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary")
+
+MISSING_ROUTE = (403, {"message": "Missing Authentication Token"})  # API Gateway's answer for an undeclared route
+ENDPOINT_THROTTLED = (429, {"error": "the model's SageMaker endpoint is throttling requests; retry with backoff"})
+ENDPOINT_FAILED = (502, {"error": "the model's SageMaker endpoint did not answer; see its CloudWatch logs"})
+# InvokeEndpoint's 424 ModelError -> the container's own status and body
+MODEL_ERROR_TEMPLATE = (
+    "#set($error = $util.parseJson($input.body))\n"
+    "#set($context.responseOverride.status = $error.OriginalStatusCode)\n"
+    "$error.OriginalMessage"
+)
 
 
 def _is_binary(headers: dict[str, str]) -> bool:

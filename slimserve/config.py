@@ -19,8 +19,12 @@ INSTANCE_FAMILIES = (
     "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5",  # CPU, for models too large for Lambda
 )
 API_GATEWAY_TIMEOUT_S = 29
-# each Lambda model adds 5 resources to the REST API; API Gateway allows 300 per API by default
-MAX_LAMBDA_MODELS = 50
+# REST API resources a model's routes take (stacks/api.py); API Gateway allows 300 per API by
+# default, and the server's own routes take 8 of them
+API_RESOURCES_PER_MODEL = {"lambda": 5, "sagemaker": 14}
+API_RESOURCES_FOR_MODELS = 292
+# a SageMaker model adds about 45 resources to the app's own stack, which CloudFormation caps at 500
+MAX_SAGEMAKER_MODELS = 8
 
 
 class ConfigError(ValueError):
@@ -192,10 +196,17 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
     if not models_table:
         reader.fail("models", "expected at least one [models.NAME] table, found none")
     models = tuple(_model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items())
-    lambda_models = sum(model.target == "lambda" for model in models)
-    if lambda_models > MAX_LAMBDA_MODELS:
-        reader.fail("models", f"expected at most {MAX_LAMBDA_MODELS} Lambda models in one app (each adds 5 resources to the "
-                              f"REST API, which API Gateway caps at 300 by default), found {lambda_models}; split them across apps")
+    counts = {target: sum(model.target == target for model in models) for target in API_RESOURCES_PER_MODEL}
+    if counts["sagemaker"] > MAX_SAGEMAKER_MODELS:
+        reader.fail("models", f"expected at most {MAX_SAGEMAKER_MODELS} SageMaker models in one app (each adds about 45 "
+                              f"resources to its stack, which CloudFormation caps at 500), found {counts['sagemaker']}; "
+                              "split them across apps")
+    resources = sum(API_RESOURCES_PER_MODEL[target] * count for target, count in counts.items())
+    if resources > API_RESOURCES_FOR_MODELS:
+        reader.fail("models", f"expected routes that fit one REST API ({API_RESOURCES_FOR_MODELS} resources for models "
+                              f"under API Gateway's default 300; a Lambda model takes {API_RESOURCES_PER_MODEL['lambda']}, "
+                              f"a SageMaker model {API_RESOURCES_PER_MODEL['sagemaker']}), found {counts['lambda']} Lambda and "
+                              f"{counts['sagemaker']} SageMaker models taking {resources}; split them across apps")
     return AppConfig(
         path=path,
         name=app.get("name", "slimserve"),

@@ -5,12 +5,14 @@ from dataclasses import dataclass
 
 import aws_cdk as cdk
 from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from lambda_handlers.core import SERVER_NAME, SERVER_VERSION
-from slimserve.apigw import BINARY_MEDIA_TYPES
+from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve.apigw import BINARY_MEDIA_TYPES, ENDPOINT_FAILED, ENDPOINT_THROTTLED, MODEL_ERROR_TEMPLATE
 
 from .nag import acknowledge
 
@@ -140,15 +142,9 @@ class ModelRoutes(Construct):
 
     def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> None:
         """The model's routes, proxied to `target` (its `live` alias)."""
-        if auth not in AUTH_MODES:
-            raise ValueError(f"auth for model {name!r} must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
+        options, reason = self._auth(name, auth)
         # one invoke permission for the whole API instead of two per method keeps stacks small
         integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False, allow_test_invoke=False)
-        options = {
-            "api_key_required": auth == "api_key",
-            "authorization_type": apigw.AuthorizationType.IAM if auth == "iam" else apigw.AuthorizationType.NONE,
-            "request_validator": self.validator,
-        }
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
         routes = [  # five resources a model: API Gateway allows 300 per API by default
@@ -158,15 +154,90 @@ class ModelRoutes(Construct):
             (v1.add_resource("{proxy+}"), "ANY"),  # metadata, versions/{v}[/metadata|:predict]
             (self.models_v1.add_resource(f"{name}:predict"), "POST"),
         ]
+        for resource, method in routes:
+            resource.add_method(method, integration, **options)
+            _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
+        self.models.append((name, auth))
+
+    def add_endpoint_model(self, name: str, endpoint_name: str, version: str, auth: str) -> None:
+        """The model's routes, each an InvokeEndpoint call that tells the container which route the client called.
+
+        InvokeEndpoint passes on only Content-Type, Accept and one custom-attributes header, so each
+        route is a resource of its own with its route as a constant (see lambda_handlers.sagemaker_server).
+        """
+        options, reason = self._auth(name, auth)
+        endpoint_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="endpoint", resource_name=endpoint_name.lower())
+        self._invoke_role().add_to_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn]))
+        for method, path in endpoint_routes(name, version):
+            resource = self.models_v2 if path.startswith("/v2/") else self.models_v1
+            for part in path.split("/")[3:]:
+                resource = resource.get_resource(part) or resource.add_resource(part)
+            resource.add_method(method, self._endpoint_integration(endpoint_name, method, path), **options,
+                                request_parameters={"method.request.header.Content-Type": False, "method.request.header.Accept": False},
+                                method_responses=_ENDPOINT_METHOD_RESPONSES)
+            _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
+        self.models.append((name, auth))
+
+    def _endpoint_integration(self, endpoint_name: str, method: str, path: str) -> apigw.AwsIntegration:
+        throttled, failed = ENDPOINT_THROTTLED, ENDPOINT_FAILED
+        parameters = {f"integration.request.header.{CUSTOM_ATTRIBUTES}": f"'{route_attribute(method, path)}'",
+                      "integration.request.header.Accept": "method.request.header.Accept"}
+        if method == "POST":  # the body as the client sent it, binary tensors included
+            parameters["integration.request.header.Content-Type"] = "method.request.header.Content-Type"
+            templates, passthrough = None, apigw.PassthroughBehavior.WHEN_NO_TEMPLATES
+        else:  # InvokeEndpoint always posts a body
+            parameters["integration.request.header.Content-Type"] = "'application/json'"
+            templates, passthrough = {"application/json": "{}"}, apigw.PassthroughBehavior.WHEN_NO_MATCH
+        json_type = {"method.response.header.Content-Type": "'application/json'"}
+        return apigw.AwsIntegration(
+            service="runtime.sagemaker", path=f"endpoints/{endpoint_name}/invocations", integration_http_method="POST",
+            options=apigw.IntegrationOptions(
+                credentials_role=self._invoke_role(),
+                request_parameters=parameters, request_templates=templates, passthrough_behavior=passthrough,
+                integration_responses=[
+                    apigw.IntegrationResponse(status_code="200", response_parameters={
+                        "method.response.header.Content-Type": "integration.response.header.Content-Type",
+                        "method.response.header.Inference-Header-Content-Length": f"integration.response.header.{CUSTOM_ATTRIBUTES}"}),
+                    apigw.IntegrationResponse(status_code="400", selection_pattern="424", response_parameters=json_type,
+                                              response_templates={"application/json": MODEL_ERROR_TEMPLATE}),
+                    apigw.IntegrationResponse(status_code=str(throttled[0]), selection_pattern="429", response_parameters=json_type,
+                                              response_templates={"application/json": json.dumps(throttled[1])}),
+                    apigw.IntegrationResponse(status_code=str(failed[0]), selection_pattern=r"(4(?!24|29)|5)\d\d",
+                                              response_parameters=json_type,
+                                              response_templates={"application/json": json.dumps(failed[1])}),
+                ],
+            ),
+        )
+
+    def _invoke_role(self) -> iam.Role:
+        """One role for every endpoint route here; each endpoint adds a statement for its own ARN."""
+        role = self.node.try_find_child("InvokeEndpointRole")
+        return role or iam.Role(self, "InvokeEndpointRole", assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
+                                description="slimserve API: invoke the SageMaker endpoints of its models")
+
+    def _auth(self, name: str, auth: str) -> tuple[dict, str]:
+        """The method options for a model's auth mode, and the reason the nag findings about it are acknowledged."""
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth for model {name!r} must be one of {', '.join(AUTH_MODES)}, got {auth!r}")
+        options = {
+            "api_key_required": auth == "api_key",
+            "authorization_type": apigw.AuthorizationType.IAM if auth == "iam" else apigw.AuthorizationType.NONE,
+            "request_validator": self.validator,
+        }
         reason = {
             "api_key": "authorised by API key and usage plan, as slimserve.toml asks for this model",
             "none": "auth = 'none' is an explicit choice in slimserve.toml for this model",
             "iam": "authorised by IAM (SigV4), as slimserve.toml asks for this model",
         }[auth]
-        for resource, method in routes:
-            resource.add_method(method, integration, **options)
-            _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
-        self.models.append((name, auth))
+        return options, reason
+
+
+# every status the container's core answers, and the API's own for SageMaker's refusals
+_ENDPOINT_METHOD_RESPONSES = [
+    apigw.MethodResponse(status_code=str(status), response_parameters={
+        "method.response.header.Content-Type": True, "method.response.header.Inference-Header-Content-Length": False})
+    for status in (200, 400, 404, 405, 413, 415, 429, 500, 502, 503)
+]
 
 
 def _acknowledge_auth(resource: apigw.IResource, reason: str, iam_authorised: bool = False) -> None:

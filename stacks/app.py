@@ -7,11 +7,11 @@ from aws_cdk import aws_logs as logs
 from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
-from slimserve.config import Alarms, AppConfig, ConfigError, ModelConfig
+from slimserve.config import Alarms, AppConfig, ModelConfig
 from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
-from .gpu_endpoint import VARIANT, GpuEndpoint, GpuEndpointProps
+from .gpu_endpoint import VARIANT, GpuEndpoint, GpuEndpointProps, serving_image
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -44,10 +44,6 @@ class ModelShard(cdk.NestedStack):
 
 class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
-        for model in config.models:
-            if model.target == "sagemaker" and model.sagemaker.image is None:  # refused, not left out without a word
-                raise ConfigError(f"{config.path}: models.{model.name}.sagemaker.image: expected the serving container's "
-                                  "image URI (slimserve's own image comes with the SageMaker serving container), found none")
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
@@ -61,21 +57,30 @@ class SlimserveStack(cdk.Stack):
                        self.model_store, self.api, retention, self.monitoring.topic)
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
         ]
-        stage = self.api.deploy([shard.routes for shard in self.shards])
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
         for model in lambda_models:
             self.monitoring.add_lambda_model(model.name, self.lambda_models[model.name].function, model.alarms)
-        self.gpu_endpoints = {}
-        for model in config.models:
-            if model.target == "sagemaker":
-                endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
-                    model=model, stored=stored[model.name], store=self.model_store, image_uri=model.sagemaker.image))
-                self.monitoring.add_gpu_endpoint(model.name, endpoint.endpoint_name, VARIANT, endpoint.alarms)
-                self.gpu_endpoints[model.name] = endpoint
+        self.gpu_endpoints, endpoint_routes = self._gpu_endpoints([m for m in config.models if m.target == "sagemaker"], stored)
+        stage = self.api.deploy([shard.routes for shard in self.shards] + endpoint_routes)
         self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)
         cdk.CfnOutput(self, "ApiUrl", value=stage.url_for_path("/"))
         cdk.CfnOutput(self, "ApiKeyId", value=self.api.api_key.key_id)
+
+    def _gpu_endpoints(self, models: list[ModelConfig], stored: dict) -> tuple[dict[str, GpuEndpoint], list[ModelRoutes]]:
+        """An endpoint per SageMaker model, its routes on the API and its alarms on the app's topic."""
+        if not models:
+            return {}, []
+        own_image = serving_image(self) if any(model.sagemaker.image is None for model in models) else None
+        routes = ModelRoutes(self, "EndpointRoutes", self.api)
+        endpoints = {}
+        for model in models:
+            endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
+                model=model, stored=stored[model.name], store=self.model_store, image=model.sagemaker.image or own_image))
+            routes.add_endpoint_model(model.name, endpoint.endpoint_name, endpoint.version, model.auth)
+            self.monitoring.add_gpu_endpoint(model.name, endpoint.endpoint_name, VARIANT, endpoint.alarms)
+            endpoints[model.name] = endpoint
+        return endpoints, [routes]
 
 
 _RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",

@@ -5,11 +5,13 @@ from dataclasses import dataclass
 import aws_cdk as cdk
 from aws_cdk import aws_applicationautoscaling as autoscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_ecr_assets as ecr_assets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 from slimserve.config import ModelConfig
+from slimserve.runner import REPO
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
@@ -26,12 +28,23 @@ class GpuEndpointProps:
     stored: StoredModel
     """The model's files in the store: the folder under its sha256 is mounted at /opt/ml/model."""
     store: ModelStore
-    image_uri: str
-    """The serving container (SageMaker's contract: GET /ping, POST /invocations on 8080)."""
+    image: "str | ecr_assets.DockerImageAsset"
+    """The serving container (SageMaker's contract: GET /ping, POST /invocations on 8080): an image URI, or
+    slimserve's own image built at deploy (`serving_image`)."""
+    version: str = "1"
+    """The version the endpoint says it serves; the API routes `/versions/{version}` to it."""
     canary_percent: int = 10
     """Share of capacity that takes traffic first in a blue/green update. @default 10."""
     bake_seconds: int = 600
     """How long the canary must stay clear of alarms before the rest shifts. @default 10 minutes."""
+
+
+def serving_image(scope: Construct) -> ecr_assets.DockerImageAsset:
+    """slimserve's serving container from serving/Dockerfile, built and pushed by `cdk deploy`; synth only stages
+    its context (the Dockerfile, its requirements and the inference core), so no Docker is needed before deploy."""
+    return ecr_assets.DockerImageAsset(
+        scope, "ServingImage", directory=str(REPO), file="serving/Dockerfile", platform=ecr_assets.Platform.LINUX_AMD64,
+        ignore_mode=cdk.IgnoreMode.DOCKER, exclude=["*", "!lambda_handlers", "!serving", "**/__pycache__"])
 
 
 class GpuEndpoint(Construct):
@@ -49,6 +62,7 @@ class GpuEndpoint(Construct):
         model_prefix = props.stored.key.rsplit("/", 1)[0] + "/"
         capture_prefix = f"data-capture/{model.name}/"
         self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
+        self.version = props.version
 
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                              description=f"slimserve {model.name}: read its model, write captured data and logs")
@@ -65,19 +79,25 @@ class GpuEndpoint(Construct):
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["cloudwatch:PutMetricData"], resources=["*"],
             conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}))
-        self.role.add_to_policy(iam.PolicyStatement(
-            actions=["ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-            resources=["*"]))
+        if isinstance(props.image, str):  # a repository of the user's: which one is not known here
+            self.role.add_to_policy(iam.PolicyStatement(
+                actions=["ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
+                resources=["*"]))
+            image_uri = props.image
+        else:
+            props.image.repository.grant_pull(self.role)
+            image_uri = props.image.image_uri
 
         self.model = sagemaker.CfnModel(
             self, "Model",
             execution_role_arn=self.role.role_arn,
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
-                image=props.image_uri,
+                image=image_uri,
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
                     s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
                         s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}", s3_data_type="S3Prefix", compression_type="None")),
-                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_FORMAT": model.format,
+                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_VERSION": props.version,
+                             "SLIMSERVE_MODEL_FORMAT": model.format,
                              "SLIMSERVE_MODEL_SHA256": props.stored.sha256,
                              "SLIMSERVE_MODEL_PATH": f"/opt/ml/model/model.{model.format}"},
             ),
@@ -117,7 +137,8 @@ class GpuEndpoint(Construct):
         self._autoscaling(settings)
         acknowledge(self.role, {
             "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
-                                              "permissions; PutMetricData is limited to SageMaker's namespaces by condition",
+                                              "permissions; PutMetricData is limited to SageMaker's namespaces by condition; "
+                                              "an image URI from the config names a repository this app does not know",
             f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{model_prefix}*]": "the model's own folder under its sha256",
             f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{capture_prefix}*]": "captured requests of this endpoint only",
             "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",

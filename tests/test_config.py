@@ -106,10 +106,24 @@ def test_errors_name_the_key_what_was_expected_and_what_was_found(folder, text, 
     assert error_of(folder, text) == message.format(folder=folder)
 
 
-def test_more_lambda_models_than_one_stack_holds(folder):
-    text = "".join(f'[models.m{i}]\nformat = "onnx"\nartifact = "iris.onnx"\n' for i in range(51))
-    assert error_of(folder, text) == ("models: expected at most 50 Lambda models in one app (each adds 5 resources to the "
-                                      "REST API, which API Gateway caps at 300 by default), found 51; split them across apps")
+def models(lambda_count: int, sagemaker_count: int) -> str:
+    lambdas = "".join(f'[models.m{i}]\nformat = "onnx"\nartifact = "iris.onnx"\n' for i in range(lambda_count))
+    return lambdas + "".join(f'[models.s{i}]\nformat = "onnx"\nartifact = "iris.onnx"\ntarget = "sagemaker"\n'
+                             for i in range(sagemaker_count))
+
+
+def test_more_routes_than_one_rest_api_holds(folder):
+    assert len(load_config(write(folder, models(36, 8))).models) == 44  # 36 x 5 + 8 x 14 = 292: the most there is
+    assert error_of(folder, models(37, 8)) == (
+        "models: expected routes that fit one REST API (292 resources for models under API Gateway's default 300; a Lambda "
+        "model takes 5, a SageMaker model 14), found 37 Lambda and 8 SageMaker models taking 297; split them across apps")
+    assert error_of(folder, models(59, 0)).endswith("found 59 Lambda and 0 SageMaker models taking 295; split them across apps")
+
+
+def test_more_sagemaker_models_than_one_stack_holds(folder):
+    assert error_of(folder, models(0, 9)) == (
+        "models: expected at most 8 SageMaker models in one app (each adds about 45 resources to its stack, which "
+        "CloudFormation caps at 500), found 9; split them across apps")
 
 
 def test_missing_file(tmp_path):

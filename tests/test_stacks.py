@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -12,7 +13,9 @@ import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import App, Stack, assertions
 from aws_cdk import aws_s3 as s3
 
-from slimserve.config import load_config, parse_config
+from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve.apigw import MODEL_ERROR_TEMPLATE
+from slimserve.config import API_RESOURCES_FOR_MODELS, API_RESOURCES_PER_MODEL, load_config, parse_config
 from stacks.app import build_app
 from stacks.model_store import ModelStore, ModelStoreProps
 
@@ -241,11 +244,12 @@ def test_cdk_nag_fails_a_synth_with_an_unacknowledged_finding():
         app.synth()
 
 
-def test_cfn_lint_finds_no_errors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", ["slimserve.toml", "examples/with-sagemaker.toml"])
+def test_cfn_lint_finds_no_errors(tmp_path, monkeypatch, config):
     from slimserve.cli import main
 
     monkeypatch.chdir(ROOT)
-    assert main(["synth", "--out", str(tmp_path)]) == 0
+    assert main(["synth", "--config", config, "--out", str(tmp_path)]) == 0
     templates = sorted(str(path) for path in tmp_path.glob("*.template.json"))
     assert len(templates) == 2  # the app's stack and its nested model shard
     result = subprocess.run([sys.executable, "-m", "cfnlint", "--format", "json", *templates], capture_output=True, text=True)
@@ -276,13 +280,53 @@ def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
     assert sum(r["Type"] == "AWS::Lambda::Function" for r in json.loads(nested.read_text())["Resources"].values()) == 2
 
 
-def test_sagemaker_models_without_an_image_are_refused_by_name_not_left_out(tmp_path):
-    config = tmp_path / "slimserve.toml"
-    config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "sagemaker"\n')
-    result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert result.stderr == (f"error: {config}: models.big.sagemaker.image: expected the serving container's image URI "
-                             "(slimserve's own image comes with the SageMaker serving container), found none\n")
+def test_sagemaker_models_without_an_image_get_slimserves_own_built_at_deploy(tmp_path):
+    (tmp_path / "big.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    config = parse_config({"app": {"name": "own-image"}, "models": {"big": {
+        "format": "onnx", "artifact": "big.onnx", "target": "sagemaker"}}}, tmp_path / "slimserve.toml")
+    app = build_app(config)
+    stack = app.node.find_child(config.name)
+    template = assertions.Template.from_stack(stack)
+    image = next(iter(template.find_resources("AWS::SageMaker::Model").values()))["Properties"]["PrimaryContainer"]["Image"]
+    asset_hash = image["Fn::Sub"].rsplit(":", 1)[1]
+    assert image["Fn::Sub"].startswith("${AWS::AccountId}.dkr.ecr.${AWS::Region}.${AWS::URLSuffix}/cdk-hnb659fds-container-assets-")
+    staged = Path(app.synth().directory) / f"asset.{asset_hash}"  # synth stages the build context; deploy builds it
+    assert sorted(path.name for path in staged.iterdir()) == ["lambda_handlers", "serving"]
+    assert (staged / "serving" / "Dockerfile").read_bytes() == (ROOT / "serving" / "Dockerfile").read_bytes()
+    assert {path.name for path in (staged / "lambda_handlers").iterdir()} == {path.name for path in (ROOT / "lambda_handlers").glob("*.py")}
+    (policy,) = [p for key, p in template.find_resources("AWS::IAM::Policy").items() if key.startswith("EndpointbigRole")]
+    (pull,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "ecr:BatchGetImage" in s["Action"]]
+    assert "cdk-hnb659fds-container-assets-" in json.dumps(pull["Resource"])  # that repository only
+
+
+def test_sagemaker_models_answer_on_the_api_through_invoke_endpoint(gpu_template):
+    methods = [m["Properties"] for m in gpu_template.find_resources("AWS::ApiGateway::Method").values()
+               if m["Properties"]["Integration"].get("Type") == "AWS"]
+    routes = endpoint_routes("big", "1")
+    assert sorted(m["Integration"]["RequestParameters"][f"integration.request.header.{CUSTOM_ATTRIBUTES}"] for m in methods) == \
+        sorted(f"'{route_attribute(method, path)}'" for method, path in routes)
+    for method in methods:
+        integration = method["Integration"]
+        assert integration["Uri"]["Fn::Join"][1][-1] == ":runtime.sagemaker:path/endpoints/gpu-demo-big/invocations"
+        assert (integration["IntegrationHttpMethod"], method["ApiKeyRequired"]) == ("POST", True)
+        content_type = integration["RequestParameters"]["integration.request.header.Content-Type"]
+        assert content_type == ("method.request.header.Content-Type" if method["HttpMethod"] == "POST" else "'application/json'")
+        assert "RequestTemplates" not in integration if method["HttpMethod"] == "POST" else integration["RequestTemplates"] == {"application/json": "{}"}
+        by_pattern = {r.get("SelectionPattern"): r for r in integration["IntegrationResponses"]}
+        assert by_pattern["424"]["ResponseTemplates"]["application/json"] == MODEL_ERROR_TEMPLATE
+        assert by_pattern[None]["ResponseParameters"]["method.response.header.Inference-Header-Content-Length"] == \
+            f"integration.response.header.{CUSTOM_ATTRIBUTES}"
+    (policy,) = [p for key, p in gpu_template.find_resources("AWS::IAM::Policy").items() if key.startswith("EndpointRoutesInvokeEndpointRole")]
+    assert policy["Properties"]["PolicyDocument"]["Statement"] == [{"Action": "sagemaker:InvokeEndpoint", "Effect": "Allow", "Resource": {
+        "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":sagemaker:", {"Ref": "AWS::Region"}, ":", {"Ref": "AWS::AccountId"},
+                          ":endpoint/gpu-demo-big"]]}}]
+
+
+def test_api_resources_per_model_are_what_the_config_budgets(gpu_template, template, shard):
+    server_own = len(template.find_resources("AWS::ApiGateway::Resource"))  # no model routes in the app's stack here
+    assert server_own == 300 - API_RESOURCES_FOR_MODELS - 1  # and the root
+    assert len(shard.find_resources("AWS::ApiGateway::Resource")) == 2 * API_RESOURCES_PER_MODEL["lambda"]
+    assert len(gpu_template.find_resources("AWS::ApiGateway::Resource")) - server_own == API_RESOURCES_PER_MODEL["sagemaker"]
 
 
 @pytest.fixture(scope="module")
@@ -345,13 +389,14 @@ def test_gpu_endpoint_role_reads_its_model_folder_and_writes_only_its_capture(gp
     assert by_action['"cloudwatch:PutMetricData"']["Condition"] == {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}
 
 
-def test_fifty_models_shard_into_nested_stacks_under_cloudformations_limits(tmp_path):
+def test_the_most_models_an_app_takes_stay_under_cloudformations_limits(tmp_path):
     (tmp_path / "iris.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
-    models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(50)}
+    models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(36)}  # with 8 below: all the API holds
+    models |= {f"s{i}": {"format": "onnx", "artifact": "iris.onnx", "target": "sagemaker"} for i in range(8)}
     stack = stack_for(parse_config({"app": {"name": "many"}, "models": models}, tmp_path / "slimserve.toml"))
     counts = [len(assertions.Template.from_stack(part).to_json()["Resources"]) for part in (stack, *stack.shards)]
-    assert len(stack.shards) == 3 and max(counts) <= 500, counts
-    assert sum(len(shard.lambda_models) for shard in stack.shards) == 50
+    assert len(stack.shards) == 2 and max(counts) <= 500, counts
+    assert sum(len(shard.lambda_models) for shard in stack.shards) == 36 and len(stack.gpu_endpoints) == 8
 
 
 def test_new_versions_reach_live_through_codedeploy_with_rollback_alarms(shard, shard_resources):
@@ -383,6 +428,7 @@ def test_cli_synth_from_elsewhere_and_its_errors(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "slimserve.toml"
-    config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "sagemaker"\n')
-    assert main(["synth", "--config", "slimserve.toml", "--out", "out"]) == 1
+    config.write_text(f'[models.big]\nformat = "onnx"\nartifact = "{ROOT}/examples/models/iris.onnx"\ntarget = "gpu"\n')
+    assert main(["synth", "--config", "slimserve.toml", "--out", "out"]) == 2
+    assert capsys.readouterr().err == "error: slimserve.toml: models.big.target: expected one of 'lambda', 'sagemaker', found 'gpu'\n"
     assert not list(tmp_path.glob("out/*.template.json"))
