@@ -1,10 +1,12 @@
-"""A local API Gateway: HTTP in, the proxy event the deployed API sends, the handler's answer out.
+"""A local API Gateway: HTTP in, the proxy event the deployed API sends, the handler's answer out
+(or, for a SageMaker model, the InvokeEndpoint call the deployed API makes).
 
 It enforces what API Gateway enforces (10 MB bodies, the 29 s integration timeout,
 API keys) and answers failures with API Gateway's own bodies, so a client sees
 locally what it will see deployed.
 """
 
+import http.client
 import json
 import re
 import secrets
@@ -16,8 +18,9 @@ from http.server import ThreadingHTTPServer
 
 from lambda_handlers import wire
 from lambda_handlers.core import InferenceCore, Request
+from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
 
-from .apigw import response_body, rest_event
+from .apigw import ENDPOINT_FAILED, MISSING_ROUTE, response_body, rest_event
 from .runner import FunctionPool
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
@@ -42,11 +45,21 @@ class Route:
     """Picks the function for a version (`pick(ref or None) -> (pool, number)`, LookupError if none); None: one version only."""
 
 
+@dataclass(frozen=True)
+class EndpointRoute:
+    """One model on a SageMaker endpoint: its serving program, and the routes the API declares for it."""
+
+    url: str
+    routes: frozenset
+    """(method, path) pairs; any other path of the model is not a route of the API."""
+    api_key_required: bool
+
+
 class LocalGateway(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, routes: dict[str, Route], host: str = "127.0.0.1", port: int = 8080,
+    def __init__(self, routes: dict[str, "Route | EndpointRoute"], host: str = "127.0.0.1", port: int = 8080,
                  api_key: str | None = None, log=print, integration_timeout_s: float = INTEGRATION_TIMEOUT_S):
         self.routes = routes
         self.api_key = api_key or secrets.token_urlsafe(24)
@@ -78,6 +91,8 @@ class LocalGateway(ThreadingHTTPServer):
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
+        if isinstance(route, EndpointRoute):
+            return self.invoke_endpoint(route, method, path, headers, body)
         pool = route.pool
         if route.versions is not None:
             versioned = VERSION_IN_PATH.match(path)
@@ -103,10 +118,41 @@ class LocalGateway(ThreadingHTTPServer):
             return _json(*BAD_GATEWAY)
         return result.payload["statusCode"], result.payload.get("headers") or {}, response_body(result.payload)
 
+    def invoke_endpoint(self, route: EndpointRoute, method: str, path: str, headers: dict[str, str],
+                        body: bytes) -> tuple[int, dict, bytes]:
+        """What the deployed API's integration does: InvokeEndpoint with the route as the custom attribute, and the
+        container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.apigw)."""
+        if (method, path) not in route.routes:
+            return _json(*MISSING_ROUTE)
+        content_type = headers.get("content-type", "application/json") if method == "POST" else "application/json"
+        invocation = {"Content-Type": content_type, CUSTOM_ATTRIBUTES: route_attribute(method, path)}
+        if "accept" in headers:
+            invocation["Accept"] = headers["accept"]
+        connection = http.client.HTTPConnection(route.url.removeprefix("http://"), timeout=self.integration_timeout_s)
+        try:
+            connection.request("POST", "/invocations", body if method == "POST" else b"{}", invocation)
+            response = connection.getresponse()
+            answer = response.read()
+        except TimeoutError:
+            return _json(*TIMED_OUT)
+        except OSError as error:
+            self.log(f"{route.url}: InvokeEndpoint failed: {error}")
+            return _json(*ENDPOINT_FAILED)
+        finally:
+            connection.close()
+        if response.status != 200:
+            return _json_bytes(response.status, answer)
+        returned = {"Content-Type": response.getheader("Content-Type", "application/json")}
+        if response.getheader(CUSTOM_ATTRIBUTES):
+            returned["Inference-Header-Content-Length"] = response.getheader(CUSTOM_ATTRIBUTES)
+        return 200, returned, answer
+
     def _ready(self) -> tuple[int, dict, bytes]:
         reasons = []
         for name, route in sorted(self.routes.items()):
-            status, _, body = self.integrate(route.pool, rest_event("GET", f"/v2/models/{name}/ready"))
+            ready = f"/v2/models/{name}/ready"
+            status, _, body = (self.invoke_endpoint(route, "GET", ready, {}, b"") if isinstance(route, EndpointRoute)
+                               else self.integrate(route.pool, rest_event("GET", ready)))
             if status != 200:
                 reasons.append(f"{name}: {body.decode(errors='replace')}")
         if reasons:
@@ -119,7 +165,11 @@ class LocalGateway(ThreadingHTTPServer):
 
 
 def _json(status: int, payload: dict) -> tuple[int, dict, bytes]:
-    return status, {"Content-Type": "application/json"}, json.dumps(payload).encode()
+    return _json_bytes(status, json.dumps(payload).encode())
+
+
+def _json_bytes(status: int, body: bytes) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json"}, body
 
 
 class _GatewayHandler(wire.Handler):

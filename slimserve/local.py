@@ -1,18 +1,24 @@
-"""The local stack: layers, a local S3, a Lambda-faithful runner per model, and a gateway in front."""
+"""The local stack: layers, a local S3, a Lambda-faithful runner per Lambda model, the SageMaker serving
+program per SageMaker model, and a gateway in front."""
 
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from lambda_handlers.sagemaker_server import endpoint_routes
 from layers.builder import build_layer
 
-from .config import AppConfig
-from .gateway import LocalGateway, Route
-from .local_s3 import local_s3
-from .runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
+from .config import AppConfig, ModelConfig
+from .gateway import EndpointRoute, LocalGateway, Route
+from .local_s3 import free_port, local_s3
+from .runner import REPO, FunctionPool, FunctionSpec, function_bundle, lambda_python, spawn
 from .registry import Registry, RegistryError, Version
 
 LAMBDA_PYTHON = "3.12"
@@ -70,6 +76,56 @@ class ModelVersions:
             pool.close()
 
 
+class LocalEndpoint:
+    """A SageMaker model's serving program in a process, as SageMaker runs the container: the version's files
+    copied from the store into a model folder of its own, the port from SAGEMAKER_BIND_TO_PORT, CPU only."""
+
+    START_TIMEOUT_S = 60.0
+
+    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path):
+        model_dir = work_dir / f"{name}-model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / f"model.{version.format}").write_bytes(data)
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = work_dir / f"{name}.log"
+        environment = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+            "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1", "SM_MODEL_DIR": str(model_dir),
+            "SLIMSERVE_MODEL_NAME": name, "SLIMSERVE_MODEL_VERSION": str(version.number),
+            "SLIMSERVE_MODEL_FORMAT": version.format, "SLIMSERVE_MODEL_SHA256": version.sha256,
+        }
+        with open(self.log_path, "ab") as log_file:
+            self.process = spawn([sys.executable, "-m", "lambda_handlers.sagemaker_server", "serve"], REPO, environment, log_file)
+        self._wait_until_up(name)
+
+    def _wait_until_up(self, name: str) -> None:
+        """Up means /ping answers at all: a model that failed to load answers 503 with its reason, as on SageMaker."""
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{name}: the serving program exited ({self.process.returncode}); see {self.log_path}")
+            try:
+                urllib.request.urlopen(f"{self.url}/ping", timeout=1).close()
+                return
+            except urllib.error.HTTPError:
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.close()
+        raise RuntimeError(f"{name}: the serving program did not answer /ping within {self.START_TIMEOUT_S:.0f} s; see {self.log_path}")
+
+    def close(self) -> None:
+        """SIGTERM, as SageMaker stops a container: requests in flight finish first."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
 class LocalStack:
     """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
 
@@ -94,8 +150,8 @@ class LocalStack:
         self.registry = registry = Registry(s3.client(), s3.bucket)
         routes = {}
         for model in self.config.models:
-            if model.target != "lambda":
-                self.log(f"{model.name}: target {model.target} is not run locally")
+            if model.target == "sagemaker":
+                routes[model.name] = self._endpoint(model, work_dir)
                 continue
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
@@ -124,6 +180,15 @@ class LocalStack:
                 self.log(f"{model.name}: IAM auth is not checked locally")
         self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
         self.resources.callback(self.gateway.server_close)
+
+    def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
+        registered, _ = self.registry.register(model.artifact, model.name)
+        endpoint = LocalEndpoint(model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir)
+        self.resources.callback(endpoint.close)
+        self.log(f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
+                 f"logs in {endpoint.log_path}")
+        return EndpointRoute(endpoint.url, frozenset(endpoint_routes(model.name, str(registered.number))),
+                             api_key_required=model.auth == "api_key")
 
     def serve_forever(self) -> None:
         self.gateway.serve_forever()

@@ -166,16 +166,7 @@ class Worker:
         self.init_ms: float | None = None
         self.init_error: dict | None = None
         self.max_rss_mb = 0.0
-        self.process = _SPAWNER.submit(
-            subprocess.Popen,
-            [spec.python, "-S", "-m", "awslambdaric", spec.handler],
-            cwd=spec.task_root,
-            env=self._environment(),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: killing it leaves nothing behind
-            preexec_fn=_die_with_parent,
-        ).result()
+        self.process = spawn([spec.python, "-S", "-m", "awslambdaric", spec.handler], spec.task_root, self._environment(), log_file)
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _environment(self) -> dict[str, str]:
@@ -274,6 +265,13 @@ class Worker:
             self.process.wait()
         self.api.shutdown()
         self.api.server_close()
+
+
+def spawn(command: list[str], cwd: Path, environment: dict[str, str], log_file) -> subprocess.Popen:
+    """A child that dies with us: in its own process group (killing it leaves nothing behind), and killed by
+    the kernel if this process dies first."""
+    return _SPAWNER.submit(subprocess.Popen, command, cwd=cwd, env=environment, stdout=log_file, stderr=subprocess.STDOUT,
+                           start_new_session=True, preexec_fn=_die_with_parent).result()
 
 
 def _die_with_parent() -> None:

@@ -168,6 +168,60 @@ def test_versions_and_the_live_alias_reach_their_own_functions(stack, key, tmp_p
 
 
 @pytest.fixture(scope="module")
+def mixed_stack(tmp_path_factory):
+    """The same model on Lambda (`iris`) and on a SageMaker endpoint (`iris-gpu`), behind one gateway."""
+    with LocalStack(load_config(ROOT / "examples" / "with-sagemaker.toml"), port=free_port(), log=lambda line: None,
+                    work_dir=tmp_path_factory.mktemp("mixed")) as running:
+        threading.Thread(target=running.serve_forever, daemon=True).start()
+        yield running
+        running.gateway.shutdown()
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_a_sagemaker_model_answers_tritonclient_as_its_lambda_twin_does(mixed_stack, iris, iris_test_split, binary):
+    test_x, _ = iris_test_split
+    client = triton.InferenceServerClient(mixed_stack.gateway.url.removeprefix("http://"), network_timeout=60)
+    key = {"x-api-key": mixed_stack.gateway.api_key}
+    # API Gateway passes bodies through untouched only for binary media types; tritonclient sends no Content-Type
+    body_type = {"Content-Type": "application/octet-stream"} if binary else {}
+    assert client.is_server_ready()
+    results = {}
+    for name, version in [("iris", ""), ("iris-gpu", ""), ("iris-gpu", "1")]:
+        assert client.is_model_ready(name, version, headers=dict(key))
+        metadata = client.get_model_metadata(name, version, headers=dict(key))
+        assert {**metadata, "name": "iris"} == client.get_model_metadata("iris", headers=dict(key))
+        infer_input = triton.InferInput("features", list(test_x.shape), "FP32")
+        infer_input.set_data_from_numpy(test_x, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(output, binary_data=binary) for output in ("label", "probabilities")]
+        results[name, version] = client.infer(name, [infer_input], version, outputs=outputs, headers={**key, **body_type})
+    direct = iris.run({"features": test_x}, ["label", "probabilities"])
+    for result in results.values():
+        for output, expected in direct.items():
+            np.testing.assert_array_equal(result.as_numpy(output), expected)
+
+
+def test_a_sagemaker_model_answers_tf_serving_and_bad_input_as_its_lambda_twin_does(mixed_stack, iris, iris_test_split):
+    test_x, _ = iris_test_split
+    key = {"x-api-key": mixed_stack.gateway.api_key, "Content-Type": "application/json"}
+    for path in ["/v1/models/{}:predict", "/v1/models/{}/versions/1:predict"]:
+        body = json.dumps({"instances": test_x[:4].tolist()}).encode()
+        assert http(mixed_stack, "POST", path.format("iris-gpu"), body, key) == http(mixed_stack, "POST", path.format("iris"), body, key)
+    assert http(mixed_stack, "GET", "/v1/models/iris-gpu/metadata", headers=key)[0] == 200
+    for bad in [b'{"inputs": [', b'{"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}']:
+        lambda_answer = http(mixed_stack, "POST", "/v2/models/iris/infer", bad, key)
+        assert lambda_answer[0] == 400
+        assert http(mixed_stack, "POST", "/v2/models/iris-gpu/infer", bad, key) == lambda_answer
+
+
+def test_a_sagemaker_model_refuses_as_api_gateway_does(mixed_stack):
+    key = {"x-api-key": mixed_stack.gateway.api_key}
+    assert http(mixed_stack, "GET", "/v2/models/iris-gpu") == (403, {"message": "Forbidden"})
+    # the endpoint serves one version: the API declares no route for another
+    assert http(mixed_stack, "GET", "/v2/models/iris-gpu/versions/2", headers=key) == (403, {"message": "Missing Authentication Token"})
+    assert http(mixed_stack, "DELETE", "/v2/models/iris-gpu", headers=key) == (403, {"message": "Missing Authentication Token"})
+
+
+@pytest.fixture(scope="module")
 def lambda_env():
     python, version, _ = lambda_python()
     return python, version, build_layer("lambda-runtime", version, out=LAYERS).python_path, build_layer(layer_runtime("onnx", version), version, out=LAYERS)
