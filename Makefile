@@ -35,6 +35,7 @@ demo: $(STAMP)
 	$(BIN)/slimserve examples
 	$(BIN)/slimserve check
 	$(BIN)/slimserve demo
+	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
 test: $(STAMP) $(TFLITE_STAMP) $(CDK_CLI)

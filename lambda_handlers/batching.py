@@ -1,10 +1,13 @@
 """Dynamic batching: concurrent requests for one model gathered into one runtime call.
 
-Requests wait at most `max_delay_ms` for company, up to `max_batch_size` rows; inputs are
-concatenated along the batch dimension and each caller gets its own rows back. Only
-models whose every input has a dynamic first dimension are batched.
+Requests wait at most `max_delay_ms` for company, up to `max_batch_size` rows, and only
+while the server has more requests in hand than the batch holds (`arriving`): a lone
+request runs at once. Inputs are concatenated along the batch dimension and each caller
+gets its own rows back. Only models whose every input has a dynamic first dimension are
+batched.
 """
 
+import contextlib
 import queue
 import threading
 import time
@@ -34,10 +37,22 @@ class BatchingModel:
         self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.inputs)
         self.runtime_calls = 0
         self.requests = 0
+        self.in_hand = 0  # requests the server is reading, or waiting on an answer for
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
         self._lock = threading.Lock()
         if self.batchable:
             threading.Thread(target=self._loop, name="batcher", daemon=True).start()
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """The server holds a request that may come here: worth waiting for while a batch gathers."""
+        with self._lock:
+            self.in_hand += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_hand -= 1
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -59,7 +74,7 @@ class BatchingModel:
             first = self._queue.get()
             batch, rows = [first], first.rows
             deadline = time.monotonic() + self.max_delay
-            while rows < self.max_batch_size:
+            while rows < self.max_batch_size and (len(batch) < self.in_hand or not self._queue.empty()):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

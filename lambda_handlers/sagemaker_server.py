@@ -18,6 +18,7 @@ when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which. SIGTERM finishe
 requests in flight, then exits.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -106,6 +107,7 @@ class SageMakerServer(ThreadingHTTPServer):
         self.model = model
         self.core = InferenceCore([model])
         self.routes = set(endpoint_routes(model.name, model.version))
+        self.arriving = model.runtime.arriving if model.ready else contextlib.nullcontext
         super().__init__((host, port), _Handler)
 
     def invoke(self, headers: dict[str, str], body: bytes) -> Response:
@@ -169,12 +171,13 @@ class _Handler(wire.Handler):
         self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
 
     def do_POST(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length)
-        if self.path != "/invocations":
-            return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
-        headers = {key.lower(): value for key, value in self.headers.items()}
-        response = self.server.invoke(headers, body)
+        with self.server.arriving():
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length)
+            if self.path != "/invocations":
+                return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
+            headers = {key.lower(): value for key, value in self.headers.items()}
+            response = self.server.invoke(headers, body)
         self._send(response.status, response.body, response.headers)
 
 

@@ -26,9 +26,9 @@ WARM_REQUESTS = 50
 
 
 def _sample_inputs(model: ModelConfig, signature) -> tuple[np.ndarray, np.ndarray | None]:
-    """The held-out split for the example models; a zero tensor for anything else."""
-    if model.name in HELD_OUT:
-        _, test_x, _, test_y = HELD_OUT[model.name]()
+    """The held-out split for the example models (by file name); a zero tensor for anything else."""
+    if model.artifact.stem in HELD_OUT:
+        _, test_x, _, test_y = HELD_OUT[model.artifact.stem]()
         return test_x, test_y
     spec = signature.inputs[0]
     return np.zeros([1 if dim == -1 else dim for dim in spec.shape], V2_TO_NUMPY[spec.datatype]), None
@@ -66,7 +66,8 @@ def demo_model(stack: LocalStack, model: ModelConfig, out) -> bool:
         tensor = triton.InferInput(spec.name, list(data.shape), spec.datatype)
         tensor.set_data_from_numpy(data, binary_data=binary)
         requested = [triton.InferRequestedOutput(name, binary_data=binary) for name in output_names]
-        result = client.infer(model.name, [tensor], outputs=requested, headers=dict(headers))
+        body_type = {"Content-Type": "application/octet-stream"} if binary else {}  # a binary media type: passed through
+        result = client.infer(model.name, [tensor], outputs=requested, headers={**headers, **body_type})
         return {name: result.as_numpy(name) for name in output_names}
 
     started = time.perf_counter()
@@ -82,8 +83,9 @@ def demo_model(stack: LocalStack, model: ModelConfig, out) -> bool:
         infer(inputs[:1], binary=True)
         warm.append((time.perf_counter() - started) * 1000)
 
-    print(f"\n== {model.name} ({model.format}) at {gateway.url}/v2/models/{model.name} ==", file=out)
-    print(f"  ready: {ready}; first request, a cold start: {cold_ms:.0f} ms", file=out)
+    where, cold = ("SageMaker serving program", " (model loaded at start)") if model.target == "sagemaker" else ("Lambda", ", a cold start")
+    print(f"\n== {model.name} ({model.format}, {where}) at {gateway.url}/v2/models/{model.name} ==", file=out)
+    print(f"  ready: {ready}; first request{cold}: {cold_ms:.0f} ms", file=out)
     print(f"  first 3 predictions (tritonclient, binary): {_classes(binary_outputs)[:3].tolist()}", file=out)
     print(f"  first 3 predictions (TF Serving rows): {[_row_class(row) for row in rows]}", file=out)
     print(f"  JSON and binary answers equal to the runtime's own: {same}", file=out)
@@ -106,5 +108,5 @@ def run_demo(config: AppConfig, out) -> int:
             results = [demo_model(stack, model, out) for model in served]
         finally:
             stack.gateway.shutdown()
-    print("\nlocal stack stopped: gateway, workers and S3", file=out)
+    print("\nlocal stack stopped: gateway, workers, serving programs and S3", file=out)
     return 0 if all(results) else 1

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +16,7 @@ import pytest
 from conftest import MODELS, ROOT
 from test_v2 import triton_request, triton_result
 
+from lambda_handlers.batching import BatchingModel
 from lambda_handlers.core import InferenceCore, Request, Response, ServedModel
 from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
 from slimserve.local_s3 import free_port
@@ -188,3 +190,44 @@ def test_sigterm_lets_a_request_in_flight_finish():
     assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [0]
     assert process.wait(timeout=20) == 0
     assert "stopped" in process.stdout.read()
+
+
+def test_a_lone_request_does_not_wait_for_company(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)  # waiting would mean ten minutes
+    answers = []
+
+    def request():
+        with batching.arriving():
+            answers.append(batching.run({"features": test_x[:1]}, ["label"])["label"])
+
+    thread = threading.Thread(target=request, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert answers == [iris.run({"features": test_x[:1]}, ["label"])["label"]] and batching.runtime_calls == 1
+
+
+def test_a_batch_waits_for_the_requests_the_server_has_in_hand(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)
+    second_in_hand, results = threading.Event(), {}
+
+    def request(index: int, hold: threading.Event | None = None):
+        with batching.arriving():
+            if hold is not None:
+                second_in_hand.set()
+                hold.wait()  # still reading its body
+            results[index] = batching.run({"features": test_x[index:index + 1]}, ["label"])["label"][0]
+
+    body_read = threading.Event()
+    threads = [threading.Thread(target=request, args=(1, body_read), daemon=True), threading.Thread(target=request, args=(0,), daemon=True)]
+    threads[0].start()
+    second_in_hand.wait()
+    threads[1].start()
+    while batching.requests < 1:  # the other is at the batcher, which must not run it alone
+        time.sleep(0.001)
+    body_read.set()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [results[0], results[1]] == iris.run({"features": test_x[:2]}, ["label"])["label"].tolist()
+    assert batching.runtime_calls == 1
