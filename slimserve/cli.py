@@ -144,6 +144,17 @@ def _optimize(args) -> int:
     return 0
 
 
+def _lock(args) -> int:
+    from .lock import lock_path, write_lock
+
+    config = load_config(args.config)
+    resolved = write_lock(config, _registry(args))
+    for name, version in resolved.items():
+        print(f"{name}: {config.model(name).version!r} is version {version.number} (sha256 {version.sha256})")
+    print(f"wrote {lock_path(config)}: {len(resolved)} of {len(config.models)} models deploy a registered version")
+    return 0
+
+
 def _register(args) -> int:
     version, new = _registry(args).register(Path(args.model), args.name)
     if new:
@@ -233,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         ("versions", _versions, "list a model's versions", []),
         ("alias", _alias, "point an alias (prod, canary, ...) at a version", [("alias", "alias name"), ("version", "number, sha256 prefix or alias")]),
         ("rollback", _rollback, "point an alias back where it was", []),
+        ("lock", _lock, "resolve the config's model versions into its lock file, for synth", []),
     ]:
         command = commands.add_parser(name, help=text)
-        if name == "register":
+        if name == "lock":
+            command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+        elif name == "register":
             command.add_argument("model", help=positionals[0][1])
             command.add_argument("--name", required=True, help="the model's name")
         else:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG = "slimserve.toml"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
+VERSION_REF = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 INSTANCE_TYPE = re.compile(r"ml\.(?P<family>[a-z0-9]+)\.(?P<size>[a-z0-9]+)")
 INSTANCE_FAMILIES = (
     "g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5", "inf2",  # accelerators
@@ -61,6 +62,11 @@ def _string(pattern: re.Pattern | None = None, what: str = "a non-empty string")
     return lambda v: isinstance(v, str) and bool(v) and (pattern is None or pattern.fullmatch(v)), what
 
 
+def _version_ref():
+    ok = lambda v: (type(v) is int and v >= 1) or (isinstance(v, str) and VERSION_REF.fullmatch(v) is not None)  # noqa: E731
+    return ok, "a version number >= 1, a sha256 prefix or an alias (letters, digits, '.', '_', '-')"
+
+
 def _rule(check, default=MISSING, doc=""):
     """A dataclass field carrying its validation rule and a one-line description."""
     ok, expected = check
@@ -107,6 +113,8 @@ class ModelConfig:
     deployment: str = _rule(_choice("canary", "linear", "all_at_once"), "canary",
                             "how a new version takes the live alias's traffic (CodeDeploy)")
     auth: str = _rule(_choice("none", "api_key", "iam"), "api_key", "how clients authenticate")
+    version: str | None = _rule(_version_ref(), None, "the registered version to deploy instead of the artifact: a number, "
+                                                      "sha256 prefix or alias, resolved into slimserve.lock by `slimserve lock`")
     alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
     sagemaker: SageMakerSettings | None = field(default=None, metadata={"doc": "settings for target 'sagemaker'"})
 
@@ -191,7 +199,7 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
     reader.unknown_keys(app, list(APP_RULES), "app")
     for key, value in app.items():
         reader.check(f"app.{key}", value, APP_RULES[key])
-    defaults = reader.dataclass_values(ModelConfig, reader.table("defaults", raw.get("defaults", {})), "defaults", skip=("name", "artifact", "format"))
+    defaults = reader.dataclass_values(ModelConfig, reader.table("defaults", raw.get("defaults", {})), "defaults", skip=("name", "artifact", "format", "version"))
     models_table = reader.table("models", raw.get("models", {}))
     if not models_table:
         reader.fail("models", "expected at least one [models.NAME] table, found none")
@@ -237,6 +245,8 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
     if not artifact.is_file():
         reader.fail(f"{where}.artifact", f"model file {artifact} does not exist")
     values["artifact"] = artifact
+    if "version" in values:
+        values["version"] = str(values["version"])
 
     alarms = Alarms(**reader.dataclass_values(Alarms, reader.table(f"{where}.alarms", values.get("alarms", {})), f"{where}.alarms"))
     values["alarms"] = alarms

@@ -156,7 +156,7 @@ class LocalStack:
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
             layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
-            registered, _ = registry.register(model.artifact, model.name)
+            registered = self._deployed_version(model)
             name = f"{self.config.name}-{model.name}"
 
             def make_pool(version: Version, model=model, name=name, layer=layer) -> FunctionPool:
@@ -181,8 +181,20 @@ class LocalStack:
         self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
         self.resources.callback(self.gateway.server_close)
 
-    def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
+    def _deployed_version(self, model: ModelConfig) -> Version:
+        """The config's artifact, registered; or the version the config names, where the local store has it."""
         registered, _ = self.registry.register(model.artifact, model.name)
+        if model.version is None:
+            return registered
+        try:
+            return self.registry.version(model.name, model.version)
+        except RegistryError as error:
+            self.log(f"{model.name}: version {model.version!r} is not in the local store ({error}); serving the artifact, "
+                     f"version {registered.number}")
+            return registered
+
+    def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
+        registered = self._deployed_version(model)
         endpoint = LocalEndpoint(model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir)
         self.resources.callback(endpoint.close)
         self.log(f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "

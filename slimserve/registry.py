@@ -41,11 +41,11 @@ class Version:
         return model_key(self.name, self.sha256, self.format)
 
     def stored(self, bucket: str) -> StoredModel:
-        return StoredModel(self.name, self.format, bucket, self.key, self.sha256, self.size)
+        return StoredModel(self.name, self.format, bucket, self.key, self.sha256, self.size, str(self.number))
 
     def environment(self, bucket: str) -> dict[str, str]:
         """What a Lambda function serving this version needs to find and verify it."""
-        return self.stored(bucket).environment(str(self.number))
+        return self.stored(bucket).environment()
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Version":

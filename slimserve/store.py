@@ -21,12 +21,14 @@ class StoredModel:
     key: str
     sha256: str
     size: int
+    version: str = "1"
+    """The registry's number for these bytes; "1" for a model deployed from its file."""
 
-    def environment(self, version: str = "1") -> dict[str, str]:
+    def environment(self) -> dict[str, str]:
         """What a Lambda function serving this model needs to find and verify it."""
         return {
             "SLIMSERVE_MODEL_NAME": self.name,
-            "SLIMSERVE_MODEL_VERSION": version,
+            "SLIMSERVE_MODEL_VERSION": self.version,
             "SLIMSERVE_MODEL_FORMAT": self.model_format,
             "SLIMSERVE_MODEL_BUCKET": self.bucket,
             "SLIMSERVE_MODEL_KEY": self.key,

@@ -8,6 +8,7 @@ from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
 from slimserve.config import Alarms, AppConfig, ModelConfig
+from slimserve.lock import locked_models
 from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
@@ -47,7 +48,8 @@ class SlimserveStack(cdk.Stack):
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
-        stored = self.model_store.add_models(list(config.models), REPO / "build" / "model-upload" / construct_id)
+        stored = self.model_store.add_models(list(config.models), REPO / "build" / "model-upload" / construct_id,
+                                             locked_models(config, self.model_store.bucket.bucket_name))
         self.api = InferenceApi(self, "Api", InferenceApiProps(
             name=config.name, throttle_rate=config.throttle_rate, throttle_burst=config.throttle_burst, log_retention=retention))
         self.monitoring = ModelMonitoring(self, "Monitoring", ModelMonitoringProps(app_name=config.name, alarm_email=config.alarm_email))

@@ -31,8 +31,6 @@ class GpuEndpointProps:
     image: "str | ecr_assets.DockerImageAsset"
     """The serving container (SageMaker's contract: GET /ping, POST /invocations on 8080): an image URI, or
     slimserve's own image built at deploy (`serving_image`)."""
-    version: str = "1"
-    """The version the endpoint says it serves; the API routes `/versions/{version}` to it."""
     canary_percent: int = 10
     """Share of capacity that takes traffic first in a blue/green update. @default 10."""
     bake_seconds: int = 600
@@ -62,7 +60,7 @@ class GpuEndpoint(Construct):
         model_prefix = props.stored.key.rsplit("/", 1)[0] + "/"
         capture_prefix = f"data-capture/{model.name}/"
         self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
-        self.version = props.version
+        self.version = props.stored.version  # the API routes `/versions/{version}` here
 
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                              description=f"slimserve {model.name}: read its model, write captured data and logs")
@@ -96,7 +94,7 @@ class GpuEndpoint(Construct):
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
                     s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
                         s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}", s3_data_type="S3Prefix", compression_type="None")),
-                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_VERSION": props.version,
+                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_VERSION": props.stored.version,
                              "SLIMSERVE_MODEL_FORMAT": model.format,
                              "SLIMSERVE_MODEL_SHA256": props.stored.sha256,
                              "SLIMSERVE_MODEL_PATH": f"/opt/ml/model/model.{model.format}"},

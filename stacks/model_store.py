@@ -75,11 +75,15 @@ class ModelStore(Construct):
             removal_policy=props.removal_policy,
         )
 
-    def add_models(self, models: list[ModelConfig], staging: Path) -> dict[str, StoredModel]:
-        """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes."""
+    def add_models(self, models: list[ModelConfig], staging: Path, locked: dict[str, StoredModel]) -> dict[str, StoredModel]:
+        """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes; `locked`
+        models are registered versions already in the store (see slimserve.lock) and are not uploaded."""
         shutil.rmtree(staging, ignore_errors=True)
-        stored = {}
-        for model in models:
+        stored = dict(locked)
+        uploads = [model for model in models if model.name not in locked]
+        if not uploads:
+            return stored
+        for model in uploads:
             data = Path(model.artifact).read_bytes()
             sha256 = hashlib.sha256(data).hexdigest()
             key = model_key(model.name, sha256, model.format)

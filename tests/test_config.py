@@ -60,6 +60,12 @@ def test_defaults_table_applies_to_every_model_and_models_override_it(folder):
     assert (config.model("digits").memory_mb, config.model("digits").architecture) == (2048, "arm64")
 
 
+def test_version_numbers_and_aliases_are_kept_as_references(folder):
+    assert load_config(write(folder, MODEL + "version = 3\n")).model("iris").version == "3"
+    assert load_config(write(folder, MODEL + 'version = "prod"\n')).model("iris").version == "prod"
+    assert load_config(write(folder, MODEL)).model("iris").version is None
+
+
 def test_sagemaker_target_gets_instance_defaults(folder):
     model = load_config(write(folder, MODEL + 'target = "sagemaker"\n')).model("iris")
     assert model.sagemaker == SageMakerSettings(instance_type="ml.g5.xlarge", initial_instance_count=1, min_instances=1, max_instances=2)
@@ -68,7 +74,10 @@ def test_sagemaker_target_gets_instance_defaults(folder):
 
 
 @pytest.mark.parametrize("text, message", [
-    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, deployment, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
+    (MODEL + "memroy_mb = 512\n", "models.iris.memroy_mb: unknown key (did you mean 'memory_mb'?); expected one of alarms, architecture, artifact, auth, deployment, ephemeral_storage_mb, format, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s, version"),
+    (MODEL + 'version = 0\n', "models.iris.version: expected a version number >= 1, a sha256 prefix or an alias (letters, digits, '.', '_', '-'), found 0"),
+    (MODEL + 'version = "my prod"\n', "models.iris.version: expected a version number >= 1, a sha256 prefix or an alias (letters, digits, '.', '_', '-'), found 'my prod'"),
+    ("[defaults]\nversion = 'prod'\n" + MODEL, "defaults.version: unknown key; expected one of alarms, architecture, auth, deployment, ephemeral_storage_mb, memory_mb, provisioned_concurrency, reserved_concurrency, sagemaker, snapstart, target, timeout_s"),
     (MODEL + 'memory_mb = "big"\n', "models.iris.memory_mb: expected an integer between 128 and 10240, found 'big'"),
     (MODEL + "memory_mb = 64\n", "models.iris.memory_mb: expected an integer between 128 and 10240, found 64"),
     (MODEL + "timeout_s = 60\n", "models.iris.timeout_s: expected an integer between 1 and 29, found 60"),

@@ -1,0 +1,60 @@
+"""`slimserve.lock`: the registered versions a config deploys, resolved once so that synth needs no S3.
+
+A model with `version = "prod"` (or a number, or a sha256 prefix) deploys that version's bytes,
+already in the model store, instead of uploading its artifact. `slimserve lock` asks the
+registry which bytes the reference names and writes them down beside the config; synth
+reads only that file, offline, and refuses a reference the file does not settle. Commit
+the lock: a changed lock is a new function version, which CodeDeploy shifts traffic to.
+"""
+
+import json
+from pathlib import Path
+
+from .config import AppConfig, ConfigError
+from .registry import Registry, RegistryError, Version
+from .store import StoredModel
+
+
+def lock_path(config: AppConfig) -> Path:
+    return config.path.with_suffix(".lock")
+
+
+def write_lock(config: AppConfig, registry: Registry) -> dict[str, Version]:
+    """Resolve every model's `version` against the registry and write the lock; nothing is written on an error."""
+    resolved, entries = {}, {}
+    for model in config.models:
+        if model.version is None:
+            continue
+        try:
+            version = registry.version(model.name, model.version)
+        except RegistryError as error:
+            raise ConfigError(f"{config.path}: models.{model.name}.version: {error}") from None
+        if version.format != model.format:
+            raise ConfigError(f"{config.path}: models.{model.name}.version: version {version.number} is a {version.format} "
+                              f"model, but the config says format {model.format!r}")
+        resolved[model.name] = version
+        entries[model.name] = {"ref": model.version, "version": version.number, "sha256": version.sha256,
+                               "format": version.format, "size": version.size}
+    lock_path(config).write_text(json.dumps({"models": entries}, indent=2, sort_keys=True) + "\n")
+    return resolved
+
+
+def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
+    """The stored versions the lock settles for the models with a `version`, in the stack's `bucket`."""
+    path = lock_path(config)
+    try:
+        entries = json.loads(path.read_text())["models"] if path.exists() else {}
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"{path}: not a slimserve lock ({error}); run `slimserve lock` to write it again") from None
+    stored = {}
+    for model in config.models:
+        if model.version is None:
+            continue
+        entry = entries.get(model.name)
+        if entry is None or entry.get("ref") != model.version:
+            found = "nothing" if entry is None else f"a lock for {entry.get('ref')!r}"
+            raise ConfigError(f"{config.path}: models.{model.name}.version: expected {path.name} to settle {model.version!r}, "
+                              f"found {found}; run `slimserve lock` to resolve it against the model store")
+        version = Version(model.name, entry["version"], entry["sha256"], entry["format"], entry["size"], "", "")
+        stored[model.name] = version.stored(bucket)
+    return stored

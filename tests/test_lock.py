@@ -1,0 +1,103 @@
+"""Deploying a registered version: `slimserve lock` resolves the config's `version` against the registry
+(moto's S3), synth reads only the lock, and a new locked version is a new Lambda version for CodeDeploy."""
+
+import json
+
+import onnx
+import pytest
+from conftest import MODELS
+
+import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
+from aws_cdk import assertions
+
+from slimserve.cli import main
+from slimserve.config import ConfigError, load_config
+from slimserve.lock import lock_path, write_lock
+from slimserve.registry import Registry
+from stacks.app import build_app
+
+
+@pytest.fixture
+def registry(s3_store, request):
+    bucket = f"lock-{request.node.name.replace('_', '-')[:40]}"
+    client = s3_store.client()
+    client.create_bucket(Bucket=bucket)
+    registry = Registry(client, bucket)
+    registry.register(MODELS / "iris.onnx", "iris")
+    return registry
+
+
+@pytest.fixture
+def retrained(registry, tmp_path):
+    """Version 2 of iris, the `prod` alias pointing at it."""
+    model = onnx.load(MODELS / "iris.onnx")
+    model.doc_string = "retrained"
+    onnx.save(model, tmp_path / "retrained.onnx")
+    version, _ = registry.register(tmp_path / "retrained.onnx", "iris")
+    registry.set_alias("iris", "prod", "2")
+    return version
+
+
+def config_with(tmp_path, version: str | None = '"prod"'):
+    (tmp_path / "iris.onnx").write_bytes((MODELS / "iris.onnx").read_bytes())
+    line = f"version = {version}\n" if version else ""
+    (tmp_path / "slimserve.toml").write_text(f'[app]\nname = "locked"\n\n[models.iris]\nformat = "onnx"\nartifact = "iris.onnx"\n{line}')
+    return load_config(tmp_path / "slimserve.toml")
+
+
+def function_environment(config) -> tuple[dict, list[str]]:
+    shard = assertions.Template.from_stack(build_app(config).node.find_child(config.name).shards[0])
+    (function,) = shard.find_resources("AWS::Lambda::Function").values()
+    return function["Properties"]["Environment"]["Variables"], sorted(shard.find_resources("AWS::Lambda::Version"))
+
+
+def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrained, tmp_path, s3_store, capsys):
+    config = config_with(tmp_path)
+    assert main(["lock", "--config", str(config.path), "--endpoint-url", s3_store.endpoint, "--bucket", registry.bucket]) == 0
+    assert capsys.readouterr().out == (f"iris: 'prod' is version 2 (sha256 {retrained.sha256})\n"
+                                       f"wrote {tmp_path}/slimserve.lock: 1 of 1 models deploy a registered version\n")
+    assert json.loads(lock_path(config).read_text()) == {"models": {"iris": {
+        "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size}}}
+    environment, _ = function_environment(config)
+    assert environment["SLIMSERVE_MODEL_VERSION"] == "2"
+    assert environment["SLIMSERVE_MODEL_SHA256"] == retrained.sha256
+    assert environment["SLIMSERVE_MODEL_KEY"] == f"models/iris/{retrained.sha256}/model.onnx"
+    app_stack = assertions.Template.from_stack(build_app(config).node.find_child(config.name))
+    assert app_stack.find_resources("Custom::CDKBucketDeployment") == {}  # the bytes are in the store already
+
+
+def test_a_new_locked_version_is_a_new_function_version(registry, retrained, tmp_path):
+    config = config_with(tmp_path)
+    write_lock(config, registry)
+    environment_v2, versions_v2 = function_environment(config)
+    registry.set_alias("iris", "prod", "1")
+    write_lock(config, registry)
+    environment_v1, versions_v1 = function_environment(config)
+    assert (environment_v1["SLIMSERVE_MODEL_VERSION"], environment_v2["SLIMSERVE_MODEL_VERSION"]) == ("1", "2")
+    assert versions_v1 != versions_v2  # CodeDeploy shifts the live alias to the new one
+
+
+def test_synth_refuses_a_version_the_lock_does_not_settle(registry, retrained, tmp_path):
+    config = config_with(tmp_path)
+    with pytest.raises(ConfigError) as missing:
+        build_app(config)
+    assert str(missing.value) == (f"{config.path}: models.iris.version: expected slimserve.lock to settle 'prod', found nothing; "
+                                  "run `slimserve lock` to resolve it against the model store")
+    write_lock(config_with(tmp_path, "2"), registry)
+    with pytest.raises(ConfigError) as stale:
+        build_app(config)
+    assert str(stale.value) == (f"{config.path}: models.iris.version: expected slimserve.lock to settle 'prod', found a lock "
+                                "for '2'; run `slimserve lock` to resolve it against the model store")
+
+
+def test_lock_refuses_an_unknown_version_and_writes_nothing(registry, tmp_path, s3_store, capsys):
+    config = config_with(tmp_path, '"canary"')
+    assert main(["lock", "--config", str(config.path), "--endpoint-url", s3_store.endpoint, "--bucket", registry.bucket]) == 2
+    assert capsys.readouterr().err == f"error: {config.path}: models.iris.version: model 'iris' has no alias 'canary'\n"
+    assert not lock_path(config).exists()
+
+
+def test_models_without_a_version_upload_their_artifact_as_before(tmp_path):
+    environment, _ = function_environment(config_with(tmp_path, None))
+    assert environment["SLIMSERVE_MODEL_VERSION"] == "1"
+    assert environment["SLIMSERVE_MODEL_KEY"] == f"models/iris/{environment['SLIMSERVE_MODEL_SHA256']}/model.onnx"
