@@ -79,18 +79,29 @@ class ServedModel(NamedTuple):
         return self.runtime
 
 
-_NAME = r"(?P<name>[A-Za-z0-9_.-]+)(?:/versions/(?P<version>[A-Za-z0-9_.-]+))?"
-_ROUTES = [
-    ("GET", re.compile(r"/v2/health/live"), "live"),
-    ("GET", re.compile(r"/v2/health/ready"), "server_ready"),
-    ("GET", re.compile(r"/v2"), "server_metadata"),
-    ("GET", re.compile(rf"/v2/models/{_NAME}"), "v2_metadata"),
-    ("GET", re.compile(rf"/v2/models/{_NAME}/ready"), "v2_ready"),
-    ("POST", re.compile(rf"/v2/models/{_NAME}/infer"), "v2_infer"),
-    ("GET", re.compile(rf"/v1/models/{_NAME}"), "tfs_status"),
-    ("GET", re.compile(rf"/v1/models/{_NAME}/metadata"), "tfs_metadata"),
-    ("POST", re.compile(rf"/v1/models/{_NAME}:predict"), "tfs_predict"),
+# Every route of both protocols, once: the core matches them, the API declares them for SageMaker
+# models, and the OpenAPI document describes them. `{model}` stands for a model's name, optionally
+# followed by `/versions/{version}`.
+ROUTES = [
+    ("GET", "/v2/health/live", "live"),
+    ("GET", "/v2/health/ready", "server_ready"),
+    ("GET", "/v2", "server_metadata"),
+    ("GET", "/v2/models/{model}", "v2_metadata"),
+    ("GET", "/v2/models/{model}/ready", "v2_ready"),
+    ("POST", "/v2/models/{model}/infer", "v2_infer"),
+    ("GET", "/v1/models/{model}", "tfs_status"),
+    ("GET", "/v1/models/{model}/metadata", "tfs_metadata"),
+    ("POST", "/v1/models/{model}:predict", "tfs_predict"),
 ]
+_MODEL = r"(?P<name>[A-Za-z0-9_.-]+)(?:/versions/(?P<version>[A-Za-z0-9_.-]+))?"
+_PATTERNS = [(method, re.compile(re.escape(template).replace(re.escape("{model}"), _MODEL)), action)
+             for method, template, action in ROUTES]
+
+
+def model_routes(name: str, version: str | None = None) -> list[tuple[str, str]]:
+    """A model's (method, path) pairs, unversioned or for one version."""
+    model = name if version is None else f"{name}/versions/{version}"
+    return [(method, template.replace("{model}", model)) for method, template, _ in ROUTES if "{model}" in template]
 
 
 class InferenceCore:
@@ -115,7 +126,7 @@ class InferenceCore:
     def _route(self, request: Request) -> Response:
         path = request.path.rstrip("/") or "/"
         allowed = []
-        for method, pattern, action in _ROUTES:
+        for method, pattern, action in _PATTERNS:
             match = pattern.fullmatch(path)
             if match is None:
                 continue

@@ -29,7 +29,7 @@ from http.server import ThreadingHTTPServer
 
 from . import telemetry, wire
 from .batching import BatchingModel
-from .core import InferenceCore, Request, Response, ServedModel
+from .core import InferenceCore, Request, Response, ServedModel, model_routes
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
@@ -42,12 +42,7 @@ ROUTE_ATTRIBUTE = "slimserve-route"
 
 def endpoint_routes(name: str, version: str) -> list[tuple[str, str]]:
     """The (method, path) pairs the API sends to a model's endpoint: unversioned, and for the one version it serves."""
-    routes = []
-    for base in (f"/v2/models/{name}", f"/v2/models/{name}/versions/{version}"):
-        routes += [("GET", base), ("GET", f"{base}/ready"), ("POST", f"{base}/infer")]
-    for base in (f"/v1/models/{name}", f"/v1/models/{name}/versions/{version}"):
-        routes += [("GET", base), ("GET", f"{base}/metadata"), ("POST", f"{base}:predict")]
-    return routes
+    return model_routes(name) + model_routes(name, version)
 
 
 def route_attribute(method: str, path: str) -> str:

@@ -15,6 +15,7 @@ import time
 import uuid
 
 BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary")
+MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 
 MISSING_ROUTE = (403, {"message": "Missing Authentication Token"})  # API Gateway's answer for an undeclared route
 ENDPOINT_THROTTLED = (429, {"error": "the model's SageMaker endpoint is throttling requests; retry with backoff"})

@@ -20,10 +20,10 @@ from lambda_handlers import wire
 from lambda_handlers.core import InferenceCore, Request
 from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
 
-from .apigw import ENDPOINT_FAILED, MISSING_ROUTE, response_body, rest_event
+from .apigw import ENDPOINT_FAILED, MAX_BODY_BYTES, MISSING_ROUTE, response_body, rest_event
+from .openapi import openapi_document
 from .runner import FunctionPool
 
-MAX_BODY_BYTES = 10 * 1024 * 1024
 INTEGRATION_TIMEOUT_S = 29.0
 MODEL_ROUTE = re.compile(r"/v[12]/models/(?P<name>[^/:]+)")
 VERSION_IN_PATH = re.compile(r"/v[12]/models/[^/:]+/versions/(?P<version>[^/:]+)")
@@ -81,6 +81,8 @@ class LocalGateway(ThreadingHTTPServer):
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
         match = MODEL_ROUTE.match(path)
         if match is None:
+            if (method, path) == ("GET", "/openapi.json"):
+                return _json(200, openapi_document(self.url, sorted(self.routes)))
             if path.rstrip("/") == "/v2/health/ready":
                 return self._ready()
             response = self.server_routes.handle(Request(method, path, headers, body))
@@ -188,4 +190,8 @@ class _GatewayHandler(wire.Handler):
     def _send(self, status: int, headers: dict, body: bytes):
         self.reply(status, body, headers)
 
-    do_GET = do_POST = do_PUT = do_DELETE = _handle
+    def __getattr__(self, name: str):
+        """Every method reaches the routes, which answer the ones they do not take (http.server would say 501)."""
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
