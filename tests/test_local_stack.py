@@ -32,12 +32,11 @@ LAYERS = ROOT / "build" / "layers"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    lines = []
-    with LocalStack(load_config(ROOT / "slimserve.toml"), port=free_port(), log=lines.append,
-                    work_dir=tmp_path_factory.mktemp("local")) as running:
+    lines, work_dir = [], tmp_path_factory.mktemp("local")
+    with LocalStack(load_config(ROOT / "slimserve.toml"), port=free_port(), log=lines.append, work_dir=work_dir) as running:
         thread = threading.Thread(target=running.serve_forever, daemon=True)
         thread.start()
-        running.lines = lines
+        running.lines, running.work_dir = lines, work_dir
         yield running
         running.gateway.shutdown()
 
@@ -165,6 +164,15 @@ def test_versions_and_the_live_alias_reach_their_own_functions(stack, key, tmp_p
 
 
 # The runner and gateway on their own, with functions built to fail
+
+
+def test_the_api_key_never_reaches_a_log(stack, key):
+    """Requests with the key, good and bad, then every line the stack and its functions logged."""
+    http(stack, "POST", "/v2/models/iris/infer", b'{"inputs": [', {**key, "Content-Type": "application/json"})
+    http(stack, "GET", "/v2/models/digits/ready", headers=key)
+    logs = "\n".join(stack.lines) + "".join(path.read_text() for path in sorted(stack.work_dir.glob("*.log")))
+    assert "request failed" in logs and "REPORT RequestId" in logs  # the logs are there, with requests in them
+    assert stack.gateway.api_key not in logs
 
 
 @pytest.fixture(scope="module")
