@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-from http.server import ThreadingHTTPServer
 
 from . import telemetry, wire
 from .batching import BatchingModel
@@ -94,7 +93,7 @@ def load(environ) -> ServedModel:
     return ServedModel(name, version, runtime=batching)
 
 
-class SageMakerServer(ThreadingHTTPServer):
+class SageMakerServer(wire.Server):
     daemon_threads = False  # SIGTERM waits for the requests in flight
     block_on_close = True
 

@@ -1,6 +1,6 @@
 """The HTTP plumbing every server here shares: the gateway, the Runtime API and the SageMaker server."""
 
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FRAMING = ("content-length", "connection", "transfer-encoding")
 
@@ -14,6 +14,13 @@ def send(handler: BaseHTTPRequestHandler, status: int, body: bytes, headers: dic
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
+
+
+class Server(ThreadingHTTPServer):
+    """A thread per connection, and a listen backlog for bursts: socketserver's default of 5 makes the
+    kernel drop or reset connections when a few dozen clients connect at once."""
+
+    request_queue_size = 256
 
 
 class Handler(BaseHTTPRequestHandler):

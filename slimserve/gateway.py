@@ -14,7 +14,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 
 from lambda_handlers import wire
 from lambda_handlers.core import InferenceCore, Request
@@ -55,7 +54,7 @@ class EndpointRoute:
     api_key_required: bool
 
 
-class LocalGateway(ThreadingHTTPServer):
+class LocalGateway(wire.Server):
     daemon_threads = True
     allow_reuse_address = True
 

@@ -148,6 +148,7 @@ class LocalStack:
         s3 = self.resources.enter_context(local_s3(port=s3_port))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         self.registry = registry = Registry(s3.client(), s3.bucket)
+        self.versions: dict[str, ModelVersions] = {}  # the Lambda models' functions
         routes = {}
         for model in self.config.models:
             if model.target == "sagemaker":
@@ -170,7 +171,7 @@ class LocalStack:
                     report=self.log,
                 )
 
-            versions = ModelVersions(registry, model.name, registered, make_pool)
+            versions = self.versions[model.name] = ModelVersions(registry, model.name, registered, make_pool)
             self.resources.callback(versions.close)
             routes[model.name] = Route(versions.pools[registered.number], api_key_required=model.auth == "api_key",
                                        versions=versions)

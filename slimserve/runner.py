@@ -19,7 +19,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from lambda_handlers import wire
@@ -96,7 +95,7 @@ def function_bundle(folder: Path, python: str | None) -> Path:
     return folder
 
 
-class _RuntimeApi(ThreadingHTTPServer):
+class _RuntimeApi(wire.Server):
     """The Lambda Runtime API for one worker: hands out its invocations, takes their results."""
 
     daemon_threads = True
