@@ -4,6 +4,11 @@ The model comes from S3 (bucket, key and sha256 in the environment) or, for loca
 runs and benchmarks, from a file. Bytes whose sha256 differs from the expected one
 are never handed to a runtime: the function stays up, reports not ready, and
 answers every inference with 503 and the reason.
+
+A load that failed (S3 unreachable or slow, the object missing or changed) is tried
+again on a later request, after a backoff that doubles from `retry_s` up to a minute,
+so the function recovers by itself once S3 does; each failed load is logged and
+counted as the `ModelLoadFailures` metric.
 """
 
 import hashlib
@@ -16,6 +21,9 @@ from .errors import InferenceError
 from .runtimes import FORMATS, ModelLoadError, load_model
 
 DEFAULT_NAMESPACE = "Slimserve"
+RETRY_MAX_S = 60.0
+# S3 failures end within seconds: Lambda's init phase has 10 s, and a hung fetch helps nobody
+S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 1, "read_timeout": 3}
 
 
 class ModelSourceError(Exception):
@@ -85,7 +93,7 @@ def _s3_get(bucket: str, key: str) -> bytes:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=3))
+    client = boto3.client("s3", config=Config(**S3_CONFIG))
     try:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
@@ -98,35 +106,54 @@ def _s3_get(bucket: str, key: str) -> bytes:
 class ModelFunction:
     """The Lambda entry point's state; calling it handles one API Gateway event."""
 
-    def __init__(self, environ):
+    def __init__(self, environ, retry_s: float = 1.0):
+        self.environ = environ
         self.namespace = environ.get("SLIMSERVE_METRICS_NAMESPACE", DEFAULT_NAMESPACE)
         self.function_name = environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")
         self.log_context = {"function": self.function_name}
+        self.retry_s, self.next_load, self.failed_loads = retry_s, 0.0, 0
         started = time.perf_counter()
-        self.model = self._load(environ)
+        self._load()
         self.load_ms = (time.perf_counter() - started) * 1000
-        self.core = InferenceCore([self.model])
         self.cold = True
 
-    def _load(self, environ) -> ServedModel:
+    def _load(self) -> None:
+        environ = self.environ
         name = environ.get("SLIMSERVE_MODEL_NAME", "unnamed")
         version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
         try:
             source = ModelSource.from_environment(environ)
+        except ModelSourceError as exc:  # a deployment mistake: trying again cannot help
+            self._failed(name, version, str(exc), retry=False)
+            return
+        try:
             runtime = load_model(source.fetch(), source.model_format)
         except (ModelSourceError, ModelLoadError) as exc:
-            telemetry.log("ERROR", "model not loaded", model=name, version=version, reason=str(exc), **self.log_context)
-            return ServedModel(name, version, failure=str(exc))
+            self._failed(name, version, str(exc), retry=True)
+            return
         telemetry.log(
             "INFO", "model loaded", model=name, version=version, source=source.location,
-            sha256=source.sha256, **self.log_context,
+            sha256=source.sha256, failed_loads_before=self.failed_loads, **self.log_context,
         )
-        return ServedModel(name, version, runtime=runtime)
+        self.model = ServedModel(name, version, runtime=runtime)
+        self.core = InferenceCore([self.model])
+
+    def _failed(self, name: str, version: str, reason: str, retry: bool) -> None:
+        delay = min(self.retry_s * 2 ** self.failed_loads, RETRY_MAX_S) if retry else float("inf")
+        self.failed_loads += 1
+        self.next_load = time.monotonic() + delay
+        telemetry.log("ERROR", "model not loaded", model=name, version=version, reason=reason,
+                      retry_in_s=delay if retry else None, **self.log_context)
+        telemetry.emit_metrics(self.namespace, name, {"ModelLoadFailures": 1}, function=self.function_name, version=version)
+        self.model = ServedModel(name, version, failure=reason)
+        self.core = InferenceCore([self.model])
 
     def __call__(self, event: dict, context) -> dict:
         started = time.perf_counter()
         request_id = getattr(context, "aws_request_id", None) or "local"
         self.log_context["request_id"] = request_id
+        if not self.model.ready and time.monotonic() >= self.next_load:
+            self._load()
         try:
             response = self.core.handle(events.to_request(event))
         except InferenceError as error:

@@ -16,6 +16,7 @@ _UNITS = {
     "RequestLatency": "Milliseconds",
     "InferenceLatency": "Milliseconds",
     "ModelLoadTime": "Milliseconds",
+    "ModelLoadFailures": "Count",
 }
 
 

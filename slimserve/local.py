@@ -78,33 +78,41 @@ class ModelVersions:
 
 class LocalEndpoint:
     """A SageMaker model's serving program in a process, as SageMaker runs the container: the version's files
-    copied from the store into a model folder of its own, the port from SAGEMAKER_BIND_TO_PORT, CPU only."""
+    copied from the store into a model folder of its own, the port from SAGEMAKER_BIND_TO_PORT, CPU only.
+    A program that exits unasked is started again on the same port, as SageMaker replaces a failed container."""
 
     START_TIMEOUT_S = 60.0
 
-    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path):
+    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path, log=print):
+        self.name, self.log = name, log
         model_dir = work_dir / f"{name}-model"
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / f"model.{version.format}").write_bytes(data)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = work_dir / f"{name}.log"
-        environment = {
+        self.environment = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
             "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1", "SM_MODEL_DIR": str(model_dir),
             "SLIMSERVE_MODEL_NAME": name, "SLIMSERVE_MODEL_VERSION": str(version.number),
             "SLIMSERVE_MODEL_FORMAT": version.format, "SLIMSERVE_MODEL_SHA256": version.sha256,
         }
-        with open(self.log_path, "ab") as log_file:
-            self.process = spawn([sys.executable, "-m", "lambda_handlers.sagemaker_server", "serve"], REPO, environment, log_file)
-        self._wait_until_up(name)
+        self.closing = threading.Event()
+        self.restarts = 0
+        self._start()
+        threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True).start()
 
-    def _wait_until_up(self, name: str) -> None:
+    def _start(self) -> None:
+        with open(self.log_path, "ab") as log_file:
+            self.process = spawn([sys.executable, "-m", "lambda_handlers.sagemaker_server", "serve"], REPO, self.environment, log_file)
+        self._wait_until_up()
+
+    def _wait_until_up(self) -> None:
         """Up means /ping answers at all: a model that failed to load answers 503 with its reason, as on SageMaker."""
         deadline = time.monotonic() + self.START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{name}: the serving program exited ({self.process.returncode}); see {self.log_path}")
+                raise RuntimeError(f"{self.name}: the serving program exited ({self.process.returncode}); see {self.log_path}")
             try:
                 urllib.request.urlopen(f"{self.url}/ping", timeout=1).close()
                 return
@@ -113,10 +121,25 @@ class LocalEndpoint:
             except OSError:
                 time.sleep(0.05)
         self.close()
-        raise RuntimeError(f"{name}: the serving program did not answer /ping within {self.START_TIMEOUT_S:.0f} s; see {self.log_path}")
+        raise RuntimeError(f"{self.name}: the serving program did not answer /ping within {self.START_TIMEOUT_S:.0f} s; "
+                           f"see {self.log_path}")
+
+    def _watch(self) -> None:
+        while not self.closing.is_set():
+            code = self.process.wait()
+            if self.closing.is_set():
+                return
+            self.restarts += 1
+            self.log(f"{self.name}: the serving program exited ({code}); starting it again (restart {self.restarts})")
+            try:
+                self._start()
+            except RuntimeError as error:
+                self.log(str(error))
+                return
 
     def close(self) -> None:
         """SIGTERM, as SageMaker stops a container: requests in flight finish first."""
+        self.closing.set()
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -149,6 +172,7 @@ class LocalStack:
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         self.registry = registry = Registry(s3.client(), s3.bucket)
         self.versions: dict[str, ModelVersions] = {}  # the Lambda models' functions
+        self.endpoints: dict[str, LocalEndpoint] = {}  # the SageMaker models' serving programs
         routes = {}
         for model in self.config.models:
             if model.target == "sagemaker":
@@ -196,7 +220,8 @@ class LocalStack:
 
     def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
         registered = self._deployed_version(model)
-        endpoint = LocalEndpoint(model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir)
+        endpoint = self.endpoints[model.name] = LocalEndpoint(
+            model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir, self.log)
         self.resources.callback(endpoint.close)
         self.log(f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
                  f"logs in {endpoint.log_path}")

@@ -87,7 +87,7 @@ class ModelMonitoring(Construct):
         self._graphs(f"{name} (handler)", f"{name}-handler", {
             "Inference latency": [emf("InferenceLatency", "p99"), emf("InferenceLatency", "p50")],
             "Requests and errors": [emf("Requests", "Sum"), emf("Errors", "Sum")],
-            "Cold starts": [emf("ColdStart", "Sum"), emf("ModelLoadTime", "Maximum")],
+            "Cold starts": [emf("ColdStart", "Sum"), emf("ModelLoadTime", "Maximum"), emf("ModelLoadFailures", "Sum")],
         })
         server_errors = cloudwatch.MathExpression(
             expression=" + ".join(f"FILL(e{i}, 0)" for i in range(len(SERVER_ERROR_KINDS))),
