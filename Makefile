@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 TFLITE_VENV := .venv-tflite-runtime
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
 PIP_QUIET := --quiet --disable-pip-version-check
+# BentoML, the serving bench's peer, pins much of its own: it gets a venv of its own.
+BENTOML_VENV := .venv-bentoml
+BENTOML_STAMP := $(BENTOML_VENV)/.installed
 
 # The pinned CDK CLI, installed by the npm that comes with the venv's Node.
 CDK_CLI := node_modules/.bin/cdk
@@ -27,6 +30,12 @@ $(TFLITE_STAMP): requirements-tflite-runtime.lock
 	$(TFLITE_VENV)/bin/python -c "import tflite_runtime.interpreter"
 	touch $@
 
+$(BENTOML_STAMP): requirements-bentoml.lock
+	$(PYTHON) -m venv $(BENTOML_VENV)
+	$(BENTOML_VENV)/bin/pip install $(PIP_QUIET) -r requirements-bentoml.lock
+	$(BENTOML_VENV)/bin/python -c "import bentoml, onnxruntime"
+	touch $@
+
 $(CDK_CLI): package.json package-lock.json $(STAMP)
 	PATH="$(NODE_HOME)/bin:$$PATH" node "$(NODE_HOME)/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -41,7 +50,7 @@ demo: $(STAMP)
 test: $(STAMP) $(TFLITE_STAMP) $(CDK_CLI)
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python $(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(BENTOML_STAMP)
 	$(BIN)/python -m bench
 
 synth: $(STAMP)

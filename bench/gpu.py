@@ -1,0 +1,156 @@
+"""`python -m bench.gpu`: the serving bench on a GPU machine, the serving program alone, batching on and off.
+
+Prints the GPU, the ONNX Runtime provider the server says it runs on, and per concurrency the
+throughput, p50/p99 and the GPU's utilization sampled by nvidia-smi during the run. Refuses
+(exit 2, one line) where there is no GPU or onnxruntime cannot run on CUDA.
+"""
+
+import argparse
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from . import serving
+from .__main__ import print_table
+
+IMAGE_SHAPE = (3, 224, 224)
+DISTINCT_IMAGES = 16
+TOLERANCE = 2e-2  # cuDNN's kernels (TF32 where allowed) against the CPU reference, relative to the logits' scale
+
+
+def gpu_name() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    result = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    names = result.stdout.strip().splitlines()
+    return names[0].strip() if result.returncode == 0 and names else None
+
+
+def refusal() -> str | None:
+    """Why this machine cannot run the bench, or None."""
+    if gpu_name() is None:
+        return "bench.gpu: no NVIDIA GPU here (nvidia-smi missing or lists none); run it on a GPU machine"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return (f"bench.gpu: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
+                f"({', '.join(onnxruntime.get_available_providers())}); install onnxruntime-gpu in place of onnxruntime")
+    return None
+
+
+def resnet_onnx(path: Path, widths=(64, 128, 256, 512), blocks_per_stage: int = 2, classes: int = 1000) -> Path:
+    """A ResNet-18-shaped CNN over batch x 3 x 224 x 224 (no batch norm), seeded, logits out: enough work to keep a GPU busy."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights = [], []
+
+    def conv(source: str, name: str, channels_in: int, channels_out: int, kernel: int, stride: int, relu: bool = True) -> str:
+        scale = np.sqrt(2 / (channels_in * kernel * kernel)) * (1 if relu else 0.5)
+        weights.append(numpy_helper.from_array(rng.normal(0, scale, (channels_out, channels_in, kernel, kernel)).astype(np.float32), f"{name}_w"))
+        weights.append(numpy_helper.from_array(np.zeros(channels_out, np.float32), f"{name}_b"))
+        nodes.append(helper.make_node("Conv", [source, f"{name}_w", f"{name}_b"], [name], strides=[stride, stride], pads=[kernel // 2] * 4))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}_relu"]))
+        return f"{name}_relu"
+
+    stem = conv("image", "stem", IMAGE_SHAPE[0], widths[0], 7, 2)
+    nodes.append(helper.make_node("MaxPool", [stem], ["pooled"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    features, channels = "pooled", widths[0]
+    for stage, width in enumerate(widths):
+        for block in range(blocks_per_stage):
+            name, stride = f"stage{stage}_block{block}", 2 if stage and not block else 1
+            residual = conv(conv(features, f"{name}_a", channels, width, 3, stride), f"{name}_b", width, width, 3, 1, relu=False)
+            shortcut = features if stride == 1 and channels == width else conv(features, f"{name}_down", channels, width, 1, stride, relu=False)
+            nodes.append(helper.make_node("Add", [residual, shortcut], [f"{name}_sum"]))
+            nodes.append(helper.make_node("Relu", [f"{name}_sum"], [f"{name}_out"]))
+            features, channels = f"{name}_out", width
+    weights += [numpy_helper.from_array(rng.normal(0, 1 / np.sqrt(channels), (channels, classes)).astype(np.float32), "dense_w"),
+                numpy_helper.from_array(np.zeros(classes, np.float32), "dense_b")]
+    nodes += [helper.make_node("GlobalAveragePool", [features], ["global"]),
+              helper.make_node("Flatten", ["global"], ["flat"]),
+              helper.make_node("Gemm", ["flat", "dense_w", "dense_b"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "resnet",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", *IMAGE_SHAPE])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def v2_binary_request(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The image as raw bytes behind a V2 JSON header, as Triton's clients send tensors: no JSON number parsing."""
+    data = np.ascontiguousarray(row, np.float32).tobytes()
+    header = orjson.dumps({"inputs": [{"name": "image", "shape": list(row.shape), "datatype": "FP32",
+                                       "parameters": {"binary_data_size": len(data)}}]})
+    return header + data, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+
+
+@contextlib.contextmanager
+def gpu_utilization(interval_ms: int = 100) -> Iterator[list[float]]:
+    """The GPU's busy percentage, sampled by nvidia-smi while the block runs; the list fills when it ends."""
+    samples: list[float] = []
+    sampler = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", str(interval_ms)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        yield samples
+    finally:
+        sampler.terminate()
+        output, _ = sampler.communicate()
+        samples += [float(line.split(",")[0]) for line in output.splitlines() if line.strip()]
+
+
+def provider_used(log_path: Path) -> str:
+    """What the serving program logged choosing its ONNX Runtime provider."""
+    for line in log_path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("message", "").startswith("ONNX Runtime runs on "):
+                return record["message"].removeprefix("ONNX Runtime runs on ")
+    return "unknown (no provider line in the server's log)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu")
+    parser.add_argument("--seconds", type=float, default=10, help="each timed run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    args = parser.parse_args(argv)
+    reason = refusal()
+    if reason:
+        print(reason, file=sys.stderr)
+        return 2
+    model = resnet_onnx(serving.BUILD / "resnet.onnx")
+    images = np.random.default_rng(1).random((DISTINCT_IMAGES, *IMAGE_SHAPE), dtype=np.float32)
+    expected = serving.reference_outputs(model, images)
+    contenders = [serving.slimserve_contender("slimserve on GPU, batching on", model, serving.MAX_BATCH_SIZE, v2_binary_request),
+                  serving.slimserve_contender("slimserve on GPU, batching off", model, 1, v2_binary_request)]
+    print(f"GPU: {gpu_name()}")
+    with contextlib.ExitStack() as stack:
+        for contender in contenders:
+            provider = provider_used(stack.enter_context(serving.running(contender)))
+            print(f"{contender.name}: ONNX Runtime provider {provider}")
+            if provider != "CUDAExecutionProvider":
+                print(f"bench.gpu: the serving program runs on {provider}, not CUDA; see {serving.BUILD}", file=sys.stderr)
+                return 2
+        cells = serving.measure(contenders, images, expected, args.seconds, args.rounds, tolerance=TOLERANCE,
+                                during_run=gpu_utilization)
+    print_table([serving.cell_row(name, concurrency, cell, f"; GPU {np.median(cell.extras):.0f}% busy")
+                 for (name, concurrency), cell in cells.items()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

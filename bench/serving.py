@@ -1,0 +1,365 @@
+"""Throughput and latency of the SageMaker serving program under concurrent clients, beside a BentoML peer.
+
+Every contender serves the same ONNX file on loopback and gets the same closed-loop load: N
+clients on persistent connections, each sending its next request when the last answer came.
+The client is kept cheap while the clock runs (pre-encoded requests, raw HTTP/1.1 on asyncio);
+answers are kept and checked against onnxruntime's own output afterwards.
+"""
+
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from slimserve.local_s3 import free_port
+from slimserve.store import file_environment
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "bench"
+BENTOML_BIN = ROOT / ".venv-bentoml" / "bin"
+CONCURRENCIES = (1, 8, 32)
+MAX_BATCH_SIZE = 32
+DISTINCT_INPUTS = 64
+MLP_WIDTHS = (256, 2048, 2048, 2048, 2048, 10)  # ~1 ms a row alone, ~0.1 ms a row in a batch of 32, on a laptop-class core
+
+BENTOML_SERVICE = f'''
+import os
+
+import bentoml
+import numpy as np
+import onnxruntime
+
+
+@bentoml.service(workers=1, logging={{"access": {{"enabled": False}}}})
+class OnnxPeer:
+    """The bench's model as a BentoML user tuning for throughput serves it: one process like the serving program,
+    onnxruntime in the service, adaptive batching on, no access log line per request."""
+
+    def __init__(self):
+        self.session = onnxruntime.InferenceSession(os.environ["BENCH_MODEL_PATH"], providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    @bentoml.api(batchable=True, batch_dim=0, max_batch_size={MAX_BATCH_SIZE})
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {{self.input_name: features.astype(np.float32)}})[0]
+'''
+
+
+def mlp_onnx(path: Path, widths: tuple[int, ...] = MLP_WIDTHS) -> Path:
+    """A dense ReLU network with a dynamic batch axis: memory-bound alone, so batching pays, as it does for real models."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], [], "features"
+    for layer, (fan_in, fan_out) in enumerate(zip(widths, widths[1:])):
+        weights += [numpy_helper.from_array((rng.normal(0, 1, (fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32), f"w{layer}"),
+                    numpy_helper.from_array(np.zeros(fan_out, np.float32), f"b{layer}")]
+        nodes.append(helper.make_node("Gemm", [previous, f"w{layer}", f"b{layer}"], [f"dense{layer}"]))
+        previous = f"dense{layer}"
+        if layer < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [previous], [f"relu{layer}"]))
+            previous = f"relu{layer}"
+    nodes.append(helper.make_node("Softmax", [previous], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", widths[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", widths[-1]])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@dataclass
+class Contender:
+    """A server process, how to ask it for one row, and how to read its answer."""
+
+    name: str
+    command: list[str]
+    environment: dict[str, str]
+    port: int
+    path: str
+    encode: Callable[[np.ndarray], tuple[bytes, dict[str, str]]]  # one input row -> body, headers
+    decode: Callable[[bytes], np.ndarray]
+    ready_path: str = "/ping"
+    cwd: Path = ROOT
+    stats: bool = False  # serves GET /stats (requests and runtime calls)
+
+    def http_request(self, row: np.ndarray) -> bytes:
+        body, headers = self.encode(row)
+        fields = {"Host": f"127.0.0.1:{self.port}", **headers, "Content-Length": str(len(body))}
+        head = f"POST {self.path} HTTP/1.1\r\n" + "".join(f"{key}: {value}\r\n" for key, value in fields.items()) + "\r\n"
+        return head.encode() + body
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def v2_json_request(name: str) -> Callable[[np.ndarray], tuple[bytes, dict[str, str]]]:
+    def encode(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
+        tensor = {"name": name, "shape": list(row.shape), "datatype": "FP32", "data": row.ravel()}
+        return orjson.dumps({"inputs": [tensor]}, option=orjson.OPT_SERIALIZE_NUMPY), JSON_HEADERS
+    return encode
+
+
+def v2_json_output(body: bytes) -> np.ndarray:
+    output = orjson.loads(body)["outputs"][0]
+    return np.asarray(output["data"], np.float32).reshape(output["shape"])
+
+
+def slimserve_contender(name: str, model: Path, max_batch_size: int, encode=None) -> Contender:
+    """The serving program as SageMaker runs it, V2 JSON requests unless told; max_batch_size 1 turns batching off."""
+    port = free_port()
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1",
+                   **file_environment(model), "SLIMSERVE_MAX_BATCH_SIZE": str(max_batch_size)}
+    return Contender(name, [sys.executable, "-m", "lambda_handlers.sagemaker_server"], environment, port, "/invocations",
+                     encode or v2_json_request(_onnx_input_name(model)), v2_json_output, stats=True)
+
+
+def bentoml_contender(model: Path, service_dir: Path = BUILD) -> Contender:
+    """BentoML's current API: one service, onnxruntime inside, adaptive batching to the same batch size."""
+    service_dir.mkdir(parents=True, exist_ok=True)
+    (service_dir / "peer_service.py").write_text(BENTOML_SERVICE)
+    port = free_port()
+    environment = {**os.environ, "BENCH_MODEL_PATH": str(model), "BENTOML_HOME": str(service_dir / "bentoml-home"),
+                   "BENTOML_DO_NOT_TRACK": "True"}
+    command = [str(BENTOML_BIN / "bentoml"), "serve", "peer_service:OnnxPeer", "--host", "127.0.0.1", "--port", str(port)]
+    return Contender("BentoML (adaptive batching)", command, environment, port, "/predict",
+                     lambda row: (orjson.dumps({"features": row}, option=orjson.OPT_SERIALIZE_NUMPY), JSON_HEADERS),
+                     lambda body: np.asarray(orjson.loads(body), np.float32), ready_path="/readyz", cwd=service_dir)
+
+
+def _onnx_input_name(model: Path) -> str:
+    import onnx
+
+    return onnx.load(model, load_external_data=False).graph.input[0].name
+
+
+def _get(url: str, timeout: float = 1) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.read()
+
+
+@contextlib.contextmanager
+def running(contender: Contender, log_dir: Path = BUILD, startup_s: float = 120) -> Iterator[Path]:
+    """The contender's process, up and healthy; its output goes to a log file (yielded) and its process group ends after."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{''.join(c if c.isalnum() else '-' for c in contender.name)}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(contender.command, env=contender.environment, cwd=contender.cwd, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{contender.name} exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                _get(f"http://127.0.0.1:{contender.port}{contender.ready_path}")
+                break
+            except (OSError, urllib.error.HTTPError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{contender.name} not ready after {startup_s:.0f} s: {log_path.read_text()[-2000:]}")
+                time.sleep(0.2)
+        yield log_path
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@dataclass
+class Answer:
+    seconds: float
+    input_index: int
+    status: int  # 0: the connection failed
+    body: bytes
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    lowered = head.lower()
+    start = lowered.index(b"content-length:") + len(b"content-length:")
+    length = int(lowered[start:lowered.index(b"\r\n", start)])
+    return status, await reader.readexactly(length)
+
+
+async def _client(port: int, requests: list[bytes], first: int, stop_at: float, answers: list[Answer]) -> None:
+    """One closed-loop client on one keep-alive connection; reconnects after a failure, which counts as an error."""
+    index = first
+    connection = None
+    while (started := time.perf_counter()) < stop_at:
+        input_index = index % len(requests)
+        try:
+            connection = connection or await asyncio.open_connection("127.0.0.1", port)
+            status, body = await _exchange(*connection, requests[input_index])
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as error:
+            status, body, connection = 0, repr(error).encode(), None
+        answers.append(Answer(time.perf_counter() - started, input_index, status, body))
+        index += 1
+    if connection:
+        connection[1].close()
+
+
+def drive(port: int, requests: list[bytes], concurrency: int, duration_s: float) -> tuple[list[Answer], float]:
+    """`concurrency` clients for `duration_s`: every answer, and the seconds until the last one came."""
+    async def run() -> float:
+        started = time.perf_counter()
+        stop_at = started + duration_s
+        await asyncio.gather(*(_client(port, requests, client * 7, stop_at, answers) for client in range(concurrency)))
+        return time.perf_counter() - started
+
+    answers: list[Answer] = []
+    return answers, asyncio.run(run())
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least `fraction` of all values at or below it."""
+    ordered = sorted(values)
+    rank = max(1, int(np.ceil(fraction * len(ordered))))
+    return ordered[rank - 1]
+
+
+def is_correct(actual: np.ndarray, expected: np.ndarray, tolerance: float) -> bool:
+    """Same shape, and every value within `tolerance` of the reference, relative to the value or to the output's scale."""
+    if actual.shape != expected.shape:
+        return False
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return bool(np.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale))
+
+
+@dataclass
+class RunSummary:
+    throughput: float  # correct answers per second
+    p50_ms: float
+    p99_ms: float
+    wrong: int
+    errors: int
+
+
+def summarize(answers: list[Answer], elapsed_s: float, decode: Callable[[bytes], np.ndarray],
+              expected: list[np.ndarray], tolerance: float) -> RunSummary:
+    """Throughput counts correct answers only; latency percentiles are over every request, failed ones included."""
+    errors = wrong = 0
+    for answer in answers:
+        if answer.status != 200:
+            errors += 1
+            continue
+        try:
+            actual = decode(answer.body)
+        except (ValueError, KeyError, TypeError, IndexError):
+            wrong += 1
+            continue
+        wrong += not is_correct(actual, expected[answer.input_index], tolerance)
+    latencies = [answer.seconds * 1000 for answer in answers] or [float("nan")]
+    correct = len(answers) - errors - wrong
+    return RunSummary(correct / elapsed_s, percentile(latencies, 0.5), percentile(latencies, 0.99), wrong, errors)
+
+
+@dataclass
+class Cell:
+    """One contender at one concurrency, over every round."""
+
+    runs: list[RunSummary] = field(default_factory=list)
+    extras: list[float] = field(default_factory=list)  # a per-run side measure (GPU utilization), when there is one
+    rows_per_call: float | None = None
+
+    def median(self, attribute: str) -> float:
+        return statistics.median(getattr(run, attribute) for run in self.runs)
+
+    def failures(self) -> tuple[int, int]:
+        return sum(run.wrong for run in self.runs), sum(run.errors for run in self.runs)
+
+
+def _runtime_counts(contender: Contender) -> tuple[int, int]:
+    stats = orjson.loads(_get(f"http://127.0.0.1:{contender.port}/stats"))
+    return stats["requests"], stats["runtime_calls"]
+
+
+def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.ndarray], duration_s: float, rounds: int,
+            concurrencies=CONCURRENCIES, tolerance: float = 1e-4, during_run=contextlib.nullcontext
+            ) -> dict[tuple[str, int], Cell]:
+    """Every contender at every concurrency, interleaved, `rounds` times; each run preceded by a short warm-up.
+
+    `during_run()` is entered around each timed run; what it yields, a list, gets one number appended (GPU utilization).
+    """
+    cells = {(contender.name, concurrency): Cell() for contender in contenders for concurrency in concurrencies}
+    requests = {contender.name: [contender.http_request(row[np.newaxis]) for row in inputs] for contender in contenders}
+    for _ in range(rounds):
+        for concurrency in concurrencies:
+            for contender in contenders:
+                cell = cells[contender.name, concurrency]
+                drive(contender.port, requests[contender.name], concurrency, min(1.0, duration_s / 4))
+                before = _runtime_counts(contender) if contender.stats else None
+                with during_run() as samples:
+                    answers, elapsed = drive(contender.port, requests[contender.name], concurrency, duration_s)
+                if samples is not None:
+                    cell.extras.append(statistics.mean(samples) if samples else float("nan"))
+                if before:
+                    after = _runtime_counts(contender)
+                    calls = after[1] - before[1]
+                    cell.rows_per_call = (after[0] - before[0]) / calls if calls else None
+                cell.runs.append(summarize(answers, elapsed, contender.decode, expected, tolerance))
+    return cells
+
+
+def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
+    """onnxruntime's own answer for each input row alone, on the CPU."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return [session.run(None, {name: row[np.newaxis]})[0] for row in inputs]
+
+
+def cell_row(contender: str, concurrency: int, cell: Cell, extra: str = "") -> tuple:
+    wrong, errors = cell.failures()
+    batching = f"; {cell.rows_per_call:.1f} rows per runtime call" if cell.rows_per_call else ""
+    context = (f"p50 {cell.median('p50_ms'):.2f} ms, p99 {cell.median('p99_ms'):.2f} ms; "
+               f"{wrong} wrong, {errors} errors{batching}{extra}")
+    return (f"{contender}, {concurrency} clients", cell.median("throughput"), "every answer right", context,
+            wrong == 0 and errors == 0, "req/s")
+
+
+def serving_throughput(duration_s: float, rounds: int = 3) -> list[tuple]:
+    model = mlp_onnx(BUILD / "mlp.onnx")
+    inputs = np.random.default_rng(1).random((DISTINCT_INPUTS, MLP_WIDTHS[0]), dtype=np.float32)
+    expected = reference_outputs(model, inputs)
+    batched = slimserve_contender("slimserve, batching on", model, MAX_BATCH_SIZE)
+    unbatched = slimserve_contender("slimserve, batching off", model, 1)
+    peer = bentoml_contender(model)
+    contenders = [batched, unbatched, peer]
+    with contextlib.ExitStack() as stack:
+        for contender in contenders:
+            stack.enter_context(running(contender))
+        cells = measure(contenders, inputs, expected, duration_s, rounds)
+    rows = [cell_row(name, concurrency, cell) for (name, concurrency), cell in cells.items()]
+    ours, theirs = cells[batched.name, CONCURRENCIES[-1]], cells[peer.name, CONCURRENCIES[-1]]
+    ratio = ours.median("throughput") / theirs.median("throughput")
+    rows.append((f"serving {CONCURRENCIES[-1]} clients: slimserve batched / BentoML throughput", ratio, ">= 1.5x",
+                 f"{ours.median('throughput'):.0f} vs {theirs.median('throughput'):.0f} req/s; MLP {MLP_WIDTHS}, "
+                 f"median of {rounds} interleaved {duration_s:g} s runs", ratio >= 1.5, "x"))
+    rows.append((f"serving {CONCURRENCIES[-1]} clients: slimserve batched p99", ours.median("p99_ms"),
+                 f"<= BentoML's {theirs.median('p99_ms'):.2f} ms", f"p50 {ours.median('p50_ms'):.2f} ms vs BentoML's "
+                 f"{theirs.median('p50_ms'):.2f} ms", ours.median("p99_ms") <= theirs.median("p99_ms"), "ms"))
+    return rows
