@@ -14,7 +14,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -150,16 +149,16 @@ def _onnx_input_name(model: Path) -> str:
     return onnx.load(model, load_external_data=False).graph.input[0].name
 
 
-def _get(url: str, timeout: float = 1) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
         return response.read()
 
 
 @contextlib.contextmanager
-def running(contender: Contender, log_dir: Path = BUILD, startup_s: float = 120) -> Iterator[Path]:
+def running(contender: Contender, startup_s: float = 120) -> Iterator[Path]:
     """The contender's process, up and healthy; its output goes to a log file (yielded) and its process group ends after."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{''.join(c if c.isalnum() else '-' for c in contender.name)}.log"
+    BUILD.mkdir(parents=True, exist_ok=True)
+    log_path = BUILD / f"{''.join(c if c.isalnum() else '-' for c in contender.name)}.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen(contender.command, env=contender.environment, cwd=contender.cwd, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
@@ -171,7 +170,7 @@ def running(contender: Contender, log_dir: Path = BUILD, startup_s: float = 120)
             try:
                 _get(f"http://127.0.0.1:{contender.port}{contender.ready_path}")
                 break
-            except (OSError, urllib.error.HTTPError):
+            except OSError:  # not listening yet, or not ready (BentoML answers 503 while its service starts)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{contender.name} not ready after {startup_s:.0f} s: {log_path.read_text()[-2000:]}")
                 time.sleep(0.2)
@@ -226,7 +225,8 @@ def drive(port: int, requests: list[bytes], concurrency: int, duration_s: float)
     async def run() -> float:
         started = time.perf_counter()
         stop_at = started + duration_s
-        await asyncio.gather(*(_client(port, requests, client * 7, stop_at, answers) for client in range(concurrency)))
+        clients = (_client(port, requests, client * 7, stop_at, answers) for client in range(concurrency))  # each its own input order
+        await asyncio.gather(*clients)
         return time.perf_counter() - started
 
     answers: list[Answer] = []
@@ -282,7 +282,7 @@ class Cell:
 
     runs: list[RunSummary] = field(default_factory=list)
     extras: list[float] = field(default_factory=list)  # a per-run side measure (GPU utilization), when there is one
-    rows_per_call: float | None = None
+    rows_per_call: list[float] = field(default_factory=list)  # requests per runtime call, where the server counts them
 
     def median(self, attribute: str) -> float:
         return statistics.median(getattr(run, attribute) for run in self.runs)
@@ -317,8 +317,7 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
                     cell.extras.append(statistics.mean(samples) if samples else float("nan"))
                 if before:
                     after = _runtime_counts(contender)
-                    calls = after[1] - before[1]
-                    cell.rows_per_call = (after[0] - before[0]) / calls if calls else None
+                    cell.rows_per_call.append((after[0] - before[0]) / max(1, after[1] - before[1]))
                 cell.runs.append(summarize(answers, elapsed, contender.decode, expected, tolerance))
     return cells
 
@@ -334,7 +333,7 @@ def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
 
 def cell_row(contender: str, concurrency: int, cell: Cell, extra: str = "") -> tuple:
     wrong, errors = cell.failures()
-    batching = f"; {cell.rows_per_call:.1f} rows per runtime call" if cell.rows_per_call else ""
+    batching = f"; {statistics.median(cell.rows_per_call):.1f} rows per runtime call" if cell.rows_per_call else ""
     context = (f"p50 {cell.median('p50_ms'):.2f} ms, p99 {cell.median('p99_ms'):.2f} ms; "
                f"{wrong} wrong, {errors} errors{batching}{extra}")
     return (f"{contender}, {concurrency} clients", cell.median("throughput"), "every answer right", context,
