@@ -75,7 +75,7 @@ def load(environ) -> ServedModel:
         data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", "").lower(), path=path).fetch()
         if model_format == "onnx":
             providers = onnx_providers(environ)
-            runtime = OnnxModel(data, providers=providers)
+            runtime = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
             used = runtime.session.get_providers()[0]
             level = "INFO" if used != "CPUExecutionProvider" else "WARNING"
             telemetry.log(level, f"ONNX Runtime runs on {used}", available=providers, model=name)
