@@ -10,6 +10,9 @@ PIP_QUIET := --quiet --disable-pip-version-check
 # BentoML, the serving bench's peer, pins much of its own: it gets a venv of its own.
 BENTOML_VENV := .venv-bentoml
 BENTOML_STAMP := $(BENTOML_VENV)/.installed
+# TensorFlow (Keras to TFLite in `slimserve convert`) is an optional extra too heavy for the main venv: a venv of its own.
+TENSORFLOW_VENV := .venv-tensorflow
+TENSORFLOW_STAMP := $(TENSORFLOW_VENV)/.installed
 
 # The pinned CDK CLI, installed by the npm that comes with the venv's Node.
 CDK_CLI := node_modules/.bin/cdk
@@ -36,6 +39,13 @@ $(BENTOML_STAMP): requirements-bentoml.lock
 	$(BENTOML_VENV)/bin/python -c "import bentoml, onnxruntime"
 	touch $@
 
+$(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
+	$(PYTHON) -m venv $(TENSORFLOW_VENV)
+	$(TENSORFLOW_VENV)/bin/pip install $(PIP_QUIET) -r requirements-tensorflow.lock
+	$(TENSORFLOW_VENV)/bin/pip install $(PIP_QUIET) --no-deps -e .
+	$(TENSORFLOW_VENV)/bin/python -c "import tensorflow, ai_edge_litert, slimserve.convert"
+	touch $@
+
 $(CDK_CLI): package.json package-lock.json $(STAMP)
 	PATH="$(NODE_HOME)/bin:$$PATH" node "$(NODE_HOME)/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error
 	touch $@
@@ -47,8 +57,8 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-test: $(STAMP) $(TFLITE_STAMP) $(CDK_CLI)
-	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python $(BIN)/python -m pytest -q
+test: $(STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(CDK_CLI)
+	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python $(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(BENTOML_STAMP)
 	$(BIN)/python -m bench

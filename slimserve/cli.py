@@ -113,7 +113,7 @@ class RegistryUsageError(Exception):
 def _convert(args) -> int:
     import numpy as np
 
-    from .convert import ConvertError, convert_sklearn, convert_torch
+    from .convert import KERAS_SUFFIXES, ConvertError, convert_keras, convert_sklearn, convert_torch, load_keras
 
     source = Path(args.model)
     samples = np.load(args.samples, allow_pickle=False)
@@ -126,18 +126,24 @@ def _convert(args) -> int:
         import torch
 
         result = convert_torch(torch.load(source, weights_only=False), samples, Path(args.out), args.tolerance)
+    elif source.suffix in KERAS_SUFFIXES:
+        result = convert_keras(load_keras(source), samples, Path(args.out), args.tolerance)
     else:
-        raise ConvertError(f"{source}: expected a scikit-learn model (.joblib, .pkl) or a saved PyTorch module (.pt, .pth)")
+        raise ConvertError(f"{source}: expected a scikit-learn model (.joblib, .pkl), a saved PyTorch module (.pt, .pth) "
+                           "or a Keras model (.keras, .h5)")
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
     print(f"wrote {result.path}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}{agreement}")
     return 0
 
 
 def _optimize(args) -> int:
+    from .convert import KERAS_SUFFIXES
     from .optimize import optimize
 
-    out = Path(args.out) if args.out else Path(args.model).with_suffix(f".{args.level}.onnx")
-    report = optimize(Path(args.model), args.level, Path(args.samples), args.tolerance, out)
+    model = Path(args.model)
+    suffix = ".tflite" if model.suffix in KERAS_SUFFIXES else ".onnx"
+    out = Path(args.out) if args.out else model.with_suffix(f".{args.level}{suffix}")
+    report = optimize(model, args.level, Path(args.samples), args.tolerance, out)
     print(report.table())
     print(f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
           f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})")
@@ -224,19 +230,21 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--s3-port", type=int, default=DEFAULT_PORT, help="the local S3's port (default: %(default)s)")
     serve.set_defaults(run=_serve)
 
-    convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, checked on samples first")
-    convert.add_argument("model", help="scikit-learn (.joblib, .pkl) or PyTorch module (.pt, .pth, saved whole)")
+    convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first")
+    convert.add_argument("model", help="scikit-learn (.joblib, .pkl), PyTorch module (.pt, .pth, saved whole) "
+                                       "or Keras (.keras, .h5; needs the tensorflow extra)")
     convert.add_argument("--samples", required=True, help=".npy of representative inputs")
-    convert.add_argument("--out", required=True, help="the .onnx file to write")
+    convert.add_argument("--out", required=True, help="the .onnx file to write (.tflite for Keras)")
     convert.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute output difference accepted (default: %(default)s)")
     convert.set_defaults(run=_convert)
 
-    optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model, gated on drift")
-    optimize.add_argument("model", help="the .onnx model")
+    optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras "
+                                                    "model to TFLite), gated on drift")
+    optimize.add_argument("model", help="the .onnx model, or a Keras model (.keras, .h5; int8 or fp16; needs the tensorflow extra)")
     optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
     optimize.add_argument("--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs")
     optimize.add_argument("--tolerance", type=float, default=0.01, help="largest absolute output difference accepted (default: %(default)s)")
-    optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx)")
+    optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)")
     optimize.set_defaults(run=_optimize)
 
     for name, run, text, positionals in [

@@ -1,18 +1,26 @@
-"""Trained models to ONNX, checked against the original on sample inputs before anything is written.
+"""Trained models to ONNX or TFLite, checked against the original on sample inputs before anything is written.
 
 scikit-learn estimators and pipelines go through skl2onnx; PyTorch modules through
-torch.onnx.export with a dynamic batch axis. Keras to TFLite needs the optional
-`tensorflow` extra.
+torch.onnx.export with a dynamic batch axis. Keras models go to TFLite through
+TensorFlow's converter, which only the optional `tensorflow` extra installs.
 """
 
+import contextlib
+import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lambda_handlers.runtimes import OnnxModel
+from lambda_handlers.runtimes import OnnxModel, TfliteModel
 
 TARGET_OPSET = 17
+# What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.
+KERAS_MAGIC = {".keras": b"PK\x03\x04", ".h5": b"\x89HDF\r\n\x1a\n"}
+KERAS_SUFFIXES = tuple(KERAS_MAGIC)
+TENSORFLOW_EXTRA = "pip install 'slimserve[tensorflow]'"
+FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite"}
 
 
 class ConvertError(Exception):
@@ -27,9 +35,9 @@ class Conversion:
     samples: int
 
 
-def _check_and_write(onnx_bytes: bytes, expected: dict[str, np.ndarray], samples: np.ndarray, out: Path,
-                     tolerance: float) -> Conversion:
-    model = OnnxModel(onnx_bytes)
+def _check_and_write(model: OnnxModel | TfliteModel, model_bytes: bytes, expected: dict[str, np.ndarray],
+                     samples: np.ndarray, out: Path, tolerance: float) -> Conversion:
+    """`model` is `model_bytes` loaded in the runtime that will serve it, so the check is the served behaviour."""
     got = model.run({model.signature.inputs[0].name: samples}, list(expected))
     max_diff, agreement = 0.0, None
     for name, reference in expected.items():
@@ -39,9 +47,10 @@ def _check_and_write(onnx_bytes: bytes, expected: dict[str, np.ndarray], samples
             agreement = float((got[name] == reference).mean())
     if max_diff > tolerance or (agreement is not None and agreement < 1.0):
         found = f"max |diff| {max_diff:.3g} (tolerance {tolerance:g})" + (f", labels agree on {agreement:.2%}" if agreement is not None else "")
-        raise ConvertError(f"{out}: not written: the ONNX model disagrees with the original on the samples: {found}")
+        raise ConvertError(f"{out}: not written: the {FORMAT_NAMES[model.format]} model disagrees with the original "
+                           f"on the samples: {found}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(onnx_bytes)
+    out.write_bytes(model_bytes)
     return Conversion(str(out), max_diff, agreement, len(samples))
 
 
@@ -64,7 +73,8 @@ def convert_sklearn(estimator, samples: np.ndarray, out: Path, tolerance: float 
         expected = {"label": estimator.predict(samples), "probabilities": estimator.predict_proba(samples)}
     else:
         expected = {"predictions": np.asarray(estimator.predict(samples)).reshape(len(samples), -1)}
-    return _check_and_write(model.SerializeToString(), expected, samples, Path(out), tolerance)
+    onnx_bytes = model.SerializeToString()
+    return _check_and_write(OnnxModel(onnx_bytes), onnx_bytes, expected, samples, Path(out), tolerance)
 
 
 def _rename(model, names: dict[str, str]) -> None:
@@ -97,4 +107,59 @@ def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-
     except Exception as error:  # torch raises many kinds; the module is what is at fault
         raise ConvertError(f"{out}: torch.onnx.export failed: {error}") from None
     onnx_bytes = program.model_proto.SerializeToString()
-    return _check_and_write(onnx_bytes, {output_name: expected}, samples, Path(out), tolerance)
+    return _check_and_write(OnnxModel(onnx_bytes), onnx_bytes, {output_name: expected}, samples, Path(out), tolerance)
+
+
+def load_keras(path: Path):
+    """A saved Keras model; a corrupt file is refused before TensorFlow, which is optional and slow to import."""
+    path = Path(path)
+    magic = KERAS_MAGIC[path.suffix]
+    try:
+        with path.open("rb") as file:
+            head = file.read(len(magic))
+    except OSError as error:
+        raise ConvertError(f"{path}: cannot read the Keras model: {error.strerror}") from None
+    if head != magic:
+        raise ConvertError(f"{path}: not a Keras model: a {path.suffix} file starts with {magic!r}, this one with {head!r}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up notes would bury the CLI's output
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ConvertError(f"{path}: converting a Keras model needs TensorFlow, which is not installed: {TENSORFLOW_EXTRA}") from None
+    try:
+        model = tf.keras.models.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many kinds for a damaged archive; the file is what is at fault
+        raise ConvertError(f"{path}: Keras cannot load it: {error}") from None
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ConvertError(f"{path}: expected a Keras model with one input and one output, "
+                           f"found {len(model.inputs)} inputs and {len(model.outputs)} outputs")
+    return model
+
+
+def keras_to_tflite(model, named: Path, quantization: str | None = None) -> bytes:
+    """TFLite keeping the Keras input's dynamic batch; `quantization` "int8" stores weights as int8
+    (dynamic range), "fp16" as float16; inputs and outputs stay float32 either way. Errors name `named`."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if quantization:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "fp16":
+        converter.target_spec.supported_types = [tf.float16]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # Keras prints the temporary SavedModel's endpoints
+            return converter.convert()
+    except Exception as error:  # the converter raises many kinds; the model is what is at fault
+        raise ConvertError(f"{named}: TensorFlow's TFLite converter failed: {error}") from None
+
+
+def convert_keras(model, samples: np.ndarray, out: Path, tolerance: float = 1e-4) -> Conversion:
+    """A Keras model (from `load_keras`) to TFLite, checked with LiteRT, the runtime that serves it."""
+    out = Path(out)
+    if out.suffix != ".tflite":
+        raise ConvertError(f"{out}: a Keras model converts to TFLite: expected an output path ending in .tflite")
+    samples = np.asarray(samples, dtype=np.float32)
+    expected = np.asarray(model.predict(samples, verbose=0))
+    tflite_bytes = keras_to_tflite(model, out)
+    tflite = TfliteModel(tflite_bytes)
+    return _check_and_write(tflite, tflite_bytes, {tflite.signature.outputs[0].name: expected}, samples, out, tolerance)

@@ -1,8 +1,12 @@
-"""Make an ONNX model smaller or faster, and refuse the result if it drifts from the original.
+"""Make a model smaller or faster, and refuse the result if it drifts from the original.
 
-Every level is measured against the original on the user's own samples: size, median
-latency, max and mean absolute difference of each float output, and top-1 agreement
-for class scores. A result past the tolerance is never written.
+ONNX models are optimized by ONNX Runtime. A TFLite model's weights are fixed when
+TensorFlow converts it, so int8 and fp16 TFLite models are converted anew from the
+Keras source (the optional `tensorflow` extra) and measured against the float32 TFLite
+model `slimserve convert` writes. Every level is measured against the original on the
+user's own samples: size, median latency, max and mean absolute difference of each
+float output, and top-1 agreement for class scores. A result past the tolerance is
+never written.
 """
 
 import statistics
@@ -13,9 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from lambda_handlers.runtimes import OnnxModel
+from lambda_handlers.runtimes import OnnxModel, TfliteModel
+
+from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, keras_to_tflite, load_keras
 
 LEVELS = ("graph", "int8", "fp16")
+KERAS_LEVELS = ("int8", "fp16")
 LATENCY_RUNS = 50
 
 
@@ -53,7 +60,7 @@ class Report:
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def load_samples(path: Path, model: OnnxModel) -> dict[str, np.ndarray]:
+def load_samples(path: Path, model: OnnxModel | TfliteModel) -> dict[str, np.ndarray]:
     """A .npy feeds the model's only input; a .npz names each input."""
     path = Path(path)
     try:
@@ -72,7 +79,7 @@ def load_samples(path: Path, model: OnnxModel) -> dict[str, np.ndarray]:
     return samples
 
 
-def _median_ms(model: OnnxModel, samples: dict, outputs: list[str]) -> float:
+def _median_ms(model: OnnxModel | TfliteModel, samples: dict, outputs: list[str]) -> float:
     times = []
     for _ in range(LATENCY_RUNS):
         started = time.perf_counter()
@@ -122,38 +129,60 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
     model_path, out = Path(model_path), Path(out)
     if level not in LEVELS:
         raise OptimizeError(f"unknown level {level!r}: expected one of {', '.join(LEVELS)}")
-    if model_path.suffix == ".tflite":
-        raise OptimizeError(
-            f"{model_path}: TFLite models are quantized when TensorFlow converts them; without the 'tensorflow' extra "
-            "slimserve can only serve them as they are. Convert from Keras with `slimserve convert` and "
-            "the extra installed to get an int8 or fp16 TFLite model.")
-    if model_path.suffix != ".onnx":
-        raise OptimizeError(f"{model_path}: expected an .onnx model")
     if tolerance < 0:
         raise OptimizeError(f"--tolerance must be >= 0, got {tolerance}")
-    original = OnnxModel(model_path)
-    samples = load_samples(samples_path, original)
-    outputs = [spec.name for spec in original.signature.outputs]
-    reference = original.run(samples, outputs)
+    if model_path.suffix == ".tflite":
+        raise OptimizeError(
+            f"{model_path}: a TFLite model is served as it is: its weights were fixed when TensorFlow converted it, and "
+            "neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, optimize "
+            f"its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}")
+    if model_path.suffix in KERAS_SUFFIXES:
+        return _optimize_keras(model_path, level, samples_path, tolerance, out)
+    if model_path.suffix != ".onnx":
+        raise OptimizeError(f"{model_path}: expected an .onnx model or a Keras model (.keras, .h5)")
     with tempfile.TemporaryDirectory() as folder:
         candidate_path = Path(folder) / out.name
         try:
             _transform(model_path, level, candidate_path)
         except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
             raise OptimizeError(f"{model_path}: {level} optimization failed: {error}") from None
-        candidate = OnnxModel(candidate_path)
-        max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
-        report = Report(
-            level, tolerance,
-            Measurement("original", model_path.stat().st_size, _median_ms(original, samples, outputs), 0.0, 0.0,
-                        1.0 if agreement is not None else None),
-            Measurement(level, candidate_path.stat().st_size, _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
-            None,
-        )
-        if max_diff > tolerance:
-            raise OptimizeError(
-                f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
-                f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(candidate_path.read_bytes())
+        return _gate(level, samples_path, tolerance, out, OnnxModel(model_path), model_path.stat().st_size,
+                     OnnxModel(candidate_path), candidate_path.read_bytes())
+
+
+def _optimize_keras(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path) -> Report:
+    """The original is the float32 TFLite model, as `slimserve convert` writes it; both are run by LiteRT."""
+    if level not in KERAS_LEVELS:
+        raise OptimizeError(f"{model_path}: level {level!r} is for ONNX models; a Keras model is optimized to "
+                            f"{' or '.join(KERAS_LEVELS)} TFLite")
+    try:
+        keras_model = load_keras(model_path)
+        original_bytes = keras_to_tflite(keras_model, model_path)
+        candidate_bytes = keras_to_tflite(keras_model, model_path, level)
+    except ConvertError as error:
+        raise OptimizeError(str(error)) from None
+    return _gate(level, samples_path, tolerance, out, TfliteModel(original_bytes), len(original_bytes),
+                 TfliteModel(candidate_bytes), candidate_bytes)
+
+
+def _gate(level: str, samples_path: Path, tolerance: float, out: Path, original, original_size: int,
+          candidate, candidate_bytes: bytes) -> Report:
+    """Measure both models on the samples; write the candidate only if it stays within the tolerance."""
+    samples = load_samples(samples_path, original)
+    outputs = [spec.name for spec in original.signature.outputs]
+    reference = original.run(samples, outputs)
+    max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
+    report = Report(
+        level, tolerance,
+        Measurement("original", original_size, _median_ms(original, samples, outputs), 0.0, 0.0,
+                    1.0 if agreement is not None else None),
+        Measurement(level, len(candidate_bytes), _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
+        None,
+    )
+    if max_diff > tolerance:
+        raise OptimizeError(
+            f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
+            f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(candidate_bytes)
     return Report(report.level, tolerance, report.original, report.optimized, str(out))

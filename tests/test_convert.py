@@ -105,5 +105,5 @@ def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "model.joblib"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "m.onnx")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'm.onnx'}: checked on 45 samples, max |diff| ")
     assert main(["convert", str(tmp_path / "samples.npy"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "x.onnx")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn model (.joblib, .pkl) "
-                                       "or a saved PyTorch module (.pt, .pth)\n")
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn model (.joblib, .pkl), "
+                                       "a saved PyTorch module (.pt, .pth) or a Keras model (.keras, .h5)\n")

@@ -63,8 +63,12 @@ def test_graph_and_fp16_levels_keep_the_signature(digits_onnx, level, tolerance)
 
 def test_tflite_and_bad_samples_are_refused_with_the_reason(digits_onnx, tmp_path):
     folder, _ = digits_onnx
-    with pytest.raises(OptimizeError, match=r"TFLite models are quantized when TensorFlow converts them"):
+    with pytest.raises(OptimizeError) as caught:
         optimize(MODELS / "digits.tflite", "int8", folder / "samples.npy", 0.01, tmp_path / "x.tflite")
+    assert str(caught.value) == (
+        f"{MODELS / 'digits.tflite'}: a TFLite model is served as it is: its weights were fixed when TensorFlow converted it, "
+        "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, optimize "
+        "its Keras source (.keras, .h5) with the tensorflow extra: pip install 'slimserve[tensorflow]'")
     (tmp_path / "samples.npy").write_bytes(b"not numpy")
     with pytest.raises(OptimizeError, match=rf"^{tmp_path}/samples.npy: not a numpy .npy/.npz file of samples: "):
         optimize(folder / "digits.onnx", "int8", tmp_path / "samples.npy", 0.01, tmp_path / "x.onnx")
