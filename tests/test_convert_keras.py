@@ -31,6 +31,7 @@ model = keras.Sequential([
 model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
 model.fit(np.load(f"{folder}/train_x.npy"), np.load(f"{folder}/train_y.npy"), epochs=5, batch_size=32, verbose=0)
 model.save(f"{folder}/digits.keras")
+model.save(f"{folder}/digits.h5")
 np.save(f"{folder}/expected.npy", model.predict(np.load(f"{folder}/samples.npy"), verbose=0))
 """
 
@@ -72,10 +73,11 @@ def cli_error(result: subprocess.CompletedProcess) -> str:
     return result.stderr[result.stderr.index("error: "):]
 
 
-def test_keras_converts_to_tflite_that_serves_batches_like_keras(digits_keras):
+@pytest.mark.parametrize("saved_as", [".keras", ".h5"])
+def test_keras_converts_to_tflite_that_serves_batches_like_keras(digits_keras, saved_as):
     folder, labels = digits_keras
-    out = folder / "digits.tflite"
-    converted = cli_in_tensorflow_venv("convert", folder / "digits.keras", "--samples", folder / "samples.npy", "--out", out)
+    out = folder / f"digits-{saved_as[1:]}.tflite"
+    converted = cli_in_tensorflow_venv("convert", folder / f"digits{saved_as}", "--samples", folder / "samples.npy", "--out", out)
     assert converted.returncode == 0, converted.stderr
     samples, expected = np.load(folder / "samples.npy"), np.load(folder / "expected.npy")
     assert converted.stdout.startswith(f"wrote {out}: checked on {len(samples)} samples, max |diff| ")
