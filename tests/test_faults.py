@@ -178,7 +178,8 @@ def test_a_worker_killed_under_load_costs_its_request_a_502_and_no_other(mixed_s
     assert all(client[-1] == 200 for client in per_client)
     assert victim not in [worker.process.pid for worker in pool.workers if worker.alive]  # replaced
     if 502 in statuses:  # it was serving one: Lambda's error for an environment that died
-        assert any("signal: killed" in line for line in mixed_stack.lines if line.startswith("REPORT"))
+        failed = [line for line in mixed_stack.lines if "Error: Runtime.ExitError" in line]
+        assert failed and all(line.endswith("Runtime exited with error: signal: kill") for line in failed), mixed_stack.lines[-20:]
 
 
 def test_a_serving_program_restarted_under_load_answers_every_request(mixed_stack):
