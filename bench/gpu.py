@@ -84,11 +84,7 @@ def resnet_onnx(path: Path, widths=(64, 128, 256, 512), blocks_per_stage: int = 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         initializer=weights,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(model.SerializeToString())
-    return path
+    return serving.write_model(graph, path)
 
 
 def v2_binary_request(row: np.ndarray) -> tuple[bytes, dict[str, str]]:

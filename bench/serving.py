@@ -77,6 +77,13 @@ def mlp_onnx(path: Path, widths: tuple[int, ...] = MLP_WIDTHS) -> Path:
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", widths[-1]])],
         initializer=weights,
     )
+    return write_model(graph, path)
+
+
+def write_model(graph, path: Path) -> Path:
+    """An opset-17 model of `graph` at `path`, the same bytes on every run."""
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +121,25 @@ def sample(datatype: str, rows: int = 2) -> np.ndarray:
         info = np.iinfo(dtype)
         return np.array([[info.min, 0, info.max]] * rows, dtype=dtype)
     return np.array([[-1.5, 0.0, 3.25]] * rows, dtype=dtype)
+
+
+@contextlib.contextmanager
+def running_stack(config: Path, work_dir: Path):
+    """A local stack serving from a thread, with the lines it logged (`lines`) and its `work_dir` on it."""
+    from slimserve.config import load_config
+    from slimserve.local import LocalStack
+    from slimserve.local_s3 import free_port
+
+    lines = []
+    with LocalStack(load_config(config), port=free_port(), log=lines.append, work_dir=work_dir) as running:
+        threading.Thread(target=running.serve_forever, daemon=True).start()
+        running.lines, running.work_dir = lines, work_dir
+        yield running
+        running.gateway.shutdown()
+
+
+@pytest.fixture(scope="module")
+def mixed_stack(tmp_path_factory):
+    """The same model on Lambda (`iris`) and on a SageMaker endpoint (`iris-gpu`), behind one gateway."""
+    with running_stack(ROOT / "examples" / "with-sagemaker.toml", tmp_path_factory.mktemp("mixed")) as running:
+        yield running

@@ -15,13 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import onnx
 import pytest
-from conftest import MODELS, ROOT
+from conftest import MODELS
 from onnx import TensorProto, helper
 
 from lambda_handlers.function import ModelFunction
 from slimserve.apigw import rest_event
-from slimserve.config import load_config
-from slimserve.local import LocalStack
 from slimserve.local_s3 import LOCAL_CREDENTIALS, free_port, local_s3
 from slimserve.store import model_key
 
@@ -129,17 +127,6 @@ def test_a_runtime_failing_mid_inference_is_a_500_and_the_next_request_is_served
     assert (logged["level"], logged["status"]) == ("ERROR", 500)
     status, answer = rows(2)
     assert status == 200 and answer["outputs"][0]["shape"] == [2, 4]
-
-
-@pytest.fixture(scope="module")
-def mixed_stack(tmp_path_factory):
-    lines = []
-    with LocalStack(load_config(ROOT / "examples" / "with-sagemaker.toml"), port=free_port(), log=lines.append,
-                    work_dir=tmp_path_factory.mktemp("faults")) as running:
-        threading.Thread(target=running.serve_forever, daemon=True).start()
-        running.lines = lines
-        yield running
-        running.gateway.shutdown()
 
 
 def under_load(stack, model: str, fault, clients: int = 8, seconds: float = 4.0) -> list[list[int]]:

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, running_stack
 
-from slimserve.config import load_config
-from slimserve.local import LocalStack
-from slimserve.local_s3 import free_port
 
 CLIENTS = 32
 SECONDS = float(os.environ.get("SLIMSERVE_LOAD_SECONDS", "30"))
@@ -33,11 +30,8 @@ def rss_mb(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with LocalStack(load_config(ROOT / "slimserve.toml"), port=free_port(), log=lambda line: None,
-                    work_dir=tmp_path_factory.mktemp("load")) as running:
-        threading.Thread(target=running.serve_forever, daemon=True).start()
+    with running_stack(ROOT / "slimserve.toml", tmp_path_factory.mktemp("load")) as running:
         yield running
-        running.gateway.shutdown()
 
 
 def requests_for(iris, digits, iris_test_split, digits_test_split) -> list[tuple[str, bytes, list]]:

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, running_stack
 
 from layers.builder import build_layer
 from slimserve.apigw import rest_event
-from slimserve.config import load_config
 from slimserve.gateway import LocalGateway, Route
-from slimserve.local import LocalStack, layer_runtime
+from slimserve.local import layer_runtime
 from slimserve.local_s3 import free_port
 from slimserve.runner import FunctionPool, FunctionSpec, function_bundle, lambda_python
 
@@ -32,13 +30,8 @@ LAYERS = ROOT / "build" / "layers"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    lines, work_dir = [], tmp_path_factory.mktemp("local")
-    with LocalStack(load_config(ROOT / "slimserve.toml"), port=free_port(), log=lines.append, work_dir=work_dir) as running:
-        thread = threading.Thread(target=running.serve_forever, daemon=True)
-        thread.start()
-        running.lines, running.work_dir = lines, work_dir
+    with running_stack(ROOT / "slimserve.toml", tmp_path_factory.mktemp("local")) as running:
         yield running
-        running.gateway.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -173,16 +166,6 @@ def test_the_api_key_never_reaches_a_log(stack, key):
     logs = "\n".join(stack.lines) + "".join(path.read_text() for path in sorted(stack.work_dir.glob("*.log")))
     assert "request failed" in logs and "REPORT RequestId" in logs  # the logs are there, with requests in them
     assert stack.gateway.api_key not in logs
-
-
-@pytest.fixture(scope="module")
-def mixed_stack(tmp_path_factory):
-    """The same model on Lambda (`iris`) and on a SageMaker endpoint (`iris-gpu`), behind one gateway."""
-    with LocalStack(load_config(ROOT / "examples" / "with-sagemaker.toml"), port=free_port(), log=lambda line: None,
-                    work_dir=tmp_path_factory.mktemp("mixed")) as running:
-        threading.Thread(target=running.serve_forever, daemon=True).start()
-        yield running
-        running.gateway.shutdown()
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])

@@ -4,7 +4,6 @@ local gateway serves it, and schemathesis fuzzing the local stack through it fin
 import json
 import re
 import subprocess
-import threading
 import urllib.error
 import urllib.request
 
@@ -17,8 +16,6 @@ from aws_cdk import aws_apigateway as apigw
 
 from lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
 from slimserve.config import load_config
-from slimserve.local import LocalStack
-from slimserve.local_s3 import free_port
 from slimserve.openapi import openapi_document
 from stacks.app import build_app
 
@@ -62,15 +59,6 @@ def test_the_stacks_declare_every_documented_operation_for_every_model(config):
     for model in app_config.models:
         for method, path in operations(document, model.name, "1"):
             assert any(verb in (method, "ANY") and pattern.fullmatch(path) for verb, pattern in declared), (model.name, method, path)
-
-
-@pytest.fixture(scope="module")
-def mixed_stack(tmp_path_factory):
-    with LocalStack(load_config(ROOT / "examples" / "with-sagemaker.toml"), port=free_port(), log=lambda line: None,
-                    work_dir=tmp_path_factory.mktemp("openapi")) as running:
-        threading.Thread(target=running.serve_forever, daemon=True).start()
-        yield running
-        running.gateway.shutdown()
 
 
 def test_the_local_gateway_serves_the_document_for_its_models(mixed_stack):

@@ -2,7 +2,6 @@
 where AWS offers nothing narrower, and each such place is acknowledged with a reason (cdk-nag fails
 the synth otherwise, see test_stacks)."""
 
-import json
 
 import pytest
 from conftest import ROOT
