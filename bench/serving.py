@@ -131,7 +131,8 @@ def v2_json_output(body: bytes) -> np.ndarray:
 def slimserve_contender(name: str, model: Path, max_batch_size: int, encode=None) -> Contender:
     """The serving program as SageMaker runs it, V2 JSON requests unless told; max_batch_size 1 turns batching off."""
     port = free_port()
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1",
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))  # keeps a runtime installed aside
+    environment = {**os.environ, "PYTHONPATH": python_path, "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1",
                    **file_environment(model), "SLIMSERVE_MAX_BATCH_SIZE": str(max_batch_size)}
     return Contender(name, [sys.executable, "-m", "lambda_handlers.sagemaker_server"], environment, port, "/invocations",
                      encode or v2_json_request(_onnx_input_name(model)), v2_json_output, stats=True)
