@@ -44,7 +44,8 @@ class OnnxModel:
     format = "onnx"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, source: bytes | str | os.PathLike, providers: list[str] | None = None, spin: bool = True):
+    def __init__(self, source: bytes | str | os.PathLike, providers: list[str | tuple[str, dict[str, str]]] | None = None,
+                 spin: bool = True):
         """`spin=False` stops ONNX Runtime's idle threads from spinning for work: a server whose own
         threads share the cores gets them back (measured: half the CPU per batched call)."""
         import onnxruntime

@@ -27,7 +27,7 @@ import sys
 import threading
 
 from . import telemetry, wire
-from .batching import BatchingModel
+from .batching import BatchingModel, FixedBatchSizes, powers_of_two
 from .core import InferenceCore, Request, Response, ServedModel, model_routes
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
@@ -48,14 +48,51 @@ def route_attribute(method: str, path: str) -> str:
     return f"{ROUTE_ATTRIBUTE}={method} {path}"
 
 
-def onnx_providers(environ) -> list[str]:
-    import onnxruntime
+CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
-    available = onnxruntime.get_available_providers()
-    wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+def onnx_providers(environ, available: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+    """CUDA first where present, cuDNN choosing convolution algorithms by heuristic unless told:
+    ONNX Runtime's default, an exhaustive search, runs again for every new input shape (measured
+    on an H100, ResNet-18 over 32 batch sizes: 7.2 s exhaustive, 2.2 s heuristic; 1.7 ms a call
+    either way once the shape stays)."""
+    search = environ.get("SLIMSERVE_CUDNN_CONV_ALGO_SEARCH", "HEURISTIC")
+    if search not in CONV_ALGO_SEARCHES:
+        raise ModelLoadError(f"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH is {search!r}; expected one of {', '.join(CONV_ALGO_SEARCHES)}")
+    wanted: list[str | tuple[str, dict[str, str]]] = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": search}),
+                                                      "CPUExecutionProvider"]
     if environ.get("SLIMSERVE_TENSORRT") == "1":
         wanted.insert(0, "TensorrtExecutionProvider")
-    return [provider for provider in wanted if provider in available]
+    return [provider for provider in wanted if _provider_name(provider) in available]
+
+
+def batch_sizes(environ, max_batch_size: int, on_gpu: bool) -> list[int]:
+    """SLIMSERVE_BATCH_SIZES: `auto` (powers of two up to the largest batch, on a GPU only),
+    `none`, or the sizes as a comma-separated list. See FixedBatchSizes for why."""
+    setting = environ.get("SLIMSERVE_BATCH_SIZES", "auto").strip()
+    if setting == "auto":
+        return powers_of_two(max_batch_size) if on_gpu and max_batch_size > 1 else []
+    if setting == "none":
+        return []
+    try:
+        sizes = [int(size) for size in setting.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ModelLoadError(f"SLIMSERVE_BATCH_SIZES is {setting!r}; expected auto, none or positive whole numbers "
+                             "separated by commas, like 1,4,16")
+    return sorted(set(sizes))
+
+
+def whole_number(environ, key: str, default: int) -> int:
+    setting = environ.get(key, str(default))
+    if not setting.isdigit() or int(setting) < 1:
+        raise ModelLoadError(f"{key} is {setting!r}; expected a whole number of 1 or more")
+    return int(setting)
+
+
+def _provider_name(provider: str | tuple[str, dict[str, str]]) -> str:
+    return provider if isinstance(provider, str) else provider[0]
 
 
 def _model_path(environ) -> str:
@@ -71,25 +108,36 @@ def load(environ) -> ServedModel:
     name = environ.get("SLIMSERVE_MODEL_NAME", "model")
     version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
     model_format = environ.get("SLIMSERVE_MODEL_FORMAT") or os.path.splitext(path)[1].lstrip(".")
+    on_gpu = False
     try:
+        max_batch_size = whole_number(environ, "SLIMSERVE_MAX_BATCH_SIZE", 32)
         data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", "").lower(), path=path).fetch()
         if model_format == "onnx":
-            providers = onnx_providers(environ)
+            import onnxruntime
+
+            providers = onnx_providers(environ, onnxruntime.get_available_providers())
             runtime = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
             used = runtime.session.get_providers()[0]
-            level = "INFO" if used != "CPUExecutionProvider" else "WARNING"
-            telemetry.log(level, f"ONNX Runtime runs on {used}", available=providers, model=name)
+            on_gpu = used != "CPUExecutionProvider"
+            telemetry.log("INFO" if on_gpu else "WARNING", f"ONNX Runtime runs on {used}",
+                          available=[_provider_name(p) for p in providers], model=name)
+            sizes = batch_sizes(environ, max_batch_size, on_gpu)
+            if sizes and all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.inputs):
+                runtime = FixedBatchSizes(runtime, lambda: OnnxModel(data, providers=providers, spin=False), sizes)
+                telemetry.log("INFO", "batches run at fixed sizes", model=name, sizes=runtime.sizes)
         elif model_format == "tflite":
             runtime = TfliteModel(data)
         else:
             raise ModelLoadError(f"{path}: unknown model format {model_format!r}; expected onnx or tflite")
+        # on a GPU one worker gathers while another's batch runs: the copies around a run take longer than the run
+        workers = whole_number(environ, "SLIMSERVE_BATCH_WORKERS", 2 if on_gpu else 1)
+        max_delay_ms = float(environ.get("SLIMSERVE_MAX_QUEUE_DELAY_MS", "2"))
     except (ModelSourceError, ModelLoadError) as error:
         telemetry.log("ERROR", "model not loaded", model=name, reason=str(error))
         return ServedModel(name, version, failure=str(error))
-    batching = BatchingModel(runtime, int(environ.get("SLIMSERVE_MAX_BATCH_SIZE", "32")),
-                             float(environ.get("SLIMSERVE_MAX_QUEUE_DELAY_MS", "2")))
+    batching = BatchingModel(runtime, max_batch_size, max_delay_ms, workers)
     telemetry.log("INFO", "model loaded", model=name, source=path, batching=batching.batchable,
-                  max_batch_size=batching.max_batch_size, max_delay_ms=batching.max_delay * 1000)
+                  max_batch_size=batching.max_batch_size, max_delay_ms=max_delay_ms, workers=workers)
     return ServedModel(name, version, runtime=batching)
 
 

@@ -12,13 +12,16 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 from conftest import MODELS, ROOT
 from test_v2 import triton_request, triton_result
 
-from lambda_handlers.batching import BatchingModel
+from lambda_handlers.batching import BatchingModel, FixedBatchSizes, powers_of_two
 from lambda_handlers.core import InferenceCore, Request, Response, ServedModel
-from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from lambda_handlers.runtimes import ModelLoadError, OnnxModel
+from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, batch_sizes, endpoint_routes, onnx_providers, route_attribute
 from slimserve.local_s3 import free_port
 from slimserve.store import file_environment
 
@@ -231,3 +234,145 @@ def test_a_batch_waits_for_the_requests_the_server_has_in_hand(iris, iris_test_s
         thread.join(timeout=60)
     assert [results[0], results[1]] == iris.run({"features": test_x[:2]}, ["label"])["label"].tolist()
     assert batching.runtime_calls == 1
+
+
+def test_a_request_still_writing_its_answer_is_not_waited_for(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)
+    first_answered, writing_done, answers = threading.Event(), threading.Event(), []
+
+    def request(index: int, linger: threading.Event | None = None):
+        with batching.arriving():
+            answers.append(batching.run({"features": test_x[index:index + 1]}, ["label"])["label"][0])
+            if linger is not None:
+                first_answered.set()
+                linger.wait()  # still in the server's hands, writing its response
+
+    writer = threading.Thread(target=request, args=(0, writing_done), daemon=True)
+    writer.start()
+    first_answered.wait(timeout=60)
+    second = threading.Thread(target=request, args=(1,), daemon=True)
+    second.start()
+    second.join(timeout=60)
+    writing_done.set()
+    writer.join(timeout=60)
+    assert answers == iris.run({"features": test_x[:2]}, ["label"])["label"].tolist() and batching.runtime_calls == 2
+
+
+class HeldRuntime:
+    """The real runtime, whose first call waits until the test lets it go."""
+
+    def __init__(self, runtime):
+        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        self.release, self.calls = threading.Event(), 0
+
+    def run(self, inputs, output_names):
+        self.calls += 1
+        if self.calls == 1:
+            self.release.wait(timeout=60)
+        return self.runtime.run(inputs, output_names)
+
+
+def test_a_second_worker_gathers_and_runs_while_the_first_batch_runs(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    held = HeldRuntime(iris)
+    batching = BatchingModel(held, max_batch_size=32, max_delay_ms=0, workers=2)
+    answers = {}
+
+    def request(index: int):
+        answers[index] = batching.run({"features": test_x[index:index + 1]}, ["label"])["label"][0]
+
+    first = threading.Thread(target=request, args=(0,), daemon=True)
+    first.start()
+    while held.calls < 1:
+        time.sleep(0.001)
+    second = threading.Thread(target=request, args=(1,), daemon=True)
+    second.start()
+    second.join(timeout=60)
+    assert answers == {1: iris.run({"features": test_x[1:2]}, ["label"])["label"][0]}  # the first is still held
+    held.release.set()
+    first.join(timeout=60)
+    assert answers[0] == iris.run({"features": test_x[:1]}, ["label"])["label"][0]
+
+
+def test_fixed_batch_sizes_pad_each_call_to_a_size_and_answer_as_the_runtime_does(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    fixed = FixedBatchSizes(iris, lambda: OnnxModel(MODELS / "iris.onnx"), [8, 1, 4])
+    for rows in (3, 4, 19):
+        np.testing.assert_array_equal(fixed.run({"features": test_x[:rows]}, ["probabilities"])["probabilities"],
+                                      iris.run({"features": test_x[:rows]}, ["probabilities"])["probabilities"])
+    assert fixed.sizes == [1, 4, 8] and fixed.calls_by_size == {1: 0, 4: 3, 8: 2}  # 3 -> 4; 4; 19 -> 8 + 8 + (3 -> 4)
+
+
+@pytest.mark.parametrize("nodes, output", [
+    ([helper.make_node("ReduceSum", ["features", "axes"], ["out"], keepdims=0)], (TensorProto.FLOAT, [4])),
+    ([helper.make_node("NonZero", ["features"], ["where"]), helper.make_node("Transpose", ["where"], ["out"], perm=[1, 0])],
+     (TensorProto.INT64, ["found", 2])),  # a dynamic first dimension, yet not one row per input row
+], ids=["declared-over-the-batch", "found-over-the-batch"])
+def test_fixed_batch_sizes_do_not_pad_a_model_whose_output_spans_the_batch(iris_test_split, nodes, output):
+    test_x, _ = iris_test_split
+    graph = helper.make_graph(nodes, "spans", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("out", *output)],
+                              initializer=[onnx.numpy_helper.from_array(np.array([0], np.int64), "axes")] if len(nodes) == 1 else [])
+    model = OnnxModel(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    fixed = FixedBatchSizes(model, lambda: model, [1, 4, 8])
+    for rows in (3, 5):
+        np.testing.assert_array_equal(fixed.run({"features": test_x[:rows]}, ["out"])["out"],
+                                      model.run({"features": test_x[:rows]}, ["out"])["out"])
+
+
+def test_batch_sizes_setting():
+    assert powers_of_two(32) == [1, 2, 4, 8, 16, 32] and powers_of_two(24) == [1, 2, 4, 8, 16, 24]
+    assert batch_sizes({}, 32, on_gpu=True) == [1, 2, 4, 8, 16, 32]
+    assert batch_sizes({}, 32, on_gpu=False) == [] and batch_sizes({}, 1, on_gpu=True) == []
+    assert batch_sizes({"SLIMSERVE_BATCH_SIZES": "none"}, 32, on_gpu=True) == []
+    assert batch_sizes({"SLIMSERVE_BATCH_SIZES": "16, 4,1,4"}, 32, on_gpu=False) == [1, 4, 16]
+
+
+def test_cuda_comes_first_with_heuristic_convolution_algorithms_and_tensorrt_on_request():
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+    assert onnx_providers({}, everything) == [cuda, "CPUExecutionProvider"]
+    assert onnx_providers({"SLIMSERVE_TENSORRT": "1"}, everything) == ["TensorrtExecutionProvider", cuda, "CPUExecutionProvider"]
+    assert onnx_providers({"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH": "EXHAUSTIVE"}, everything)[0] == (
+        "CUDAExecutionProvider", {"cudnn_conv_algo_search": "EXHAUSTIVE"})
+    assert onnx_providers({}, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"SLIMSERVE_BATCH_WORKERS": "two"}, "SLIMSERVE_BATCH_WORKERS is 'two'; expected a whole number of 1 or more"),
+    ({"SLIMSERVE_MAX_BATCH_SIZE": "0"}, "SLIMSERVE_MAX_BATCH_SIZE is '0'; expected a whole number of 1 or more"),
+    ({"SLIMSERVE_BATCH_SIZES": "4,x"},
+     "SLIMSERVE_BATCH_SIZES is '4,x'; expected auto, none or positive whole numbers separated by commas, like 1,4,16"),
+    ({"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH": "FAST"},
+     "SLIMSERVE_CUDNN_CONV_ALGO_SEARCH is 'FAST'; expected one of HEURISTIC, EXHAUSTIVE, DEFAULT"),
+], ids=["workers", "max-batch-size", "batch-sizes", "conv-algo-search"])
+def test_a_bad_setting_fails_ping_naming_it(setting, message):
+    process, url = start("iris.onnx", **setting)
+    try:
+        status, _, raw = call(url, "GET", "/ping")
+        assert (status, json.loads(raw)["error"]) == (503, message)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+
+
+def test_fixed_sizes_and_two_workers_serve_concurrent_rows_right(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    process, url = start("iris.onnx", SLIMSERVE_BATCH_SIZES="1,4,16", SLIMSERVE_BATCH_WORKERS="2")
+    try:
+        def one(index: int):
+            body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                                           "data": test_x[index:index + 1].tolist()}]}).encode()
+            status, _, raw = call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})
+            assert status == 200, raw
+            return json.loads(raw)["outputs"][0]["data"][0]
+
+        with ThreadPoolExecutor(32) as pool:
+            labels = list(pool.map(one, range(32)))
+        assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    log = [json.loads(line) for line in process.stdout.read().splitlines() if line.startswith("{")]
+    assert {"sizes": [1, 4, 16], "workers": 2} == {key: value for record in log for key, value in record.items() if key in ("sizes", "workers")}
