@@ -8,6 +8,12 @@ from slimserve.cli import main
 from slimserve.examples import build_all
 
 
+# Training on another CPU picks other BLAS kernels, whose float32 rounding drifts through 600
+# iterations of the digits MLP: an AMD EPYC's retrained probabilities differ from the committed
+# file's by up to 2.4e-3 (1e-6 on the machine that wrote it), with every label the same.
+CROSS_MACHINE_ATOL = {"iris": 1e-6, "digits": 1e-2}
+
+
 def test_examples_train_accurately_and_reproduce_the_committed_files(tmp_path):
     built = {model.name: model for model in build_all(tmp_path)}
     assert built["iris"].accuracy >= 0.93 and built["digits"].accuracy >= 0.95
@@ -15,17 +21,20 @@ def test_examples_train_accurately_and_reproduce_the_committed_files(tmp_path):
         fresh, committed = load_model(tmp_path / filename, fmt), load_model(MODELS / filename, fmt)
         spec, output = fresh.signature.inputs[0].name, fresh.signature.outputs[-1].name
         inputs = {spec: built[name].test_inputs}
-        np.testing.assert_allclose(fresh.run(inputs, [output])[output], committed.run(inputs, [output])[output], rtol=1e-5, atol=1e-6)
+        fresh_output, committed_output = fresh.run(inputs, [output])[output], committed.run(inputs, [output])[output]
+        np.testing.assert_allclose(fresh_output, committed_output, rtol=1e-5, atol=CROSS_MACHINE_ATOL[name])
+        if fresh_output.ndim == 2:
+            np.testing.assert_array_equal(fresh_output.argmax(axis=1), committed_output.argmax(axis=1))
 
 
-def test_digits_tflite_agrees_with_the_scikit_learn_mlp_it_was_written_from(digits_test_split):
+def test_digits_tflite_agrees_with_the_scikit_learn_mlp_it_was_written_from(tmp_path):
     from sklearn.neural_network import MLPClassifier
 
-    from slimserve.examples import SEED, digits_split
+    from slimserve.examples import SEED, build_digits_tflite, digits_split
 
     train_x, test_x, train_y, _ = digits_split()
     mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=600, random_state=SEED).fit(train_x / 16, train_y)
-    model = load_model(MODELS / "digits.tflite", "tflite")
+    model = load_model(build_digits_tflite(tmp_path / "digits.tflite").path, "tflite")
     got = model.run({"pixels": test_x}, ["probabilities"])["probabilities"]
     np.testing.assert_allclose(got, mlp.predict_proba(test_x / 16), rtol=1e-4, atol=1e-5)
 
