@@ -14,8 +14,9 @@ core as the client sent it; the binary tensor header's length comes back the sam
 
 The model is read from /opt/ml/model (or SLIMSERVE_MODEL_PATH) and checked against
 SLIMSERVE_MODEL_SHA256 when set. ONNX models run on CUDA when a GPU is present (TensorRT
-when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which. SIGTERM finishes the
-requests in flight, then exits.
+when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which; on a GPU, batches run
+padded to a few fixed sizes (FixedBatchSizes says why). SIGTERM finishes the requests in
+flight, then exits.
 """
 
 import contextlib
@@ -91,6 +92,17 @@ def whole_number(environ, key: str, default: int) -> int:
     return int(setting)
 
 
+def milliseconds(environ, key: str, default: float) -> float:
+    setting = environ.get(key, str(default))
+    try:
+        value = float(setting)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise ModelLoadError(f"{key} is {setting!r}; expected a number of milliseconds, 0 or more")
+    return value
+
+
 def _provider_name(provider: str | tuple[str, dict[str, str]]) -> str:
     return provider if isinstance(provider, str) else provider[0]
 
@@ -131,7 +143,7 @@ def load(environ) -> ServedModel:
             raise ModelLoadError(f"{path}: unknown model format {model_format!r}; expected onnx or tflite")
         # on a GPU one worker gathers while another's batch runs: the copies around a run take longer than the run
         workers = whole_number(environ, "SLIMSERVE_BATCH_WORKERS", 2 if on_gpu else 1)
-        max_delay_ms = float(environ.get("SLIMSERVE_MAX_QUEUE_DELAY_MS", "2"))
+        max_delay_ms = milliseconds(environ, "SLIMSERVE_MAX_QUEUE_DELAY_MS", 2.0)
     except (ModelSourceError, ModelLoadError) as error:
         telemetry.log("ERROR", "model not loaded", model=name, reason=str(error))
         return ServedModel(name, version, failure=str(error))

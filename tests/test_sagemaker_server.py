@@ -342,11 +342,12 @@ def test_cuda_comes_first_with_heuristic_convolution_algorithms_and_tensorrt_on_
 @pytest.mark.parametrize("setting, message", [
     ({"SLIMSERVE_BATCH_WORKERS": "two"}, "SLIMSERVE_BATCH_WORKERS is 'two'; expected a whole number of 1 or more"),
     ({"SLIMSERVE_MAX_BATCH_SIZE": "0"}, "SLIMSERVE_MAX_BATCH_SIZE is '0'; expected a whole number of 1 or more"),
+    ({"SLIMSERVE_MAX_QUEUE_DELAY_MS": "soon"}, "SLIMSERVE_MAX_QUEUE_DELAY_MS is 'soon'; expected a number of milliseconds, 0 or more"),
     ({"SLIMSERVE_BATCH_SIZES": "4,x"},
      "SLIMSERVE_BATCH_SIZES is '4,x'; expected auto, none or positive whole numbers separated by commas, like 1,4,16"),
     ({"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH": "FAST"},
      "SLIMSERVE_CUDNN_CONV_ALGO_SEARCH is 'FAST'; expected one of HEURISTIC, EXHAUSTIVE, DEFAULT"),
-], ids=["workers", "max-batch-size", "batch-sizes", "conv-algo-search"])
+], ids=["workers", "max-batch-size", "max-queue-delay", "batch-sizes", "conv-algo-search"])
 def test_a_bad_setting_fails_ping_naming_it(setting, message):
     process, url = start("iris.onnx", **setting)
     try:
