@@ -77,4 +77,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) .pytest_cache build cdk.out node_modules
+	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) .pytest_cache build cdk.out node_modules
