@@ -152,7 +152,8 @@ class FixedBatchSizes:
         self.sizes = sorted(set(sizes))
         self._runtimes = {size: runtime if size == self.sizes[0] else make_runtime() for size in self.sizes}
         self.signature, self.platform, self.format = runtime.signature, runtime.platform, runtime.format
-        self.calls_by_size = dict.fromkeys(self.sizes, 0)
+        self.calls_by_size = dict.fromkeys(self.sizes, 0)  # /stats shows it
+        self._count = threading.Lock()
         # padding rows would show in an output over the whole batch (a sum, say): only per-row outputs are padded
         self._per_row = all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.outputs)
 
@@ -164,7 +165,8 @@ class FixedBatchSizes:
                      for start in range(0, rows, largest)]
             return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         size = next(size for size in self.sizes if size >= rows)
-        self.calls_by_size[size] += 1
+        with self._count:
+            self.calls_by_size[size] += 1
         if size == rows or not self._per_row:
             return self._runtimes[size].run(inputs, output_names)
         # padding repeats the last row: zeros could be what a model divides by

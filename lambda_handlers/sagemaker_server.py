@@ -5,7 +5,8 @@
                           application/json                V2 inference request
                           application/octet-stream        V2 with the binary tensor extension
                           application/vnd.tfserving+json  TF Serving :predict body
-    GET  /stats         requests served and runtime calls made (dynamic batching at work)
+    GET  /stats         requests served and runtime calls made (dynamic batching at work),
+                        by batch size where batches run at fixed sizes
 
 Behind the inference API, InvokeEndpoint passes the container only Content-Type, Accept and
 one custom-attributes header, always as a POST. The API puts the client's route there
@@ -221,7 +222,10 @@ class _Handler(wire.Handler):
             return self._send(503, json.dumps({"status": "unhealthy", "error": model.failure}).encode())
         if self.path == "/stats" and model.ready:
             runtime = model.runtime
-            return self._send(200, json.dumps({"requests": runtime.requests, "runtime_calls": runtime.runtime_calls}).encode())
+            stats = {"requests": runtime.requests, "runtime_calls": runtime.runtime_calls}
+            if isinstance(runtime.runtime, FixedBatchSizes):
+                stats["runtime_calls_by_batch_size"] = runtime.runtime.calls_by_size
+            return self._send(200, json.dumps(stats).encode())
         self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
 
     def do_POST(self):

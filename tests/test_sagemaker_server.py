@@ -372,6 +372,9 @@ def test_fixed_sizes_and_two_workers_serve_concurrent_rows_right(iris, iris_test
         with ThreadPoolExecutor(32) as pool:
             labels = list(pool.map(one, range(32)))
         assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
+        stats = json.loads(call(url, "GET", "/stats")[2])
+        assert set(stats["runtime_calls_by_batch_size"]) == {"1", "4", "16"}
+        assert sum(stats["runtime_calls_by_batch_size"].values()) == stats["runtime_calls"]
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=20) == 0
