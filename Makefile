@@ -51,7 +51,7 @@ $(CDK_CLI): package.json package-lock.json $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/slimserve examples
+	$(BIN)/slimserve examples --out build/examples
 	$(BIN)/slimserve check
 	$(BIN)/slimserve demo
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
