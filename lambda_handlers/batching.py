@@ -25,6 +25,16 @@ class _Pending:
         self.error = None
 
 
+def batch_first(specs) -> bool:
+    """Every tensor has a dynamic first dimension: the batch rows can be joined and split along it."""
+    return all(spec.shape and spec.shape[0] == -1 for spec in specs)
+
+
+def one_row_each(results: dict[str, np.ndarray], rows: int) -> bool:
+    """Every output has one row per input row: it can be split (or unpadded) along the batch."""
+    return all(array.ndim and array.shape[0] == rows for array in results.values())
+
+
 class BatchingModel:
     """Wraps a runtime adapter; `run` may be called from many threads at once."""
 
@@ -35,7 +45,7 @@ class BatchingModel:
         self.runtime = runtime
         self.signature, self.platform, self.format = runtime.signature, runtime.platform, runtime.format
         self.max_batch_size, self.max_delay = max_batch_size, max_delay_ms / 1000
-        self.batchable = all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.inputs)
+        self.batchable = batch_first(runtime.signature.inputs)
         self.runtime_calls = 0
         self.requests = 0
         self.in_hand = 0  # requests the server holds
@@ -120,7 +130,7 @@ class BatchingModel:
                 self.runtime_calls += 1
             results = self.runtime.run(inputs, list(items[0].outputs))
             total = sum(item.rows for item in items)
-            if len(items) > 1 and any(array.ndim == 0 or array.shape[0] != total for array in results.values()):
+            if len(items) > 1 and not one_row_each(results, total):
                 for item in items:  # an output without the batch dimension cannot be split: run them one by one
                     self._run([item])
                 return
@@ -155,7 +165,7 @@ class FixedBatchSizes:
         self.calls_by_size = dict.fromkeys(self.sizes, 0)  # /stats shows it
         self._count = threading.Lock()
         # padding rows would show in an output over the whole batch (a sum, say): only per-row outputs are padded
-        self._per_row = all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.outputs)
+        self._per_row = batch_first(runtime.signature.outputs)
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         rows = next(iter(inputs.values())).shape[0]
@@ -172,7 +182,7 @@ class FixedBatchSizes:
         # padding repeats the last row: zeros could be what a model divides by
         padded = {name: np.concatenate([array, np.repeat(array[-1:], size - rows, axis=0)]) for name, array in inputs.items()}
         results = self._runtimes[size].run(padded, output_names)
-        if any(array.ndim == 0 or array.shape[0] != size for array in results.values()):
+        if not one_row_each(results, size):
             return self._runtimes[size].run(inputs, output_names)  # a dynamic output that is not per row after all
         return {name: array[:rows] for name, array in results.items()}
 

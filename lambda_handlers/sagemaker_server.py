@@ -29,7 +29,7 @@ import sys
 import threading
 
 from . import telemetry, wire
-from .batching import BatchingModel, FixedBatchSizes, powers_of_two
+from .batching import BatchingModel, FixedBatchSizes, batch_first, powers_of_two
 from .core import InferenceCore, Request, Response, ServedModel, model_routes
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
@@ -135,7 +135,7 @@ def load(environ) -> ServedModel:
             telemetry.log("INFO" if on_gpu else "WARNING", f"ONNX Runtime runs on {used}",
                           available=[_provider_name(p) for p in providers], model=name)
             sizes = batch_sizes(environ, max_batch_size, on_gpu)
-            if sizes and all(spec.shape and spec.shape[0] == -1 for spec in runtime.signature.inputs):
+            if sizes and batch_first(runtime.signature.inputs):
                 runtime = FixedBatchSizes(runtime, lambda: OnnxModel(data, providers=providers, spin=False), sizes)
                 telemetry.log("INFO", "batches run at fixed sizes", model=name, sizes=runtime.sizes)
         elif model_format == "tflite":
