@@ -1,5 +1,6 @@
 """The SageMaker serving program as a plain process on loopback: contract, protocols, batching, failure, shutdown."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,6 +47,29 @@ def start(model: str, **extra) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
+@contextlib.contextmanager
+def serving(model: str, **extra) -> Iterator[tuple[subprocess.Popen, str]]:
+    """The server, up; stopped with SIGTERM after, which it must answer by exiting cleanly."""
+    process, url = start(model, **extra)
+    try:
+        yield process, url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+
+
+def single_row_labels(url: str, rows: np.ndarray) -> list[int]:
+    """Each row as its own V2 JSON request, all at once from 32 threads; the label of each answer."""
+    def one(row: np.ndarray) -> int:
+        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [row.tolist()]}]}).encode()
+        status, _, raw = call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})
+        assert status == 200, raw
+        return json.loads(raw)["outputs"][0]["data"][0]
+
+    with ThreadPoolExecutor(32) as pool:
+        return list(pool.map(one, rows))
+
+
 def call(url, method, path, body=None, headers=None):
     request = urllib.request.Request(url + path, data=body, method=method, headers=headers or {})
     try:
@@ -56,10 +81,8 @@ def call(url, method, path, body=None, headers=None):
 
 @pytest.fixture(scope="module")
 def iris_server():
-    process, url = start("iris.onnx")
-    yield url
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=20) == 0
+    with serving("iris.onnx") as (_, url):
+        yield url
 
 
 def test_ping_and_v2_json(iris_server, iris, iris_test_split):
@@ -140,16 +163,7 @@ def test_bad_input_is_a_4xx_and_the_server_stays_up(iris_server):
 def test_concurrent_single_rows_are_batched_and_each_caller_gets_its_own(iris_server, iris, iris_test_split):
     test_x, _ = iris_test_split
     before = json.loads(call(iris_server, "GET", "/stats")[2])
-
-    def one(index: int):
-        row = test_x[index:index + 1]
-        body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row.tolist()}]}).encode()
-        status, _, raw = call(iris_server, "POST", "/invocations", body, {"Content-Type": "application/json"})
-        assert status == 200
-        return json.loads(raw)["outputs"][0]["data"][0]
-
-    with ThreadPoolExecutor(32) as pool:
-        labels = list(pool.map(one, range(32)))
+    labels = single_row_labels(iris_server, test_x[:32])
     after = json.loads(call(iris_server, "GET", "/stats")[2])
     assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
     assert after["requests"] - before["requests"] == 32
@@ -157,29 +171,21 @@ def test_concurrent_single_rows_are_batched_and_each_caller_gets_its_own(iris_se
 
 
 def test_ping_fails_when_the_model_cannot_be_loaded():
-    process, url = start("iris.onnx", SLIMSERVE_MODEL_SHA256="0" * 64)
-    try:
+    with serving("iris.onnx", SLIMSERVE_MODEL_SHA256="0" * 64) as (_, url):
         status, _, raw = call(url, "GET", "/ping")
         assert status == 503 and json.loads(raw)["error"].startswith(f"sha256 of {MODELS / 'iris.onnx'} is ")
         status, _, raw = call(url, "POST", "/invocations", b"{}", {"Content-Type": "application/json"})
         assert status == 503
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
 
 
 def test_tflite_models_serve_too(digits, digits_test_split):
     test_x, _ = digits_test_split
-    process, url = start("digits.tflite")
-    try:
+    with serving("digits.tflite") as (_, url):
         status, _, raw = call(url, "POST", "/invocations", json.dumps({"inputs": test_x[:3].tolist()}).encode(),
                               {"Content-Type": "application/vnd.tfserving+json"})
-        assert status == 200
-        np.testing.assert_allclose(np.array(json.loads(raw)["outputs"], np.float32),
-                                   digits.run({"pixels": test_x[:3]}, ["probabilities"])["probabilities"], rtol=1e-6)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
+    assert status == 200
+    np.testing.assert_allclose(np.array(json.loads(raw)["outputs"], np.float32),
+                               digits.run({"pixels": test_x[:3]}, ["probabilities"])["probabilities"], rtol=1e-6)
 
 
 def test_sigterm_lets_a_request_in_flight_finish():
@@ -349,34 +355,18 @@ def test_cuda_comes_first_with_heuristic_convolution_algorithms_and_tensorrt_on_
      "SLIMSERVE_CUDNN_CONV_ALGO_SEARCH is 'FAST'; expected one of HEURISTIC, EXHAUSTIVE, DEFAULT"),
 ], ids=["workers", "max-batch-size", "max-queue-delay", "batch-sizes", "conv-algo-search"])
 def test_a_bad_setting_fails_ping_naming_it(setting, message):
-    process, url = start("iris.onnx", **setting)
-    try:
+    with serving("iris.onnx", **setting) as (_, url):
         status, _, raw = call(url, "GET", "/ping")
-        assert (status, json.loads(raw)["error"]) == (503, message)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
+    assert (status, json.loads(raw)["error"]) == (503, message)
 
 
 def test_fixed_sizes_and_two_workers_serve_concurrent_rows_right(iris, iris_test_split):
     test_x, _ = iris_test_split
-    process, url = start("iris.onnx", SLIMSERVE_BATCH_SIZES="1,4,16", SLIMSERVE_BATCH_WORKERS="2")
-    try:
-        def one(index: int):
-            body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32",
-                                           "data": test_x[index:index + 1].tolist()}]}).encode()
-            status, _, raw = call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})
-            assert status == 200, raw
-            return json.loads(raw)["outputs"][0]["data"][0]
-
-        with ThreadPoolExecutor(32) as pool:
-            labels = list(pool.map(one, range(32)))
-        assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
+    with serving("iris.onnx", SLIMSERVE_BATCH_SIZES="1,4,16", SLIMSERVE_BATCH_WORKERS="2") as (process, url):
+        labels = single_row_labels(url, test_x[:32])
         stats = json.loads(call(url, "GET", "/stats")[2])
-        assert set(stats["runtime_calls_by_batch_size"]) == {"1", "4", "16"}
-        assert sum(stats["runtime_calls_by_batch_size"].values()) == stats["runtime_calls"]
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=20) == 0
+    assert labels == iris.run({"features": test_x[:32]}, ["label"])["label"].tolist()
+    assert set(stats["runtime_calls_by_batch_size"]) == {"1", "4", "16"}
+    assert sum(stats["runtime_calls_by_batch_size"].values()) == stats["runtime_calls"]
     log = [json.loads(line) for line in process.stdout.read().splitlines() if line.startswith("{")]
     assert {"sizes": [1, 4, 16], "workers": 2} == {key: value for record in log for key, value in record.items() if key in ("sizes", "workers")}
