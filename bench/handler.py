@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from lambda_handlers.function import ModelFunction
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import rest_event
-from slimserve.runner import function_bundle
+from slimserve.assets import function_bundle
 from slimserve.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def warm_overhead(rounds: int) -> list[tuple]:
 COLD_HANDLER = """
 import json, sys, time
 started = time.perf_counter()
-from lambda_handlers.handler import handler
+from slimserve.lambda_handlers.handler import handler
 response = handler(json.loads(sys.argv[1]), None)
 assert response["statusCode"] == 200, response
 print(json.dumps({"ms": (time.perf_counter() - started) * 1000}), file=sys.stderr)

@@ -1,16 +1,20 @@
 """The `slimserve` command line."""
 
 import argparse
+import os
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
+from . import __version__
+from .cdk_cli import CdkCliError
 from .config import DEFAULT_CONFIG, ConfigError, load_config
 from .convert import ConvertError
 from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
 from .optimize import OptimizeError
 from .registry import RegistryError
-
-REPO = Path(__file__).resolve().parent.parent
+from .scaffold import ScaffoldError
 
 
 def _examples(args) -> int:
@@ -38,7 +42,7 @@ def _demo(args) -> int:
 
 
 def _layer(args) -> int:
-    from layers.builder import LayerBuildError, build_layer
+    from slimserve.layers.builder import LayerBuildError, build_layer
 
     try:
         layer = build_layer(args.runtime, args.python, args.arch, out=Path(args.out), log=print)
@@ -52,19 +56,48 @@ def _layer(args) -> int:
     return 0
 
 
+def _init(args) -> int:
+    from .scaffold import init_project
+
+    folder = Path(args.dir)
+    written = init_project(folder, Path(args.model) if args.model else None)
+    print(f"wrote a slimserve project in {folder.resolve()}:")
+    for path in written:
+        print(f"  {path.relative_to(folder)}")
+    config = folder / DEFAULT_CONFIG
+    where = "" if folder.resolve() == Path.cwd() else f"cd {shlex.quote(str(folder))} && "
+    if not args.model:
+        print(f"next: put your model at {folder / 'models' / 'model.onnx'} (slimserve convert writes one from scikit-learn, "
+              f"PyTorch or Keras), or point models.model.artifact in {config} at it; then")
+    print(f"  {where}slimserve check && slimserve serve     # locally, no AWS account needed")
+    print(f"  {where}slimserve bootstrap && slimserve deploy  # to your AWS account (--profile, --region)")
+    return 0
+
+
+def _cdk_app(args) -> int:
+    """The CDK app itself: what cdk.json runs, and what `synth` and the deploy commands run."""
+    config = load_config(args.config)  # a config error is one line, before CDK starts
+    from .stacks.app import build_app
+
+    build_app(config).synth()
+    return 0
+
+
+def _app_command(config) -> str:
+    """The CDK app as a command line for this interpreter: works whether or not its venv is activated."""
+    return f"{shlex.quote(sys.executable)} -m slimserve cdk-app --config {shlex.quote(str(config.path.resolve()))}"
+
+
 def _synth(args) -> int:
-    """The CDK app through `app.py`; prints what each stack holds."""
+    """The CDK app in a process of its own, as the CDK CLI runs it; prints what each stack holds."""
     import collections
     import json
-    import os
-    import subprocess
 
-    load_config(args.config)  # a config error is reported here, in one line, before CDK starts
-    out = Path(args.out).resolve()
-    synth = subprocess.run([sys.executable, str(REPO / "app.py"), str(Path(args.config).resolve())], cwd=REPO,
-                           env={**os.environ, "CDK_OUTDIR": str(out)})
+    config = load_config(args.config)
+    out = Path(args.out).resolve() if args.out else config.project_dir / "cdk.out"
+    synth = subprocess.run(shlex.split(_app_command(config)), cwd=config.project_dir, env={**os.environ, "CDK_OUTDIR": str(out)})
     if synth.returncode != 0:
-        return synth.returncode  # app.py has said why, in one line
+        return synth.returncode  # the app has said why, in one line
     for template in sorted(out.glob("*.template.json")):
         resources = json.loads(template.read_text()).get("Resources", {})
         counts = collections.Counter(resource["Type"] for resource in resources.values())
@@ -108,6 +141,70 @@ def _registry(args):
 
 class RegistryUsageError(Exception):
     pass
+
+
+class DeployError(Exception):
+    pass
+
+
+def _aws_environment(args, config) -> dict[str, str]:
+    """--profile and --region as the CDK CLI reads them; a missing profile, credentials or region in one line."""
+    import boto3
+    import botocore.exceptions
+
+    try:
+        session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region)
+    except botocore.exceptions.ProfileNotFound:
+        raise DeployError(f"--profile {args.profile}: no such profile in your AWS config "
+                          "(`aws configure list-profiles` lists them)") from None
+    if session.get_credentials() is None:
+        raise DeployError("no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
+                          "or pass --profile NAME")
+    if not session.region_name:
+        raise DeployError(f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
+                          "(`aws configure set region eu-west-1`)")
+    environment = {"AWS_REGION": session.region_name, "AWS_DEFAULT_REGION": session.region_name}
+    return environment | ({"AWS_PROFILE": args.profile} if args.profile else {})
+
+
+def _cdk(args) -> int:
+    """bootstrap, diff, deploy, destroy: the pinned CDK CLI on the project's app and cdk.out."""
+    from . import cdk_cli
+
+    config = load_config(args.config)
+    environment = _aws_environment(args, config)
+    out = config.project_dir / "cdk.out"
+    arguments = [args.command, "--app", _app_command(config), "--output", str(out)]
+    if args.profile:
+        arguments += ["--profile", args.profile]
+    outputs = config.build_dir / "cdk-outputs.json"
+    if args.command == "bootstrap" and config.account:
+        arguments.append(f"aws://{config.account}/{environment['AWS_REGION']}")
+    if args.command == "deploy":
+        arguments += ["--outputs-file", str(outputs)]
+        outputs.unlink(missing_ok=True)
+    if args.command == "destroy" and args.yes:
+        arguments.append("--force")
+    arguments += args.cdk_arguments
+    print(f"cdk {args.command} of {config.path} in {environment['AWS_REGION']}"
+          f"{f' (profile {args.profile})' if args.profile else ''}, AWS CDK CLI {cdk_cli.version()}", flush=True)
+    code = cdk_cli.run(arguments, config.project_dir)
+    if code == 0 and args.command == "deploy":
+        _print_deployed(config, outputs, args)
+    return code
+
+
+def _print_deployed(config, outputs: Path, args) -> None:
+    import json
+
+    stack = json.loads(outputs.read_text()).get(config.name, {})
+    flags = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("profile", args.profile), ("region", args.region)) if value)
+    print(f"API: {stack.get('ApiUrl')}")
+    print(f"API key (for models with auth = \"api_key\"; send it as x-api-key): aws apigateway get-api-key "
+          f"--api-key {stack.get('ApiKeyId')} --include-value --query value --output text{flags}")
+    print(f"model store: s3://{stack.get('ModelStoreBucket')} (slimserve register|versions|alias ... "
+          f"--bucket {stack.get('ModelStoreBucket')}{flags or ' --region REGION'})")
+    print(f"all outputs: {outputs}")
 
 
 def _convert(args) -> int:
@@ -197,7 +294,13 @@ def _rollback(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slimserve", description="Serve ONNX and TFLite models on AWS Lambda and SageMaker.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="start a project: slimserve.toml, cdk.json, .gitignore and a CI workflow")
+    init.add_argument("dir", nargs="?", default=".", help="the project's folder, made if missing (default: this one)")
+    init.add_argument("--model", help="an .onnx or .tflite file to copy into the project's models/ and serve")
+    init.set_defaults(run=_init)
 
     examples = commands.add_parser("examples", help="train the example models and write them")
     examples.add_argument("--out", default="examples/models", help="folder for the model files")
@@ -220,8 +323,28 @@ def main(argv: list[str] | None = None) -> int:
 
     synth = commands.add_parser("synth", help="synthesize the CloudFormation templates and count their resources")
     synth.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
-    synth.add_argument("--out", default="cdk.out", help="cloud assembly folder (default: %(default)s)")
+    synth.add_argument("--out", help="cloud assembly folder (default: cdk.out beside the config)")
     synth.set_defaults(run=_synth)
+
+    cdk_app = commands.add_parser("cdk-app", help="the CDK app itself, as cdk.json runs it (cdk synth, cdk deploy)")
+    cdk_app.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+    cdk_app.set_defaults(run=_cdk_app)
+
+    for name, text in [
+        ("bootstrap", "prepare an AWS account and region for CDK deploys (once per account and region)"),
+        ("diff", "show what a deploy would change in the AWS account"),
+        ("deploy", "deploy the project's stack, then print its API URL and how to read the API key"),
+        ("destroy", "delete the project's stack (the model store's bucket is kept)"),
+    ]:
+        command = commands.add_parser(name, help=text, description=f"{text}. Runs the pinned AWS CDK CLI, installed into "
+                                      "the user cache on first use; arguments after -- go to it unchanged.")
+        command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
+        command.add_argument("--profile", help="AWS profile (default: the AWS CLI's default credentials)")
+        command.add_argument("--region", help="AWS region (default: app.region, else the profile's region)")
+        if name == "destroy":
+            command.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        command.add_argument("cdk_arguments", nargs=argparse.REMAINDER, help="-- then arguments for the CDK CLI")
+        command.set_defaults(run=_cdk)
 
     serve = commands.add_parser("serve", help="serve every model of the config on one port, as the deployed API does")
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
@@ -274,9 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         command.set_defaults(run=run)
 
     args = parser.parse_args(argv)
+    if getattr(args, "cdk_arguments", None) and args.cdk_arguments[0] == "--":
+        args.cdk_arguments = args.cdk_arguments[1:]
     try:
         return args.run(args)
-    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError, ConvertError) as error:
+    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError, ConvertError, ScaffoldError, CdkCliError,
+            DeployError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

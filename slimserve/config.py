@@ -132,6 +132,16 @@ class AppConfig:
     throttle_rate: int = 100
     throttle_burst: int = 200
 
+    @property
+    def project_dir(self) -> Path:
+        """The folder of the config file: slimserve keeps everything it writes for the project under it."""
+        return self.path.resolve().parent
+
+    @property
+    def build_dir(self) -> Path:
+        """Layers, function code, model uploads, local stack state and logs: build/ beside the config."""
+        return self.project_dir / "build"
+
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 
 TARGET_OPSET = 17
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.

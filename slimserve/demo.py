@@ -13,8 +13,8 @@ import urllib.request
 
 import numpy as np
 
-from lambda_handlers.datatypes import V2_TO_NUMPY
-from lambda_handlers.runtimes import load_model
+from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
+from slimserve.lambda_handlers.runtimes import load_model
 
 from . import examples
 from .config import AppConfig, ModelConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lambda_handlers.runtimes import load_model
+from slimserve.lambda_handlers.runtimes import load_model
 
 SEED = 0
 

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
-from lambda_handlers import wire
-from lambda_handlers.core import InferenceCore, Request
-from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
+from slimserve.lambda_handlers import wire
+from slimserve.lambda_handlers.core import InferenceCore, Request
+from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
 
 from .apigw import ENDPOINT_FAILED, MAX_BODY_BYTES, MISSING_ROUTE, response_body, rest_event
 from .openapi import openapi_document

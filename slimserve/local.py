@@ -12,13 +12,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from lambda_handlers.sagemaker_server import endpoint_routes
-from layers.builder import build_layer
+from slimserve.lambda_handlers.sagemaker_server import endpoint_routes
+from slimserve.layers.builder import build_layer
 
 from .config import AppConfig, ModelConfig
 from .gateway import EndpointRoute, LocalGateway, Route
 from .local_s3 import free_port, local_s3
-from .runner import REPO, FunctionPool, FunctionSpec, function_bundle, lambda_python, spawn
+from .assets import LAMBDA_PACKAGE, function_bundle
+from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
 from .registry import Registry, RegistryError, Version
 
 LAMBDA_PYTHON = "3.12"
@@ -83,8 +84,9 @@ class LocalEndpoint:
 
     START_TIMEOUT_S = 60.0
 
-    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path, log=print):
-        self.name, self.log = name, log
+    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path, code: Path, log=print):
+        """`code` holds the lambda_handlers package, as /opt/slimserve does in the image; `work_dir` is absolute."""
+        self.name, self.log, self.code = name, log, code
         model_dir = work_dir / f"{name}-model"
         model_dir.mkdir(parents=True, exist_ok=True)
         (model_dir / f"model.{version.format}").write_bytes(data)
@@ -92,7 +94,7 @@ class LocalEndpoint:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = work_dir / f"{name}.log"
         self.environment = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1",
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1",
             "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1", "SM_MODEL_DIR": str(model_dir),
             "SLIMSERVE_MODEL_NAME": name, "SLIMSERVE_MODEL_VERSION": str(version.number),
             "SLIMSERVE_MODEL_FORMAT": version.format, "SLIMSERVE_MODEL_SHA256": version.sha256,
@@ -104,7 +106,8 @@ class LocalEndpoint:
 
     def _start(self) -> None:
         with open(self.log_path, "ab") as log_file:
-            self.process = spawn([sys.executable, "-m", "lambda_handlers.sagemaker_server", "serve"], REPO, self.environment, log_file)
+            self.process = spawn([sys.executable, "-m", f"{LAMBDA_PACKAGE}.sagemaker_server", "serve"], self.code,
+                                 self.environment, log_file)
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
@@ -153,12 +156,13 @@ class LocalStack:
     """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
 
     def __init__(self, config: AppConfig, host: str = "127.0.0.1", port: int = 8080, log=print,
-                 work_dir: Path = Path("build/local"), api_key: str | None = None, s3_port: int | None = None):
+                 work_dir: Path | None = None, api_key: str | None = None, s3_port: int | None = None):
+        """`work_dir` (default: the project's build/local) holds the functions' code, the models' folders and the logs."""
         self.config = config
         self.log = log
         self.resources = contextlib.ExitStack()
         try:
-            self._start(host, port, Path(work_dir), api_key, s3_port)
+            self._start(host, port, Path(work_dir or config.build_dir / "local").resolve(), api_key, s3_port)
         except BaseException:
             self.resources.close()
             raise
@@ -166,8 +170,9 @@ class LocalStack:
     def _start(self, host: str, port: int, work_dir: Path, api_key: str | None, s3_port: int | None) -> None:
         python, version, note = lambda_python(LAMBDA_PYTHON)
         self.log(note)
-        runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
-        task_root = function_bundle(work_dir / "function", python)
+        layers = self.config.build_dir / "layers"
+        runtime_dir = build_layer("lambda-runtime", version, out=layers, log=self.log).python_path
+        self.task_root = task_root = function_bundle(work_dir / "function", python)
         s3 = self.resources.enter_context(local_s3(port=s3_port))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         self.registry = registry = Registry(s3.client(), s3.bucket)
@@ -180,7 +185,7 @@ class LocalStack:
                 continue
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
-            layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
+            layer = build_layer(layer_runtime(model.format, version), version, out=layers, log=self.log)
             registered = self._deployed_version(model)
             name = f"{self.config.name}-{model.name}"
 
@@ -221,7 +226,7 @@ class LocalStack:
     def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
         registered = self._deployed_version(model)
         endpoint = self.endpoints[model.name] = LocalEndpoint(
-            model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir, self.log)
+            model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir, self.task_root, self.log)
         self.resources.callback(endpoint.close)
         self.log(f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
                  f"logs in {endpoint.log_path}")

@@ -6,9 +6,9 @@ tests hold the stacks' Lambda routes to it too). The local gateway serves it at
 `/openapi.json`.
 """
 
-from lambda_handlers.core import MAX_BODY_BYTES, ROUTES, SERVER_NAME, SERVER_VERSION
-from lambda_handlers.datatypes import V2_TO_NUMPY
-from lambda_handlers.jsoncodec import MAX_JSON_DEPTH
+from slimserve.lambda_handlers.core import MAX_BODY_BYTES, ROUTES, SERVER_NAME, SERVER_VERSION
+from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
+from slimserve.lambda_handlers.jsoncodec import MAX_JSON_DEPTH
 
 from .apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 
 from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, keras_to_tflite, load_keras
 

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
+from slimserve.lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
 
 from .store import StoredModel, manifest, model_key
 

@@ -10,7 +10,6 @@ timeout are enforced, cold and warm starts are real, and errors read as Lambda's
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +20,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lambda_handlers import wire
-from layers.builder import find_python
+from slimserve.lambda_handlers import wire
+from slimserve.layers.builder import find_python
+
+from .assets import HANDLER
 
 RUNTIME_API = "/2018-06-01/runtime"
-HANDLER = "lambda_handlers.handler.handler"
-REPO = Path(__file__).resolve().parent.parent
 
 # PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not the process:
 # workers are started from this one long-lived thread, never from a request's thread.
@@ -83,16 +82,6 @@ def lambda_python(version: str = "3.12") -> tuple[str, str, str]:
         return python, version, f"workers run python{version} ({python}), as Lambda's python{version} runtime"
     current = f"{sys.version_info.major}.{sys.version_info.minor}"
     return sys.executable, current, f"python{version} is not installed here; workers run this python{current} instead"
-
-
-def function_bundle(folder: Path, python: str | None) -> Path:
-    """The function's code as Lambda gets it: the handler package, with bytecode compiled for `python` if given."""
-    target = folder / "lambda_handlers"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(REPO / "lambda_handlers", target, ignore=shutil.ignore_patterns("__pycache__"))
-    if python:
-        subprocess.run([python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)], check=True)
-    return folder
 
 
 class _RuntimeApi(wire.Server):

@@ -10,7 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from lambda_handlers.runtimes import load_model
+from slimserve.lambda_handlers.runtimes import load_model
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from constructs import Construct
 
 from slimserve.config import Alarms, AppConfig, ModelConfig
 from slimserve.lock import locked_models
-from slimserve.runner import REPO
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
+from .context import CDK_CONTEXT
 from .gpu_endpoint import VARIANT, GpuEndpoint, GpuEndpointProps, serving_image
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
@@ -32,13 +32,14 @@ class ModelShard(cdk.NestedStack):
     """Some Lambda models and their routes, in a nested stack so the app is not bound by one stack's limits."""
 
     def __init__(self, scope: Construct, construct_id: str, models: list[ModelConfig], stored: dict,
-                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays, alarm_topic):
+                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays, alarm_topic, build_dir):
         super().__init__(scope, construct_id, description=f"slimserve models {', '.join(m.name for m in models)}")
         self.routes = ModelRoutes(self, "Routes", api)
         self.lambda_models = {}
         for model in models:
             lambda_model = LambdaModel(self, f"Model-{model.name}", LambdaModelProps(
-                model=model, stored=stored[model.name], store=store, log_retention=retention, alarm_topic=alarm_topic))
+                model=model, stored=stored[model.name], store=store, log_retention=retention, alarm_topic=alarm_topic,
+                build_dir=build_dir))
             self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
             self.lambda_models[model.name] = lambda_model
 
@@ -47,8 +48,9 @@ class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
+        self.build_dir = config.build_dir
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
-        stored = self.model_store.add_models(list(config.models), REPO / "build" / "model-upload" / construct_id,
+        stored = self.model_store.add_models(list(config.models), config.build_dir / "model-upload" / construct_id,
                                              locked_models(config, self.model_store.bucket.bucket_name))
         self.api = InferenceApi(self, "Api", InferenceApiProps(
             name=config.name, throttle_rate=config.throttle_rate, throttle_burst=config.throttle_burst, log_retention=retention))
@@ -56,7 +58,7 @@ class SlimserveStack(cdk.Stack):
         lambda_models = [model for model in config.models if model.target == "lambda"]
         self.shards = [
             ModelShard(self, f"Models{index + 1}", lambda_models[start:start + MODELS_PER_SHARD], stored,
-                       self.model_store, self.api, retention, self.monitoring.topic)
+                       self.model_store, self.api, retention, self.monitoring.topic, config.build_dir)
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
         ]
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
@@ -73,7 +75,7 @@ class SlimserveStack(cdk.Stack):
         """An endpoint per SageMaker model, its routes on the API and its alarms on the app's topic."""
         if not models:
             return {}, []
-        own_image = serving_image(self) if any(model.sagemaker.image is None for model in models) else None
+        own_image = serving_image(self, self.build_dir / "serving-image") if any(model.sagemaker.image is None for model in models) else None
         routes = ModelRoutes(self, "EndpointRoutes", self.api)
         endpoints = {}
         for model in models:
@@ -93,8 +95,10 @@ _RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: 
 
 
 def build_app(config: AppConfig, app: cdk.App | None = None) -> cdk.App:
-    # run through the CDK CLI, cdk.json's context arrives by itself; run directly, it is read here
-    app = app or cdk.App(context=json.loads((REPO / "cdk.json").read_text())["context"])
+    # run through the CDK CLI, cdk.json's context arrives by itself (and wins); run directly, it is read here
+    project_cdk_json = config.project_dir / "cdk.json"
+    context = json.loads(project_cdk_json.read_text()).get("context", {}) if project_cdk_json.is_file() else {}
+    app = app or cdk.App(context={**CDK_CONTEXT, **context})
     environment = cdk.Environment(account=config.account, region=config.region) if config.account or config.region else None
     SlimserveStack(app, config.name, config, env=environment,
                    description=f"slimserve app {config.name}: {len(config.models)} models")

@@ -1,6 +1,7 @@
 """A SageMaker real-time endpoint for a model too large or too slow for Lambda."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import aws_cdk as cdk
 from aws_cdk import aws_applicationautoscaling as autoscaling
@@ -10,8 +11,8 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
+from slimserve.assets import serving_context
 from slimserve.config import ModelConfig
-from slimserve.runner import REPO
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
@@ -37,12 +38,13 @@ class GpuEndpointProps:
     """How long the canary must stay clear of alarms before the rest shifts. @default 10 minutes."""
 
 
-def serving_image(scope: Construct) -> ecr_assets.DockerImageAsset:
+def serving_image(scope: Construct, context: Path) -> ecr_assets.DockerImageAsset:
     """slimserve's serving container from serving/Dockerfile, built and pushed by `cdk deploy`; synth only stages
-    its context (the Dockerfile, its requirements and the inference core), so no Docker is needed before deploy."""
+    its context (the Dockerfile, its requirements and the inference core) in `context`, so no Docker is needed
+    before deploy."""
     return ecr_assets.DockerImageAsset(
-        scope, "ServingImage", directory=str(REPO), file="serving/Dockerfile", platform=ecr_assets.Platform.LINUX_AMD64,
-        ignore_mode=cdk.IgnoreMode.DOCKER, exclude=["*", "!lambda_handlers", "!serving", "**/__pycache__"])
+        scope, "ServingImage", directory=str(serving_context(context)), file="serving/Dockerfile",
+        platform=ecr_assets.Platform.LINUX_AMD64)
 
 
 class GpuEndpoint(Construct):

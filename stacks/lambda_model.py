@@ -15,9 +15,9 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from layers.builder import build_layer, find_python, layer_key
+from slimserve.layers.builder import build_layer, find_python, layer_key
+from slimserve.assets import HANDLER, function_bundle, package_folder
 from slimserve.config import ModelConfig
-from slimserve.runner import REPO, function_bundle
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
@@ -38,11 +38,11 @@ DEPLOYMENTS = {
 class _LayerBundling:
     """Builds (or reuses) the slim layer with the layer builder and copies it into the asset."""
 
-    def __init__(self, runtime: str, architecture: str):
-        self.runtime, self.architecture = runtime, architecture
+    def __init__(self, runtime: str, architecture: str, out: Path):
+        self.runtime, self.architecture, self.out = runtime, architecture, out
 
     def try_bundle(self, output_dir: str, options) -> bool:  # noqa: ARG002 (jsii passes the bundling options)
-        layer = build_layer(self.runtime, PYTHON_VERSION, self.architecture, out=REPO / "build" / "layers")
+        layer = build_layer(self.runtime, PYTHON_VERSION, self.architecture, out=self.out)
         shutil.copytree(layer.python_path, Path(output_dir) / "python", symlinks=True, dirs_exist_ok=True)
         return True
 
@@ -61,8 +61,8 @@ def _local_only() -> cdk.DockerImage:
     return cdk.DockerImage.from_registry("slimserve/local-bundling-only")
 
 
-def runtime_layer(scope: Construct, model_format: str, architecture: str) -> lambda_.LayerVersion:
-    """One layer per runtime and architecture in a stack, shared by every model that needs it."""
+def runtime_layer(scope: Construct, model_format: str, architecture: str, out: Path) -> lambda_.LayerVersion:
+    """One layer per runtime and architecture in a stack, shared by every model that needs it; built under `out`."""
     stack = cdk.Stack.of(scope)
     layer_id = f"{model_format.capitalize()}Layer{architecture.replace('_', '').capitalize()}"
     existing = stack.node.try_find_child(layer_id)
@@ -73,10 +73,10 @@ def runtime_layer(scope: Construct, model_format: str, architecture: str) -> lam
         stack,
         layer_id,
         code=lambda_.Code.from_asset(
-            str(REPO / "layers"),
+            str(package_folder("slimserve.layers")),
             asset_hash_type=cdk.AssetHashType.CUSTOM,
             asset_hash=key,  # the builder's cache key: unchanged inputs, no rebuild
-            bundling=cdk.BundlingOptions(image=_local_only(), local=_LayerBundling(model_format, architecture)),
+            bundling=cdk.BundlingOptions(image=_local_only(), local=_LayerBundling(model_format, architecture, out)),
         ),
         compatible_runtimes=[RUNTIME],
         compatible_architectures=[ARCHITECTURES[architecture]],
@@ -95,6 +95,8 @@ class LambdaModelProps:
     """How long the function's logs are kept. @default one month."""
     alarm_topic: sns.ITopic | None = None
     """Where the deployment alarms also page. @default they only roll back."""
+    build_dir: Path = Path("build")
+    """Where the runtime layers are built (in `layers/`). @default build/ in the working directory."""
 
 
 class LambdaModel(Construct):
@@ -113,14 +115,14 @@ class LambdaModel(Construct):
             "Function",
             runtime=RUNTIME,
             architecture=ARCHITECTURES[model.architecture],
-            handler="lambda_handlers.handler.handler",
+            handler=HANDLER,
             code=lambda_.Code.from_asset(
-                str(REPO / "lambda_handlers"),
+                str(package_folder("slimserve.lambda_handlers")),
                 asset_hash_type=cdk.AssetHashType.SOURCE,
                 exclude=["__pycache__"],
                 bundling=cdk.BundlingOptions(image=_local_only(), local=_FunctionBundling()),
             ),
-            layers=[runtime_layer(self, model.format, model.architecture)],
+            layers=[runtime_layer(self, model.format, model.architecture, props.build_dir / "layers")],
             memory_size=model.memory_mb,
             timeout=cdk.Duration.seconds(model.timeout_s),
             ephemeral_storage_size=cdk.Size.mebibytes(model.ephemeral_storage_mb),

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from lambda_handlers.core import InferenceCore, Request, ServedModel
-from lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
+from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -110,7 +110,7 @@ def s3_store():
 
 def sample(datatype: str, rows: int = 2) -> np.ndarray:
     """Values that survive a round trip for `datatype`, with each type's extremes."""
-    from lambda_handlers.datatypes import V2_TO_NUMPY
+    from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 
     dtype = V2_TO_NUMPY[datatype]
     if datatype == "BYTES":

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import MODELS, call
 
-from lambda_handlers.core import MAX_BODY_BYTES
-from lambda_handlers.function import ModelFunction
+from slimserve.lambda_handlers.core import MAX_BODY_BYTES
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import response_body, rest_event
 from slimserve.registry import Registry
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lambda_handlers.runtimes import OnnxModel
+from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.convert import ConvertError, convert_sklearn, convert_torch
 
 

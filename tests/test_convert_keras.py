@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from lambda_handlers.runtimes import TfliteModel
+from slimserve.lambda_handlers.runtimes import TfliteModel
 from slimserve.cli import main
 from slimserve.convert import ConvertError, convert_keras, load_keras
 from slimserve.optimize import OptimizeError, optimize

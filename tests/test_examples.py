@@ -3,7 +3,7 @@
 import numpy as np
 from conftest import MODELS
 
-from lambda_handlers.runtimes import load_model
+from slimserve.lambda_handlers.runtimes import load_model
 from slimserve.cli import main
 from slimserve.examples import build_all
 

@@ -13,8 +13,8 @@ from conftest import MODELS as MODEL_FILES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lambda_handlers.core import ROUTES, Request
-from lambda_handlers.function import ModelFunction
+from slimserve.lambda_handlers.core import ROUTES, Request
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.store import file_environment
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])

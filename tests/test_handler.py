@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, MODELS, ROOT
 
-from lambda_handlers.function import ModelFunction
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import http_api_event, response_body, rest_event
 from slimserve.registry import Registry
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 from conftest import MODELS, ROOT
 
-from lambda_handlers import jsoncodec
-from lambda_handlers.errors import InvalidInput
+from slimserve.lambda_handlers import jsoncodec
+from slimserve.lambda_handlers.errors import InvalidInput
 
 
 @pytest.mark.parametrize("text, depth", [

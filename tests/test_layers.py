@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from layers import builder
-from layers.builder import LayerBuildError, build_layer
+from slimserve.layers import builder
+from slimserve.layers.builder import LayerBuildError, build_layer
 
 LAYERS = ROOT / "build" / "layers"
 

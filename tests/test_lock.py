@@ -7,14 +7,14 @@ import onnx
 import pytest
 from conftest import MODELS
 
-import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
+import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import assertions
 
 from slimserve.cli import main
 from slimserve.config import ConfigError, load_config
 from slimserve.lock import lock_path, write_lock
 from slimserve.registry import Registry
-from stacks.app import build_app
+from slimserve.stacks.app import build_app
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import pytest
 from conftest import ROOT
 from openapi_spec_validator import validate
 
-import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
+import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import aws_apigateway as apigw
 
-from lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
+from slimserve.lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
 from slimserve.config import load_config
 from slimserve.openapi import openapi_document
-from stacks.app import build_app
+from slimserve.stacks.app import build_app
 
 
 def operations(document: dict, name: str, version: str) -> list[tuple[str, str]]:

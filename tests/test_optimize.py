@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import MODELS
 
-from lambda_handlers.runtimes import OnnxModel
+from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.optimize import OptimizeError, optimize
 
 

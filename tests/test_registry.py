@@ -9,7 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 from conftest import MODELS
 
-from lambda_handlers.runtimes import load_model
+from slimserve.lambda_handlers.runtimes import load_model
 from slimserve.registry import Registry, RegistryError
 
 

@@ -6,11 +6,11 @@ the synth otherwise, see test_stacks)."""
 import pytest
 from conftest import ROOT
 
-import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
+import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import assertions
 
 from slimserve.config import load_config
-from stacks.app import build_app
+from slimserve.stacks.app import build_app
 
 # Actions AWS authorizes on no resource narrower than "*" (its service authorization reference)
 NO_RESOURCE_LEVEL = {"cloudwatch:PutMetricData", "ecr:GetAuthorizationToken", "xray:PutTelemetryRecords", "xray:PutTraceSegments"}

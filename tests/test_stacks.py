@@ -1,7 +1,6 @@
 """CDK template assertions per construct, AWS's own judges (cdk-nag, cfn-lint), and synth from the CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,15 +8,16 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-import stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
+import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import App, Stack, assertions
 from aws_cdk import aws_s3 as s3
 
-from lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve import cdk_cli
 from slimserve.apigw import MODEL_ERROR_TEMPLATE
 from slimserve.config import API_RESOURCES_FOR_MODELS, API_RESOURCES_PER_MODEL, load_config, parse_config
-from stacks.app import build_app
-from stacks.model_store import ModelStore, ModelStoreProps
+from slimserve.stacks.app import build_app
+from slimserve.stacks.model_store import ModelStore, ModelStoreProps
 
 IRIS_SHA = "2df43e351eee5a9bb6b4a44c9e4b83388cb64d7e67fd84880ff8886bd53c1680"
 Match = assertions.Match
@@ -261,18 +261,15 @@ def test_app_entry_reports_config_errors_without_a_trace(tmp_path):
     config = tmp_path / "slimserve.toml"
     config.write_text('[models.iris]\nformat = "onnx"\nartifact = "gone.onnx"\n')
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), str(config)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr == f"error: {config}: models.iris.artifact: model file {tmp_path}/gone.onnx does not exist\n"
 
 
 def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
-    cli = ROOT / "node_modules" / ".bin" / "cdk"
-    if not cli.exists():
-        pytest.skip("the CDK CLI is installed by `make test` (npm ci)")
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    environment = {key: value for key, value in cdk_cli.environment().items() if not key.startswith("AWS_")}
     environment |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"}
-    result = subprocess.run([str(cli), "synth", "--no-notices", "--no-version-reporting", "--output", str(tmp_path), "--quiet"],
-                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["node", str(cdk_cli.install()), "synth", "--no-notices", "--no-version-reporting", "--output",
+                             str(tmp_path), "--quiet"], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     template = json.loads((tmp_path / "slimserve-demo.template.json").read_text())
     assert sum(r["Type"] == "AWS::Lambda::Function" for r in template["Resources"].values()) == 1  # the upload handler
@@ -292,7 +289,9 @@ def test_sagemaker_models_without_an_image_get_slimserves_own_built_at_deploy(tm
     assert image["Fn::Sub"].startswith("${AWS::AccountId}.dkr.ecr.${AWS::Region}.${AWS::URLSuffix}/cdk-hnb659fds-container-assets-")
     staged = Path(app.synth().directory) / f"asset.{asset_hash}"  # synth stages the build context; deploy builds it
     assert sorted(path.name for path in staged.iterdir()) == ["lambda_handlers", "serving"]
+    assert sorted(path.name for path in (staged / "serving").iterdir()) == ["Dockerfile", "requirements-gpu.txt"]
     assert (staged / "serving" / "Dockerfile").read_bytes() == (ROOT / "serving" / "Dockerfile").read_bytes()
+    assert (tmp_path / "build" / "serving-image" / "serving" / "Dockerfile").is_file()  # staged beside the config first
     assert {path.name for path in (staged / "lambda_handlers").iterdir()} == {path.name for path in (ROOT / "lambda_handlers").glob("*.py")}
     (policy,) = [p for key, p in template.find_resources("AWS::IAM::Policy").items() if key.startswith("EndpointbigRole")]
     (pull,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if "ecr:BatchGetImage" in s["Action"]]

@@ -7,8 +7,8 @@ import pytest
 from conftest import call, identity_onnx
 from onnx import TensorProto
 
-from lambda_handlers.core import InferenceCore, ServedModel
-from lambda_handlers.runtimes import OnnxModel
+from slimserve.lambda_handlers.core import InferenceCore, ServedModel
+from slimserve.lambda_handlers.runtimes import OnnxModel
 
 
 def test_row_format_with_several_outputs_gives_one_object_per_instance(core, iris, iris_test_split):

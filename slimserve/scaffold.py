@@ -1,0 +1,105 @@
+"""`slimserve init`: a project of the user's own, with nothing in it tied to where slimserve is installed."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from . import __version__
+from .config import DEFAULT_CONFIG, MODEL_NAME
+from .stacks.context import CDK_CONTEXT
+
+FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+WORKFLOW = Path(".github") / "workflows" / "slimserve.yml"
+
+
+class ScaffoldError(Exception):
+    pass
+
+
+def _config(app: str, model: str, format_: str, artifact: str) -> str:
+    return f'''# The models this project serves. slimserve's README documents every key ("Config reference");
+# an unset key takes the default shown there. `slimserve check` validates this file.
+
+[app]
+name = "{app}"  # the CloudFormation stack's name
+# region = "eu-west-1"  # where `slimserve deploy` puts it (default: your AWS profile's region)
+# alarm_email = "you@example.com"  # CloudWatch alarms mail here, once you confirm the subscription
+
+[models.{model}]
+format = "{format_}"  # onnx or tflite
+artifact = "{artifact}"  # the model file, relative to this file
+target = "lambda"  # lambda; sagemaker for models too large or slow for Lambda (a GPU endpoint)
+memory_mb = 1024  # Lambda memory (128-10240): more memory is also more CPU
+auth = "api_key"  # api_key (x-api-key header), iam (SigV4) or none
+
+# A second model on a SageMaker endpoint (billed per instance-hour while it runs):
+# [models.{model}-gpu]
+# format = "{format_}"
+# artifact = "{artifact}"
+# target = "sagemaker"
+# [models.{model}-gpu.sagemaker]
+# instance_type = "ml.g5.xlarge"
+'''
+
+
+def _workflow(extras: str) -> str:
+    return f'''# Checks the slimserve config and synthesizes the stacks on every push: a config error, or a cdk-nag
+# finding (AWS Solutions and Serverless rules) without a reasoned acknowledgment, fails the job.
+name: slimserve
+on: [push, pull_request]
+jobs:
+  synth:
+    runs-on: ubuntu-latest
+    steps:
+      - uses: actions/checkout@v4
+      - uses: actions/setup-python@v5
+        with:
+          python-version: "3.12"
+      # slimserve is not on PyPI: install the same wheel (or path, or git URL) you installed locally
+      - run: pip install "slimserve[{extras}]=={__version__}"
+      - run: slimserve check
+      - run: slimserve synth
+'''
+
+
+GITIGNORE = "build/\ncdk.out/\n.venv/\n__pycache__/\n"
+
+
+def init_project(folder: Path, model: Path | None = None) -> list[Path]:
+    """Writes the project's files into `folder` (made if missing); refuses, writing nothing, if any exists."""
+    folder = Path(folder)
+    app = _name(folder.resolve().name, "slimserve-app")
+    if model is not None:
+        if model.suffix not in FORMATS:
+            raise ScaffoldError(f"{model}: expected an .onnx or .tflite model file, found {model.suffix or 'no suffix'!r}")
+        if not model.is_file():
+            raise ScaffoldError(f"{model}: model file does not exist")
+        name, format_, artifact = _name(model.stem, "model"), FORMATS[model.suffix], f"models/{model.name}"
+    else:
+        name, format_, artifact = "model", "onnx", "models/model.onnx"
+    files = {
+        Path(DEFAULT_CONFIG): _config(app, name, format_, artifact),
+        Path("cdk.json"): json.dumps({"app": f"slimserve cdk-app --config {DEFAULT_CONFIG}", "context": CDK_CONTEXT}, indent=2) + "\n",
+        Path(".gitignore"): GITIGNORE,
+        WORKFLOW: _workflow("runtime,cdk"),
+    }
+    existing = [str(folder / path) for path in [*files, Path(artifact)] if (folder / path).exists()]
+    if existing:
+        raise ScaffoldError(f"{existing[0]} already exists; nothing written (init makes a new project: choose an empty folder)")
+    written = []
+    for path, text in files.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text)
+        written.append(folder / path)
+    (folder / "models").mkdir(exist_ok=True)
+    if model is not None:
+        shutil.copyfile(model, folder / artifact)
+        written.append(folder / artifact)
+    return written
+
+
+def _name(text: str, fallback: str) -> str:
+    """A model or app name from a file or folder name: lower case, letters, digits and hyphens."""
+    name = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40].rstrip("-")
+    return name if MODEL_NAME.fullmatch(name) else fallback
