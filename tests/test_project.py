@@ -1,0 +1,113 @@
+"""`slimserve init` and the deploy commands, from a user's side: what they write, and one line for each mistake."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+
+import pytest
+from conftest import MODELS
+
+from slimserve.cli import main
+from slimserve.config import load_config
+from slimserve.stacks.context import CDK_CONTEXT
+
+
+def test_init_scaffolds_a_project_that_checks(tmp_path, capsys):
+    assert main(["init", str(tmp_path / "proj"), "--model", str(MODELS / "digits.tflite")]) == 0
+    project = tmp_path / "proj"
+    assert sorted(str(path.relative_to(project)) for path in project.rglob("*") if path.is_file()) == [
+        ".github/workflows/slimserve.yml", ".gitignore", "cdk.json", "models/digits.tflite", "slimserve.toml"]
+    assert (project / "models" / "digits.tflite").read_bytes() == (MODELS / "digits.tflite").read_bytes()
+    assert json.loads((project / "cdk.json").read_text()) == {"app": "slimserve cdk-app --config slimserve.toml",
+                                                             "context": CDK_CONTEXT}
+    assert (project / ".gitignore").read_text().splitlines()[:2] == ["build/", "cdk.out/"]
+    config = load_config(project / "slimserve.toml")
+    assert (config.name, [(m.name, m.format, m.target) for m in config.models]) == ("proj", [("digits", "tflite", "lambda")])
+    workflow = (project / ".github" / "workflows" / "slimserve.yml").read_text()
+    assert [line.strip() for line in workflow.splitlines() if line.strip().startswith("- run:")][1:] == [
+        "- run: slimserve check", "- run: slimserve synth"]
+    out = capsys.readouterr().out
+    assert "slimserve check && slimserve serve" in out and "slimserve bootstrap && slimserve deploy" in out
+
+
+def test_init_without_a_model_points_at_where_it_goes(tmp_path, capsys):
+    assert main(["init", str(tmp_path)]) == 0
+    raw = tomllib.loads((tmp_path / "slimserve.toml").read_text())
+    assert raw["models"] == {"model": {"format": "onnx", "artifact": "models/model.onnx", "target": "lambda",
+                                       "memory_mb": 1024, "auth": "api_key"}}
+    assert f"next: put your model at {tmp_path}/models/model.onnx" in capsys.readouterr().out
+    assert main(["check", "--config", str(tmp_path / "slimserve.toml")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/slimserve.toml: models.model.artifact: model file "
+                                       f"{tmp_path}/models/model.onnx does not exist\n")
+
+
+@pytest.mark.parametrize("existing", ["slimserve.toml", "cdk.json", ".github/workflows/slimserve.yml"])
+def test_init_refuses_to_overwrite_and_writes_nothing(tmp_path, capsys, existing):
+    (tmp_path / existing).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / existing).write_text("mine\n")
+    assert main(["init", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/{existing} already exists; nothing written "
+                                       "(init makes a new project: choose an empty folder)\n")
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()] == [existing]
+    assert (tmp_path / existing).read_text() == "mine\n"
+
+
+@pytest.mark.parametrize("model, message", [
+    ("model.pt", "expected an .onnx or .tflite model file, found '.pt'"),
+    ("gone.onnx", "model file does not exist"),
+])
+def test_init_refuses_a_model_it_cannot_serve(tmp_path, capsys, model, message):
+    (tmp_path / "model.pt").write_bytes(b"torch")
+    assert main(["init", str(tmp_path / "proj"), "--model", str(tmp_path / model)]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / model}: {message}\n"
+    assert not (tmp_path / "proj").exists()
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A scaffolded project, and an AWS setup with nothing in it: no credentials, no region, no instance metadata."""
+    main(["init", str(tmp_path), "--model", str(MODELS / "iris.onnx")])
+    for key in [key for key in os.environ if key.startswith("AWS_")]:
+        monkeypatch.delenv(key)
+    aws_config = tmp_path / "aws-config"
+    aws_config.write_text("[profile dev]\nregion = eu-west-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(aws_config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return tmp_path
+
+
+@pytest.mark.parametrize("command", ["bootstrap", "diff", "deploy", "destroy"])
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "nope"], "--profile nope: no such profile in your AWS config (`aws configure list-profiles` lists them)"),
+    (["--profile", "dev"], "no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
+                           "or pass --profile NAME"),
+])
+def test_deploy_commands_say_what_is_missing_before_starting_cdk(project, capsys, monkeypatch, command, flags, message):
+    monkeypatch.chdir(project)
+    assert main([command, *flags]) == 2
+    assert capsys.readouterr() == ("", f"error: {message}\n")
+
+
+def test_deploy_commands_need_a_region(project, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "example")
+    assert main(["deploy", "--config", str(project / "slimserve.toml")]) == 2
+    assert capsys.readouterr().err == (f"error: no AWS region: pass --region, set app.region in {project}/slimserve.toml, "
+                                       "or give your profile one (`aws configure set region eu-west-1`)\n")
+
+
+def test_every_command_has_help_and_the_cli_a_version():
+    from slimserve import __version__
+
+    version = subprocess.run([sys.executable, "-m", "slimserve", "--version"], capture_output=True, text=True)
+    assert (version.returncode, version.stdout) == (0, f"slimserve {__version__}\n")
+    usage = subprocess.run([sys.executable, "-m", "slimserve", "--help"], capture_output=True, text=True).stdout
+    listed = re.findall(r"^    ([a-z-]+) ", usage, flags=re.M)
+    assert {"init", "check", "serve", "synth", "cdk-app", "bootstrap", "diff", "deploy", "destroy", "register"} <= set(listed)
+    for command in listed:
+        result = subprocess.run([sys.executable, "-m", "slimserve", command, "--help"], capture_output=True, text=True)
+        assert (result.returncode, result.stdout.startswith(f"usage: slimserve {command}")) == (0, True), command
