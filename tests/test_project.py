@@ -106,7 +106,7 @@ def test_every_command_has_help_and_the_cli_a_version():
     version = subprocess.run([sys.executable, "-m", "slimserve", "--version"], capture_output=True, text=True)
     assert (version.returncode, version.stdout) == (0, f"slimserve {__version__}\n")
     usage = subprocess.run([sys.executable, "-m", "slimserve", "--help"], capture_output=True, text=True).stdout
-    listed = re.findall(r"^    ([a-z-]+) ", usage, flags=re.M)
+    listed = re.findall(r"^    ([a-z-]+)(?: |$)", usage, flags=re.M)
     assert {"init", "check", "serve", "synth", "cdk-app", "bootstrap", "diff", "deploy", "destroy", "register"} <= set(listed)
     for command in listed:
         result = subprocess.run([sys.executable, "-m", "slimserve", command, "--help"], capture_output=True, text=True)
