@@ -1,5 +1,7 @@
 import contextlib
 import json
+import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -14,6 +16,15 @@ from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+def run_in_extra_venv(extra: str, *args: str) -> subprocess.CompletedProcess:
+    """Python in the venv `make test` builds for a heavy optional extra (.venv-EXTRA, or SLIMSERVE_EXTRA_PYTHON)."""
+    python = os.environ.get(f"SLIMSERVE_{extra.upper()}_PYTHON") or str(ROOT / f".venv-{extra}" / "bin" / "python")
+    if not os.path.exists(python):
+        pytest.fail(f"{python}: no {extra} venv; `make test` builds it (make .venv-{extra}/.installed)")
+    return subprocess.run([python, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
+
 
 # Every V2 datatype, as the ONNX element type an identity model passes through unchanged.
 IDENTITY_TYPES = {

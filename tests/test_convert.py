@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+from conftest import run_in_extra_venv
 
 from slimserve.lambda_handlers.runtimes import OnnxModel
-from slimserve.convert import ConvertError, convert_sklearn, convert_torch
+from slimserve.convert import ConvertError, convert_sklearn
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +77,35 @@ def test_unconvertible_estimator_is_refused_and_nothing_written(iris_data, tmp_p
     assert not (tmp_path / "custom.onnx").exists()
 
 
-def test_small_pytorch_cnn_round_trips_with_a_dynamic_batch(tmp_path):
-    torch = pytest.importorskip("torch", reason="PyTorch is a test extra (pip install torch==2.13.0)")
-    torch.manual_seed(0)
-    cnn = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 10), torch.nn.Softmax(dim=1))
-    samples = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
-    result = convert_torch(cnn, samples, tmp_path / "cnn.onnx", input_name="pixels", output_name="scores")
+# A small CNN saved whole, as a user saves one, with its own predictions on the samples.
+TORCH_SCRIPT = """
+import sys, numpy as np, torch
+folder = sys.argv[1]
+torch.manual_seed(0)
+cnn = torch.nn.Sequential(
+    torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+    torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 10), torch.nn.Softmax(dim=1))
+samples = np.random.default_rng(0).random((12, 1, 8, 8), dtype=np.float32)
+np.save(f"{folder}/samples.npy", samples)
+torch.save(cnn, f"{folder}/cnn.pt")
+with torch.no_grad():
+    np.save(f"{folder}/expected.npy", cnn.eval()(torch.from_numpy(samples)).numpy())
+"""
+
+
+def test_small_pytorch_cnn_round_trips_through_the_cli_with_a_dynamic_batch(tmp_path):
+    """PyTorch lives in its own venv (.venv-torch): the module is saved and converted there, and checked here."""
+    saved = run_in_extra_venv("torch", "-c", TORCH_SCRIPT, str(tmp_path))
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    converted = run_in_extra_venv("torch", "-m", "slimserve", "convert", str(tmp_path / "cnn.pt"), "--samples",
+                                  str(tmp_path / "samples.npy"), "--out", str(tmp_path / "cnn.onnx"))
+    assert converted.returncode == 0, converted.stderr[-3000:]  # torch logs its exporter warnings on stderr
+    assert converted.stdout.startswith(f"wrote {tmp_path / 'cnn.onnx'}: checked on 12 samples, max |diff| ")
     model = OnnxModel(tmp_path / "cnn.onnx")
     assert model.signature.inputs[0].shape == (-1, 1, 8, 8)  # the batch stays dynamic
+    samples, expected = np.load(tmp_path / "samples.npy"), np.load(tmp_path / "expected.npy")
     for batch in (1, 5, 12):
-        with torch.no_grad():
-            expected = cnn(torch.from_numpy(samples[:batch])).numpy()
-        np.testing.assert_allclose(model.run({"pixels": samples[:batch]}, ["scores"])["scores"], expected, atol=1e-5)
-    assert result.max_abs_diff <= 1e-4
+        np.testing.assert_allclose(model.run({"input": samples[:batch]}, ["output"])["output"], expected[:batch], atol=1e-5)
 
 
 def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):

@@ -5,14 +5,13 @@ in SLIMSERVE_TENSORFLOW_PYTHON): the round trips run the CLI there, and the TFLi
 they write are checked here with slimserve's own TfliteModel, the runtime that serves them.
 """
 
-import os
 import subprocess
 import sys
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_in_extra_venv
 
 from slimserve.lambda_handlers.runtimes import TfliteModel
 from slimserve.cli import main
@@ -36,16 +35,8 @@ np.save(f"{folder}/expected.npy", model.predict(np.load(f"{folder}/samples.npy")
 """
 
 
-def tensorflow_python() -> str:
-    python = os.environ.get("SLIMSERVE_TENSORFLOW_PYTHON") or str(ROOT / ".venv-tensorflow" / "bin" / "python")
-    if not os.path.exists(python):
-        pytest.fail(f"{python}: no TensorFlow venv; `make test` builds it (make .venv-tensorflow/.installed)")
-    return python
-
-
 def run_in_tensorflow_venv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([tensorflow_python(), *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    return run_in_extra_venv("tensorflow", *args)
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,8 @@ synthesizing a project of the user's own, with models this repository does not s
 
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +16,9 @@ from sklearn.datasets import load_wine
 from sklearn.ensemble import RandomForestClassifier
 from skl2onnx import to_onnx
 
+from bench.project import build_wheel, install_wheel
 from slimserve import __version__, cdk_cli
 from slimserve.local_s3 import free_port
-
-EXTRAS = "runtime,local,cdk"
-
 
 def _run(command, cwd, environment=None, timeout=600):
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
@@ -38,25 +34,10 @@ def _repository_state() -> str:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """The venv's bin folder, with slimserve's wheel (built from a copy of the tree) and its extras installed."""
+    """The venv's bin folder, with slimserve's wheel (built from a copy of the tree) and its user extras installed."""
     before = _repository_state()
     work = tmp_path_factory.mktemp("install")
-    source = work / "source"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
-    _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(work / "dist"),
-          str(source)], work)
-    (wheel,) = (work / "dist").glob("slimserve-*.whl")
-    _run([sys.executable, "-m", "venv", str(work / "venv")], work)
-    bin_ = work / "venv" / "bin"
-    # the same versions as the test venv (requirements.lock), from the package index
-    _run([str(bin_ / "pip"), "install", "--quiet", "-c", str(ROOT / "requirements.lock"), f"{wheel}[{EXTRAS}]",
-          "tritonclient[http]"], work)
-    yield bin_
+    yield install_wheel(build_wheel(work), work / "venv")
     assert _repository_state() == before  # nothing was written into the repository
 
 
