@@ -1,6 +1,7 @@
 """A user's own project, from the installed wheel: install, init + check + synth, and time to the first local answer,
 beside the same steps inside the clone."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from slimserve.local_s3 import free_port
@@ -49,25 +51,42 @@ def _timed(command: list[str], cwd: Path, environment: dict | None = None) -> fl
     return time.perf_counter() - started
 
 
-def first_answer_s(slimserve: list[str], config: Path, model: str, body: dict) -> float:
-    """`slimserve serve` started -> the first 200 from a model's V2 infer route; then stopped."""
+@contextlib.contextmanager
+def serving(slimserve: list[str], config: Path) -> Iterator[tuple[int, str]]:
+    """`slimserve serve` of a config on free ports, run from its folder, until the `with` ends: (port, API key)."""
     port = free_port()
-    started = time.perf_counter()
     server = subprocess.Popen([*slimserve, "serve", "--config", str(config), "--port", str(port), "--s3-port", str(free_port())],
                               cwd=config.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        key = next(line.split()[-1] for line in server.stdout if line.startswith("API key"))
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json.dumps(body).encode(),
-                                         {"x-api-key": key, "Content-Type": "application/json"})
-        while True:
-            try:
-                urllib.request.urlopen(request, timeout=30).close()
-                return time.perf_counter() - started
-            except OSError:
-                time.sleep(0.02)
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("API key"):
+                yield port, line.split()[-1]
+                return
+        raise RuntimeError(f"slimserve serve of {config} exited ({server.wait()}):\n{''.join(lines)[-3000:]}")
     finally:
         server.terminate()
         server.communicate(timeout=60)
+
+
+def infer(port: int, key: str, model: str, body: dict) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json.dumps(body).encode(),
+                                     {"x-api-key": key, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def first_answer_s(slimserve: list[str], config: Path, model: str, body: dict) -> float:
+    """`slimserve serve` started -> the first answer from a model's V2 infer route."""
+    started = time.perf_counter()
+    with serving(slimserve, config) as (port, key):
+        while True:
+            try:
+                infer(port, key, model, body)
+                return time.perf_counter() - started
+            except OSError:
+                time.sleep(0.02)
 
 
 def project_times(runs: int) -> list[tuple]:

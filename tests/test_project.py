@@ -2,6 +2,7 @@
 
 import json
 import os
+import urllib.error
 import re
 import subprocess
 import sys
@@ -9,6 +10,8 @@ import tomllib
 
 import pytest
 from conftest import MODELS
+
+from bench.project import infer, serving
 
 from slimserve.cli import main
 from slimserve.config import load_config
@@ -111,3 +114,23 @@ def test_every_command_has_help_and_the_cli_a_version():
     for command in listed:
         result = subprocess.run([sys.executable, "-m", "slimserve", command, "--help"], capture_output=True, text=True)
         assert (result.returncode, result.stdout.startswith(f"usage: slimserve {command}")) == (0, True), command
+
+
+def test_two_projects_serve_side_by_side_each_from_its_own_folder(tmp_path):
+    """Each project's build/ holds its own functions, models and logs; neither answers for the other's model."""
+    main(["init", str(tmp_path / "flowers"), "--model", str(MODELS / "iris.onnx")])
+    main(["init", str(tmp_path / "digits"), "--model", str(MODELS / "digits.tflite")])
+    slimserve = [sys.executable, "-m", "slimserve"]
+    flower = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+    with serving(slimserve, tmp_path / "flowers" / "slimserve.toml") as (flowers_port, flowers_key), \
+            serving(slimserve, tmp_path / "digits" / "slimserve.toml") as (digits_port, digits_key):
+        assert infer(flowers_port, flowers_key, "iris", flower)["outputs"][0]["data"] == [0]
+        digit = {"inputs": [{"name": "pixels", "shape": [1, 64], "datatype": "FP32", "data": [0.0] * 64}]}
+        assert infer(digits_port, digits_key, "digits", digit)["model_name"] == "digits"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            infer(digits_port, digits_key, "iris", flower)
+        assert refused.value.code == 404
+    for project, function in (("flowers", "flowers-iris"), ("digits", "digits-digits")):
+        local = tmp_path / project / "build" / "local"
+        assert sorted(path.name for path in local.glob("*.log")) == [f"{function}.log"]
+        assert (local / "function" / "lambda_handlers" / "handler.py").is_file()
