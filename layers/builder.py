@@ -1,8 +1,9 @@
 """Build slim Lambda layers without Docker: pip for the target platform, then slim.
 
-A layer is `<out>/<runtime>-py<version>-<arch>/python/...` (Lambda mounts it at
-/opt/python). Builds are cached by a hash of everything that shapes them; a second
-build with nothing changed reads the stamp and does nothing.
+A layer is `<out>/<runtime>-py<version>-<arch>-<key>/python/...` (Lambda mounts it at
+/opt/python), `<key>` a hash of everything that shapes it: a second build with nothing
+changed finds the folder and does nothing, so one folder of layers serves every project
+(slimserve keeps it in the user cache), and a layer in use is never rebuilt in place.
 """
 
 import fnmatch
@@ -12,9 +13,12 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from slimserve.assets import layer_cache
 
 HERE = Path(__file__).resolve().parent
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024  # function code plus all its layers
@@ -244,7 +248,8 @@ def _smoke(root: Path, recipe: Recipe, python: str | None, python_version: str, 
 
 
 def build_layer(runtime: str, python_version: str = "3.12", architecture: str = "x86_64",
-                out: Path = Path("build/layers"), function_bytes: int = 0, log=None) -> LayerBuild:
+                out: Path | None = None, function_bytes: int = 0, log=None) -> LayerBuild:
+    """The layer under `out` (default: the user cache's layers, shared by every project), built if missing."""
     if runtime not in RECIPES:
         raise LayerBuildError(f"unknown layer runtime {runtime!r}: expected one of {', '.join(RECIPES)}")
     recipe = RECIPES[runtime]
@@ -254,21 +259,36 @@ def build_layer(runtime: str, python_version: str = "3.12", architecture: str = 
         raise LayerBuildError(f"unknown architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
 
     key = layer_key(runtime, python_version, architecture)
-    folder = Path(out) / f"{runtime}-py{python_version}-{architecture}"
-    stamp = folder / "layer.json"
-    if stamp.exists():
-        build = LayerBuild(**json.loads(stamp.read_text()))
-        if build.key == key:
-            build.cached = True
-            _check_limit(build.slim_bytes + function_bytes, runtime)
-            return build
-
-    started = time.perf_counter()
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    site = staging / "python"
+    folder = Path(out or layer_cache()) / f"{runtime}-py{python_version}-{architecture}-{key[:12]}"
+    cached = _cached(folder, key, function_bytes, runtime)
+    if cached:
+        return cached
     if log:
-        log(f"building the {runtime} layer for python{python_version} {architecture}")
+        log(f"building the {runtime} layer for python{python_version} {architecture} into {folder}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        return _build(runtime, recipe, python_version, architecture, key, folder, staging, function_bytes)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # a failed build never leaves a half layer where a good one is expected
+
+
+def _cached(folder: Path, key: str, function_bytes: int, runtime: str) -> LayerBuild | None:
+    stamp = folder / "layer.json"
+    if not stamp.exists():
+        return None
+    build = LayerBuild(**json.loads(stamp.read_text()))
+    if build.key != key:
+        return None
+    build.cached = True
+    _check_limit(build.slim_bytes + function_bytes, runtime)
+    return build
+
+
+def _build(runtime: str, recipe: Recipe, python_version: str, architecture: str, key: str, folder: Path, staging: Path,
+           function_bytes: int) -> LayerBuild:
+    started = time.perf_counter()
+    site = staging / "python"
     _pip_install(HERE / recipe.requirements, site, python_version, architecture)
     naive = tree_bytes(site)
     _drop(site, COMMON_DROPS + recipe.drops)
@@ -282,8 +302,10 @@ def build_layer(runtime: str, python_version: str = "3.12", architecture: str = 
     build = LayerBuild(runtime, python_version, architecture, str(folder.resolve()), key, naive, slim,
                        sum(1 for f in site.rglob("*") if f.is_file()), pyc, stripped, smoke, round(time.perf_counter() - started, 1))
     (staging / "layer.json").write_text(json.dumps({k: v for k, v in asdict(build).items() if k != "cached"}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)  # a failed build never leaves a half layer where a good one is expected
+    try:
+        staging.rename(folder)
+    except OSError:  # another process built the same layer meanwhile: same key, same contents
+        return _cached(folder, key, function_bytes, runtime) or build
     return build
 
 

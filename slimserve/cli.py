@@ -45,7 +45,7 @@ def _layer(args) -> int:
     from slimserve.layers.builder import LayerBuildError, build_layer
 
     try:
-        layer = build_layer(args.runtime, args.python, args.arch, out=Path(args.out), log=print)
+        layer = build_layer(args.runtime, args.python, args.arch, out=args.out and Path(args.out), log=print)
     except LayerBuildError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -153,7 +153,8 @@ def _aws_environment(args, config) -> dict[str, str]:
     import botocore.exceptions
 
     try:
-        session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region)
+        # boto3 reads AWS_DEFAULT_REGION, the CDK CLI (JavaScript SDK) AWS_REGION: a user may have set either
+        session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region or os.environ.get("AWS_REGION"))
     except botocore.exceptions.ProfileNotFound:
         raise DeployError(f"--profile {args.profile}: no such profile in your AWS config "
                           "(`aws configure list-profiles` lists them)") from None
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     layer.add_argument("--runtime", default="onnx", help="onnx, tflite, tflite-py311 or lambda-runtime")
     layer.add_argument("--python", default="3.12", help="the Lambda Python version")
     layer.add_argument("--arch", default="x86_64", help="x86_64 or arm64")
-    layer.add_argument("--out", default="build/layers", help="where layers are built (default: %(default)s)")
+    layer.add_argument("--out", help="where layers are built (default: the user cache, ~/.cache/slimserve/layers)")
     layer.set_defaults(run=_layer)
 
     synth = commands.add_parser("synth", help="synthesize the CloudFormation templates and count their resources")

@@ -170,8 +170,7 @@ class LocalStack:
     def _start(self, host: str, port: int, work_dir: Path, api_key: str | None, s3_port: int | None) -> None:
         python, version, note = lambda_python(LAMBDA_PYTHON)
         self.log(note)
-        layers = self.config.build_dir / "layers"
-        runtime_dir = build_layer("lambda-runtime", version, out=layers, log=self.log).python_path
+        runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
         self.task_root = task_root = function_bundle(work_dir / "function", python)
         s3 = self.resources.enter_context(local_s3(port=s3_port))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
@@ -185,7 +184,7 @@ class LocalStack:
                 continue
             if model.architecture != "x86_64" and os.uname().machine == "x86_64":
                 self.log(f"{model.name}: configured for {model.architecture}; runs as x86_64 here")
-            layer = build_layer(layer_runtime(model.format, version), version, out=layers, log=self.log)
+            layer = build_layer(layer_runtime(model.format, version), version, log=self.log)
             registered = self._deployed_version(model)
             name = f"{self.config.name}-{model.name}"
 

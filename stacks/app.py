@@ -32,14 +32,13 @@ class ModelShard(cdk.NestedStack):
     """Some Lambda models and their routes, in a nested stack so the app is not bound by one stack's limits."""
 
     def __init__(self, scope: Construct, construct_id: str, models: list[ModelConfig], stored: dict,
-                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays, alarm_topic, build_dir):
+                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays, alarm_topic):
         super().__init__(scope, construct_id, description=f"slimserve models {', '.join(m.name for m in models)}")
         self.routes = ModelRoutes(self, "Routes", api)
         self.lambda_models = {}
         for model in models:
             lambda_model = LambdaModel(self, f"Model-{model.name}", LambdaModelProps(
-                model=model, stored=stored[model.name], store=store, log_retention=retention, alarm_topic=alarm_topic,
-                build_dir=build_dir))
+                model=model, stored=stored[model.name], store=store, log_retention=retention, alarm_topic=alarm_topic))
             self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
             self.lambda_models[model.name] = lambda_model
 
@@ -58,7 +57,7 @@ class SlimserveStack(cdk.Stack):
         lambda_models = [model for model in config.models if model.target == "lambda"]
         self.shards = [
             ModelShard(self, f"Models{index + 1}", lambda_models[start:start + MODELS_PER_SHARD], stored,
-                       self.model_store, self.api, retention, self.monitoring.topic, config.build_dir)
+                       self.model_store, self.api, retention, self.monitoring.topic)
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
         ]
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}

@@ -38,7 +38,7 @@ DEPLOYMENTS = {
 class _LayerBundling:
     """Builds (or reuses) the slim layer with the layer builder and copies it into the asset."""
 
-    def __init__(self, runtime: str, architecture: str, out: Path):
+    def __init__(self, runtime: str, architecture: str, out: Path | None):
         self.runtime, self.architecture, self.out = runtime, architecture, out
 
     def try_bundle(self, output_dir: str, options) -> bool:  # noqa: ARG002 (jsii passes the bundling options)
@@ -61,8 +61,9 @@ def _local_only() -> cdk.DockerImage:
     return cdk.DockerImage.from_registry("slimserve/local-bundling-only")
 
 
-def runtime_layer(scope: Construct, model_format: str, architecture: str, out: Path) -> lambda_.LayerVersion:
-    """One layer per runtime and architecture in a stack, shared by every model that needs it; built under `out`."""
+def runtime_layer(scope: Construct, model_format: str, architecture: str, out: Path | None = None) -> lambda_.LayerVersion:
+    """One layer per runtime and architecture in a stack, shared by every model that needs it; built under `out`
+    (default: the user cache's layers)."""
     stack = cdk.Stack.of(scope)
     layer_id = f"{model_format.capitalize()}Layer{architecture.replace('_', '').capitalize()}"
     existing = stack.node.try_find_child(layer_id)
@@ -95,8 +96,8 @@ class LambdaModelProps:
     """How long the function's logs are kept. @default one month."""
     alarm_topic: sns.ITopic | None = None
     """Where the deployment alarms also page. @default they only roll back."""
-    build_dir: Path = Path("build")
-    """Where the runtime layers are built (in `layers/`). @default build/ in the working directory."""
+    layer_dir: Path | None = None
+    """Where the runtime layers are built. @default the user cache's layers, shared by every project."""
 
 
 class LambdaModel(Construct):
@@ -122,7 +123,7 @@ class LambdaModel(Construct):
                 exclude=["__pycache__"],
                 bundling=cdk.BundlingOptions(image=_local_only(), local=_FunctionBundling()),
             ),
-            layers=[runtime_layer(self, model.format, model.architecture, props.build_dir / "layers")],
+            layers=[runtime_layer(self, model.format, model.architecture, props.layer_dir)],
             memory_size=model.memory_mb,
             timeout=cdk.Duration.seconds(model.timeout_s),
             ephemeral_storage_size=cdk.Size.mebibytes(model.ephemeral_storage_mb),

@@ -134,3 +134,52 @@ def test_two_projects_serve_side_by_side_each_from_its_own_folder(tmp_path):
         local = tmp_path / project / "build" / "local"
         assert sorted(path.name for path in local.glob("*.log")) == [f"{function}.log"]
         assert (local / "function" / "lambda_handlers" / "handler.py").is_file()
+
+
+def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monkeypatch):
+    """Against moto's CloudFormation, S3 and SSM (AWS_ENDPOINT_URL), with credentials from the environment."""
+    from moto.server import ThreadedMotoServer
+
+    from slimserve import cdk_cli
+    from slimserve.local_s3 import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    environment = {**os.environ, "AWS_ACCESS_KEY_ID": "slimserve-test", "AWS_SECRET_ACCESS_KEY": "slimserve-test",
+                   "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        runs = [subprocess.run([sys.executable, "-m", "slimserve", *command], cwd=project, env=environment,
+                               capture_output=True, text=True, timeout=600)
+                for command in (["bootstrap"], ["diff", "--", "--no-change-set"])]
+    finally:
+        server.stop()
+    bootstrap, diff = runs
+    assert bootstrap.returncode == 0, bootstrap.stderr[-3000:]
+    assert bootstrap.stdout.startswith(f"cdk bootstrap of slimserve.toml in us-east-1, AWS CDK CLI {cdk_cli.version()}\n")
+    assert "Environment aws://" in bootstrap.stderr and "bootstrapped" in bootstrap.stderr
+    assert diff.returncode == 0, diff.stderr[-3000:]
+    assert "[+] AWS::Lambda::Function Models1/Model-iris/Function" in diff.stdout + diff.stderr
+    assert "Number of stacks with differences: 2" in diff.stdout + diff.stderr
+    app = load_config(project / "slimserve.toml").name
+    assert (project / "cdk.out" / f"{app}.template.json").is_file()  # the project's own cdk.out
+
+
+def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
+    from argparse import Namespace
+
+    from slimserve.cli import _print_deployed
+
+    main(["init", str(tmp_path / "shop"), "--model", str(MODELS / "iris.onnx")])
+    capsys.readouterr()
+    outputs = tmp_path / "outputs.json"
+    outputs.write_text(json.dumps({"shop": {"ApiUrl": "https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
+                                            "ApiKeyId": "k3y1d", "ModelStoreBucket": "shop-store"}}))
+    _print_deployed(load_config(tmp_path / "shop" / "slimserve.toml"), outputs, Namespace(profile="dev", region="eu-west-1"))
+    assert capsys.readouterr().out.splitlines() == [
+        "API: https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
+        'API key (for models with auth = "api_key"; send it as x-api-key): aws apigateway get-api-key --api-key k3y1d '
+        "--include-value --query value --output text --profile dev --region eu-west-1",
+        "model store: s3://shop-store (slimserve register|versions|alias ... --bucket shop-store --profile dev --region eu-west-1)",
+        f"all outputs: {outputs}",
+    ]

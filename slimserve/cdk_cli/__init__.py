@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..assets import package_folder
+from ..assets import cache_dir, package_folder
 
 
 class CdkCliError(Exception):
@@ -22,13 +22,6 @@ class CdkCliError(Exception):
 
 def version() -> str:
     return json.loads((package_folder(__name__) / "package.json").read_text())["devDependencies"]["aws-cdk"]
-
-
-def cache_dir() -> Path:
-    """SLIMSERVE_CACHE_DIR, else $XDG_CACHE_HOME/slimserve, else ~/.cache/slimserve."""
-    if os.environ.get("SLIMSERVE_CACHE_DIR"):
-        return Path(os.environ["SLIMSERVE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "slimserve"
 
 
 def _node_home() -> Path:
