@@ -60,15 +60,15 @@ def _init(args) -> int:
     from .scaffold import init_project
 
     folder = Path(args.dir)
-    written = init_project(folder, Path(args.model) if args.model else None)
-    print(f"wrote a slimserve project in {folder.resolve()}:")
-    for path in written:
+    project = init_project(folder, Path(args.model) if args.model else None)
+    print(f"wrote a slimserve project in {folder.resolve()}, serving the model {project.model!r}:")
+    for path in project.written:
         print(f"  {path.relative_to(folder)}")
     config = folder / DEFAULT_CONFIG
     where = "" if folder.resolve() == Path.cwd() else f"cd {shlex.quote(str(folder))} && "
     if not args.model:
-        print(f"next: put your model at {folder / 'models' / 'model.onnx'} (slimserve convert writes one from scikit-learn, "
-              f"PyTorch or Keras), or point models.model.artifact in {config} at it; then")
+        print(f"next: put your model at {folder / project.artifact} (slimserve convert writes one from scikit-learn, "
+              f"PyTorch or Keras), or point models.{project.model}.artifact in {config} at it; then")
     print(f"  {where}slimserve check && slimserve serve     # locally, no AWS account needed")
     print(f"  {where}slimserve bootstrap && slimserve deploy  # to your AWS account (--profile, --region)")
     return 0
@@ -189,7 +189,7 @@ def _cdk(args) -> int:
     arguments += args.cdk_arguments
     print(f"cdk {args.command} of {config.path} in {environment['AWS_REGION']}"
           f"{f' (profile {args.profile})' if args.profile else ''}, AWS CDK CLI {cdk_cli.version()}", flush=True)
-    code = cdk_cli.run(arguments, config.project_dir)
+    code = cdk_cli.run(arguments, config.project_dir, extra_environment=environment)
     if code == 0 and args.command == "deploy":
         _print_deployed(config, outputs, args)
     return code

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -66,7 +67,16 @@ jobs:
 GITIGNORE = "build/\ncdk.out/\n.venv/\n__pycache__/\n"
 
 
-def init_project(folder: Path, model: Path | None = None) -> list[Path]:
+@dataclass(frozen=True)
+class Scaffold:
+    written: list[Path]
+    model: str
+    """The model's name in the config: the model file's name, else the project folder's."""
+    artifact: str
+    """Where the config expects the model file, relative to the project."""
+
+
+def init_project(folder: Path, model: Path | None = None) -> Scaffold:
     """Writes the project's files into `folder` (made if missing); refuses, writing nothing, if any exists."""
     folder = Path(folder)
     app = _name(folder.resolve().name, "slimserve-app")
@@ -77,7 +87,8 @@ def init_project(folder: Path, model: Path | None = None) -> list[Path]:
             raise ScaffoldError(f"{model}: model file does not exist")
         name, format_, artifact = _name(model.stem, "model"), FORMATS[model.suffix], f"models/{model.name}"
     else:
-        name, format_, artifact = "model", "onnx", "models/model.onnx"
+        name = _name(folder.resolve().name, "model")
+        format_, artifact = "onnx", f"models/{name}.onnx"
     files = {
         Path(DEFAULT_CONFIG): _config(app, name, format_, artifact),
         Path("cdk.json"): json.dumps({"app": f"slimserve cdk-app --config {DEFAULT_CONFIG}", "context": CDK_CONTEXT}, indent=2) + "\n",
@@ -96,7 +107,7 @@ def init_project(folder: Path, model: Path | None = None) -> list[Path]:
     if model is not None:
         shutil.copyfile(model, folder / artifact)
         written.append(folder / artifact)
-    return written
+    return Scaffold(written, name, artifact)
 
 
 def _name(text: str, fallback: str) -> str:

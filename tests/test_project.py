@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from conftest import MODELS
@@ -36,15 +37,19 @@ def test_init_scaffolds_a_project_that_checks(tmp_path, capsys):
     assert "slimserve check && slimserve serve" in out and "slimserve bootstrap && slimserve deploy" in out
 
 
-def test_init_without_a_model_points_at_where_it_goes(tmp_path, capsys):
-    assert main(["init", str(tmp_path)]) == 0
-    raw = tomllib.loads((tmp_path / "slimserve.toml").read_text())
-    assert raw["models"] == {"model": {"format": "onnx", "artifact": "models/model.onnx", "target": "lambda",
-                                       "memory_mb": 1024, "auth": "api_key"}}
-    assert f"next: put your model at {tmp_path}/models/model.onnx" in capsys.readouterr().out
-    assert main(["check", "--config", str(tmp_path / "slimserve.toml")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path}/slimserve.toml: models.model.artifact: model file "
-                                       f"{tmp_path}/models/model.onnx does not exist\n")
+def test_init_without_a_model_names_it_after_the_project_and_says_where_it_goes(tmp_path, capsys):
+    main(["init", str(tmp_path / "Fraud_Detector")])
+    raw = tomllib.loads((tmp_path / "Fraud_Detector" / "slimserve.toml").read_text())
+    assert raw["models"] == {"fraud-detector": {"format": "onnx", "artifact": "models/fraud-detector.onnx",
+                                                "target": "lambda", "memory_mb": 1024, "auth": "api_key"}}
+    out = capsys.readouterr().out
+    assert out.startswith(f"wrote a slimserve project in {tmp_path}/Fraud_Detector, serving the model 'fraud-detector':\n")
+    assert (f"next: put your model at {tmp_path}/Fraud_Detector/models/fraud-detector.onnx (slimserve convert writes one "
+            f"from scikit-learn, PyTorch or Keras), or point models.fraud-detector.artifact in "
+            f"{tmp_path}/Fraud_Detector/slimserve.toml at it; then") in out
+    assert main(["check", "--config", str(tmp_path / "Fraud_Detector" / "slimserve.toml")]) == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path}/Fraud_Detector/slimserve.toml: models.fraud-detector.artifact: "
+                                       f"model file {tmp_path}/Fraud_Detector/models/fraud-detector.onnx does not exist\n")
 
 
 @pytest.mark.parametrize("existing", ["slimserve.toml", "cdk.json", ".github/workflows/slimserve.yml"])
@@ -136,6 +141,7 @@ def test_two_projects_serve_side_by_side_each_from_its_own_folder(tmp_path):
         assert (local / "function" / "lambda_handlers" / "handler.py").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:Tried to parse AWS.+S3.+BucketPolicy:UserWarning")  # moto's CloudFormation, in-process
 def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monkeypatch):
     """Against moto's CloudFormation, S3 and SSM (AWS_ENDPOINT_URL), with credentials from the environment."""
     from moto.server import ThreadedMotoServer
@@ -151,13 +157,13 @@ def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monke
     try:
         runs = [subprocess.run([sys.executable, "-m", "slimserve", *command], cwd=project, env=environment,
                                capture_output=True, text=True, timeout=600)
-                for command in (["bootstrap"], ["diff", "--", "--no-change-set"])]
+                for command in (["bootstrap", "--region", "eu-west-2"], ["diff", "--region", "eu-west-2", "--", "--no-change-set"])]
     finally:
         server.stop()
     bootstrap, diff = runs
     assert bootstrap.returncode == 0, bootstrap.stderr[-3000:]
-    assert bootstrap.stdout.startswith(f"cdk bootstrap of slimserve.toml in us-east-1, AWS CDK CLI {cdk_cli.version()}\n")
-    assert "Environment aws://" in bootstrap.stderr and "bootstrapped" in bootstrap.stderr
+    assert bootstrap.stdout.startswith(f"cdk bootstrap of slimserve.toml in eu-west-2, AWS CDK CLI {cdk_cli.version()}\n")
+    assert re.search(r"Environment aws://\d{12}/eu-west-2 bootstrapped", bootstrap.stderr), bootstrap.stderr[-2000:]
     assert diff.returncode == 0, diff.stderr[-3000:]
     assert "[+] AWS::Lambda::Function Models1/Model-iris/Function" in diff.stdout + diff.stderr
     assert "Number of stacks with differences: 2" in diff.stdout + diff.stderr
@@ -183,3 +189,41 @@ def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
         "model store: s3://shop-store (slimserve register|versions|alias ... --bucket shop-store --profile dev --region eu-west-1)",
         f"all outputs: {outputs}",
     ]
+
+
+def test_a_stopped_deploy_command_stops_the_cdk_cli_too(project, tmp_path):
+    """SIGTERM to slimserve (a CI job's timeout) reaches the CDK CLI: no node process runs on without a parent."""
+    import signal
+    import socket
+    import time
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections and never answers: the CLI waits on it
+    environment = {**os.environ, "AWS_ACCESS_KEY_ID": "slimserve-test", "AWS_SECRET_ACCESS_KEY": "slimserve-test",
+                   "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+    command = subprocess.Popen([sys.executable, "-m", "slimserve", "diff"], cwd=project, env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def cdk_processes() -> list[int]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"aws-cdk/bin/cdk") for part in cmdline) and b"diff" in cmdline:
+                found.append(int(proc.name))
+        return found
+
+    try:
+        silent.settimeout(120)
+        silent.accept()[0].close()  # the CLI has synthesized and is calling "AWS"
+        assert cdk_processes()
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while cdk_processes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert cdk_processes() == []
+    finally:
+        command.kill()
+        silent.close()

