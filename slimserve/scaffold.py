@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from importlib.metadata import PackageNotFoundError, distribution
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,25 @@ auth = "api_key"  # api_key (x-api-key header), iam (SigV4) or none
 '''
 
 
+def install_requirement(extras: str) -> str:
+    """What the project's CI installs: the source this slimserve came from where any machine can reach it (a git or
+    https URL, as pip recorded it in direct_url.json), else this release by version."""
+    try:
+        direct = json.loads(distribution("slimserve").read_text("direct_url.json") or "{}")
+    except PackageNotFoundError:
+        direct = {}
+    vcs = direct.get("vcs_info")
+    if vcs:
+        return f"slimserve[{extras}] @ {vcs['vcs']}+{direct['url']}@{vcs['commit_id']}"
+    if direct.get("url", "").startswith("https://"):
+        return f"slimserve[{extras}] @ {direct['url']}"
+    return f"slimserve[{extras}]=={__version__}"
+
+
 def _workflow(extras: str) -> str:
+    requirement = install_requirement(extras)
+    where = ("" if "@" in requirement else
+             "      # slimserve is not on PyPI yet: point this at a wheel or git URL your CI can reach\n")
     return f'''# Checks the slimserve config and synthesizes the stacks on every push: a config error, or a cdk-nag
 # finding (AWS Solutions and Serverless rules) without a reasoned acknowledgment, fails the job.
 name: slimserve
@@ -57,8 +76,11 @@ jobs:
       - uses: actions/setup-python@v5
         with:
           python-version: "3.12"
-      # slimserve is not on PyPI: install the same wheel (or path, or git URL) you installed locally
-      - run: pip install "slimserve[{extras}]=={__version__}"
+      - uses: actions/cache@v4  # the runtime layers and the CDK CLI, built once per slimserve version
+        with:
+          path: ~/.cache/slimserve
+          key: slimserve-${{{{ runner.os }}}}-{__version__}
+{where}      - run: pip install "{requirement}"
       - run: slimserve check
       - run: slimserve synth
 '''

@@ -10,10 +10,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import MODELS
 
 from bench.project import infer, serving
 
+from slimserve import __version__, scaffold
 from slimserve.cli import main
 from slimserve.config import load_config
 from slimserve.stacks.context import CDK_CONTEXT
@@ -30,11 +32,32 @@ def test_init_scaffolds_a_project_that_checks(tmp_path, capsys):
     assert (project / ".gitignore").read_text().splitlines()[:2] == ["build/", "cdk.out/"]
     config = load_config(project / "slimserve.toml")
     assert (config.name, [(m.name, m.format, m.target) for m in config.models]) == ("proj", [("digits", "tflite", "lambda")])
-    workflow = (project / ".github" / "workflows" / "slimserve.yml").read_text()
-    assert [line.strip() for line in workflow.splitlines() if line.strip().startswith("- run:")][1:] == [
-        "- run: slimserve check", "- run: slimserve synth"]
+    workflow = yaml.safe_load((project / ".github" / "workflows" / "slimserve.yml").read_text())
+    steps = workflow["jobs"]["synth"]["steps"]
+    assert [step.get("run") or step["uses"] for step in steps] == [
+        "actions/checkout@v4", "actions/setup-python@v5", "actions/cache@v4",
+        f'pip install "slimserve[runtime,cdk]=={__version__}"', "slimserve check", "slimserve synth"]
+    assert steps[2]["with"] == {"path": "~/.cache/slimserve", "key": f"slimserve-${{{{ runner.os }}}}-{__version__}"}
     out = capsys.readouterr().out
     assert "slimserve check && slimserve serve" in out and "slimserve bootstrap && slimserve deploy" in out
+
+
+@pytest.mark.parametrize("direct_url, requirement", [
+    ({"url": "https://github.com/acme/slimserve", "vcs_info": {"vcs": "git", "commit_id": "0f1e2d"}},
+     "slimserve[cdk] @ git+https://github.com/acme/slimserve@0f1e2d"),
+    ({"url": "https://wheels.acme.dev/slimserve-0.1.0-py3-none-any.whl", "archive_info": {}},
+     "slimserve[cdk] @ https://wheels.acme.dev/slimserve-0.1.0-py3-none-any.whl"),
+    ({"url": "file:///home/me/slimserve", "dir_info": {"editable": True}}, f"slimserve[cdk]=={__version__}"),
+    (None, f"slimserve[cdk]=={__version__}"),
+])
+def test_the_ci_workflow_installs_slimserve_from_where_this_one_came(monkeypatch, direct_url, requirement):
+    class Installed:
+        def read_text(self, name):
+            assert name == "direct_url.json"
+            return json.dumps(direct_url) if direct_url else None
+
+    monkeypatch.setattr(scaffold, "distribution", lambda name: Installed())
+    assert scaffold.install_requirement("cdk") == requirement
 
 
 def test_init_without_a_model_names_it_after_the_project_and_says_where_it_goes(tmp_path, capsys):
@@ -109,7 +132,6 @@ def test_deploy_commands_need_a_region(project, capsys, monkeypatch):
 
 
 def test_every_command_has_help_and_the_cli_a_version():
-    from slimserve import __version__
 
     version = subprocess.run([sys.executable, "-m", "slimserve", "--version"], capture_output=True, text=True)
     assert (version.returncode, version.stdout) == (0, f"slimserve {__version__}\n")
