@@ -132,7 +132,6 @@ def test_deploy_commands_need_a_region(project, capsys, monkeypatch):
 
 
 def test_every_command_has_help_and_the_cli_a_version():
-
     version = subprocess.run([sys.executable, "-m", "slimserve", "--version"], capture_output=True, text=True)
     assert (version.returncode, version.stdout) == (0, f"slimserve {__version__}\n")
     usage = subprocess.run([sys.executable, "-m", "slimserve", "--help"], capture_output=True, text=True).stdout
