@@ -60,6 +60,8 @@ def test_the_wheel_installs_only_slimserve_names(installed):
             "slimserve/serving/requirements-gpu.txt", "slimserve/cdk_cli/package-lock.json",
             "slimserve/lambda_handlers/handler.py"} <= files
     assert not any(name.startswith(("slimserve/bench", "tests/", "bench/")) for name in files)
+    site_packages = record.parent.parent
+    assert [heavy for heavy in ("torch", "tensorflow", "keras", "bentoml") if (site_packages / heavy).exists()] == []
     assert _run([str(installed / "slimserve"), "--version"], installed) == f"slimserve {__version__}\n"
 
 
