@@ -18,6 +18,9 @@ TENSORFLOW_STAMP := $(TENSORFLOW_VENV)/.installed
 # PyTorch (PyTorch to ONNX in `slimserve convert`) likewise; PyPI's Linux torch is the CUDA build, several GB.
 TORCH_VENV := .venv-torch
 TORCH_STAMP := $(TORCH_VENV)/.installed
+# LocalStack (the deploy test's AWS) needs python3.13, found on PATH or under pyenv, and a plugin of the tests'.
+LOCALSTACK_VENV := .venv-localstack
+LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
 # pip with no configuration but the public index: what `make lock` resolves against (this machine's pip also reads
 # local wheel folders, and a lock resolved there can fail everywhere else).
 PUBLIC_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
@@ -62,6 +65,13 @@ $(TORCH_STAMP): pyproject.toml requirements-torch.lock
 	$(TORCH_VENV)/bin/python -c "import torch, onnxscript, slimserve.convert"
 	touch $@
 
+$(LOCALSTACK_STAMP): requirements-localstack.lock tests/localstack_noop_lambda/pyproject.toml $(STAMP)
+	$$($(BIN)/python -c "from slimserve.layers.builder import find_python; print(find_python('3.13') or 'python3.13')") -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/pip install $(PIP_QUIET) -r requirements-localstack.lock
+	$(LOCALSTACK_VENV)/bin/pip install $(PIP_QUIET) --no-build-isolation ./tests/localstack_noop_lambda
+	$(LOCALSTACK_VENV)/bin/python -c "import localstack.runtime.main, slimserve_noop_lambda"
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/slimserve examples --out build/examples
 	$(BIN)/slimserve check
@@ -69,9 +79,10 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-test: $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP)
+test: $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LOCALSTACK_STAMP)
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python \
-	SLIMSERVE_TORCH_PYTHON=$(TORCH_VENV)/bin/python $(BIN)/python -m pytest -q
+	SLIMSERVE_TORCH_PYTHON=$(TORCH_VENV)/bin/python SLIMSERVE_LOCALSTACK_PYTHON=$(LOCALSTACK_VENV)/bin/python \
+	$(BIN)/python -m pytest -q
 
 bench: $(TEST_STAMP) $(BENTOML_STAMP)
 	$(BIN)/python -m bench
@@ -99,4 +110,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) $(TORCH_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out
+	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) $(TORCH_VENV) $(LOCALSTACK_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out

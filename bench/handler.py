@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import rest_event
 from slimserve.assets import function_bundle
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent

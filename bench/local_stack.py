@@ -11,12 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+from slimserve.apigw import rest_event
+from slimserve.assets import function_bundle
+from slimserve.gateway import LocalGateway, Route
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.layers.builder import build_layer
-from slimserve.apigw import rest_event
-from slimserve.gateway import LocalGateway, Route
 from slimserve.local import layer_runtime
-from slimserve.assets import function_bundle
 from slimserve.runner import FunctionPool, FunctionSpec, lambda_python
 from slimserve.store import file_environment
 

@@ -191,14 +191,24 @@ def _cdk(args) -> int:
           f"{f' (profile {args.profile})' if args.profile else ''}, AWS CDK CLI {cdk_cli.version()}", flush=True)
     code = cdk_cli.run(arguments, config.project_dir, extra_environment=environment)
     if code == 0 and args.command == "deploy":
-        _print_deployed(config, outputs, args)
+        return _print_deployed(config, outputs, args)
     return code
 
 
-def _print_deployed(config, outputs: Path, args) -> None:
+DEPLOY_OUTPUTS = ("ApiUrl", "ApiKeyId", "ModelStoreBucket")
+
+
+def _print_deployed(config, outputs: Path, args) -> int:
+    """The API's URL, how to read its key and the model store, from the stack's outputs; a deploy that left the
+    stack without them (an emulator's half-created stack) is a failure, not a success with blanks."""
     import json
 
-    stack = json.loads(outputs.read_text()).get(config.name, {})
+    stack = json.loads(outputs.read_text()).get(config.name, {}) if outputs.is_file() else {}
+    missing = [name for name in DEPLOY_OUTPUTS if not stack.get(name)]
+    if missing:
+        print(f"error: the CDK CLI reported success, but the stack {config.name} has no output {', '.join(missing)} "
+              f"in {outputs}: it was not fully created; its events in CloudFormation say why", file=sys.stderr)
+        return 1
     flags = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("profile", args.profile), ("region", args.region)) if value)
     print(f"API: {stack.get('ApiUrl')}")
     print(f"API key (for models with auth = \"api_key\"; send it as x-api-key): aws apigateway get-api-key "
@@ -206,6 +216,7 @@ def _print_deployed(config, outputs: Path, args) -> None:
     print(f"model store: s3://{stack.get('ModelStoreBucket')} (slimserve register|versions|alias ... "
           f"--bucket {stack.get('ModelStoreBucket')}{flags or ' --region REGION'})")
     print(f"all outputs: {outputs}")
+    return 0
 
 
 def _convert(args) -> int:

@@ -15,12 +15,12 @@ from pathlib import Path
 from slimserve.lambda_handlers.sagemaker_server import endpoint_routes
 from slimserve.layers.builder import build_layer
 
+from .assets import LAMBDA_PACKAGE, function_bundle
 from .config import AppConfig, ModelConfig
 from .gateway import EndpointRoute, LocalGateway, Route
 from .local_s3 import free_port, local_s3
-from .assets import LAMBDA_PACKAGE, function_bundle
-from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
 from .registry import Registry, RegistryError, Version
+from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
 
 LAMBDA_PYTHON = "3.12"
 

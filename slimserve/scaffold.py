@@ -3,8 +3,8 @@
 import json
 import re
 import shutil
-from importlib.metadata import PackageNotFoundError, distribution
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from . import __version__

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import run_in_extra_venv
 
-from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.convert import ConvertError, convert_sklearn
+from slimserve.lambda_handlers.runtimes import OnnxModel
 
 
 @pytest.fixture(scope="module")

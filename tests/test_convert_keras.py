@@ -11,11 +11,11 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_in_extra_venv
+from conftest import run_in_extra_venv
 
-from slimserve.lambda_handlers.runtimes import TfliteModel
 from slimserve.cli import main
 from slimserve.convert import ConvertError, convert_keras, load_keras
+from slimserve.lambda_handlers.runtimes import TfliteModel
 from slimserve.optimize import OptimizeError, optimize
 
 # Trains a small conv net on the digits the test saved, and saves it with its predictions.

@@ -3,14 +3,14 @@
 pip on a developer's machine may also read local wheel folders and indexes (`pip config list`): a lock can
 install there and fail everywhere else, as `torch==2.13.0+cpu` did. Here pip runs with every config file and
 PIP_* variable switched off, against https://pypi.org/simple only, as `--dry-run --no-deps`: every pin must
-exist there as a wheel for this platform and Python, and nothing is installed. (pypi.org serves wheel metadata
-on its own, so pip fetches little; an index without it makes pip download the wheels, still without installing.)
+exist there as a wheel for this platform and Python (or as source, for the few pins PyPI has only so), and
+nothing is installed. (pypi.org serves wheel metadata on its own, so pip fetches little; an index without it
+makes pip download the wheels, still without installing.)
 """
 
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,10 +21,14 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from slimserve.layers.builder import find_python
+
 PYPI = "https://pypi.org/simple"
 LOCKS = sorted(ROOT.glob("requirements*.lock"))
-# The Python each lock is for (the venv the Makefile builds with it); every lock here is python3.11's.
-LOCK_PYTHON = {lock.name: "3.11" for lock in LOCKS}
+# The Python each lock is for (the venv the Makefile builds with it): python3.11, but LocalStack's.
+LOCK_PYTHON = {lock.name: "3.11" for lock in LOCKS} | {"requirements-localstack.lock": "3.13"}
+# Pins PyPI has only as source (pip builds them on install); every other pin must be a wheel.
+SOURCE_ONLY = {"requirements-localstack.lock": {"airspeed-ext", "crontab", "jsonpath-rw"}}
 # What each .in resolves into, and the locks installed along with it (`make lock` constrains it with them).
 IN_FILES = {
     "requirements.in": ["requirements.lock"],
@@ -68,9 +72,9 @@ def python_for(lock) -> str:
     version = LOCK_PYTHON[lock.name]
     if f"{sys.version_info.major}.{sys.version_info.minor}" == version:
         return sys.executable
-    python = shutil.which(f"python{version}")
+    python = find_python(version)
     if python is None:
-        pytest.skip(f"{lock.name} is for python{version}, which is not installed here")
+        pytest.fail(f"{lock.name} is for python{version}, which is not installed here (on PATH or under pyenv)")
     return python
 
 
@@ -97,12 +101,14 @@ def test_every_pin_resolves_from_pypi_alone(lock, tmp_path):
     pinned = pins(lock)
     report = tmp_path / "report.json"
     command = [python_for(lock), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--no-deps",
-               "--only-binary=:all:", "--quiet", "--index-url", PYPI, "--report", str(report), "-r", str(lock)]
+               "--prefer-binary", "--quiet", "--index-url", PYPI, "--report", str(report), "-r", str(lock)]
     result = subprocess.run(command, env=public_pip_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     install = json.loads(report.read_text())["install"]
     resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"] for item in install}
     assert resolved == pinned
+    sources = {canonicalize_name(item["metadata"]["name"]) for item in install if not item["download_info"]["url"].endswith(".whl")}
+    assert sources == SOURCE_ONLY.get(lock.name, set())
     hosts = {item["download_info"]["url"].split("/")[2] for item in install}
     assert hosts == {"files.pythonhosted.org"}
 

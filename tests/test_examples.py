@@ -3,10 +3,9 @@
 import numpy as np
 from conftest import MODELS
 
-from slimserve.lambda_handlers.runtimes import load_model
 from slimserve.cli import main
 from slimserve.examples import build_all
-
+from slimserve.lambda_handlers.runtimes import load_model
 
 # Training on another CPU picks other BLAS kernels, whose float32 rounding drifts through 600
 # iterations of the digits MLP: an AMD EPYC's retrained probabilities differ from the committed

@@ -18,8 +18,8 @@ import pytest
 from conftest import MODELS
 from onnx import TensorProto, helper
 
-from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import rest_event
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.local_s3 import LOCAL_CREDENTIALS, free_port, local_s3
 from slimserve.store import model_key
 

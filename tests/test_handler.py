@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, MODELS, ROOT
 
-from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.apigw import http_api_event, response_body, rest_event
+from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.registry import Registry
 
 
@@ -77,8 +77,8 @@ def test_http_api_payload_2_fixture_with_stage_and_base64_body(iris_function, ir
 
 
 def test_binary_extension_travels_base64_both_ways(stored_digits, digits, digits_test_split):
-    from test_v2 import triton_request
     import tritonclient.http as triton
+    from test_v2 import triton_request
 
     function = ModelFunction(stored_digits.environment())
     test_x, _ = digits_test_split

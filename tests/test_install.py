@@ -12,13 +12,14 @@ import onnxruntime
 import pytest
 import tritonclient.http as triton
 from conftest import ROOT
+from skl2onnx import to_onnx
 from sklearn.datasets import load_wine
 from sklearn.ensemble import RandomForestClassifier
-from skl2onnx import to_onnx
 
 from bench.project import build_wheel, install_wheel
 from slimserve import __version__, cdk_cli
 from slimserve.local_s3 import free_port
+
 
 def _run(command, cwd, environment=None, timeout=600):
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)

@@ -18,12 +18,12 @@ import pytest
 import tritonclient.http as triton
 from conftest import FIXTURES, ROOT, running_stack
 
-from slimserve.layers.builder import build_layer
 from slimserve.apigw import rest_event
+from slimserve.assets import function_bundle
 from slimserve.gateway import LocalGateway, Route
+from slimserve.layers.builder import build_layer
 from slimserve.local import layer_runtime
 from slimserve.local_s3 import free_port
-from slimserve.assets import function_bundle
 from slimserve.runner import FunctionPool, FunctionSpec, lambda_python
 
 LAYERS = ROOT / "build" / "layers"

@@ -14,8 +14,8 @@ from openapi_spec_validator import validate
 import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import aws_apigateway as apigw
 
-from slimserve.lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
 from slimserve.config import load_config
+from slimserve.lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
 from slimserve.openapi import openapi_document
 from slimserve.stacks.app import build_app
 

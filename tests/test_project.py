@@ -2,11 +2,11 @@
 
 import json
 import os
-import urllib.error
 import re
 import subprocess
 import sys
 import tomllib
+import urllib.error
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,6 @@ import yaml
 from conftest import MODELS
 
 from bench.project import infer, serving
-
 from slimserve import __version__, scaffold
 from slimserve.cli import main
 from slimserve.config import load_config
@@ -202,7 +201,8 @@ def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
     outputs = tmp_path / "outputs.json"
     outputs.write_text(json.dumps({"shop": {"ApiUrl": "https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
                                             "ApiKeyId": "k3y1d", "ModelStoreBucket": "shop-store"}}))
-    _print_deployed(load_config(tmp_path / "shop" / "slimserve.toml"), outputs, Namespace(profile="dev", region="eu-west-1"))
+    config = load_config(tmp_path / "shop" / "slimserve.toml")
+    assert _print_deployed(config, outputs, Namespace(profile="dev", region="eu-west-1")) == 0
     assert capsys.readouterr().out.splitlines() == [
         "API: https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
         'API key (for models with auth = "api_key"; send it as x-api-key): aws apigateway get-api-key --api-key k3y1d '
@@ -210,6 +210,10 @@ def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
         "model store: s3://shop-store (slimserve register|versions|alias ... --bucket shop-store --profile dev --region eu-west-1)",
         f"all outputs: {outputs}",
     ]
+    outputs.write_text(json.dumps({"shop": {"ModelStoreBucket": "shop-store"}}))  # a stack created only in part
+    assert _print_deployed(config, outputs, Namespace(profile=None, region=None)) == 1
+    assert capsys.readouterr() == ("", f"error: the CDK CLI reported success, but the stack shop has no output ApiUrl, "
+                                       f"ApiKeyId in {outputs}: it was not fully created; its events in CloudFormation say why\n")
 
 
 def test_a_stopped_deploy_command_stops_the_cdk_cli_too(project, tmp_path):

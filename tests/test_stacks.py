@@ -12,10 +12,10 @@ import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk load
 from aws_cdk import App, Stack, assertions
 from aws_cdk import aws_s3 as s3
 
-from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
 from slimserve import cdk_cli
 from slimserve.apigw import MODEL_ERROR_TEMPLATE
 from slimserve.config import API_RESOURCES_FOR_MODELS, API_RESOURCES_PER_MODEL, load_config, parse_config
+from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
 from slimserve.stacks.app import build_app
 from slimserve.stacks.model_store import ModelStore, ModelStoreProps
 
