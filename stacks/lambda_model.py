@@ -6,18 +6,18 @@ from pathlib import Path
 
 import aws_cdk as cdk
 import jsii
-from aws_cdk import aws_iam as iam
-from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_codedeploy as codedeploy
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from constructs import Construct
 
-from slimserve.layers.builder import build_layer, find_python, layer_key
 from slimserve.assets import HANDLER, function_bundle, package_folder
 from slimserve.config import ModelConfig
+from slimserve.layers.builder import build_layer, find_python, layer_key
 from slimserve.store import StoredModel
 
 from .model_store import ModelStore
