@@ -144,7 +144,7 @@ class ModelRoutes(Construct):
         """The model's routes, proxied to `target` (its `live` alias)."""
         options, reason = self._auth(name, auth)
         # one invoke permission for the whole API instead of two per method keeps stacks small
-        integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False, allow_test_invoke=False)
+        integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False)
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
         routes = [  # five resources a model: API Gateway allows 300 per API by default
