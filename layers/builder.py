@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slimserve.assets import layer_cache
+from slimserve.errors import UserError
 
 HERE = Path(__file__).resolve().parent
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024  # function code plus all its layers
@@ -125,7 +126,7 @@ RECIPES = {
 }
 
 
-class LayerBuildError(Exception):
+class LayerBuildError(UserError):
     pass
 
 

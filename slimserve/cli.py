@@ -8,13 +8,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cdk_cli import CdkCliError
-from .config import DEFAULT_CONFIG, ConfigError, load_config
-from .convert import ConvertError
-from .local_s3 import DEFAULT_BUCKET, DEFAULT_PORT
-from .optimize import OptimizeError
-from .registry import RegistryError
-from .scaffold import ScaffoldError
+from .config import DEFAULT_CONFIG, load_config
+from .errors import UserError
+from .local_state import running_state
+from .local_s3 import DEFAULT_BUCKET
 
 
 def _examples(args) -> int:
@@ -42,13 +39,9 @@ def _demo(args) -> int:
 
 
 def _layer(args) -> int:
-    from slimserve.layers.builder import LayerBuildError, build_layer
+    from slimserve.layers.builder import build_layer
 
-    try:
-        layer = build_layer(args.runtime, args.python, args.arch, out=args.out and Path(args.out), log=print)
-    except LayerBuildError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    layer = build_layer(args.runtime, args.python, args.arch, out=args.out and Path(args.out), log=print)
     print(f"{layer.runtime} layer for python{layer.python_version} {layer.architecture}"
           f"{' (cached)' if layer.cached else ''}: {layer.path}")
     print(f"  {layer.slim_bytes / 2**20:.1f} MiB unzipped (naive install {layer.naive_bytes / 2**20:.1f} MiB), "
@@ -108,8 +101,14 @@ def _synth(args) -> int:
 
 
 def _serve(args) -> int:
+    import signal
+
     from .local import LocalStack
 
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM (a process manager, a test) stops everything as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     config = load_config(args.config)
     with LocalStack(config, args.host, args.port, log=lambda line: print(line, flush=True), s3_port=args.s3_port) as stack:
         gateway = stack.gateway
@@ -133,18 +132,33 @@ def _registry(args):
 
     if args.profile or args.region:
         if not args.bucket:
-            raise RegistryUsageError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
+            raise UserError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
         session = boto3.Session(profile_name=args.profile, region_name=args.region)
-        return Registry(session.client("s3"), args.bucket)
-    return Registry(local_client(args.endpoint_url), args.bucket or DEFAULT_BUCKET)
+        return _reachable(Registry(session.client("s3"), args.bucket), f"the bucket {args.bucket} in your AWS account")
+    endpoint, bucket = args.endpoint_url, args.bucket
+    if endpoint is None:
+        config = Path(args.config)
+        state = running_state(load_config(config).build_dir / "local")
+        if state is None:
+            raise UserError(f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
+                            "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store")
+        endpoint, bucket = state["s3_endpoint"], bucket or state["bucket"]
+    return _reachable(Registry(local_client(endpoint), bucket or DEFAULT_BUCKET), f"the local store at {endpoint}")
 
 
-class RegistryUsageError(Exception):
-    pass
+def _reachable(registry, where: str):
+    """The registry, once its bucket answered; an S3 that is not there, or refuses, in one line."""
+    import botocore.exceptions
 
-
-class DeployError(Exception):
-    pass
+    try:
+        registry.s3.head_bucket(Bucket=registry.bucket)
+    except botocore.exceptions.EndpointConnectionError:
+        raise UserError(f"{where}: nothing answers there; is the local stack running (`slimserve serve`)?") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise UserError(f"{where}: no AWS credentials found: run `aws configure`, or pass --profile NAME") from None
+    except botocore.exceptions.ClientError as error:
+        raise UserError(f"{where}: --bucket {registry.bucket}: {error.response['Error'].get('Message') or error}") from None
+    return registry
 
 
 def _aws_environment(args, config) -> dict[str, str]:
@@ -156,13 +170,13 @@ def _aws_environment(args, config) -> dict[str, str]:
         # boto3 reads AWS_DEFAULT_REGION, the CDK CLI (JavaScript SDK) AWS_REGION: a user may have set either
         session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region or os.environ.get("AWS_REGION"))
     except botocore.exceptions.ProfileNotFound:
-        raise DeployError(f"--profile {args.profile}: no such profile in your AWS config "
+        raise UserError(f"--profile {args.profile}: no such profile in your AWS config "
                           "(`aws configure list-profiles` lists them)") from None
     if session.get_credentials() is None:
-        raise DeployError("no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
+        raise UserError("no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
                           "or pass --profile NAME")
     if not session.region_name:
-        raise DeployError(f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
+        raise UserError(f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
                           "(`aws configure set region eu-west-1`)")
     environment = {"AWS_REGION": session.region_name, "AWS_DEFAULT_REGION": session.region_name}
     return environment | ({"AWS_PROFILE": args.profile} if args.profile else {})
@@ -362,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--s3-port", type=int, default=DEFAULT_PORT, help="the local S3's port (default: %(default)s)")
+    serve.add_argument("--s3-port", type=int, help="the local S3's port (default: any free one; the registry commands "
+                                                   "find it in build/local/stack.json)")
     serve.set_defaults(run=_serve)
 
     convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first")
@@ -390,19 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         ("lock", _lock, "resolve the config's model versions into its lock file, for synth", []),
     ]:
         command = commands.add_parser(name, help=text)
-        if name == "lock":
-            command.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: %(default)s)")
-        elif name == "register":
+        command.add_argument("--config", default=DEFAULT_CONFIG,
+                             help="config file; its running local stack is the default store (default: %(default)s)")
+        if name == "register":
             command.add_argument("model", help=positionals[0][1])
             command.add_argument("--name", required=True, help="the model's name")
-        else:
+        elif name != "lock":
             command.add_argument("name", help="the model's name")
             for positional, description in positionals:
                 command.add_argument(positional, help=description)
         if name == "rollback":
             command.add_argument("--alias", default="prod", help="alias to roll back (default: %(default)s)")
-        command.add_argument("--endpoint-url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
-                             help="S3 endpoint (default: the local stack's, %(default)s)")
+        command.add_argument("--endpoint-url", help="S3 endpoint (default: the S3 of this project's running local stack)")
         command.add_argument("--bucket", help=f"model store bucket (default locally: {DEFAULT_BUCKET})")
         command.add_argument("--profile", help="AWS profile: use the deployed store instead of the local one")
         command.add_argument("--region", help="AWS region: use the deployed store instead of the local one")
@@ -413,10 +427,18 @@ def main(argv: list[str] | None = None) -> int:
         args.cdk_arguments = args.cdk_arguments[1:]
     try:
         return args.run(args)
-    except (ConfigError, RegistryError, RegistryUsageError, OptimizeError, ConvertError, ScaffoldError, CdkCliError,
-            DeployError) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: this is a bug in slimserve {__version__}, not a mistake of yours: please report it with the "
+              "traceback above and the command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

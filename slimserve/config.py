@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from .errors import UserError
+
 DEFAULT_CONFIG = "slimserve.toml"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
 VERSION_REF = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -28,7 +30,7 @@ API_RESOURCES_FOR_MODELS = 292
 MAX_SAGEMAKER_MODELS = 8
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

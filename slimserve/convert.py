@@ -15,6 +15,8 @@ import numpy as np
 
 from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 
+from .errors import UserError
+
 TARGET_OPSET = 17
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.
 KERAS_MAGIC = {".keras": b"PK\x03\x04", ".h5": b"\x89HDF\r\n\x1a\n"}
@@ -23,7 +25,7 @@ TENSORFLOW_EXTRA = "pip install 'slimserve[tensorflow]'"
 FORMAT_NAMES = {"onnx": "ONNX", "tflite": "TFLite"}
 
 
-class ConvertError(Exception):
+class ConvertError(UserError):
     """A model that cannot be converted, or whose conversion disagrees with it; the message says how."""
 
 

@@ -18,7 +18,8 @@ from slimserve.layers.builder import build_layer
 from .assets import LAMBDA_PACKAGE, function_bundle
 from .config import AppConfig, ModelConfig
 from .gateway import EndpointRoute, LocalGateway, Route
-from .local_s3 import free_port, local_s3
+from .local_s3 import claim_port, free_port, local_s3
+from .local_state import write_state
 from .registry import Registry, RegistryError, Version
 from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
 
@@ -168,6 +169,7 @@ class LocalStack:
             raise
 
     def _start(self, host: str, port: int, work_dir: Path, api_key: str | None, s3_port: int | None) -> None:
+        claim_port(host, port, "--port", "pass another with --port")  # before the slow start, not after it
         python, version, note = lambda_python(LAMBDA_PYTHON)
         self.log(note)
         runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
@@ -209,6 +211,8 @@ class LocalStack:
                 self.log(f"{model.name}: IAM auth is not checked locally")
         self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
         self.resources.callback(self.gateway.server_close)
+        state = write_state(work_dir, self.gateway.url, s3.endpoint, s3.bucket)
+        self.resources.callback(state.unlink, missing_ok=True)
 
     def _deployed_version(self, model: ModelConfig) -> Version:
         """The config's artifact, registered; or the version the config names, where the local store has it."""

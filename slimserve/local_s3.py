@@ -6,6 +6,8 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from .errors import UserError
+
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "slimserve-local",
     "AWS_SECRET_ACCESS_KEY": "slimserve-local",
@@ -38,8 +40,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-DEFAULT_PORT = 4566  # where `slimserve serve` keeps its S3, and where the registry commands look by default
 DEFAULT_BUCKET = "slimserve-models"
+
+
+def claim_port(host: str, port: int, flag: str, instead: str) -> None:
+    """A port a server of ours is about to bind, refused in one line if another program holds it: moto's server
+    would otherwise wait forever, and http.server raise a bare OSError naming neither the port nor the flag."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as error:
+            raise UserError(f"{flag} {port}: cannot listen on {host}:{port} ({error.strerror}; another program, or "
+                            f"another `slimserve serve`, has it): {instead}") from None
 
 
 @contextmanager
@@ -48,6 +60,8 @@ def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None):
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 call is noise here
+    if port:
+        claim_port("127.0.0.1", port, "--s3-port", "pass a free port, or leave --s3-port out to take any free one")
     port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

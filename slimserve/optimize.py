@@ -20,13 +20,14 @@ import numpy as np
 from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
 
 from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, keras_to_tflite, load_keras
+from .errors import UserError
 
 LEVELS = ("graph", "int8", "fp16")
 KERAS_LEVELS = ("int8", "fp16")
 LATENCY_RUNS = 50
 
 
-class OptimizeError(Exception):
+class OptimizeError(UserError):
     """An optimization that cannot run, or whose result is refused; the message says why and by how much."""
 
 

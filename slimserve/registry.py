@@ -16,13 +16,14 @@ from pathlib import Path
 
 from slimserve.lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
 
+from .errors import UserError
 from .store import StoredModel, manifest, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
 SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 
 
-class RegistryError(Exception):
+class RegistryError(UserError):
     """A model that cannot be registered, or a version or alias that does not exist; the message says which."""
 
 

@@ -9,13 +9,14 @@ from pathlib import Path
 
 from . import __version__
 from .config import DEFAULT_CONFIG, MODEL_NAME
+from .errors import UserError
 from .stacks.context import CDK_CONTEXT
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 WORKFLOW = Path(".github") / "workflows" / "slimserve.yml"
 
 
-class ScaffoldError(Exception):
+class ScaffoldError(UserError):
     pass
 
 

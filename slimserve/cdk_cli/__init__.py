@@ -15,9 +15,10 @@ import time
 from pathlib import Path
 
 from ..assets import cache_dir, package_folder
+from ..errors import UserError
 
 
-class CdkCliError(Exception):
+class CdkCliError(UserError):
     """The CDK CLI cannot be installed or started: said in one line, with what to do."""
 
 
