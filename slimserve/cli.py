@@ -23,8 +23,22 @@ def _examples(args) -> int:
     return 0
 
 
+def _loadable_config(path: str):
+    """The config, with every model file loaded as serving would load it: what `serve` or a deploy would refuse is
+    refused here, in one line naming the config key and the file."""
+    from .registry import RegistryError, read_model
+
+    config = load_config(path)
+    for model in config.models:
+        try:
+            read_model(model.artifact)
+        except RegistryError as error:
+            raise UserError(f"{config.path}: models.{model.name}.artifact: {error}") from None
+    return config
+
+
 def _check(args) -> int:
-    config = load_config(args.config)
+    config = _loadable_config(args.config)
     print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
     for model in config.models:
         where = model.sagemaker.instance_type if model.sagemaker else f"{model.memory_mb} MB {model.architecture}"
@@ -69,7 +83,7 @@ def _init(args) -> int:
 
 def _cdk_app(args) -> int:
     """The CDK app itself: what cdk.json runs, and what `synth` and the deploy commands run."""
-    config = load_config(args.config)  # a config error is one line, before CDK starts
+    config = _loadable_config(args.config)  # a config error is one line, before CDK starts
     from .stacks.app import build_app
 
     build_app(config).synth()
@@ -239,12 +253,20 @@ def _convert(args) -> int:
     from .convert import KERAS_SUFFIXES, ConvertError, convert_keras, convert_sklearn, convert_torch, load_keras
 
     source = Path(args.model)
-    samples = np.load(args.samples, allow_pickle=False)
+    try:
+        samples = np.load(args.samples, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--samples {args.samples}: not a numpy .npy file of samples: {error}") from None
     # the user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is
     if source.suffix in (".joblib", ".pkl", ".pickle"):
         import joblib
 
-        result = convert_sklearn(joblib.load(source), samples, Path(args.out), args.tolerance)
+        estimator = joblib.load(source)
+        width = getattr(estimator, "n_features_in_", None)
+        if width is not None and (samples.ndim != 2 or samples.shape[1] != width):
+            raise UserError(f"--samples {args.samples}: expected rows of {width} features, as {source} was fitted on, "
+                            f"found an array of shape {samples.shape}")
+        result = convert_sklearn(estimator, samples, Path(args.out), args.tolerance)
     elif source.suffix in (".pt", ".pth"):
         import torch
 

@@ -71,12 +71,26 @@ def convert_sklearn(estimator, samples: np.ndarray, out: Path, tolerance: float 
         raise ConvertError(f"{out}: skl2onnx cannot convert {type(final).__name__}: {error}") from None
     names = {"X": "features", "output_label": "label", "output_probability": "probabilities", "variable": "predictions"}
     _rename(model, names)
+    clean_opset_imports(model)
     if classifier:
         expected = {"label": estimator.predict(samples), "probabilities": estimator.predict_proba(samples)}
     else:
         expected = {"predictions": np.asarray(estimator.predict(samples)).reshape(len(samples), -1)}
     onnx_bytes = model.SerializeToString()
     return _check_and_write(OnnxModel(onnx_bytes), onnx_bytes, expected, samples, Path(out), tolerance)
+
+
+def clean_opset_imports(model) -> None:
+    """One opset import per domain ('' and 'ai.onnx' are the same one), the newest kept: skl2onnx can write the
+    default domain twice, which ONNX Runtime's quantizer refuses ('Failed to find proper ai.onnx domain')."""
+    from onnx import helper
+
+    newest = {}
+    for opset in model.opset_import:
+        domain = "" if opset.domain == "ai.onnx" else opset.domain
+        newest[domain] = max(newest.get(domain, 0), opset.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in newest.items())
 
 
 def _rename(model, names: dict[str, str]) -> None:
@@ -99,8 +113,11 @@ def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-
     module = module.eval()
     samples = np.asarray(samples, dtype=np.float32)
     tensor = torch.from_numpy(samples)
-    with torch.no_grad():
-        expected = module(tensor).numpy()
+    try:
+        with torch.no_grad():
+            expected = module(tensor).numpy()
+    except Exception as error:  # torch raises many kinds; the samples (or the module) are what is at fault
+        raise ConvertError(f"{out}: the module cannot run on the samples of shape {samples.shape}: {error}") from None
     batch = torch.export.Dim("batch", min=1)
     example = tensor[:2] if len(tensor) >= 2 else torch.cat([tensor[:1]] * 2)  # a batch of 1 would be specialized away
     try:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
+from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel
+from slimserve.lambda_handlers.tensors import shape_text
 
-from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, keras_to_tflite, load_keras
+from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, clean_opset_imports, keras_to_tflite, load_keras
 from .errors import UserError
 
 LEVELS = ("graph", "int8", "fp16")
@@ -72,12 +74,23 @@ def load_samples(path: Path, model: OnnxModel | TfliteModel) -> dict[str, np.nda
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
             raise OptimizeError(f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name")
-        return {specs[0].name: loaded}
+        return {specs[0].name: _fit(path, specs[0], loaded)}
     samples = {name: loaded[name] for name in loaded.files}
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
         raise OptimizeError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples) or 'nothing'}")
-    return samples
+    return {spec.name: _fit(path, spec, samples[spec.name]) for spec in specs}
+
+
+def _fit(path: Path, spec, array: np.ndarray) -> np.ndarray:
+    """The samples for one input, checked against its shape and cast to its datatype where no value changes kind."""
+    if not spec.shape_matches(array.shape):
+        raise OptimizeError(f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
+                            f"size), found shape {shape_text(array.shape)}")
+    dtype = V2_TO_NUMPY[spec.datatype]
+    if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
+        raise OptimizeError(f"{path}: expected samples for input {spec.name!r} of datatype {spec.datatype}, found {array.dtype}")
+    return array.astype(dtype, copy=False)
 
 
 def _median_ms(model: OnnxModel | TfliteModel, samples: dict, outputs: list[str]) -> float:
@@ -118,7 +131,9 @@ def _transform(source: Path, level: str, target: Path) -> None:
     elif level == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        model = onnx.load(str(source))
+        clean_opset_imports(model)  # models from skl2onnx may import the default domain twice
+        quantize_dynamic(model, str(target), weight_type=QuantType.QInt8)
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -147,7 +162,11 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
             _transform(model_path, level, candidate_path)
         except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
             raise OptimizeError(f"{model_path}: {level} optimization failed: {error}") from None
-        return _gate(level, samples_path, tolerance, out, OnnxModel(model_path), model_path.stat().st_size,
+        try:
+            original = OnnxModel(model_path)
+        except ModelLoadError as error:
+            raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
+        return _gate(level, samples_path, tolerance, out, original, model_path.stat().st_size,
                      OnnxModel(candidate_path), candidate_path.read_bytes())
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import MODELS
 
@@ -88,3 +89,77 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     assert "Traceback (most recent call last):" in err and "ZeroDivisionError: division by zero" in err
     assert err.endswith(f"error: this is a bug in slimserve {__version__}, not a mistake of yours: please report it with "
                         "the traceback above and the command you ran\n")
+
+
+@pytest.fixture(scope="module")
+def cancer(tmp_path_factory):
+    """A scikit-learn classifier of the user's own (30 features), its samples, and another data set's (13)."""
+    import joblib
+    from sklearn.datasets import load_breast_cancer, load_wine
+    from sklearn.linear_model import LogisticRegression
+
+    folder = tmp_path_factory.mktemp("cancer")
+    features, labels = load_breast_cancer(return_X_y=True)
+    estimator = LogisticRegression(max_iter=5000).fit(features, labels)
+    joblib.dump(estimator, folder / "cancer.joblib")
+    np.save(folder / "cancer.npy", features[:50].astype(np.float32))
+    np.save(folder / "wine.npy", load_wine(return_X_y=True)[0][:50].astype(np.float32))
+    return folder, estimator
+
+
+def test_convert_refuses_missing_or_misshapen_samples_in_one_line(cancer, capsys):
+    folder, _ = cancer
+    out = str(folder / "out.onnx")
+    assert main(["convert", str(folder / "cancer.joblib"), "--samples", str(folder / "nope.npy"), "--out", out]) == 2
+    assert capsys.readouterr().err == (f"error: --samples {folder}/nope.npy: not a numpy .npy file of samples: [Errno 2] "
+                                       f"No such file or directory: '{folder}/nope.npy'\n")
+    assert main(["convert", str(folder / "cancer.joblib"), "--samples", str(folder / "wine.npy"), "--out", out]) == 2
+    assert capsys.readouterr().err == (f"error: --samples {folder}/wine.npy: expected rows of 30 features, as "
+                                       f"{folder}/cancer.joblib was fitted on, found an array of shape (50, 13)\n")
+    assert not (folder / "out.onnx").exists()
+
+
+def test_optimize_refuses_a_zipmap_model_and_misshapen_samples_in_one_line(cancer, capsys):
+    from skl2onnx import to_onnx
+
+    folder, estimator = cancer
+    samples = folder / "cancer.npy"
+    zipmap = folder / "zipmap.onnx"  # skl2onnx's default classifier output: a sequence of maps, which nothing serves
+    zipmap.write_bytes(to_onnx(estimator, np.load(samples)[:1]).SerializeToString())
+    assert main(["optimize", str(zipmap), "--level", "int8", "--samples", str(samples)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {zipmap}: ONNX Runtime cannot load it: ") and err.count("\n") == 1
+    assert main(["convert", str(folder / "cancer.joblib"), "--samples", str(samples), "--out", str(folder / "c.onnx")]) == 0
+    capsys.readouterr()
+    assert main(["optimize", str(folder / "c.onnx"), "--level", "int8", "--samples", str(folder / "wine.npy")]) == 2
+    assert capsys.readouterr().err == (f"error: {folder}/wine.npy: expected samples for input 'features' of shape [-1, 30] "
+                                       "(-1 is any size), found shape [50, 13]\n")
+
+
+def test_check_and_synth_refuse_a_file_that_is_not_a_model_naming_the_key(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(bytes(range(256)) * 16)
+    (tmp_path / "slimserve.toml").write_text('[models.noise]\nformat = "onnx"\nartifact = "model.onnx"\n')
+    for command in ("check", "synth"):
+        result = slimserve(command, "--config", str(tmp_path / "slimserve.toml"), cwd=tmp_path)
+        assert result.returncode == 2 and result.stdout == "", command
+        assert result.stderr.startswith(f"error: {tmp_path}/slimserve.toml: models.noise.artifact: {tmp_path}/model.onnx: "
+                                         "not a loadable onnx model: "), result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+def test_int8_takes_models_that_import_the_default_opset_twice(cancer, capsys):
+    """skl2onnx writes the default domain twice; `convert` cleans that, and `optimize` copes with files from elsewhere."""
+    import onnx
+    from skl2onnx import to_onnx
+
+    folder, estimator = cancer
+    samples = folder / "cancer.npy"
+    raw = to_onnx(estimator, np.load(samples)[:1], options={id(estimator): {"zipmap": False}}, target_opset=17)
+    assert [opset.domain for opset in raw.opset_import].count("") == 2
+    (folder / "raw.onnx").write_bytes(raw.SerializeToString())
+    assert main(["convert", str(folder / "cancer.joblib"), "--samples", str(samples), "--out", str(folder / "clean.onnx")]) == 0
+    assert sorted((o.domain, o.version) for o in onnx.load(folder / "clean.onnx").opset_import) == [("", 17), ("ai.onnx.ml", 1)]
+    for model in ("raw.onnx", "clean.onnx"):
+        code = main(["optimize", str(folder / model), "--level", "int8", "--samples", str(samples), "--tolerance", "1"])
+        assert (code, capsys.readouterr().err) == (0, ""), model
+        assert (folder / model.replace(".onnx", ".int8.onnx")).is_file()
