@@ -30,6 +30,17 @@ API_RESOURCES_FOR_MODELS = 292
 MAX_SAGEMAKER_MODELS = 8
 
 
+NESTED_TABLES = ("alarms", "sagemaker")  # a model's table of one of these merges with [defaults]'s key by key
+
+
+def model_name_problem(name: str) -> str | None:
+    """What is wrong with a model name (it appears in URLs and resource names), or None: one rule for the config
+    and the registry."""
+    if MODEL_NAME.fullmatch(name):
+        return None
+    return f"model name {name!r} must be lowercase letters, digits and '-', starting with a letter, at most 40 characters"
+
+
 class ConfigError(UserError, ValueError):
     pass
 
@@ -243,9 +254,15 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
 
 def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConfig:
     where = f"models.{name}"
-    if not MODEL_NAME.fullmatch(name):
-        reader.fail(where, f"model name {name!r} must be lowercase letters, digits and '-', starting with a letter, at most 40 characters")
-    values = {**defaults, **reader.dataclass_values(ModelConfig, table, where, skip=("name",))}
+    if model_name_problem(name):
+        reader.fail(where, model_name_problem(name))
+    own = reader.dataclass_values(ModelConfig, table, where, skip=("name",))
+    values = {**defaults, **own}
+    for key in NESTED_TABLES:  # key by key: a model's own [sagemaker] must not drop the defaults' instance type
+        if key in defaults and key in own:
+            values[key] = {**reader.table(f"defaults.{key}", defaults[key]), **reader.table(f"{where}.{key}", own[key])}
+    if "sagemaker" not in own and values.get("target", "lambda") != "sagemaker":
+        values.pop("sagemaker", None)  # [defaults.sagemaker] is for the SageMaker models among them
     for key in ("format", "artifact"):
         if key not in values:
             reader.fail(f"{where}.{key}", "missing; every model needs a format and an artifact")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from slimserve.lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
 
+from .config import model_name_problem
 from .errors import UserError
 from .store import StoredModel, manifest, model_key
 
@@ -126,6 +127,8 @@ class Registry:
 
     def register(self, path: Path, name: str, report: dict | None = None) -> tuple[Version, bool]:
         """Upload a version; the same bytes again are the same version. Returns (version, newly registered)."""
+        if model_name_problem(name):
+            raise RegistryError(f"--name: {model_name_problem(name)}, as in the config")
         model_format, data = read_model(path)
         sha256 = hashlib.sha256(data).hexdigest()
         versions = self.versions(name)

@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from slimserve.cli import main
-from slimserve.config import Alarms, ConfigError, SageMakerSettings, load_config
+from slimserve.config import Alarms, ConfigError, SageMakerSettings, load_config, parse_config
 
 MODEL = '''
 [models.iris]
@@ -151,3 +151,21 @@ def test_cli_check_lists_the_models(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{ROOT / 'slimserve.toml'}: app 'slimserve-demo', 2 models"
     assert out[1] == f"  iris: onnx {ROOT / 'examples/models/iris.onnx'} -> lambda (512 MB x86_64), auth api_key"
+
+
+def test_nested_tables_merge_with_the_defaults_key_by_key(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    config = parse_config({
+        "defaults": {"sagemaker": {"instance_type": "ml.c5.xlarge", "max_instances": 4}, "alarms": {"p99_latency_ms": 500}},
+        "models": {
+            "big": {"format": "onnx", "artifact": "m.onnx", "target": "sagemaker", "sagemaker": {"max_instances": 3},
+                    "alarms": {"throttles": 5}},
+            "other": {"format": "onnx", "artifact": "m.onnx", "target": "sagemaker"},
+            "small": {"format": "onnx", "artifact": "m.onnx"},  # a Lambda model: [defaults.sagemaker] is not for it
+        },
+    }, tmp_path / "slimserve.toml")
+    big, other, small = config.models
+    assert (big.sagemaker.instance_type, big.sagemaker.max_instances) == ("ml.c5.xlarge", 3)
+    assert (big.alarms.p99_latency_ms, big.alarms.throttles) == (500, 5)
+    assert (other.sagemaker.instance_type, other.sagemaker.max_instances, other.alarms.p99_latency_ms) == ("ml.c5.xlarge", 4, 500)
+    assert (small.target, small.sagemaker, small.alarms.p99_latency_ms) == ("lambda", None, 500)

@@ -197,3 +197,13 @@ def load_sha(path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_register_takes_the_configs_name_rule(s3_store, tmp_path, capsys):
+    from slimserve.cli import main
+
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "cli-names"]
+    s3_store.client().create_bucket(Bucket="cli-names")
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "Cancer", *where]) == 2
+    assert capsys.readouterr().err == ("error: --name: model name 'Cancer' must be lowercase letters, digits and '-', "
+                                       "starting with a letter, at most 40 characters, as in the config\n")
