@@ -52,10 +52,11 @@ def _timed(command: list[str], cwd: Path, environment: dict | None = None) -> fl
 
 
 @contextlib.contextmanager
-def serving(slimserve: list[str], config: Path, environment: dict | None = None) -> Iterator[tuple[int, str]]:
+def serving(slimserve: list[str], config: Path, environment: dict | None = None, options=()) -> Iterator[tuple[int, str]]:
     """`slimserve serve` of a config on free ports, run from its folder, until the `with` ends: (port, API key)."""
     port = free_port()
-    server = subprocess.Popen([*slimserve, "serve", "--config", str(config), "--port", str(port), "--s3-port", str(free_port())],
+    server = subprocess.Popen([*slimserve, "serve", "--config", str(config), "--port", str(port), "--s3-port", str(free_port()),
+                               *options],
                               cwd=config.parent, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []

@@ -2,6 +2,7 @@
 never a hang."""
 
 import hashlib
+import os
 import socket
 import subprocess
 import sys
@@ -163,3 +164,14 @@ def test_int8_takes_models_that_import_the_default_opset_twice(cancer, capsys):
         code = main(["optimize", str(folder / model), "--level", "int8", "--samples", str(samples), "--tolerance", "1"])
         assert (code, capsys.readouterr().err) == (0, ""), model
         assert (folder / model.replace(".onnx", ".int8.onnx")).is_file()
+
+
+@pytest.mark.parametrize("options, expected", [(["--api-key", "from-the-flag"], "from-the-flag"), ([], "from-the-environment")])
+def test_serve_takes_a_pinned_api_key(project, options, expected):
+    from bench.project import infer, serving
+
+    flower = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+    environment = {**os.environ, "SLIMSERVE_API_KEY": "from-the-environment"}
+    with serving([sys.executable, "-m", "slimserve"], project / "slimserve.toml", environment, options) as (port, key):
+        assert key == expected
+        assert infer(port, key, "iris", flower)["outputs"][0]["data"] == [0]
