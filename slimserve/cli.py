@@ -289,7 +289,7 @@ def _optimize(args) -> int:
     model = Path(args.model)
     suffix = ".tflite" if model.suffix in KERAS_SUFFIXES else ".onnx"
     out = Path(args.out) if args.out else model.with_suffix(f".{args.level}{suffix}")
-    report = optimize(model, args.level, Path(args.samples), args.tolerance, out)
+    report = optimize(model, args.level, Path(args.samples), args.tolerance, out, args.force)
     print(report.table())
     print(f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
           f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})")
@@ -419,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
     optimize.add_argument("--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs")
     optimize.add_argument("--tolerance", type=float, default=0.01, help="largest absolute output difference accepted (default: %(default)s)")
+    optimize.add_argument("--force", action="store_true", help="write the result even if it is larger and not faster")
     optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)")
     optimize.set_defaults(run=_optimize)
 

@@ -141,7 +141,8 @@ def _transform(source: Path, level: str, target: Path) -> None:
         onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
 
 
-def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path) -> Report:
+def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool = False) -> Report:
+    """`force` writes a result that is larger and not faster than the original too."""
     model_path, out = Path(model_path), Path(out)
     if level not in LEVELS:
         raise OptimizeError(f"unknown level {level!r}: expected one of {', '.join(LEVELS)}")
@@ -153,7 +154,7 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
             "neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, optimize "
             f"its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}")
     if model_path.suffix in KERAS_SUFFIXES:
-        return _optimize_keras(model_path, level, samples_path, tolerance, out)
+        return _optimize_keras(model_path, level, samples_path, tolerance, out, force)
     if model_path.suffix != ".onnx":
         raise OptimizeError(f"{model_path}: expected an .onnx model or a Keras model (.keras, .h5)")
     with tempfile.TemporaryDirectory() as folder:
@@ -166,11 +167,11 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
             original = OnnxModel(model_path)
         except ModelLoadError as error:
             raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
-        return _gate(level, samples_path, tolerance, out, original, model_path.stat().st_size,
+        return _gate(level, samples_path, tolerance, out, force, original, model_path.stat().st_size,
                      OnnxModel(candidate_path), candidate_path.read_bytes())
 
 
-def _optimize_keras(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path) -> Report:
+def _optimize_keras(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool) -> Report:
     """The original is the float32 TFLite model, as `slimserve convert` writes it; both are run by LiteRT."""
     if level not in KERAS_LEVELS:
         raise OptimizeError(f"{model_path}: level {level!r} is for ONNX models; a Keras model is optimized to "
@@ -181,13 +182,14 @@ def _optimize_keras(model_path: Path, level: str, samples_path: Path, tolerance:
         candidate_bytes = keras_to_tflite(keras_model, model_path, level)
     except ConvertError as error:
         raise OptimizeError(str(error)) from None
-    return _gate(level, samples_path, tolerance, out, TfliteModel(original_bytes), len(original_bytes),
+    return _gate(level, samples_path, tolerance, out, force, TfliteModel(original_bytes), len(original_bytes),
                  TfliteModel(candidate_bytes), candidate_bytes)
 
 
-def _gate(level: str, samples_path: Path, tolerance: float, out: Path, original, original_size: int,
+def _gate(level: str, samples_path: Path, tolerance: float, out: Path, force: bool, original, original_size: int,
           candidate, candidate_bytes: bytes) -> Report:
-    """Measure both models on the samples; write the candidate only if it stays within the tolerance."""
+    """Measure both models on the samples; write the candidate only if it stays within the tolerance, and, unless
+    forced, only if it is smaller or faster: a small model's fp16 copy can be larger and slower."""
     samples = load_samples(samples_path, original)
     outputs = [spec.name for spec in original.signature.outputs]
     reference = original.run(samples, outputs)
@@ -203,6 +205,12 @@ def _gate(level: str, samples_path: Path, tolerance: float, out: Path, original,
         raise OptimizeError(
             f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
             f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}")
+    worse = report.optimized.size >= report.original.size and report.optimized.median_ms >= report.original.median_ms
+    if worse and not force:
+        raise OptimizeError(
+            f"{out}: not written: the {level} model is {report.optimized.size / report.original.size:.0%} of the original's "
+            f"size and no faster ({report.optimized.median_ms:.3f} against {report.original.median_ms:.3f} ms); "
+            f"--force writes it anyway\n{report.table()}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(candidate_bytes)
     return Report(report.level, tolerance, report.original, report.optimized, str(out))

@@ -161,7 +161,7 @@ def test_int8_takes_models_that_import_the_default_opset_twice(cancer, capsys):
     assert main(["convert", str(folder / "cancer.joblib"), "--samples", str(samples), "--out", str(folder / "clean.onnx")]) == 0
     assert sorted((o.domain, o.version) for o in onnx.load(folder / "clean.onnx").opset_import) == [("", 17), ("ai.onnx.ml", 1)]
     for model in ("raw.onnx", "clean.onnx"):
-        code = main(["optimize", str(folder / model), "--level", "int8", "--samples", str(samples), "--tolerance", "1"])
+        code = main(["optimize", str(folder / model), "--level", "int8", "--samples", str(samples), "--tolerance", "1", "--force"])
         assert (code, capsys.readouterr().err) == (0, ""), model
         assert (folder / model.replace(".onnx", ".int8.onnx")).is_file()
 
@@ -175,3 +175,18 @@ def test_serve_takes_a_pinned_api_key(project, options, expected):
     with serving([sys.executable, "-m", "slimserve"], project / "slimserve.toml", environment, options) as (port, key):
         assert key == expected
         assert infer(port, key, "iris", flower)["outputs"][0]["data"] == [0]
+
+
+def test_a_result_larger_and_no_faster_is_written_only_when_forced(tmp_path, monkeypatch, capsys):
+    from slimserve import optimize
+
+    monkeypatch.setattr(optimize, "_median_ms", lambda model, samples, outputs: 1.0)  # as fast as each other, always
+    np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((20, 4), dtype=np.float32))
+    model, out = str(MODELS / "iris.onnx"), tmp_path / "iris.fp16.onnx"
+    arguments = ["optimize", model, "--level", "fp16", "--samples", str(tmp_path / "rows.npy"), "--out", str(out)]
+    assert main(arguments) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (f"error: {out}: not written: the fp16 model is 256% of the original's "
+                                                       "size and no faster (1.000 against 1.000 ms); --force writes it anyway")
+    assert not out.exists()
+    assert main([*arguments, "--force"]) == 0
+    assert out.stat().st_size > (MODELS / "iris.onnx").stat().st_size
