@@ -28,21 +28,25 @@ MODEL_ERROR_TEMPLATE = (
 )
 
 
-def _is_binary(headers: dict[str, str]) -> bool:
+def is_binary(headers: dict[str, str]) -> bool:
+    """Whether the deployed API passes this request's body on as bytes: a binary media type, or an encoded body."""
     content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
     encoded = any(k.lower() == "content-encoding" and v.lower() != "identity" for k, v in headers.items())
     return encoded or content_type.split(";")[0].strip() in BINARY_MEDIA_TYPES
 
 
+def as_text(body: bytes) -> str:
+    """A body of another type as the deployed API passes it on: UTF-8 text, bytes that are not UTF-8 replaced (so
+    binary data sent without a binary media type is damaged there, and here too)."""
+    return body.decode(errors="replace")
+
+
 def _body(body: bytes, headers: dict[str, str]) -> tuple[str | None, bool]:
     if not body:
         return None, False
-    if _is_binary(headers):
+    if is_binary(headers):
         return base64.b64encode(body).decode(), True
-    try:
-        return body.decode(), False
-    except UnicodeDecodeError:
-        return base64.b64encode(body).decode(), True
+    return as_text(body), False
 
 
 def rest_event(method: str, path: str, body: bytes = b"", headers: dict | None = None, stage: str = "prod") -> dict:

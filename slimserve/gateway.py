@@ -19,7 +19,7 @@ from slimserve.lambda_handlers import wire
 from slimserve.lambda_handlers.core import InferenceCore, Request
 from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
 
-from .apigw import ENDPOINT_FAILED, MAX_BODY_BYTES, MISSING_ROUTE, response_body, rest_event
+from .apigw import ENDPOINT_FAILED, MAX_BODY_BYTES, MISSING_ROUTE, as_text, is_binary, response_body, rest_event
 from .openapi import openapi_document
 from .runner import FunctionPool
 
@@ -92,6 +92,10 @@ class LocalGateway(wire.Server):
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
+        if body and not is_binary(headers) and as_text(body).encode() != body:
+            self.log(f"{method} {path}: a body that is not UTF-8 text, without Content-Type: application/octet-stream: "
+                     "the deployed API passes it on as text, damaged, as it is here; send that header with binary data")
+            body = as_text(body).encode()
         if isinstance(route, EndpointRoute):
             return self.invoke_endpoint(route, method, path, headers, body)
         pool = route.pool
