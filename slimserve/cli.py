@@ -11,6 +11,7 @@ from . import __version__
 from .config import DEFAULT_CONFIG, load_config
 from .errors import UserError
 from .local_state import running_state
+from .registry import LIVE_ALIAS
 from .local_s3 import DEFAULT_BUCKET
 
 
@@ -308,7 +309,7 @@ def _lock(args) -> int:
 
 
 def _register(args) -> int:
-    version, new = _registry(args).register(Path(args.model), args.name)
+    version, new = _registry(args).register(Path(args.model), args.name, allow_signature_change=args.allow_signature_change)
     if new:
         print(f"registered {args.name} version {version.number}: sha256 {version.sha256}, {version.size} bytes, {version.key}")
     else:
@@ -332,12 +333,24 @@ def _alias(args) -> int:
     before, after = _registry(args).set_alias(args.name, args.alias, args.version)
     was = f"was version {before}" if before is not None else "new alias"
     print(f"{args.name}: alias {args.alias} now points at version {after} ({was})")
+    print(_what_serves(args, args.alias))
     return 0
+
+
+def _what_serves(args, alias: str) -> str:
+    """Which traffic an alias move affects: the two mechanisms, said where they act."""
+    deployed = f'a deployed API serves it once a config with version = "{alias}" is locked (slimserve lock) and deployed'
+    if args.profile or args.region:
+        return f"  in the deployed store: {deployed}"
+    local = ("a running local stack serves it within a second" if alias == LIVE_ALIAS
+             else f"a running local stack serves the {LIVE_ALIAS} alias, not this one")
+    return f"  in the local store: {local}; {deployed}"
 
 
 def _rollback(args) -> int:
     before, after = _registry(args).rollback(args.name, args.alias)
     print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
+    print(_what_serves(args, args.alias))
     return 0
 
 
@@ -441,7 +454,10 @@ def main(argv: list[str] | None = None) -> int:
             for positional, description in positionals:
                 command.add_argument(positional, help=description)
         if name == "rollback":
-            command.add_argument("--alias", default="prod", help="alias to roll back (default: %(default)s)")
+            command.add_argument("--alias", default=LIVE_ALIAS, help="alias to roll back (default: %(default)s)")
+        if name == "register":
+            command.add_argument("--allow-signature-change", action="store_true",
+                                 help="register a version whose inputs differ from those of the version served now")
         command.add_argument("--endpoint-url", help="S3 endpoint (default: the S3 of this project's running local stack)")
         command.add_argument("--bucket", help=f"model store bucket (default locally: {DEFAULT_BUCKET})")
         command.add_argument("--profile", help="AWS profile: use the deployed store instead of the local one")

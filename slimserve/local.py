@@ -20,7 +20,7 @@ from .config import AppConfig, ModelConfig
 from .gateway import EndpointRoute, LocalGateway, Route
 from .local_s3 import claim_port, free_port, local_s3
 from .local_state import write_state
-from .registry import Registry, RegistryError, Version
+from .registry import LIVE_ALIAS, Registry, RegistryError, Version
 from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
 
 LAMBDA_PYTHON = "3.12"
@@ -40,7 +40,6 @@ class ModelVersions:
     second), or to the config's version while there is no such alias.
     """
 
-    ALIAS = "live"
     ALIAS_TTL_S = 1.0
 
     def __init__(self, registry: Registry, name: str, default: Version, make_pool: Callable[[Version], FunctionPool]):
@@ -54,7 +53,7 @@ class ModelVersions:
         checked, number = self.live
         if time.monotonic() - checked > self.ALIAS_TTL_S:
             try:
-                number = self.registry.alias(self.name, self.ALIAS)["version"]
+                number = self.registry.alias(self.name, LIVE_ALIAS)["version"]
             except RegistryError:
                 number = None
             self.live = (time.monotonic(), number)

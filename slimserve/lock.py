@@ -1,6 +1,6 @@
 """`slimserve.lock`: the registered versions a config deploys, resolved once so that synth needs no S3.
 
-A model with `version = "prod"` (or a number, or a sha256 prefix) deploys that version's bytes,
+A model with `version = "live"` (or a number, or a sha256 prefix) deploys that version's bytes,
 already in the model store, instead of uploading its artifact. `slimserve lock` asks the
 registry which bytes the reference names and writes them down beside the config; synth
 reads only that file, offline, and refuses a reference the file does not settle. Commit

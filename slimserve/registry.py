@@ -111,6 +111,15 @@ def _git_commit(path: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+LIVE_ALIAS = "live"
+"""The alias that says which version serves: a running local stack follows it within a second; a deploy serves it
+once a config with `version = "live"` is locked (`slimserve lock`) and deployed."""
+
+
+def _inputs_text(signature: dict) -> str:
+    return ", ".join(f"{i['name']} {i['datatype']} {i['shape']}" for i in signature["inputs"])
+
+
 class Registry:
     def __init__(self, s3, bucket: str):
         self.s3 = s3
@@ -125,8 +134,11 @@ class Registry:
     def _put_json(self, key: str, value: dict) -> None:
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(value, indent=2).encode(), ContentType="application/json")
 
-    def register(self, path: Path, name: str, report: dict | None = None) -> tuple[Version, bool]:
-        """Upload a version; the same bytes again are the same version. Returns (version, newly registered)."""
+    def register(self, path: Path, name: str, report: dict | None = None,
+                 allow_signature_change: bool = False) -> tuple[Version, bool]:
+        """Upload a version; the same bytes again are the same version. Returns (version, newly registered). A version
+        whose inputs differ from those of the version clients are served now (`live`, else the newest) would break
+        them when promoted: refused unless `allow_signature_change`."""
         if model_name_problem(name):
             raise RegistryError(f"--name: {model_name_problem(name)}, as in the config")
         model_format, data = read_model(path)
@@ -139,10 +151,23 @@ class Registry:
                            version=max((v.number for v in versions), default=0) + 1,
                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                            git_commit=_git_commit(path), optimization=report)
+        if versions and not allow_signature_change:
+            self._check_inputs_unchanged(name, versions, path, details["signature"])
         key = model_key(name, sha256, model_format)
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
         self._put_json(key.rsplit("/", 1)[0] + "/manifest.json", details)  # last: a version exists once it is whole
         return Version.from_manifest(details), True
+
+    def _check_inputs_unchanged(self, name: str, versions: list[Version], path: Path, signature: dict) -> None:
+        try:
+            served = self.version(name, LIVE_ALIAS)
+        except RegistryError:
+            served = versions[-1]
+        served_signature = json.loads(self._get(served.key.rsplit("/", 1)[0] + "/manifest.json"))["signature"]
+        if served_signature["inputs"] != signature["inputs"]:
+            raise RegistryError(f"{path}: its inputs ({_inputs_text(signature)}) differ from those of {name} version "
+                                f"{served.number} ({_inputs_text(served_signature)}), which clients are sent now; "
+                                "--allow-signature-change registers it anyway")
 
     def versions(self, name: str) -> list[Version]:
         found = []
@@ -189,11 +214,12 @@ class Registry:
                        {"version": target.number, "sha256": target.sha256, "history": history[:50]})
         return (current["version"] if current else None), target.number
 
-    def rollback(self, name: str, alias: str = "prod") -> tuple[int, int]:
-        """Point `alias` back at the version it pointed at before; returns (from, to)."""
+    def rollback(self, name: str, alias: str = LIVE_ALIAS) -> tuple[int, int]:
+        """Point `alias` back at the version it pointed at before, one step back in its history; returns (from, to)."""
         current = self.alias(name, alias)
         if not current["history"]:
-            raise RegistryError(f"alias {alias!r} of model {name!r} has never pointed elsewhere; nothing to roll back to")
+            raise RegistryError(f"alias {alias!r} of model {name!r} points at version {current['version']} and has no "
+                                "earlier version in its history; nothing to roll back to")
         previous, *older = current["history"]
         self._put_json(f"models/{name}/aliases/{alias}.json",
                        {"version": previous["version"], "sha256": previous["sha256"], "history": older})

@@ -46,7 +46,8 @@ def test_versions_aliases_and_rollback(registry, tmp_path):
     assert registry.version("m", "prod") == v2
     assert registry.rollback("m", "prod") == (2, 1)
     assert registry.version("m", "prod") == v1
-    with pytest.raises(RegistryError, match=r"^alias 'prod' of model 'm' has never pointed elsewhere; nothing to roll back to$"):
+    with pytest.raises(RegistryError, match=r"^alias 'prod' of model 'm' points at version 1 and has no earlier version in its "
+                                            r"history; nothing to roll back to$"):
         registry.rollback("m", "prod")
     with pytest.raises(RegistryError, match=r"^model 'm' has no version '7'; versions: 1, 2$"):
         registry.set_alias("m", "prod", "7")
@@ -161,20 +162,26 @@ def test_cli_register_versions_alias_rollback(s3_store, tmp_path, capsys):
     assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
     assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
     assert main(["register", str(other), "--name", "iris", *where]) == 0
-    assert main(["alias", "iris", "prod", "1", *where]) == 0
-    assert main(["alias", "iris", "prod", "2", *where]) == 0
-    assert main(["rollback", "iris", *where]) == 0
+    assert main(["alias", "iris", "live", "1", *where]) == 0
+    assert main(["alias", "iris", "live", "2", *where]) == 0
+    assert main(["rollback", "iris", *where]) == 0  # live, the alias that serves
     assert main(["versions", "iris", *where]) == 0
     out = capsys.readouterr().out.splitlines()
     sha = load_sha(MODELS / "iris.onnx")
     assert out[0] == f"registered iris version 1: sha256 {sha}, 637 bytes, models/iris/{sha}/model.onnx"
     assert out[1] == f"iris: these bytes are already version 1 (sha256 {sha}); nothing uploaded"
     assert out[2].startswith("registered iris version 2: ")
-    assert out[3:6] == ["iris: alias prod now points at version 1 (new alias)",
-                        "iris: alias prod now points at version 2 (was version 1)",
-                        "iris: alias prod rolled back from version 2 to version 1"]
-    assert out[6].split() == ["version", "sha256", "format", "bytes", "created", "source"]
-    assert out[7].split()[:4] == ["1", sha[:12], "onnx", "637"] and out[8].split()[-1] == "iris-v2.onnx"
+    serves = ('  in the local store: a running local stack serves it within a second; a deployed API serves it once a '
+              'config with version = "live" is locked (slimserve lock) and deployed')
+    assert out[3:9] == ["iris: alias live now points at version 1 (new alias)", serves,
+                        "iris: alias live now points at version 2 (was version 1)", serves,
+                        "iris: alias live rolled back from version 2 to version 1", serves]
+    assert out[9].split() == ["version", "sha256", "format", "bytes", "created", "source"]
+    assert out[10].split()[:4] == ["1", sha[:12], "onnx", "637"] and out[11].split()[-1] == "iris-v2.onnx"
+    assert main(["alias", "iris", "prod", "2", *where]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        '  in the local store: a running local stack serves the live alias, not this one; a deployed API serves it once a '
+        'config with version = "prod" is locked (slimserve lock) and deployed')
 
 
 def test_cli_errors_are_one_line(s3_store, tmp_path, capsys):
@@ -188,7 +195,7 @@ def test_cli_errors_are_one_line(s3_store, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"error: {tmp_path / 'model.pkl'}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
         "(unpickling runs arbitrary code): convert it first",
-        "error: model 'x' has no alias 'prod'",
+        "error: model 'x' has no alias 'live'",
         "error: --bucket: name the model store's bucket (the stack output ModelStoreBucket)",
     ]
 
@@ -207,3 +214,36 @@ def test_register_takes_the_configs_name_rule(s3_store, tmp_path, capsys):
     assert main(["register", str(MODELS / "iris.onnx"), "--name", "Cancer", *where]) == 2
     assert capsys.readouterr().err == ("error: --name: model name 'Cancer' must be lowercase letters, digits and '-', "
                                        "starting with a letter, at most 40 characters, as in the config\n")
+
+
+def test_rollback_walks_the_alias_history_back_one_step_at_a_time(registry, tmp_path):
+    numbers = []
+    for text in ("a", "b", "c"):
+        model = onnx.load(MODELS / "iris.onnx")
+        model.doc_string = text
+        onnx.save(model, tmp_path / f"{text}.onnx")
+        numbers.append(registry.register(tmp_path / f"{text}.onnx", "walk")[0].number)
+    for number in numbers:
+        registry.set_alias("walk", "live", str(number))
+    assert [registry.rollback("walk"), registry.rollback("walk")] == [(3, 2), (2, 1)]
+    with pytest.raises(RegistryError, match=r"^alias 'live' of model 'walk' points at version 1 and has no earlier version "):
+        registry.rollback("walk")
+
+
+def test_a_version_with_other_inputs_is_refused_unless_allowed(registry, tmp_path):
+    from sklearn.datasets import load_wine
+    from sklearn.linear_model import LogisticRegression
+    from skl2onnx import to_onnx
+
+    features, labels = load_wine(return_X_y=True)
+    estimator = LogisticRegression(max_iter=5000).fit(features, labels)
+    wine = tmp_path / "wine.onnx"
+    wine.write_bytes(to_onnx(estimator, features[:1].astype("float32"), options={id(estimator): {"zipmap": False}}).SerializeToString())
+    registry.register(MODELS / "iris.onnx", "flowers")
+    with pytest.raises(RegistryError) as refused:
+        registry.register(wine, "flowers")
+    assert str(refused.value) == (f"{wine}: its inputs (X FP32 [-1, 13]) differ from those of flowers version 1 (features FP32 "
+                                  "[-1, 4]), which clients are sent now; --allow-signature-change registers it anyway")
+    assert [v.number for v in registry.versions("flowers")] == [1]
+    version, new = registry.register(wine, "flowers", allow_signature_change=True)
+    assert (version.number, new) == (2, True)
