@@ -64,8 +64,8 @@ def test_registry_commands_find_the_projects_running_stack_on_its_free_s3_port(p
         assert versions.returncode == 0, versions.stderr
         sha256 = hashlib.sha256((project / "models" / "iris.onnx").read_bytes()).hexdigest()
         assert versions.stdout.splitlines()[1].split()[:3] == ["1", sha256[:12], "onnx"]
-        aliased = slimserve("alias", "iris", "prod", "1", cwd=project)
-        assert aliased.stdout == "iris: alias prod now points at version 1 (new alias)\n"
+        aliased = slimserve("alias", "iris", "live", "1", cwd=project)
+        assert aliased.stdout.splitlines()[0] == "iris: alias live now points at version 1 (new alias)"
     finally:
         server.terminate()
         server.communicate(timeout=60)
