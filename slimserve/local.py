@@ -173,7 +173,7 @@ class LocalStack:
         self.log(note)
         runtime_dir = build_layer("lambda-runtime", version, log=self.log).python_path
         self.task_root = task_root = function_bundle(work_dir / "function", python)
-        s3 = self.resources.enter_context(local_s3(port=s3_port))
+        s3 = self.resources.enter_context(local_s3(port=s3_port, keep=work_dir / "store"))
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         self.registry = registry = Registry(s3.client(), s3.bucket)
         self.versions: dict[str, ModelVersions] = {}  # the Lambda models' functions

@@ -2,9 +2,11 @@
 
 import logging
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -43,6 +45,28 @@ def free_port() -> int:
 DEFAULT_BUCKET = "slimserve-models"
 
 
+def _load(store: LocalS3, folder: Path) -> None:
+    client = store.client()
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+        if path.is_file():
+            client.put_object(Bucket=store.bucket, Key=path.relative_to(folder).as_posix(), Body=path.read_bytes())
+
+
+def _save(store: LocalS3, folder: Path) -> None:
+    """Every object into a fresh folder beside `folder`, which then replaces it: a save cut short leaves the last one."""
+    client = store.client()
+    saving = folder.with_name(folder.name + ".saving")
+    shutil.rmtree(saving, ignore_errors=True)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket):
+        for item in page.get("Contents", []):
+            target = saving / item["Key"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.get_object(Bucket=store.bucket, Key=item["Key"])["Body"].read())
+    saving.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    saving.rename(folder)
+
+
 def claim_port(host: str, port: int, flag: str, instead: str) -> None:
     """A port a server of ours is about to bind, refused in one line if another program holds it: moto's server
     would otherwise wait forever, and http.server raise a bare OSError naming neither the port nor the flag."""
@@ -55,8 +79,10 @@ def claim_port(host: str, port: int, flag: str, instead: str) -> None:
 
 
 @contextmanager
-def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None):
-    """Start moto's server (on `port`, or any free one), create the bucket, and point this process's boto3 at it."""
+def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None, keep: Path | None = None):
+    """Start moto's server (on `port`, or any free one), create the bucket, and point this process's boto3 at it.
+    With `keep`, the bucket's objects are loaded from that folder at start and saved back to it at stop: moto keeps
+    them in memory only, and registered versions and aliases must outlive a restart."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 call is noise here
@@ -71,7 +97,11 @@ def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None):
     try:
         store = LocalS3(environment["AWS_ENDPOINT_URL_S3"], bucket, environment)
         store.client().create_bucket(Bucket=bucket)
+        if keep is not None:
+            _load(store, Path(keep))
         yield store
+        if keep is not None:
+            _save(store, Path(keep))
     finally:
         for key, value in saved.items():
             if value is None:

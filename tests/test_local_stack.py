@@ -358,3 +358,27 @@ def test_binary_data_without_a_binary_media_type_fails_as_deployed_on_both_route
         request = urllib.request.Request(f"{mixed_stack.gateway.url}/v2/models/{name}/infer", body, binary, method="POST")
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200, name
+
+
+def test_the_local_store_keeps_versions_and_aliases_across_restarts(tmp_path):
+    import onnx
+
+    from slimserve.cli import main
+
+    main(["init", str(tmp_path / "proj"), "--model", str(ROOT / "examples" / "models" / "iris.onnx")])
+    config, work_dir = tmp_path / "proj" / "slimserve.toml", tmp_path / "proj" / "build" / "local"
+    retrained = onnx.load(ROOT / "examples" / "models" / "iris.onnx")
+    retrained.doc_string = "retrained"
+    onnx.save(retrained, tmp_path / "iris-v2.onnx")
+    with running_stack(config, work_dir) as first:
+        assert first.registry.register(tmp_path / "iris-v2.onnx", "iris")[0].number == 2
+        first.registry.set_alias("iris", "live", "2")
+    saved = work_dir / "store" / "models" / "iris"  # what the stopped stack saved
+    assert (saved / "aliases" / "live.json").is_file() and len(list(saved.glob("*/manifest.json"))) == 2
+    with running_stack(config, work_dir) as second:
+        assert [v.number for v in second.registry.versions("iris")] == [1, 2]
+        assert second.registry.alias("iris", "live")["version"] == 2
+        flower = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+        status, answer = http(second, "POST", "/v2/models/iris/infer", json.dumps(flower).encode(),
+                              {"x-api-key": second.gateway.api_key})
+        assert (status, answer["model_version"]) == (200, "2")  # live's version, registered before the restart
