@@ -150,7 +150,7 @@ def _registry(args):
         if not args.bucket:
             raise UserError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
         session = boto3.Session(profile_name=args.profile, region_name=args.region)
-        return _reachable(Registry(session.client("s3"), args.bucket), f"the bucket {args.bucket} in your AWS account")
+        return _reachable(Registry(session.client("s3"), args.bucket, deployed=True), f"the bucket {args.bucket} in your AWS account")
     endpoint, bucket = args.endpoint_url, args.bucket
     if endpoint is None:
         config = Path(args.config)
@@ -212,6 +212,7 @@ def _cdk(args) -> int:
     if args.command == "bootstrap" and config.account:
         arguments.append(f"aws://{config.account}/{environment['AWS_REGION']}")
     if args.command == "deploy":
+        _check_locked_objects(config, args)
         arguments += ["--outputs-file", str(outputs)]
         outputs.unlink(missing_ok=True)
     if args.command == "destroy" and args.yes:
@@ -223,6 +224,33 @@ def _cdk(args) -> int:
     if code == 0 and args.command == "deploy":
         return _print_deployed(config, outputs, args)
     return code
+
+
+def _check_locked_objects(config, args) -> None:
+    """A deploy never points a function at an object that is not there: each locked version is looked up in the store
+    the lock was resolved against, with the deploy's credentials; where they may not look, it says so."""
+    import boto3
+    import botocore.exceptions
+
+    from .lock import lock_path, read_lock
+    from .store import model_key
+
+    lock = read_lock(config)
+    if not lock["models"] or not str(lock["store"]).startswith("s3://"):
+        return  # nothing locked, or a local lock, which synth refuses unless told
+    bucket = lock["store"].removeprefix("s3://")
+    s3 = boto3.Session(profile_name=args.profile, region_name=args.region or config.region).client("s3")
+    for name, entry in sorted(lock["models"].items()):
+        key = model_key(name, entry["sha256"], entry["format"])
+        try:
+            s3.head_object(Bucket=bucket, Key=key)
+        except botocore.exceptions.ClientError as error:
+            code = error.response["Error"].get("Code")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise UserError(f"{lock_path(config)}: models.{name}: version {entry['version']} is not in its store "
+                                f"(s3://{bucket}/{key} does not exist); a deploy would point the function at nothing: "
+                                "register it there and lock again") from None
+            print(f"note: could not check s3://{bucket}/{key} for models.{name} ({code}); deploying without that check")
 
 
 DEPLOY_OUTPUTS = ("ApiUrl", "ApiKeyId", "ModelStoreBucket")

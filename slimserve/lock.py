@@ -8,11 +8,15 @@ the lock: a changed lock is a new function version, which CodeDeploy shifts traf
 """
 
 import json
+import os
 from pathlib import Path
 
 from .config import AppConfig, ConfigError
-from .registry import Registry, RegistryError, Version
+from .registry import LOCAL_STORE, Registry, RegistryError, Version
 from .store import StoredModel
+
+ALLOW_LOCAL_LOCK = "SLIMSERVE_ALLOW_LOCAL_LOCK"
+"""Set to 1, synth takes a lock resolved against a local store (a test, an emulator); otherwise it refuses it."""
 
 
 def lock_path(config: AppConfig) -> Path:
@@ -35,17 +39,31 @@ def write_lock(config: AppConfig, registry: Registry) -> dict[str, Version]:
         resolved[model.name] = version
         entries[model.name] = {"ref": model.version, "version": version.number, "sha256": version.sha256,
                                "format": version.format, "size": version.size}
-    lock_path(config).write_text(json.dumps({"models": entries}, indent=2, sort_keys=True) + "\n")
+    lock_path(config).write_text(json.dumps({"store": registry.store, "models": entries}, indent=2, sort_keys=True) + "\n")
     return resolved
+
+
+def read_lock(config: AppConfig) -> dict:
+    """The lock's store and entries ({} for a config without a lock)."""
+    path = lock_path(config)
+    try:
+        lock = json.loads(path.read_text()) if path.exists() else {"store": None, "models": {}}
+        if not {"store", "models"} <= lock.keys():
+            raise KeyError("expected the keys store and models")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConfigError(f"{path}: not a slimserve lock ({error}); run `slimserve lock` to write it again") from None
+    return lock
 
 
 def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
     """The stored versions the lock settles for the models with a `version`, in the stack's `bucket`."""
     path = lock_path(config)
-    try:
-        entries = json.loads(path.read_text())["models"] if path.exists() else {}
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"{path}: not a slimserve lock ({error}); run `slimserve lock` to write it again") from None
+    lock = read_lock(config)
+    entries = lock["models"]
+    if entries and lock["store"] == LOCAL_STORE and os.environ.get(ALLOW_LOCAL_LOCK) != "1":
+        raise ConfigError(f"{path}: resolved against the local store, whose versions exist on this machine only: a deployed "
+                          "function would find no object. Lock against the deployed store (`slimserve lock --profile P "
+                          f"--region R --bucket BUCKET`), or set {ALLOW_LOCAL_LOCK}=1 to synth it anyway (an emulator, a test)")
     stored = {}
     for model in config.models:
         if model.version is None:

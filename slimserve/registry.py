@@ -111,6 +111,8 @@ def _git_commit(path: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
+LOCAL_STORE = "local"
+"""What a lock says of versions resolved against a local store: they exist on this machine only."""
 LIVE_ALIAS = "live"
 """The alias that says which version serves: a running local stack follows it within a second; a deploy serves it
 once a config with `version = "live"` is locked (`slimserve lock`) and deployed."""
@@ -121,9 +123,11 @@ def _inputs_text(signature: dict) -> str:
 
 
 class Registry:
-    def __init__(self, s3, bucket: str):
+    def __init__(self, s3, bucket: str, deployed: bool = False):
+        """`deployed`: the store of a deployed stack (its bucket in an AWS account), not a local one."""
         self.s3 = s3
         self.bucket = bucket
+        self.store = f"s3://{bucket}" if deployed else LOCAL_STORE
 
     def _get(self, key: str) -> bytes | None:
         try:

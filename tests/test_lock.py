@@ -12,9 +12,15 @@ from aws_cdk import assertions
 
 from slimserve.cli import main
 from slimserve.config import ConfigError, load_config
-from slimserve.lock import lock_path, write_lock
+from slimserve.lock import ALLOW_LOCAL_LOCK, lock_path, write_lock
 from slimserve.registry import Registry
 from slimserve.stacks.app import build_app
+
+
+@pytest.fixture(autouse=True)
+def local_locks_allowed(monkeypatch):
+    """These tests lock against moto's S3, a local store: synth takes such a lock only when told."""
+    monkeypatch.setenv(ALLOW_LOCAL_LOCK, "1")
 
 
 @pytest.fixture
@@ -56,7 +62,7 @@ def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrain
     assert main(["lock", "--config", str(config.path), "--endpoint-url", s3_store.endpoint, "--bucket", registry.bucket]) == 0
     assert capsys.readouterr().out == (f"iris: 'prod' is version 2 (sha256 {retrained.sha256})\n"
                                        f"wrote {tmp_path}/slimserve.lock: 1 of 1 models deploy a registered version\n")
-    assert json.loads(lock_path(config).read_text()) == {"models": {"iris": {
+    assert json.loads(lock_path(config).read_text()) == {"store": "local", "models": {"iris": {
         "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size}}}
     environment, _ = function_environment(config)
     assert environment["SLIMSERVE_MODEL_VERSION"] == "2"
@@ -101,3 +107,39 @@ def test_models_without_a_version_upload_their_artifact_as_before(tmp_path):
     environment, _ = function_environment(config_with(tmp_path, None))
     assert environment["SLIMSERVE_MODEL_VERSION"] == "1"
     assert environment["SLIMSERVE_MODEL_KEY"] == f"models/iris/{environment['SLIMSERVE_MODEL_SHA256']}/model.onnx"
+
+
+def test_synth_refuses_a_lock_from_the_local_store_unless_told(registry, retrained, tmp_path, monkeypatch):
+    config = config_with(tmp_path)
+    write_lock(config, registry)
+    monkeypatch.delenv(ALLOW_LOCAL_LOCK)
+    with pytest.raises(ConfigError) as refused:
+        build_app(config)
+    assert str(refused.value) == (
+        f"{tmp_path}/slimserve.lock: resolved against the local store, whose versions exist on this machine only: a deployed "
+        "function would find no object. Lock against the deployed store (`slimserve lock --profile P --region R --bucket "
+        "BUCKET`), or set SLIMSERVE_ALLOW_LOCAL_LOCK=1 to synth it anyway (an emulator, a test)")
+
+
+def test_deploy_refuses_a_locked_version_missing_from_its_store(registry, retrained, tmp_path, monkeypatch):
+    """The lock names the deployed store it was resolved against; deploy looks each version up there first."""
+    from argparse import Namespace
+
+    from slimserve.cli import _check_locked_objects
+    from slimserve.errors import UserError
+    from slimserve.local_s3 import LOCAL_CREDENTIALS
+
+    for key, value in LOCAL_CREDENTIALS.items():  # moto's S3 stands for the account's (AWS_ENDPOINT_URL_S3 points at it)
+        monkeypatch.setenv(key, value)
+    config = config_with(tmp_path)
+    deployed = Registry(registry.s3, registry.bucket, deployed=True)
+    write_lock(config, deployed)
+    assert json.loads(lock_path(config).read_text())["store"] == f"s3://{registry.bucket}"
+    arguments = Namespace(profile=None, region="us-east-1")
+    _check_locked_objects(config, arguments)  # version 2 is there
+    registry.s3.delete_object(Bucket=registry.bucket, Key=retrained.key)
+    with pytest.raises(UserError) as refused:
+        _check_locked_objects(config, arguments)
+    assert str(refused.value) == (
+        f"{tmp_path}/slimserve.lock: models.iris: version 2 is not in its store (s3://{registry.bucket}/{retrained.key} does "
+        "not exist); a deploy would point the function at nothing: register it there and lock again")
