@@ -10,9 +10,9 @@ from pathlib import Path
 from . import __version__
 from .config import DEFAULT_CONFIG, load_config
 from .errors import UserError
+from .local_s3 import DEFAULT_BUCKET
 from .local_state import running_state
 from .registry import LIVE_ALIAS
-from .local_s3 import DEFAULT_BUCKET
 
 
 def _examples(args) -> int:

@@ -231,9 +231,9 @@ def test_rollback_walks_the_alias_history_back_one_step_at_a_time(registry, tmp_
 
 
 def test_a_version_with_other_inputs_is_refused_unless_allowed(registry, tmp_path):
+    from skl2onnx import to_onnx
     from sklearn.datasets import load_wine
     from sklearn.linear_model import LogisticRegression
-    from skl2onnx import to_onnx
 
     features, labels = load_wine(return_X_y=True)
     estimator = LogisticRegression(max_iter=5000).fit(features, labels)
