@@ -56,7 +56,8 @@ def test_too_tight_a_tolerance_is_refused_and_nothing_is_written(digits_onnx):
 def test_graph_and_fp16_levels_keep_the_signature(digits_onnx, level, tolerance):
     folder, _ = digits_onnx
     out = folder / f"digits.{level}.onnx"
-    report = optimize(folder / "digits.onnx", level, folder / "samples.npy", tolerance=tolerance, out=out)
+    # forced: on a model this small, graph and fp16 may come out larger and no faster, which alone refuses them
+    report = optimize(folder / "digits.onnx", level, folder / "samples.npy", tolerance=tolerance, out=out, force=True)
     assert report.written == str(out) and report.optimized.max_abs_diff <= tolerance
     assert OnnxModel(out).signature == OnnxModel(folder / "digits.onnx").signature
 
