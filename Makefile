@@ -39,31 +39,27 @@ $(TEST_STAMP): $(STAMP) requirements-test.lock
 	$(BIN)/python -c "import pytest, cfnlint, hypothesis, schemathesis, atheris, setuptools, wheel"
 	touch $@
 
-$(TFLITE_STAMP): requirements-tflite-runtime.lock
-	$(PYTHON) -m venv $(TFLITE_VENV)
-	$(TFLITE_VENV)/bin/pip install $(PIP_QUIET) -r requirements-tflite-runtime.lock
-	$(TFLITE_VENV)/bin/python -c "import tflite_runtime.interpreter"
+# A venv of its own for a heavy or conflicting part: $(call venv_from_lock,VENV,LOCK,MODULES[,editable]) makes it
+# from LOCK, adds slimserve itself (no deps) when asked, and checks that it imports MODULES (space-separated).
+define venv_from_lock
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install $(PIP_QUIET) -r $(2)
+	$(if $(4),$(1)/bin/pip install $(PIP_QUIET) --no-deps -e .)
+	$(1)/bin/python -c "$(foreach module,$(3),import $(module);)"
 	touch $@
+endef
+
+$(TFLITE_STAMP): requirements-tflite-runtime.lock
+	$(call venv_from_lock,$(TFLITE_VENV),requirements-tflite-runtime.lock,tflite_runtime.interpreter)
 
 $(BENTOML_STAMP): requirements-bentoml.lock
-	$(PYTHON) -m venv $(BENTOML_VENV)
-	$(BENTOML_VENV)/bin/pip install $(PIP_QUIET) -r requirements-bentoml.lock
-	$(BENTOML_VENV)/bin/python -c "import bentoml, onnxruntime"
-	touch $@
+	$(call venv_from_lock,$(BENTOML_VENV),requirements-bentoml.lock,bentoml onnxruntime)
 
 $(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
-	$(PYTHON) -m venv $(TENSORFLOW_VENV)
-	$(TENSORFLOW_VENV)/bin/pip install $(PIP_QUIET) -r requirements-tensorflow.lock
-	$(TENSORFLOW_VENV)/bin/pip install $(PIP_QUIET) --no-deps -e .
-	$(TENSORFLOW_VENV)/bin/python -c "import tensorflow, ai_edge_litert, slimserve.convert"
-	touch $@
+	$(call venv_from_lock,$(TENSORFLOW_VENV),requirements-tensorflow.lock,tensorflow ai_edge_litert slimserve.convert,editable)
 
 $(TORCH_STAMP): pyproject.toml requirements-torch.lock
-	$(PYTHON) -m venv $(TORCH_VENV)
-	$(TORCH_VENV)/bin/pip install $(PIP_QUIET) -r requirements-torch.lock
-	$(TORCH_VENV)/bin/pip install $(PIP_QUIET) --no-deps -e .
-	$(TORCH_VENV)/bin/python -c "import torch, onnxscript, slimserve.convert"
-	touch $@
+	$(call venv_from_lock,$(TORCH_VENV),requirements-torch.lock,torch onnxscript slimserve.convert,editable)
 
 $(LOCALSTACK_STAMP): requirements-localstack.lock tests/localstack_noop_lambda/pyproject.toml $(STAMP)
 	$$($(BIN)/python -c "from slimserve.layers.builder import find_python; print(find_python('3.13') or 'python3.13')") -m venv $(LOCALSTACK_VENV)

@@ -154,7 +154,7 @@ def _registry(args):
     endpoint, bucket = args.endpoint_url, args.bucket
     if endpoint is None:
         config = Path(args.config)
-        state = running_state(load_config(config).build_dir / "local")
+        state = running_state(load_config(config).local_dir)
         if state is None:
             raise UserError(f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
                             "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store")
@@ -177,8 +177,8 @@ def _reachable(registry, where: str):
     return registry
 
 
-def _aws_environment(args, config) -> dict[str, str]:
-    """--profile and --region as the CDK CLI reads them; a missing profile, credentials or region in one line."""
+def _aws_session(args, config):
+    """The deploy's AWS session from --profile and --region; a missing profile, credentials or region in one line."""
     import boto3
     import botocore.exceptions
 
@@ -187,15 +187,14 @@ def _aws_environment(args, config) -> dict[str, str]:
         session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region or os.environ.get("AWS_REGION"))
     except botocore.exceptions.ProfileNotFound:
         raise UserError(f"--profile {args.profile}: no such profile in your AWS config "
-                          "(`aws configure list-profiles` lists them)") from None
+                        "(`aws configure list-profiles` lists them)") from None
     if session.get_credentials() is None:
         raise UserError("no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
-                          "or pass --profile NAME")
+                        "or pass --profile NAME")
     if not session.region_name:
         raise UserError(f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
-                          "(`aws configure set region eu-west-1`)")
-    environment = {"AWS_REGION": session.region_name, "AWS_DEFAULT_REGION": session.region_name}
-    return environment | ({"AWS_PROFILE": args.profile} if args.profile else {})
+                        "(`aws configure set region eu-west-1`)")
+    return session
 
 
 def _cdk(args) -> int:
@@ -203,7 +202,10 @@ def _cdk(args) -> int:
     from . import cdk_cli
 
     config = load_config(args.config)
-    environment = _aws_environment(args, config)
+    session = _aws_session(args, config)
+    # --profile and --region as the CDK CLI reads them
+    environment = {"AWS_REGION": session.region_name, "AWS_DEFAULT_REGION": session.region_name}
+    environment |= {"AWS_PROFILE": args.profile} if args.profile else {}
     out = config.project_dir / "cdk.out"
     arguments = [args.command, "--app", _app_command(config), "--output", str(out)]
     if args.profile:
@@ -212,7 +214,7 @@ def _cdk(args) -> int:
     if args.command == "bootstrap" and config.account:
         arguments.append(f"aws://{config.account}/{environment['AWS_REGION']}")
     if args.command == "deploy":
-        _check_locked_objects(config, args)
+        _check_locked_objects(config, session)
         arguments += ["--outputs-file", str(outputs)]
         outputs.unlink(missing_ok=True)
     if args.command == "destroy" and args.yes:
@@ -226,10 +228,9 @@ def _cdk(args) -> int:
     return code
 
 
-def _check_locked_objects(config, args) -> None:
+def _check_locked_objects(config, session) -> None:
     """A deploy never points a function at an object that is not there: each locked version is looked up in the store
-    the lock was resolved against, with the deploy's credentials; where they may not look, it says so."""
-    import boto3
+    the lock was resolved against, with the deploy's session; where its credentials may not look, it says so."""
     import botocore.exceptions
 
     from .lock import lock_path, read_lock
@@ -239,7 +240,7 @@ def _check_locked_objects(config, args) -> None:
     if not lock["models"] or not str(lock["store"]).startswith("s3://"):
         return  # nothing locked, or a local lock, which synth refuses unless told
     bucket = lock["store"].removeprefix("s3://")
-    s3 = boto3.Session(profile_name=args.profile, region_name=args.region or config.region).client("s3")
+    s3 = session.client("s3")
     for name, entry in sorted(lock["models"].items()):
         key = model_key(name, entry["sha256"], entry["format"])
         try:
@@ -268,11 +269,11 @@ def _print_deployed(config, outputs: Path, args) -> int:
               f"in {outputs}: it was not fully created; its events in CloudFormation say why", file=sys.stderr)
         return 1
     flags = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("profile", args.profile), ("region", args.region)) if value)
-    print(f"API: {stack.get('ApiUrl')}")
+    print(f"API: {stack['ApiUrl']}")
     print(f"API key (for models with auth = \"api_key\"; send it as x-api-key): aws apigateway get-api-key "
-          f"--api-key {stack.get('ApiKeyId')} --include-value --query value --output text{flags}")
-    print(f"model store: s3://{stack.get('ModelStoreBucket')} (slimserve register|versions|alias ... "
-          f"--bucket {stack.get('ModelStoreBucket')}{flags or ' --region REGION'})")
+          f"--api-key {stack['ApiKeyId']} --include-value --query value --output text{flags}")
+    print(f"model store: s3://{stack['ModelStoreBucket']} (slimserve register|versions|alias ... "
+          f"--bucket {stack['ModelStoreBucket']}{flags or ' --region REGION'})")
     print(f"all outputs: {outputs}")
     return 0
 

@@ -155,6 +155,11 @@ class AppConfig:
         """Layers, function code, model uploads, local stack state and logs: build/ beside the config."""
         return self.project_dir / "build"
 
+    @property
+    def local_dir(self) -> Path:
+        """The local stack's functions, model folders, logs, saved store and state file (build/local)."""
+        return self.build_dir / "local"
+
     def model(self, name: str) -> ModelConfig:
         return next(m for m in self.models if m.name == name)
 

@@ -92,10 +92,11 @@ class LocalGateway(wire.Server):
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
-        if body and not is_binary(headers) and as_text(body).encode() != body:
+        passed_on = as_text(body).encode() if body and not is_binary(headers) else body
+        if passed_on != body:
             self.log(f"{method} {path}: a body that is not UTF-8 text, without Content-Type: application/octet-stream: "
                      "the deployed API passes it on as text, damaged, as it is here; send that header with binary data")
-            body = as_text(body).encode()
+            body = passed_on
         if isinstance(route, EndpointRoute):
             return self.invoke_endpoint(route, method, path, headers, body)
         pool = route.pool

@@ -157,12 +157,12 @@ class LocalStack:
 
     def __init__(self, config: AppConfig, host: str = "127.0.0.1", port: int = 8080, log=print,
                  work_dir: Path | None = None, api_key: str | None = None, s3_port: int | None = None):
-        """`work_dir` (default: the project's build/local) holds the functions' code, the models' folders and the logs."""
+        """`work_dir` (default: the project's `local_dir`) holds the functions' code, the models' folders and the logs."""
         self.config = config
         self.log = log
         self.resources = contextlib.ExitStack()
         try:
-            self._start(host, port, Path(work_dir or config.build_dir / "local").resolve(), api_key, s3_port)
+            self._start(host, port, Path(work_dir or config.local_dir).resolve(), api_key, s3_port)
         except BaseException:
             self.resources.close()
             raise

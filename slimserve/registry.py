@@ -164,9 +164,10 @@ class Registry:
 
     def _check_inputs_unchanged(self, name: str, versions: list[Version], path: Path, signature: dict) -> None:
         try:
-            served = self.version(name, LIVE_ALIAS)
+            live = self.alias(name, LIVE_ALIAS)["sha256"]
         except RegistryError:
-            served = versions[-1]
+            live = None
+        served = next((v for v in versions if v.sha256 == live), versions[-1])
         served_signature = json.loads(self._get(served.key.rsplit("/", 1)[0] + "/manifest.json"))["signature"]
         if served_signature["inputs"] != signature["inputs"]:
             raise RegistryError(f"{path}: its inputs ({_inputs_text(signature)}) differ from those of {name} version "

@@ -1,6 +1,7 @@
 """The CDK app for one config: one stack, constructs per concern, reused per model."""
 
 import json
+from pathlib import Path
 
 import aws_cdk as cdk
 from aws_cdk import aws_logs as logs
@@ -47,7 +48,6 @@ class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
         super().__init__(scope, construct_id, **kwargs)
         retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
-        self.build_dir = config.build_dir
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
         stored = self.model_store.add_models(list(config.models), config.build_dir / "model-upload" / construct_id,
                                              locked_models(config, self.model_store.bucket.bucket_name))
@@ -63,18 +63,20 @@ class SlimserveStack(cdk.Stack):
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
         for model in lambda_models:
             self.monitoring.add_lambda_model(model.name, self.lambda_models[model.name].function, model.alarms)
-        self.gpu_endpoints, endpoint_routes = self._gpu_endpoints([m for m in config.models if m.target == "sagemaker"], stored)
+        self.gpu_endpoints, endpoint_routes = self._gpu_endpoints([m for m in config.models if m.target == "sagemaker"], stored,
+                                                                config.build_dir)
         stage = self.api.deploy([shard.routes for shard in self.shards] + endpoint_routes)
         self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)
         cdk.CfnOutput(self, "ApiUrl", value=stage.url_for_path("/"))
         cdk.CfnOutput(self, "ApiKeyId", value=self.api.api_key.key_id)
 
-    def _gpu_endpoints(self, models: list[ModelConfig], stored: dict) -> tuple[dict[str, GpuEndpoint], list[ModelRoutes]]:
+    def _gpu_endpoints(self, models: list[ModelConfig], stored: dict,
+                       build_dir: Path) -> tuple[dict[str, GpuEndpoint], list[ModelRoutes]]:
         """An endpoint per SageMaker model, its routes on the API and its alarms on the app's topic."""
         if not models:
             return {}, []
-        own_image = serving_image(self, self.build_dir / "serving-image") if any(model.sagemaker.image is None for model in models) else None
+        own_image = serving_image(self, build_dir / "serving-image") if any(model.sagemaker.image is None for model in models) else None
         routes = ModelRoutes(self, "EndpointRoutes", self.api)
         endpoints = {}
         for model in models:
