@@ -37,11 +37,11 @@ def build_wheel(out: Path) -> Path:
     return wheel
 
 
-def install_wheel(wheel: Path, venv: Path, *also: str) -> Path:
+def install_wheel(wheel: Path, venv: Path) -> Path:
     """A fresh venv with the wheel and its user extras, at the versions the clone's venv runs; its bin folder."""
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "-c", str(ROOT / "requirements.lock"),
-                    f"{wheel}[{EXTRAS}]", *also], check=True, capture_output=True)
+                    f"{wheel}[{EXTRAS}]"], check=True, capture_output=True)
     return venv / "bin"
 
 
