@@ -183,7 +183,8 @@ def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monke
     bootstrap, diff = runs
     assert bootstrap.returncode == 0, bootstrap.stderr[-3000:]
     assert bootstrap.stdout.startswith(f"cdk bootstrap of slimserve.toml in eu-west-2, AWS CDK CLI {cdk_cli.version()}\n")
-    assert re.search(r"Environment aws://\d{12}/eu-west-2 bootstrapped", bootstrap.stderr), bootstrap.stderr[-2000:]
+    # The CDK CLI logs to stderr, or to stdout where CI=true (as on GitHub Actions and our CI)
+    assert re.search(r"Environment aws://\d{12}/eu-west-2 bootstrapped", bootstrap.stdout + bootstrap.stderr), bootstrap.stderr[-2000:]
     assert diff.returncode == 0, diff.stderr[-3000:]
     assert "[+] AWS::Lambda::Function Models1/Model-iris/Function" in diff.stdout + diff.stderr
     assert "Number of stacks with differences: 2" in diff.stdout + diff.stderr
