@@ -23,9 +23,12 @@ LOCALSTACK_VENV := .venv-localstack
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
 # pip with no configuration but the public index: what `make lock` resolves against (this machine's pip also reads
 # local wheel folders, and a lock resolved there can fail everywhere else).
+# qemu-user runs the other architecture's layers in their smoke tests (the packages are Debian's and Ubuntu's names).
+FOREIGN_MACHINE := $(if $(filter aarch64,$(shell uname -m)),x86_64,aarch64)
+QEMU_PACKAGES := qemu-user-static gpgv debian-archive-keyring
 PUBLIC_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
 
-.PHONY: demo test bench synth serve lock clean
+.PHONY: demo test bench synth serve lock clean qemu
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +71,13 @@ $(LOCALSTACK_STAMP): requirements-localstack.lock tests/localstack_noop_lambda/p
 	$(LOCALSTACK_VENV)/bin/python -c "import localstack.runtime.main, slimserve_noop_lambda"
 	touch $@
 
+qemu:
+	@command -v qemu-$(FOREIGN_MACHINE)-static >/dev/null && command -v gpgv >/dev/null && \
+	  test -f /usr/share/keyrings/debian-archive-keyring.gpg || \
+	  { test "$$(id -u)" = 0 && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(QEMU_PACKAGES) >/dev/null; } || \
+	  { echo "make test needs qemu-$(FOREIGN_MACHINE)-static, gpgv and Debian's keyring: apt-get install $(QEMU_PACKAGES)" >&2; exit 2; }
+
 demo: $(STAMP)
 	$(BIN)/slimserve examples --out build/examples
 	$(BIN)/slimserve check
@@ -75,7 +85,7 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-test: $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LOCALSTACK_STAMP)
+test: $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LOCALSTACK_STAMP) qemu
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python \
 	SLIMSERVE_TORCH_PYTHON=$(TORCH_VENV)/bin/python SLIMSERVE_LOCALSTACK_PYTHON=$(LOCALSTACK_VENV)/bin/python \
 	$(BIN)/python -m pytest -q

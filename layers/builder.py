@@ -21,6 +21,8 @@ from pathlib import Path
 from slimserve.assets import layer_cache
 from slimserve.errors import UserError
 
+from .foreign import ForeignPythonUnavailable, foreign_python
+
 HERE = Path(__file__).resolve().parent
 LAMBDA_UNZIPPED_LIMIT = 250 * 1024 * 1024  # function code plus all its layers
 ARCHITECTURES = {"x86_64": "x86_64", "arm64": "aarch64"}
@@ -204,18 +206,18 @@ def _drop(root: Path, patterns: tuple[str, ...]) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
-def _strip(root: Path, patterns: tuple[str, ...], architecture: str) -> str:
+def _strip(root: Path, patterns: tuple[str, ...], checkable: bool) -> str:
     """Drop symbols loading never needs from the named libraries, where the smoke test can prove they still load.
 
     Only named ones: wheels repaired by auditwheel carry patchelf-edited libraries that
     stripping breaks ("ELF load command address/offset not page-aligned", seen with numpy).
     """
-    strip = shutil.which("llvm-strip") or shutil.which("strip")
+    strip = shutil.which("llvm-strip") or shutil.which("strip")  # llvm-strip reads every architecture's ELF
     if not patterns:
         return "nothing to strip"
     if strip is None:
         return "not stripped: no strip tool"
-    if ARCHITECTURES[architecture] != os.uname().machine:
+    if not checkable:
         return "not stripped: the result could not be loaded here to check it"
     stripped = []
     for library in root.rglob("*.so*"):
@@ -236,16 +238,28 @@ def _compile(root: Path, python: str | None, python_version: str) -> str:
     return "unchecked-hash" if result.returncode == 0 else f"compile failed: {result.stdout[-500:]}{result.stderr[-500:]}"
 
 
-def _smoke(root: Path, recipe: Recipe, python: str | None, python_version: str, architecture: str) -> str:
-    if python is None:
-        return f"not run: no python{python_version} here"
-    if ARCHITECTURES[architecture] != os.uname().machine:
-        return f"not run: {architecture} layer on a {os.uname().machine} machine"
-    result = subprocess.run([python, "-S", "-c", recipe.smoke], env={"PYTHONPATH": str(root), "PATH": os.environ["PATH"]},
+def _target_python(python: str | None, python_version: str, architecture: str, log=None) -> tuple[list[str], str] | str:
+    """The command that runs the layer's Python here (this machine's own, or another architecture's under qemu)
+    and how it runs, in words; else why there is none."""
+    machine = ARCHITECTURES[architecture]
+    if machine == os.uname().machine:
+        return ([python], "") if python else f"no python{python_version} here"
+    try:
+        return foreign_python(python_version, machine, log)
+    except ForeignPythonUnavailable as reason:
+        return f"{architecture} layer on a {os.uname().machine} machine, {reason}"
+
+
+def _smoke(root: Path, recipe: Recipe, target: tuple[list[str], str] | str) -> str:
+    if isinstance(target, str):
+        return f"not run: {target}"
+    command, how = target
+    result = subprocess.run([*command, "-S", "-c", recipe.smoke], env={"PYTHONPATH": str(root), "PATH": os.environ["PATH"]},
                             capture_output=True, text=True)
     if result.returncode != 0:
-        raise LayerBuildError(f"the slimmed layer fails its smoke test ({recipe.smoke}):\n{result.stderr[-2000:]}")
-    return "passed"
+        raise LayerBuildError(f"the slimmed layer fails its smoke test ({recipe.smoke}){' ' + how if how else ''}:\n"
+                              f"{result.stderr[-2000:]}")
+    return f"passed {how}".strip()
 
 
 def build_layer(runtime: str, python_version: str = "3.12", architecture: str = "x86_64",
@@ -269,7 +283,7 @@ def build_layer(runtime: str, python_version: str = "3.12", architecture: str = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        return _build(runtime, recipe, python_version, architecture, key, folder, staging, function_bytes)
+        return _build(runtime, recipe, python_version, architecture, key, folder, staging, function_bytes, log)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # a failed build never leaves a half layer where a good one is expected
 
@@ -287,16 +301,17 @@ def _cached(folder: Path, key: str, function_bytes: int, runtime: str) -> LayerB
 
 
 def _build(runtime: str, recipe: Recipe, python_version: str, architecture: str, key: str, folder: Path, staging: Path,
-           function_bytes: int) -> LayerBuild:
+           function_bytes: int, log) -> LayerBuild:
     started = time.perf_counter()
     site = staging / "python"
     _pip_install(HERE / recipe.requirements, site, python_version, architecture)
     naive = tree_bytes(site)
     _drop(site, COMMON_DROPS + recipe.drops)
-    stripped = _strip(site, recipe.strip, architecture)
     python = find_python(python_version)
+    target = _target_python(python, python_version, architecture, log)
+    stripped = _strip(site, recipe.strip, checkable=not isinstance(target, str))
     pyc = _compile(site, python, python_version)
-    smoke = _smoke(site, recipe, python, python_version, architecture)
+    smoke = _smoke(site, recipe, target)
     slim = tree_bytes(site)
     _check_limit(slim + function_bytes, runtime)
 
