@@ -59,10 +59,10 @@ $(BENTOML_STAMP): requirements-bentoml.lock
 	$(call venv_from_lock,$(BENTOML_VENV),requirements-bentoml.lock,bentoml onnxruntime)
 
 $(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
-	$(call venv_from_lock,$(TENSORFLOW_VENV),requirements-tensorflow.lock,tensorflow ai_edge_litert slimserve.convert,editable)
+	$(call venv_from_lock,$(TENSORFLOW_VENV),requirements-tensorflow.lock,tensorflow ai_edge_litert slimserve.modeltools.convert,editable)
 
 $(TORCH_STAMP): pyproject.toml requirements-torch.lock
-	$(call venv_from_lock,$(TORCH_VENV),requirements-torch.lock,torch onnxscript slimserve.convert,editable)
+	$(call venv_from_lock,$(TORCH_VENV),requirements-torch.lock,torch onnxscript slimserve.modeltools.convert,editable)
 
 $(LOCALSTACK_STAMP): requirements-localstack.lock tests/localstack_noop_lambda/pyproject.toml $(STAMP)
 	$$($(BIN)/python -c "from slimserve.layers.builder import find_python; print(find_python('3.13') or 'python3.13')") -m venv $(LOCALSTACK_VENV)

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from slimserve.apigw import rest_event
 from slimserve.assets import function_bundle
+from slimserve.contract.apigw import rest_event
 from slimserve.lambda_handlers.function import ModelFunction
-from slimserve.store import file_environment
+from slimserve.registry.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"

@@ -11,14 +11,14 @@ import threading
 import time
 from pathlib import Path
 
-from slimserve.apigw import rest_event
 from slimserve.assets import function_bundle
-from slimserve.gateway import LocalGateway, Route
+from slimserve.contract.apigw import rest_event
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.layers.builder import build_layer
-from slimserve.local import layer_runtime
-from slimserve.runner import FunctionPool, FunctionSpec, lambda_python
-from slimserve.store import file_environment
+from slimserve.local.gateway import LocalGateway, Route
+from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python
+from slimserve.local.stack import layer_runtime
+from slimserve.registry.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from slimserve.local_s3 import free_port
+from slimserve.local.s3 import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXTRAS = "runtime,local,cdk"

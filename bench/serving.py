@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from slimserve.local_s3 import free_port
-from slimserve.store import file_environment
+from slimserve.local.s3 import free_port
+from slimserve.registry.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"

@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_CONFIG, load_config
-from .errors import UserError
-from .local_s3 import DEFAULT_BUCKET
-from .local_state import running_state
-from .registry import LIVE_ALIAS
+from slimserve import __version__
+from slimserve.config import DEFAULT_CONFIG, load_config
+from slimserve.errors import UserError
+from slimserve.local.s3 import DEFAULT_BUCKET
+from slimserve.local.state import running_state
+from slimserve.registry.versions import LIVE_ALIAS
 
 
 def _examples(args) -> int:
-    from .examples import build_all
+    from slimserve.modeltools.examples import build_all
 
     for model in build_all(Path(args.out)):
         print(f"{model.name}: wrote {model.path} ({model.path.stat().st_size} bytes), "
@@ -27,7 +27,7 @@ def _examples(args) -> int:
 def _loadable_config(path: str):
     """The config, with every model file loaded as serving would load it: what `serve` or a deploy would refuse is
     refused here, in one line naming the config key and the file."""
-    from .registry import RegistryError, read_model
+    from slimserve.registry.versions import RegistryError, read_model
 
     config = load_config(path)
     for model in config.models:
@@ -48,7 +48,7 @@ def _check(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from slimserve.demo import run_demo
 
     return run_demo(load_config(args.config), sys.stdout)
 
@@ -65,7 +65,7 @@ def _layer(args) -> int:
 
 
 def _init(args) -> int:
-    from .scaffold import init_project
+    from slimserve.scaffold import init_project
 
     folder = Path(args.dir)
     project = init_project(folder, Path(args.model) if args.model else None)
@@ -85,7 +85,10 @@ def _init(args) -> int:
 def _cdk_app(args) -> int:
     """The CDK app itself: what cdk.json runs, and what `synth` and the deploy commands run."""
     config = _loadable_config(args.config)  # a config error is one line, before CDK starts
-    from .stacks.app import build_app
+    from slimserve import cdk_cli
+
+    cdk_cli.use_bundled_node()
+    from slimserve.stacks.app import build_app
 
     build_app(config).synth()
     return 0
@@ -118,7 +121,7 @@ def _synth(args) -> int:
 def _serve(args) -> int:
     import signal
 
-    from .local import LocalStack
+    from slimserve.local.stack import LocalStack
 
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM (a process manager, a test) stops everything as Ctrl-C does
@@ -143,8 +146,8 @@ def _registry(args):
     """The registry on the local stack's S3 unless --profile/--region name an AWS account."""
     import boto3
 
-    from .local_s3 import local_client
-    from .registry import Registry
+    from slimserve.local.s3 import local_client
+    from slimserve.registry.versions import Registry
 
     if args.profile or args.region:
         if not args.bucket:
@@ -199,7 +202,7 @@ def _aws_session(args, config):
 
 def _cdk(args) -> int:
     """bootstrap, diff, deploy, destroy: the pinned CDK CLI on the project's app and cdk.out."""
-    from . import cdk_cli
+    from slimserve import cdk_cli
 
     config = load_config(args.config)
     session = _aws_session(args, config)
@@ -233,8 +236,8 @@ def _check_locked_objects(config, session) -> None:
     the lock was resolved against, with the deploy's session; where its credentials may not look, it says so."""
     import botocore.exceptions
 
-    from .lock import lock_path, read_lock
-    from .store import model_key
+    from slimserve.registry.lock import lock_path, read_lock
+    from slimserve.registry.store import model_key
 
     lock = read_lock(config)
     if not lock["models"] or not str(lock["store"]).startswith("s3://"):
@@ -281,7 +284,14 @@ def _print_deployed(config, outputs: Path, args) -> int:
 def _convert(args) -> int:
     import numpy as np
 
-    from .convert import KERAS_SUFFIXES, ConvertError, convert_keras, convert_sklearn, convert_torch, load_keras
+    from slimserve.modeltools.convert import (
+        KERAS_SUFFIXES,
+        ConvertError,
+        convert_keras,
+        convert_sklearn,
+        convert_torch,
+        load_keras,
+    )
 
     source = Path(args.model)
     try:
@@ -313,8 +323,8 @@ def _convert(args) -> int:
 
 
 def _optimize(args) -> int:
-    from .convert import KERAS_SUFFIXES
-    from .optimize import optimize
+    from slimserve.modeltools.convert import KERAS_SUFFIXES
+    from slimserve.modeltools.optimize import optimize
 
     model = Path(args.model)
     suffix = ".tflite" if model.suffix in KERAS_SUFFIXES else ".onnx"
@@ -327,7 +337,7 @@ def _optimize(args) -> int:
 
 
 def _lock(args) -> int:
-    from .lock import lock_path, write_lock
+    from slimserve.registry.lock import lock_path, write_lock
 
     config = load_config(args.config)
     resolved = write_lock(config, _registry(args))

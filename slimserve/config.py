@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .errors import UserError
+from slimserve.errors import UserError
 
 DEFAULT_CONFIG = "slimserve.toml"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")

@@ -13,13 +13,12 @@ import urllib.request
 
 import numpy as np
 
+from slimserve.config import AppConfig, ModelConfig
 from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 from slimserve.lambda_handlers.runtimes import load_model
-
-from . import examples
-from .config import AppConfig, ModelConfig
-from .local import LocalStack
-from .local_s3 import free_port
+from slimserve.local.s3 import free_port
+from slimserve.local.stack import LocalStack
+from slimserve.modeltools import examples
 
 HELD_OUT = {"iris": examples.iris_split, "digits": examples.digits_split}
 WARM_REQUESTS = 50

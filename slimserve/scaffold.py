@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from . import __version__
-from .config import DEFAULT_CONFIG, MODEL_NAME
-from .errors import UserError
-from .stacks.context import CDK_CONTEXT
+from slimserve import __version__
+from slimserve.config import DEFAULT_CONFIG, MODEL_NAME
+from slimserve.errors import UserError
+from slimserve.stacks.context import CDK_CONTEXT
 
 FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 WORKFLOW = Path(".github") / "workflows" / "slimserve.yml"

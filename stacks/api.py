@@ -10,9 +10,18 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from slimserve.apigw import BINARY_MEDIA_TYPES, ENDPOINT_FAILED, ENDPOINT_THROTTLED, MODEL_ERROR_TEMPLATE
+from slimserve.contract.apigw import (
+    BINARY_MEDIA_TYPES,
+    ENDPOINT_FAILED,
+    ENDPOINT_THROTTLED,
+    MODEL_ERROR_TEMPLATE,
+)
 from slimserve.lambda_handlers.core import SERVER_NAME, SERVER_VERSION
-from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve.lambda_handlers.sagemaker_server import (
+    CUSTOM_ATTRIBUTES,
+    endpoint_routes,
+    route_attribute,
+)
 
 from .nag import acknowledge
 

@@ -9,7 +9,7 @@ from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
 from slimserve.config import Alarms, AppConfig, ModelConfig
-from slimserve.lock import locked_models
+from slimserve.registry.lock import locked_models
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
 from .context import CDK_CONTEXT

@@ -13,7 +13,7 @@ from constructs import Construct
 
 from slimserve.assets import serving_context
 from slimserve.config import ModelConfig
-from slimserve.store import StoredModel
+from slimserve.registry.store import StoredModel
 
 from .model_store import ModelStore
 from .monitoring import sagemaker_metric

@@ -18,7 +18,7 @@ from constructs import Construct
 from slimserve.assets import HANDLER, function_bundle, package_folder
 from slimserve.config import ModelConfig
 from slimserve.layers.builder import build_layer, find_python, layer_key
-from slimserve.store import StoredModel
+from slimserve.registry.store import StoredModel
 
 from .model_store import ModelStore
 from .nag import acknowledge

@@ -13,7 +13,7 @@ from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
 from slimserve.config import ModelConfig
-from slimserve.store import StoredModel, manifest, model_key
+from slimserve.registry.store import StoredModel, manifest, model_key
 
 from .nag import acknowledge, logical_id
 

@@ -10,8 +10,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from slimserve import cdk_cli
 from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
 from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
+
+cdk_cli.use_bundled_node()  # before any test module imports aws_cdk
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -97,7 +100,7 @@ def call(core: InferenceCore, method: str, path: str, body=b"", headers=None):
 
 @pytest.fixture(scope="session")
 def iris_test_split():
-    from slimserve.examples import iris_split
+    from slimserve.modeltools.examples import iris_split
 
     _, test_x, _, test_y = iris_split()
     return test_x, test_y
@@ -105,7 +108,7 @@ def iris_test_split():
 
 @pytest.fixture(scope="session")
 def digits_test_split():
-    from slimserve.examples import digits_split
+    from slimserve.modeltools.examples import digits_split
 
     _, test_x, _, test_y = digits_split()
     return test_x, test_y
@@ -113,7 +116,7 @@ def digits_test_split():
 
 @pytest.fixture(scope="session")
 def s3_store():
-    from slimserve.local_s3 import local_s3
+    from slimserve.local.s3 import local_s3
 
     with local_s3() as store:
         yield store
@@ -138,8 +141,8 @@ def sample(datatype: str, rows: int = 2) -> np.ndarray:
 def running_stack(config: Path, work_dir: Path):
     """A local stack serving from a thread, with the lines it logged (`lines`) and its `work_dir` on it."""
     from slimserve.config import load_config
-    from slimserve.local import LocalStack
-    from slimserve.local_s3 import free_port
+    from slimserve.local.s3 import free_port
+    from slimserve.local.stack import LocalStack
 
     lines = []
     with LocalStack(load_config(config), port=free_port(), log=lines.append, work_dir=work_dir) as running:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import MODELS, call
 
-from slimserve.apigw import response_body, rest_event
+from slimserve.contract.apigw import response_body, rest_event
 from slimserve.lambda_handlers.core import MAX_BODY_BYTES
 from slimserve.lambda_handlers.function import ModelFunction
-from slimserve.registry import Registry
+from slimserve.registry.versions import Registry
 
 GOOD_ROW = [5.1, 3.5, 1.4, 0.2]
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import MODELS
 
 from slimserve.cli import main
-from slimserve.local_s3 import free_port
+from slimserve.local.s3 import free_port
 
 
 @pytest.fixture
@@ -178,7 +178,7 @@ def test_serve_takes_a_pinned_api_key(project, options, expected):
 
 
 def test_a_result_larger_and_no_faster_is_written_only_when_forced(tmp_path, monkeypatch, capsys):
-    from slimserve import optimize
+    from slimserve.modeltools import optimize
 
     monkeypatch.setattr(optimize, "_median_ms", lambda model, samples, outputs: 1.0)  # as fast as each other, always
     np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((20, 4), dtype=np.float32))

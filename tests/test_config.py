@@ -6,7 +6,13 @@ import pytest
 from conftest import ROOT
 
 from slimserve.cli import main
-from slimserve.config import Alarms, ConfigError, SageMakerSettings, load_config, parse_config
+from slimserve.config import (
+    Alarms,
+    ConfigError,
+    SageMakerSettings,
+    load_config,
+    parse_config,
+)
 
 MODEL = '''
 [models.iris]

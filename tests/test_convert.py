@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from conftest import run_in_extra_venv
 
-from slimserve.convert import ConvertError, convert_sklearn
 from slimserve.lambda_handlers.runtimes import OnnxModel
+from slimserve.modeltools.convert import ConvertError, convert_sklearn
 
 
 @pytest.fixture(scope="module")
 def iris_data():
-    from slimserve.examples import iris_split
+    from slimserve.modeltools.examples import iris_split
 
     return iris_split()
 

@@ -14,9 +14,9 @@ import pytest
 from conftest import run_in_extra_venv
 
 from slimserve.cli import main
-from slimserve.convert import ConvertError, convert_keras, load_keras
 from slimserve.lambda_handlers.runtimes import TfliteModel
-from slimserve.optimize import OptimizeError, optimize
+from slimserve.modeltools.convert import ConvertError, convert_keras, load_keras
+from slimserve.modeltools.optimize import OptimizeError, optimize
 
 # Trains a small conv net on the digits the test saved, and saves it with its predictions.
 TRAIN_SCRIPT = """
@@ -42,7 +42,7 @@ def run_in_tensorflow_venv(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def digits_keras(tmp_path_factory):
     """A trained Keras conv net on the digits, its test samples and Keras's predictions on them."""
-    from slimserve.examples import digits_split
+    from slimserve.modeltools.examples import digits_split
 
     folder = tmp_path_factory.mktemp("keras")
     train_x, test_x, train_y, test_y = digits_split()

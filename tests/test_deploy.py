@@ -13,7 +13,7 @@ import boto3
 import pytest
 from conftest import MODELS, ROOT
 
-from slimserve.local_s3 import free_port
+from slimserve.local.s3 import free_port
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import numpy as np
 from conftest import MODELS
 
 from slimserve.cli import main
-from slimserve.examples import build_all
 from slimserve.lambda_handlers.runtimes import load_model
+from slimserve.modeltools.examples import build_all
 
 # Training on another CPU picks other BLAS kernels, whose float32 rounding drifts through 600
 # iterations of the digits MLP: an AMD EPYC's retrained probabilities differ from the committed
@@ -29,7 +29,7 @@ def test_examples_train_accurately_and_reproduce_the_committed_files(tmp_path):
 def test_digits_tflite_agrees_with_the_scikit_learn_mlp_it_was_written_from(tmp_path):
     from sklearn.neural_network import MLPClassifier
 
-    from slimserve.examples import SEED, build_digits_tflite, digits_split
+    from slimserve.modeltools.examples import SEED, build_digits_tflite, digits_split
 
     train_x, test_x, train_y, _ = digits_split()
     mlp = MLPClassifier(hidden_layer_sizes=(32,), max_iter=600, random_state=SEED).fit(train_x / 16, train_y)
@@ -43,7 +43,7 @@ def test_iris_onnx_agrees_with_the_scikit_learn_pipeline(iris_test_split):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from slimserve.examples import SEED, iris_split
+    from slimserve.modeltools.examples import SEED, iris_split
 
     train_x, test_x, train_y, _ = iris_split()
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=SEED)).fit(train_x, train_y)

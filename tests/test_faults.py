@@ -18,10 +18,10 @@ import pytest
 from conftest import MODELS
 from onnx import TensorProto, helper
 
-from slimserve.apigw import rest_event
+from slimserve.contract.apigw import rest_event
 from slimserve.lambda_handlers.function import ModelFunction
-from slimserve.local_s3 import LOCAL_CREDENTIALS, free_port, local_s3
-from slimserve.store import model_key
+from slimserve.local.s3 import LOCAL_CREDENTIALS, free_port, local_s3
+from slimserve.registry.store import model_key
 
 IRIS = (MODELS / "iris.onnx").read_bytes()
 SHA = hashlib.sha256(IRIS).hexdigest()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from slimserve.lambda_handlers.core import ROUTES, Request
 from slimserve.lambda_handlers.function import ModelFunction
-from slimserve.store import file_environment
+from slimserve.registry.store import file_environment
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MODELS = ["iris", "digits", "identity", "nope"]

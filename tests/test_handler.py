@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, MODELS, ROOT
 
-from slimserve.apigw import http_api_event, response_body, rest_event
+from slimserve.contract.apigw import http_api_event, response_body, rest_event
 from slimserve.lambda_handlers.function import ModelFunction
-from slimserve.registry import Registry
+from slimserve.registry.versions import Registry
 
 
 @dataclass

@@ -18,7 +18,7 @@ from sklearn.ensemble import RandomForestClassifier
 
 from bench.project import build_wheel, install_wheel
 from slimserve import __version__, cdk_cli
-from slimserve.local_s3 import free_port
+from slimserve.local.s3 import free_port
 
 
 def _run(command, cwd, environment=None, timeout=600):

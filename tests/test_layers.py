@@ -144,8 +144,8 @@ def test_the_function_answers_on_arm64_as_on_x86_64(runtime, model, path, body, 
     import numpy as np
     from conftest import MODELS
 
-    from slimserve.apigw import response_body, rest_event
     from slimserve.assets import function_bundle
+    from slimserve.contract.apigw import response_body, rest_event
     from slimserve.lambda_handlers.function import ModelFunction
     from slimserve.layers.foreign import foreign_python
 

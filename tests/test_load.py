@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from conftest import ROOT, running_stack
 
-
 CLIENTS = 32
 SECONDS = float(os.environ.get("SLIMSERVE_LOAD_SECONDS", "30"))
 RSS_GROWTH_MB = 10  # flat: an allocator's slack, not a leak

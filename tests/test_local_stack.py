@@ -18,13 +18,13 @@ import pytest
 import tritonclient.http as triton
 from conftest import FIXTURES, ROOT, running_stack
 
-from slimserve.apigw import rest_event
 from slimserve.assets import function_bundle
-from slimserve.gateway import LocalGateway, Route
+from slimserve.contract.apigw import rest_event
 from slimserve.layers.builder import build_layer
-from slimserve.local import layer_runtime
-from slimserve.local_s3 import free_port
-from slimserve.runner import FunctionPool, FunctionSpec, lambda_python
+from slimserve.local.gateway import LocalGateway, Route
+from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python
+from slimserve.local.s3 import free_port
+from slimserve.local.stack import layer_runtime
 
 LAYERS = ROOT / "build" / "layers"
 

@@ -5,15 +5,13 @@ import json
 
 import onnx
 import pytest
-from conftest import MODELS
-
-import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import assertions
+from conftest import MODELS
 
 from slimserve.cli import main
 from slimserve.config import ConfigError, load_config
-from slimserve.lock import ALLOW_LOCAL_LOCK, lock_path, write_lock
-from slimserve.registry import Registry
+from slimserve.registry.lock import ALLOW_LOCAL_LOCK, lock_path, write_lock
+from slimserve.registry.versions import Registry
 from slimserve.stacks.app import build_app
 
 
@@ -127,7 +125,7 @@ def test_deploy_refuses_a_locked_version_missing_from_its_store(registry, retrai
 
     from slimserve.cli import _check_locked_objects
     from slimserve.errors import UserError
-    from slimserve.local_s3 import LOCAL_CREDENTIALS
+    from slimserve.local.s3 import LOCAL_CREDENTIALS
 
     for key, value in LOCAL_CREDENTIALS.items():  # moto's S3 stands for the account's (AWS_ENDPOINT_URL_S3 points at it)
         monkeypatch.setenv(key, value)

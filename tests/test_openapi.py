@@ -8,15 +8,13 @@ import urllib.error
 import urllib.request
 
 import pytest
+from aws_cdk import aws_apigateway as apigw
 from conftest import ROOT
 from openapi_spec_validator import validate
 
-import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
-from aws_cdk import aws_apigateway as apigw
-
 from slimserve.config import load_config
+from slimserve.contract.openapi import openapi_document
 from slimserve.lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
-from slimserve.openapi import openapi_document
 from slimserve.stacks.app import build_app
 
 

@@ -5,7 +5,7 @@ import pytest
 from conftest import MODELS
 
 from slimserve.lambda_handlers.runtimes import OnnxModel
-from slimserve.optimize import OptimizeError, optimize
+from slimserve.modeltools.optimize import OptimizeError, optimize
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def digits_onnx(tmp_path_factory):
     from skl2onnx import to_onnx
     from sklearn.neural_network import MLPClassifier
 
-    from slimserve.examples import SEED, digits_split
+    from slimserve.modeltools.examples import SEED, digits_split
 
     train_x, test_x, train_y, test_y = digits_split()
     mlp = MLPClassifier(hidden_layer_sizes=(128,), max_iter=400, random_state=SEED).fit(train_x / 16, train_y)

@@ -167,7 +167,7 @@ def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monke
     from moto.server import ThreadedMotoServer
 
     from slimserve import cdk_cli
-    from slimserve.local_s3 import free_port
+    from slimserve.local.s3 import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -10,7 +10,7 @@ from conftest import MODELS
 from onnx import helper, numpy_helper
 
 from slimserve.lambda_handlers.runtimes import load_model
-from slimserve.registry import Registry, RegistryError
+from slimserve.registry.versions import Registry, RegistryError
 
 
 @pytest.fixture

@@ -9,7 +9,12 @@ from ai_edge_litert.interpreter import Interpreter
 from conftest import IDENTITY_TYPES, MODELS, ROOT
 
 from slimserve.lambda_handlers.datatypes import Signature, TensorSpec
-from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel, load_model
+from slimserve.lambda_handlers.runtimes import (
+    ModelLoadError,
+    OnnxModel,
+    TfliteModel,
+    load_model,
+)
 
 
 def test_onnx_signature_has_names_datatypes_and_dynamic_dims(iris):

@@ -20,12 +20,22 @@ from conftest import MODELS, ROOT
 from onnx import TensorProto, helper
 from test_v2 import triton_request, triton_result
 
-from slimserve.lambda_handlers.batching import BatchingModel, FixedBatchSizes, powers_of_two
+from slimserve.lambda_handlers.batching import (
+    BatchingModel,
+    FixedBatchSizes,
+    powers_of_two,
+)
 from slimserve.lambda_handlers.core import InferenceCore, Request, Response, ServedModel
 from slimserve.lambda_handlers.runtimes import OnnxModel
-from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, batch_sizes, endpoint_routes, onnx_providers, route_attribute
-from slimserve.local_s3 import free_port
-from slimserve.store import file_environment
+from slimserve.lambda_handlers.sagemaker_server import (
+    CUSTOM_ATTRIBUTES,
+    batch_sizes,
+    endpoint_routes,
+    onnx_providers,
+    route_attribute,
+)
+from slimserve.local.s3 import free_port
+from slimserve.registry.store import file_environment
 
 
 def start(model: str, **extra) -> tuple[subprocess.Popen, str]:

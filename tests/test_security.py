@@ -4,10 +4,8 @@ the synth otherwise, see test_stacks)."""
 
 
 import pytest
-from conftest import ROOT
-
-import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import assertions
+from conftest import ROOT
 
 from slimserve.config import load_config
 from slimserve.stacks.app import build_app

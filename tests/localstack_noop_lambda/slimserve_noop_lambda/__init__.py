@@ -13,7 +13,9 @@ class NoopRuntimeExecutorPlugin(RuntimeExecutorPlugin):
     name = "noop"
 
     def load(self, *args, **kwargs):
-        from localstack.services.lambda_.invocation.runtime_executor import RuntimeExecutor
+        from localstack.services.lambda_.invocation.runtime_executor import (
+            RuntimeExecutor,
+        )
 
         class NoopRuntimeExecutor(RuntimeExecutor):
             def start(self, env_vars):

@@ -49,7 +49,7 @@ def build_iris_onnx(path: Path) -> ExampleModel:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from .convert import convert_sklearn
+    from slimserve.modeltools.convert import convert_sklearn
 
     train_x, test_x, train_y, test_y = iris_split()
     pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, random_state=SEED))
@@ -61,7 +61,7 @@ def build_iris_onnx(path: Path) -> ExampleModel:
 def build_digits_tflite(path: Path) -> ExampleModel:
     from sklearn.neural_network import MLPClassifier
 
-    from .tflite_writer import DenseLayer, dense_network_to_tflite
+    from slimserve.modeltools.tflite_writer import DenseLayer, dense_network_to_tflite
 
     train_x, test_x, train_y, test_y = digits_split()
     scale = np.float32(1 / 16)  # pixels are 0..16; the scaling is folded into the first layer

@@ -15,13 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from slimserve.contract.apigw import (
+    ENDPOINT_FAILED,
+    MAX_BODY_BYTES,
+    MISSING_ROUTE,
+    as_text,
+    is_binary,
+    response_body,
+    rest_event,
+)
+from slimserve.contract.openapi import openapi_document
 from slimserve.lambda_handlers import wire
 from slimserve.lambda_handlers.core import InferenceCore, Request
-from slimserve.lambda_handlers.sagemaker_server import CUSTOM_ATTRIBUTES, route_attribute
-
-from .apigw import ENDPOINT_FAILED, MAX_BODY_BYTES, MISSING_ROUTE, as_text, is_binary, response_body, rest_event
-from .openapi import openapi_document
-from .runner import FunctionPool
+from slimserve.lambda_handlers.sagemaker_server import (
+    CUSTOM_ATTRIBUTES,
+    route_attribute,
+)
+from slimserve.local.runner import FunctionPool
 
 INTEGRATION_TIMEOUT_S = 29.0
 MODEL_ROUTE = re.compile(r"/v[12]/models/(?P<name>[^/:]+)")
@@ -127,7 +137,7 @@ class LocalGateway(wire.Server):
     def invoke_endpoint(self, route: EndpointRoute, method: str, path: str, headers: dict[str, str],
                         body: bytes) -> tuple[int, dict, bytes]:
         """What the deployed API's integration does: InvokeEndpoint with the route as the custom attribute, and the
-        container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.apigw)."""
+        container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.contract.apigw)."""
         if (method, path) not in route.routes:
             return _json(*MISSING_ROUTE)
         content_type = headers.get("content-type", "application/json") if method == "POST" else "application/json"

@@ -6,11 +6,15 @@ tests hold the stacks' Lambda routes to it too). The local gateway serves it at
 `/openapi.json`.
 """
 
-from slimserve.lambda_handlers.core import MAX_BODY_BYTES, ROUTES, SERVER_NAME, SERVER_VERSION
+from slimserve.contract.apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
+from slimserve.lambda_handlers.core import (
+    MAX_BODY_BYTES,
+    ROUTES,
+    SERVER_NAME,
+    SERVER_VERSION,
+)
 from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 from slimserve.lambda_handlers.jsoncodec import MAX_JSON_DEPTH
-
-from .apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _GATEWAY_ERROR = {"$ref": "#/components/schemas/GatewayError"}

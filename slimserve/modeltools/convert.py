@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from slimserve.errors import UserError
 from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
-
-from .errors import UserError
 
 TARGET_OPSET = 17
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.

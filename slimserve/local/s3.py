@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from slimserve.errors import UserError
 
 LOCAL_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "slimserve-local",

@@ -17,12 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from slimserve.errors import UserError
 from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel
 from slimserve.lambda_handlers.tensors import shape_text
-
-from .convert import KERAS_SUFFIXES, TENSORFLOW_EXTRA, ConvertError, clean_opset_imports, keras_to_tflite, load_keras
-from .errors import UserError
+from slimserve.modeltools.convert import (
+    KERAS_SUFFIXES,
+    TENSORFLOW_EXTRA,
+    ConvertError,
+    clean_opset_imports,
+    keras_to_tflite,
+    load_keras,
+)
 
 LEVELS = ("graph", "int8", "fp16")
 KERAS_LEVELS = ("int8", "fp16")

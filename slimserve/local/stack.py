@@ -12,16 +12,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from slimserve.assets import LAMBDA_PACKAGE, function_bundle
+from slimserve.config import AppConfig, ModelConfig
 from slimserve.lambda_handlers.sagemaker_server import endpoint_routes
 from slimserve.layers.builder import build_layer
-
-from .assets import LAMBDA_PACKAGE, function_bundle
-from .config import AppConfig, ModelConfig
-from .gateway import EndpointRoute, LocalGateway, Route
-from .local_s3 import claim_port, free_port, local_s3
-from .local_state import write_state
-from .registry import LIVE_ALIAS, Registry, RegistryError, Version
-from .runner import FunctionPool, FunctionSpec, lambda_python, spawn
+from slimserve.local.gateway import EndpointRoute, LocalGateway, Route
+from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python, spawn
+from slimserve.local.s3 import claim_port, free_port, local_s3
+from slimserve.local.state import write_state
+from slimserve.registry.versions import LIVE_ALIAS, Registry, RegistryError, Version
 
 LAMBDA_PYTHON = "3.12"
 

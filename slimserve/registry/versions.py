@@ -14,11 +14,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimserve.config import model_name_problem
+from slimserve.errors import UserError
 from slimserve.lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
-
-from .config import model_name_problem
-from .errors import UserError
-from .store import StoredModel, manifest, model_key
+from slimserve.registry.store import StoredModel, manifest, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
 SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
@@ -80,7 +79,10 @@ def read_model(path: Path) -> tuple[str, bytes]:
 def _self_contained_onnx(path: Path, data: bytes) -> bytes:
     """ONNX tensors may live in external files: allowed only inside the model's folder, and folded into one file."""
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+    from onnx.external_data_helper import (
+        load_external_data_for_model,
+        uses_external_data,
+    )
 
     try:
         model = onnx.load_model_from_string(data)

@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimserve.assets import HANDLER
 from slimserve.lambda_handlers import wire
 from slimserve.layers.builder import find_python
-
-from .assets import HANDLER
 
 RUNTIME_API = "/2018-06-01/runtime"
 

@@ -11,9 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from .config import AppConfig, ConfigError
-from .registry import LOCAL_STORE, Registry, RegistryError, Version
-from .store import StoredModel
+from slimserve.config import AppConfig, ConfigError
+from slimserve.registry.store import StoredModel
+from slimserve.registry.versions import LOCAL_STORE, Registry, RegistryError, Version
 
 ALLOW_LOCAL_LOCK = "SLIMSERVE_ALLOW_LOCAL_LOCK"
 """Set to 1, synth takes a lock resolved against a local store (a test, an emulator); otherwise it refuses it."""
