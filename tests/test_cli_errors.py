@@ -79,12 +79,13 @@ def test_a_layer_build_error_is_a_user_error(capsys):
 
 
 def test_a_bug_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
-    from slimserve import __version__, cli
+    from slimserve import __version__
+    from slimserve.cli import project
 
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "_check", broken)
+    monkeypatch.setattr(project, "_check", broken)
     assert main(["check"]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last):" in err and "ZeroDivisionError: division by zero" in err

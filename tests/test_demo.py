@@ -4,8 +4,8 @@ import io
 
 from conftest import ROOT
 
+from slimserve.cli.demo import run_demo
 from slimserve.config import load_config
-from slimserve.demo import run_demo
 
 
 def test_demo_serves_both_example_models_through_the_local_stack():

@@ -123,7 +123,7 @@ def test_deploy_refuses_a_locked_version_missing_from_its_store(registry, retrai
     """The lock names the deployed store it was resolved against; deploy looks each version up there first."""
     import boto3
 
-    from slimserve.cli import _check_locked_objects
+    from slimserve.cli.project import check_locked_objects
     from slimserve.errors import UserError
     from slimserve.local.s3 import LOCAL_CREDENTIALS
 
@@ -134,10 +134,10 @@ def test_deploy_refuses_a_locked_version_missing_from_its_store(registry, retrai
     write_lock(config, deployed)
     assert json.loads(lock_path(config).read_text())["store"] == f"s3://{registry.bucket}"
     session = boto3.Session(region_name="us-east-1")
-    _check_locked_objects(config, session)  # version 2 is there
+    check_locked_objects(config, session)  # version 2 is there
     registry.s3.delete_object(Bucket=registry.bucket, Key=retrained.key)
     with pytest.raises(UserError) as refused:
-        _check_locked_objects(config, session)
+        check_locked_objects(config, session)
     assert str(refused.value) == (
         f"{tmp_path}/slimserve.lock: models.iris: version 2 is not in its store (s3://{registry.bucket}/{retrained.key} does "
         "not exist); a deploy would point the function at nothing: register it there and lock again")

@@ -195,7 +195,7 @@ def test_bootstrap_and_diff_run_the_pinned_cdk_cli_on_the_project(project, monke
 def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
     from argparse import Namespace
 
-    from slimserve.cli import _print_deployed
+    from slimserve.cli.project import print_deployed
 
     main(["init", str(tmp_path / "shop"), "--model", str(MODELS / "iris.onnx")])
     capsys.readouterr()
@@ -203,7 +203,7 @@ def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
     outputs.write_text(json.dumps({"shop": {"ApiUrl": "https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
                                             "ApiKeyId": "k3y1d", "ModelStoreBucket": "shop-store"}}))
     config = load_config(tmp_path / "shop" / "slimserve.toml")
-    assert _print_deployed(config, outputs, Namespace(profile="dev", region="eu-west-1")) == 0
+    assert print_deployed(config, outputs, Namespace(profile="dev", region="eu-west-1")) == 0
     assert capsys.readouterr().out.splitlines() == [
         "API: https://abc.execute-api.eu-west-1.amazonaws.com/prod/",
         'API key (for models with auth = "api_key"; send it as x-api-key): aws apigateway get-api-key --api-key k3y1d '
@@ -212,7 +212,7 @@ def test_a_deploy_prints_the_api_url_and_how_to_read_the_key(tmp_path, capsys):
         f"all outputs: {outputs}",
     ]
     outputs.write_text(json.dumps({"shop": {"ModelStoreBucket": "shop-store"}}))  # a stack created only in part
-    assert _print_deployed(config, outputs, Namespace(profile=None, region=None)) == 1
+    assert print_deployed(config, outputs, Namespace(profile=None, region=None)) == 1
     assert capsys.readouterr() == ("", f"error: the CDK CLI reported success, but the stack shop has no output ApiUrl, "
                                        f"ApiKeyId in {outputs}: it was not fully created; its events in CloudFormation say why\n")
 

@@ -1,0 +1,94 @@
+"""Model tools: convert to ONNX or TFLite, optimize, and the example models."""
+
+from pathlib import Path
+
+from slimserve.errors import UserError
+
+
+def add_commands(commands) -> None:
+    examples = commands.add_parser("examples", help="train the example models and write them")
+    examples.add_argument("--out", default="examples/models", help="folder for the model files")
+    examples.set_defaults(run=_examples)
+
+    convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first")
+    convert.add_argument("model", help="scikit-learn (.joblib, .pkl), PyTorch module (.pt, .pth, saved whole) "
+                                       "or Keras (.keras, .h5; needs the tensorflow extra)")
+    convert.add_argument("--samples", required=True, help=".npy of representative inputs")
+    convert.add_argument("--out", required=True, help="the .onnx file to write (.tflite for Keras)")
+    convert.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute output difference accepted (default: %(default)s)")
+    convert.set_defaults(run=_convert)
+
+    optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras "
+                                                    "model to TFLite), gated on drift")
+    optimize.add_argument("model", help="the .onnx model, or a Keras model (.keras, .h5; int8 or fp16; needs the tensorflow extra)")
+    optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
+    optimize.add_argument("--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs")
+    optimize.add_argument("--tolerance", type=float, default=0.01, help="largest absolute output difference accepted (default: %(default)s)")
+    optimize.add_argument("--force", action="store_true", help="write the result even if it is larger and not faster")
+    optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)")
+    optimize.set_defaults(run=_optimize)
+
+
+def _examples(args) -> int:
+    from slimserve.modeltools.examples import build_all
+
+    for model in build_all(Path(args.out)):
+        print(f"{model.name}: wrote {model.path} ({model.path.stat().st_size} bytes), "
+              f"held-out accuracy {model.accuracy:.3f} on {len(model.test_labels)} samples")
+    return 0
+
+
+def _convert(args) -> int:
+    import numpy as np
+
+    from slimserve.modeltools.convert import (
+        KERAS_SUFFIXES,
+        ConvertError,
+        convert_keras,
+        convert_sklearn,
+        convert_torch,
+        load_keras,
+    )
+
+    source = Path(args.model)
+    try:
+        samples = np.load(args.samples, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"--samples {args.samples}: not a numpy .npy file of samples: {error}") from None
+    # the user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is
+    if source.suffix in (".joblib", ".pkl", ".pickle"):
+        import joblib
+
+        estimator = joblib.load(source)
+        width = getattr(estimator, "n_features_in_", None)
+        if width is not None and (samples.ndim != 2 or samples.shape[1] != width):
+            raise UserError(f"--samples {args.samples}: expected rows of {width} features, as {source} was fitted on, "
+                            f"found an array of shape {samples.shape}")
+        result = convert_sklearn(estimator, samples, Path(args.out), args.tolerance)
+    elif source.suffix in (".pt", ".pth"):
+        import torch
+
+        result = convert_torch(torch.load(source, weights_only=False), samples, Path(args.out), args.tolerance)
+    elif source.suffix in KERAS_SUFFIXES:
+        result = convert_keras(load_keras(source), samples, Path(args.out), args.tolerance)
+    else:
+        raise ConvertError(f"{source}: expected a scikit-learn model (.joblib, .pkl), a saved PyTorch module (.pt, .pth) "
+                           "or a Keras model (.keras, .h5)")
+    agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
+    print(f"wrote {result.path}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}{agreement}")
+    return 0
+
+
+def _optimize(args) -> int:
+    from slimserve.modeltools.convert import KERAS_SUFFIXES
+    from slimserve.modeltools.optimize import optimize
+
+    model = Path(args.model)
+    suffix = ".tflite" if model.suffix in KERAS_SUFFIXES else ".onnx"
+    out = Path(args.out) if args.out else model.with_suffix(f".{args.level}{suffix}")
+    report = optimize(model, args.level, Path(args.samples), args.tolerance, out, args.force)
+    print(report.table())
+    print(f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
+          f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})")
+    return 0
+

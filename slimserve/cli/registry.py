@@ -1,0 +1,137 @@
+"""Registry commands: register, versions, alias, rollback and lock, on the running local stack's store or,
+with --profile/--region, the deployed one."""
+
+from pathlib import Path
+
+from slimserve.config import load_config
+from slimserve.errors import UserError
+from slimserve.local.s3 import DEFAULT_BUCKET
+from slimserve.local.state import running_state
+from slimserve.registry.versions import LIVE_ALIAS
+
+from .common import add_config
+
+
+def add_commands(commands) -> None:
+    for name, run, text, positionals in [
+        ("register", _register, "upload a model version under its sha256 with a manifest", [("model", "the .onnx or .tflite file")]),
+        ("versions", _versions, "list a model's versions", []),
+        ("alias", _alias, "point an alias (prod, canary, ...) at a version", [("alias", "alias name"), ("version", "number, sha256 prefix or alias")]),
+        ("rollback", _rollback, "point an alias back where it was", []),
+        ("lock", _lock, "resolve the config's model versions into its lock file, for synth", []),
+    ]:
+        command = commands.add_parser(name, help=text)
+        add_config(command, "config file; its running local stack is the default store")
+        if name == "register":
+            command.add_argument("model", help=positionals[0][1])
+            command.add_argument("--name", required=True, help="the model's name")
+        elif name != "lock":
+            command.add_argument("name", help="the model's name")
+            for positional, description in positionals:
+                command.add_argument(positional, help=description)
+        if name == "rollback":
+            command.add_argument("--alias", default=LIVE_ALIAS, help="alias to roll back (default: %(default)s)")
+        if name == "register":
+            command.add_argument("--allow-signature-change", action="store_true",
+                                 help="register a version whose inputs differ from those of the version served now")
+        command.add_argument("--endpoint-url", help="S3 endpoint (default: the S3 of this project's running local stack)")
+        command.add_argument("--bucket", help=f"model store bucket (default locally: {DEFAULT_BUCKET})")
+        command.add_argument("--profile", help="AWS profile: use the deployed store instead of the local one")
+        command.add_argument("--region", help="AWS region: use the deployed store instead of the local one")
+        command.set_defaults(run=run)
+
+
+def _registry(args):
+    """The registry on the local stack's S3 unless --profile/--region name an AWS account."""
+    import boto3
+
+    from slimserve.local.s3 import local_client
+    from slimserve.registry.versions import Registry
+
+    if args.profile or args.region:
+        if not args.bucket:
+            raise UserError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
+        session = boto3.Session(profile_name=args.profile, region_name=args.region)
+        return _reachable(Registry(session.client("s3"), args.bucket, deployed=True), f"the bucket {args.bucket} in your AWS account")
+    endpoint, bucket = args.endpoint_url, args.bucket
+    if endpoint is None:
+        config = Path(args.config)
+        state = running_state(load_config(config).local_dir)
+        if state is None:
+            raise UserError(f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
+                            "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store")
+        endpoint, bucket = state["s3_endpoint"], bucket or state["bucket"]
+    return _reachable(Registry(local_client(endpoint), bucket or DEFAULT_BUCKET), f"the local store at {endpoint}")
+
+
+def _reachable(registry, where: str):
+    """The registry, once its bucket answered; an S3 that is not there, or refuses, in one line."""
+    import botocore.exceptions
+
+    try:
+        registry.s3.head_bucket(Bucket=registry.bucket)
+    except botocore.exceptions.EndpointConnectionError:
+        raise UserError(f"{where}: nothing answers there; is the local stack running (`slimserve serve`)?") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise UserError(f"{where}: no AWS credentials found: run `aws configure`, or pass --profile NAME") from None
+    except botocore.exceptions.ClientError as error:
+        raise UserError(f"{where}: --bucket {registry.bucket}: {error.response['Error'].get('Message') or error}") from None
+    return registry
+
+
+def _lock(args) -> int:
+    from slimserve.registry.lock import lock_path, write_lock
+
+    config = load_config(args.config)
+    resolved = write_lock(config, _registry(args))
+    for name, version in resolved.items():
+        print(f"{name}: {config.model(name).version!r} is version {version.number} (sha256 {version.sha256})")
+    print(f"wrote {lock_path(config)}: {len(resolved)} of {len(config.models)} models deploy a registered version")
+    return 0
+
+
+def _register(args) -> int:
+    version, new = _registry(args).register(Path(args.model), args.name, allow_signature_change=args.allow_signature_change)
+    if new:
+        print(f"registered {args.name} version {version.number}: sha256 {version.sha256}, {version.size} bytes, {version.key}")
+    else:
+        print(f"{args.name}: these bytes are already version {version.number} (sha256 {version.sha256}); nothing uploaded")
+    return 0
+
+
+def _versions(args) -> int:
+    registry = _registry(args)
+    versions = registry.versions(args.name)
+    if not versions:
+        print(f"{args.name}: no registered versions")
+        return 0
+    print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  source")
+    for version in versions:
+        print(f"{version.number:>7}  {version.sha256[:12]}  {version.format:6}  {version.size:>9}  {version.created:20}  {version.source}")
+    return 0
+
+
+def _alias(args) -> int:
+    before, after = _registry(args).set_alias(args.name, args.alias, args.version)
+    was = f"was version {before}" if before is not None else "new alias"
+    print(f"{args.name}: alias {args.alias} now points at version {after} ({was})")
+    print(_what_serves(args, args.alias))
+    return 0
+
+
+def _what_serves(args, alias: str) -> str:
+    """Which traffic an alias move affects: the two mechanisms, said where they act."""
+    deployed = f'a deployed API serves it once a config with version = "{alias}" is locked (slimserve lock) and deployed'
+    if args.profile or args.region:
+        return f"  in the deployed store: {deployed}"
+    local = ("a running local stack serves it within a second" if alias == LIVE_ALIAS
+             else f"a running local stack serves the {LIVE_ALIAS} alias, not this one")
+    return f"  in the local store: {local}; {deployed}"
+
+
+def _rollback(args) -> int:
+    before, after = _registry(args).rollback(args.name, args.alias)
+    print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
+    print(_what_serves(args, args.alias))
+    return 0
+
