@@ -10,6 +10,7 @@ import time
 from typing import NamedTuple
 
 from . import jsoncodec, tfserving, v2
+from .contract import MAX_BODY_BYTES, ROUTES, SERVER_NAME, SERVER_VERSION
 from .errors import (
     InferenceError,
     InvalidInput,
@@ -20,11 +21,8 @@ from .errors import (
     RuntimeFailure,
 )
 
-MAX_BODY_BYTES = 6 * 1024 * 1024  # Lambda's synchronous invocation payload limit
 MAX_DECODED_BYTES = 4 * MAX_BODY_BYTES  # a compressed body may expand, but only so far
 CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
-SERVER_NAME = "slimserve"
-SERVER_VERSION = "0.1.0"
 
 
 class Request:
@@ -79,29 +77,10 @@ class ServedModel(NamedTuple):
         return self.runtime
 
 
-# Every route of both protocols, once: the core matches them, the API declares them for SageMaker
-# models, and the OpenAPI document describes them. `{model}` stands for a model's name, optionally
-# followed by `/versions/{version}`.
-ROUTES = [
-    ("GET", "/v2/health/live", "live"),
-    ("GET", "/v2/health/ready", "server_ready"),
-    ("GET", "/v2", "server_metadata"),
-    ("GET", "/v2/models/{model}", "v2_metadata"),
-    ("GET", "/v2/models/{model}/ready", "v2_ready"),
-    ("POST", "/v2/models/{model}/infer", "v2_infer"),
-    ("GET", "/v1/models/{model}", "tfs_status"),
-    ("GET", "/v1/models/{model}/metadata", "tfs_metadata"),
-    ("POST", "/v1/models/{model}:predict", "tfs_predict"),
-]
 _MODEL = r"(?P<name>[A-Za-z0-9_.-]+)(?:/versions/(?P<version>[A-Za-z0-9_.-]+))?"
 _PATTERNS = [(method, re.compile(re.escape(template).replace(re.escape("{model}"), _MODEL)), action)
              for method, template, action in ROUTES]
 
-
-def model_routes(name: str, version: str | None = None) -> list[tuple[str, str]]:
-    """A model's (method, path) pairs, unversioned or for one version."""
-    model = name if version is None else f"{name}/versions/{version}"
-    return [(method, template.replace("{model}", model)) for method, template, _ in ROUTES if "{model}" in template]
 
 
 class InferenceCore:

@@ -16,11 +16,29 @@ import time
 from typing import NamedTuple
 
 from . import events, telemetry
+from .contract import (
+    COLD_START,
+    ERRORS,
+    FORMATS,
+    INFERENCE_LATENCY,
+    METRICS_NAMESPACE,
+    METRICS_NAMESPACE_VARIABLE,
+    MODEL_BUCKET,
+    MODEL_FORMAT,
+    MODEL_KEY,
+    MODEL_LOAD_FAILURES,
+    MODEL_LOAD_TIME,
+    MODEL_NAME,
+    MODEL_PATH,
+    MODEL_SHA256,
+    MODEL_VERSION,
+    REQUEST_LATENCY,
+    REQUESTS,
+)
 from .core import InferenceCore, Response, ServedModel
 from .errors import InferenceError
-from .runtimes import FORMATS, ModelLoadError, load_model
+from .runtimes import ModelLoadError, load_model
 
-DEFAULT_NAMESPACE = "Slimserve"
 RETRY_MAX_S = 60.0
 # S3 failures end within seconds: Lambda's init phase has 10 s, and a hung fetch helps nobody
 S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 1, "read_timeout": 3}
@@ -43,27 +61,23 @@ class ModelSource(NamedTuple):
 
     @classmethod
     def from_environment(cls, environ) -> "ModelSource":
-        missing = [key for key in ("SLIMSERVE_MODEL_NAME", "SLIMSERVE_MODEL_FORMAT", "SLIMSERVE_MODEL_SHA256") if not environ.get(key)]
-        located = environ.get("SLIMSERVE_MODEL_PATH") or (
-            environ.get("SLIMSERVE_MODEL_BUCKET") and environ.get("SLIMSERVE_MODEL_KEY")
-        )
+        missing = [key for key in (MODEL_NAME, MODEL_FORMAT, MODEL_SHA256) if not environ.get(key)]
+        located = environ.get(MODEL_PATH) or (environ.get(MODEL_BUCKET) and environ.get(MODEL_KEY))
         if not located:
-            missing.append("SLIMSERVE_MODEL_BUCKET and SLIMSERVE_MODEL_KEY (or SLIMSERVE_MODEL_PATH)")
+            missing.append(f"{MODEL_BUCKET} and {MODEL_KEY} (or {MODEL_PATH})")
         if missing:
             raise ModelSourceError(f"environment lacks {', '.join(missing)}")
-        model_format = environ["SLIMSERVE_MODEL_FORMAT"]
+        model_format = environ[MODEL_FORMAT]
         if model_format not in FORMATS:
-            raise ModelSourceError(
-                f"SLIMSERVE_MODEL_FORMAT is {model_format!r}; expected one of {', '.join(FORMATS)}"
-            )
+            raise ModelSourceError(f"{MODEL_FORMAT} is {model_format!r}; expected one of {', '.join(FORMATS)}")
         return cls(
-            name=environ["SLIMSERVE_MODEL_NAME"],
-            version=environ.get("SLIMSERVE_MODEL_VERSION", "1"),
+            name=environ[MODEL_NAME],
+            version=environ.get(MODEL_VERSION, "1"),
             model_format=model_format,
-            sha256=environ["SLIMSERVE_MODEL_SHA256"].lower(),
-            bucket=environ.get("SLIMSERVE_MODEL_BUCKET"),
-            key=environ.get("SLIMSERVE_MODEL_KEY"),
-            path=environ.get("SLIMSERVE_MODEL_PATH"),
+            sha256=environ[MODEL_SHA256].lower(),
+            bucket=environ.get(MODEL_BUCKET),
+            key=environ.get(MODEL_KEY),
+            path=environ.get(MODEL_PATH),
         )
 
     @property
@@ -108,7 +122,7 @@ class ModelFunction:
 
     def __init__(self, environ, retry_s: float = 1.0):
         self.environ = environ
-        self.namespace = environ.get("SLIMSERVE_METRICS_NAMESPACE", DEFAULT_NAMESPACE)
+        self.namespace = environ.get(METRICS_NAMESPACE_VARIABLE, METRICS_NAMESPACE)
         self.function_name = environ.get("AWS_LAMBDA_FUNCTION_NAME", "local")
         self.log_context = {"function": self.function_name}
         self.retry_s, self.next_load, self.failed_loads = retry_s, 0.0, 0
@@ -119,8 +133,8 @@ class ModelFunction:
 
     def _load(self) -> None:
         environ = self.environ
-        name = environ.get("SLIMSERVE_MODEL_NAME", "unnamed")
-        version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
+        name = environ.get(MODEL_NAME, "unnamed")
+        version = environ.get(MODEL_VERSION, "1")
         try:
             source = ModelSource.from_environment(environ)
         except ModelSourceError as exc:  # a deployment mistake: trying again cannot help
@@ -144,7 +158,7 @@ class ModelFunction:
         self.next_load = time.monotonic() + delay
         telemetry.log("ERROR", "model not loaded", model=name, version=version, reason=reason,
                       retry_in_s=delay if retry else None, **self.log_context)
-        telemetry.emit_metrics(self.namespace, name, {"ModelLoadFailures": 1}, function=self.function_name, version=version)
+        telemetry.emit_metrics(self.namespace, name, {MODEL_LOAD_FAILURES: 1}, function=self.function_name, version=version)
         self.model = ServedModel(name, version, failure=reason)
         self.core = InferenceCore([self.model])
 
@@ -163,12 +177,12 @@ class ModelFunction:
         return events.to_event_response(response)
 
     def _record(self, response: Response, elapsed_ms: float, request_id: str) -> None:
-        values = {"Requests": 1, "Errors": int(response.status >= 400), "RequestLatency": round(elapsed_ms, 3)}
+        values = {REQUESTS: 1, ERRORS: int(response.status >= 400), REQUEST_LATENCY: round(elapsed_ms, 3)}
         if response.inference_ms is not None:
-            values["InferenceLatency"] = round(response.inference_ms, 3)
-        values["ColdStart"] = int(self.cold)
+            values[INFERENCE_LATENCY] = round(response.inference_ms, 3)
+        values[COLD_START] = int(self.cold)
         if self.cold:
-            values["ModelLoadTime"] = round(self.load_ms, 3)
+            values[MODEL_LOAD_TIME] = round(self.load_ms, 3)
             self.cold = False
         telemetry.emit_metrics(
             self.namespace, self.model.name, values, response.error_kind,

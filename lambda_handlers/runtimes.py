@@ -10,10 +10,9 @@ import threading
 
 import numpy as np
 
+from .contract import FORMATS
 from .datatypes import Signature, TensorSpec, v2_datatype
 from .errors import InvalidInput
-
-FORMATS = ("onnx", "tflite")
 
 _ONNX_TYPES = {
     "tensor(bool)": "BOOL",

@@ -27,55 +27,93 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 from . import telemetry, wire
 from .batching import BatchingModel, FixedBatchSizes, batch_first, powers_of_two
-from .core import InferenceCore, Request, Response, ServedModel, model_routes
+from .contract import (
+    CUSTOM_ATTRIBUTES,
+    MODEL_DIR,
+    MODEL_FORMAT,
+    MODEL_NAME,
+    MODEL_PATH,
+    MODEL_SHA256,
+    MODEL_VERSION,
+    ROUTE_ATTRIBUTE,
+    SAGEMAKER_MODEL_DIR,
+    SAGEMAKER_PORT,
+    SERVER_HOST,
+    endpoint_routes,
+)
+from .core import InferenceCore, Request, Response, ServedModel
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
 
 TFSERVING_CONTENT_TYPE = "application/vnd.tfserving+json"
-MODEL_DIR = "/opt/ml/model"
-CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
-ROUTE_ATTRIBUTE = "slimserve-route"
-
-
-def endpoint_routes(name: str, version: str) -> list[tuple[str, str]]:
-    """The (method, path) pairs the API sends to a model's endpoint: unversioned, and for the one version it serves."""
-    return model_routes(name) + model_routes(name, version)
-
-
-def route_attribute(method: str, path: str) -> str:
-    return f"{ROUTE_ATTRIBUTE}={method} {path}"
-
-
 CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
-def onnx_providers(environ, available: list[str]) -> list[str | tuple[str, dict[str, str]]]:
-    """CUDA first where present, cuDNN choosing convolution algorithms by heuristic unless told:
-    ONNX Runtime's default, an exhaustive search, runs again for every new input shape (measured
-    on an H100, ResNet-18 over 32 batch sizes: 7.2 s exhaustive, 2.2 s heuristic; 1.7 ms a call
-    either way once the shape stays)."""
-    search = environ.get("SLIMSERVE_CUDNN_CONV_ALGO_SEARCH", "HEURISTIC")
-    if search not in CONV_ALGO_SEARCHES:
-        raise ModelLoadError(f"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH is {search!r}; expected one of {', '.join(CONV_ALGO_SEARCHES)}")
-    wanted: list[str | tuple[str, dict[str, str]]] = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": search}),
-                                                      "CPUExecutionProvider"]
-    if environ.get("SLIMSERVE_TENSORRT") == "1":
-        wanted.insert(0, "TensorrtExecutionProvider")
-    return [provider for provider in wanted if _provider_name(provider) in available]
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the serving program batches and which ONNX Runtime providers it asks for, read from its environment
+    once (`from_environment`); a bad setting is a ModelLoadError naming the variable, which /ping reports."""
+
+    max_batch_size: int = 32
+    """SLIMSERVE_MAX_BATCH_SIZE: the most rows one runtime call takes."""
+    batch_sizes: tuple[int, ...] | None = None
+    """SLIMSERVE_BATCH_SIZES: `auto` (None: powers of two up to the largest batch, on a GPU only), `none` (()), or
+    the sizes, comma-separated. See FixedBatchSizes for why."""
+    workers: int | None = None
+    """SLIMSERVE_BATCH_WORKERS; None: 2 on a GPU (one gathers while another's batch runs: the copies around a run
+    take longer than the run), else 1."""
+    max_queue_delay_ms: float = 2.0
+    """SLIMSERVE_MAX_QUEUE_DELAY_MS: how long a request waits for others to batch with."""
+    conv_algo_search: str = "HEURISTIC"
+    """SLIMSERVE_CUDNN_CONV_ALGO_SEARCH: how cuDNN picks convolution algorithms."""
+    tensorrt: bool = False
+    """SLIMSERVE_TENSORRT=1: TensorRT before CUDA."""
+
+    @classmethod
+    def from_environment(cls, environ) -> "ServerSettings":
+        search_key = "SLIMSERVE_CUDNN_CONV_ALGO_SEARCH"
+        search = environ.get(search_key, cls.conv_algo_search)
+        if search not in CONV_ALGO_SEARCHES:
+            raise ModelLoadError(f"{search_key} is {search!r}; expected one of {', '.join(CONV_ALGO_SEARCHES)}")
+        return cls(
+            max_batch_size=_whole_number(environ, "SLIMSERVE_MAX_BATCH_SIZE", cls.max_batch_size),
+            batch_sizes=_batch_sizes(environ.get("SLIMSERVE_BATCH_SIZES", "auto").strip()),
+            workers=_whole_number(environ, "SLIMSERVE_BATCH_WORKERS", cls.workers),
+            max_queue_delay_ms=_milliseconds(environ, "SLIMSERVE_MAX_QUEUE_DELAY_MS", cls.max_queue_delay_ms),
+            conv_algo_search=search,
+            tensorrt=environ.get("SLIMSERVE_TENSORRT") == "1",
+        )
+
+    def fixed_batch_sizes(self, on_gpu: bool) -> list[int]:
+        if self.batch_sizes is None:
+            return powers_of_two(self.max_batch_size) if on_gpu and self.max_batch_size > 1 else []
+        return list(self.batch_sizes)
+
+    def batch_workers(self, on_gpu: bool) -> int:
+        return self.workers if self.workers is not None else 2 if on_gpu else 1
+
+    def onnx_providers(self, available: list[str]) -> list[str | tuple[str, dict[str, str]]]:
+        """CUDA first where present, cuDNN choosing convolution algorithms by heuristic unless told:
+        ONNX Runtime's default, an exhaustive search, runs again for every new input shape (measured
+        on an H100, ResNet-18 over 32 batch sizes: 7.2 s exhaustive, 2.2 s heuristic; 1.7 ms a call
+        either way once the shape stays)."""
+        wanted: list[str | tuple[str, dict[str, str]]] = [
+            ("CUDAExecutionProvider", {"cudnn_conv_algo_search": self.conv_algo_search}), "CPUExecutionProvider"]
+        if self.tensorrt:
+            wanted.insert(0, "TensorrtExecutionProvider")
+        return [provider for provider in wanted if _provider_name(provider) in available]
 
 
-def batch_sizes(environ, max_batch_size: int, on_gpu: bool) -> list[int]:
-    """SLIMSERVE_BATCH_SIZES: `auto` (powers of two up to the largest batch, on a GPU only),
-    `none`, or the sizes as a comma-separated list. See FixedBatchSizes for why."""
-    setting = environ.get("SLIMSERVE_BATCH_SIZES", "auto").strip()
+def _batch_sizes(setting: str) -> tuple[int, ...] | None:
     if setting == "auto":
-        return powers_of_two(max_batch_size) if on_gpu and max_batch_size > 1 else []
+        return None
     if setting == "none":
-        return []
+        return ()
     try:
         sizes = [int(size) for size in setting.split(",")]
     except ValueError:
@@ -83,17 +121,19 @@ def batch_sizes(environ, max_batch_size: int, on_gpu: bool) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise ModelLoadError(f"SLIMSERVE_BATCH_SIZES is {setting!r}; expected auto, none or positive whole numbers "
                              "separated by commas, like 1,4,16")
-    return sorted(set(sizes))
+    return tuple(sorted(set(sizes)))
 
 
-def whole_number(environ, key: str, default: int) -> int:
-    setting = environ.get(key, str(default))
+def _whole_number(environ, key: str, default: int | None) -> int | None:
+    setting = environ.get(key)
+    if setting is None:
+        return default
     if not setting.isdigit() or int(setting) < 1:
         raise ModelLoadError(f"{key} is {setting!r}; expected a whole number of 1 or more")
     return int(setting)
 
 
-def milliseconds(environ, key: str, default: float) -> float:
+def _milliseconds(environ, key: str, default: float) -> float:
     setting = environ.get(key, str(default))
     try:
         value = float(setting)
@@ -109,32 +149,32 @@ def _provider_name(provider: str | tuple[str, dict[str, str]]) -> str:
 
 
 def _model_path(environ) -> str:
-    if environ.get("SLIMSERVE_MODEL_PATH"):
-        return environ["SLIMSERVE_MODEL_PATH"]
-    found = sorted(glob.glob(os.path.join(environ.get("SM_MODEL_DIR", MODEL_DIR), "model.*")))
+    if environ.get(MODEL_PATH):
+        return environ[MODEL_PATH]
+    found = sorted(glob.glob(os.path.join(environ.get(SAGEMAKER_MODEL_DIR, MODEL_DIR), "model.*")))
     return found[0] if found else os.path.join(MODEL_DIR, "model.onnx")
 
 
 def load(environ) -> ServedModel:
     """The model as the core serves it; a failure is kept as the reason /ping and every request give."""
     path = _model_path(environ)
-    name = environ.get("SLIMSERVE_MODEL_NAME", "model")
-    version = environ.get("SLIMSERVE_MODEL_VERSION", "1")
-    model_format = environ.get("SLIMSERVE_MODEL_FORMAT") or os.path.splitext(path)[1].lstrip(".")
+    name = environ.get(MODEL_NAME, "model")
+    version = environ.get(MODEL_VERSION, "1")
+    model_format = environ.get(MODEL_FORMAT) or os.path.splitext(path)[1].lstrip(".")
     on_gpu = False
     try:
-        max_batch_size = whole_number(environ, "SLIMSERVE_MAX_BATCH_SIZE", 32)
-        data = ModelSource(name, version, model_format, environ.get("SLIMSERVE_MODEL_SHA256", "").lower(), path=path).fetch()
+        settings = ServerSettings.from_environment(environ)
+        data = ModelSource(name, version, model_format, environ.get(MODEL_SHA256, "").lower(), path=path).fetch()
         if model_format == "onnx":
             import onnxruntime
 
-            providers = onnx_providers(environ, onnxruntime.get_available_providers())
+            providers = settings.onnx_providers(onnxruntime.get_available_providers())
             runtime = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
             used = runtime.session.get_providers()[0]
             on_gpu = used != "CPUExecutionProvider"
             telemetry.log("INFO" if on_gpu else "WARNING", f"ONNX Runtime runs on {used}",
                           available=[_provider_name(p) for p in providers], model=name)
-            sizes = batch_sizes(environ, max_batch_size, on_gpu)
+            sizes = settings.fixed_batch_sizes(on_gpu)
             if sizes and batch_first(runtime.signature.inputs):
                 runtime = FixedBatchSizes(runtime, lambda: OnnxModel(data, providers=providers, spin=False), sizes)
                 telemetry.log("INFO", "batches run at fixed sizes", model=name, sizes=runtime.sizes)
@@ -142,15 +182,13 @@ def load(environ) -> ServedModel:
             runtime = TfliteModel(data)
         else:
             raise ModelLoadError(f"{path}: unknown model format {model_format!r}; expected onnx or tflite")
-        # on a GPU one worker gathers while another's batch runs: the copies around a run take longer than the run
-        workers = whole_number(environ, "SLIMSERVE_BATCH_WORKERS", 2 if on_gpu else 1)
-        max_delay_ms = milliseconds(environ, "SLIMSERVE_MAX_QUEUE_DELAY_MS", 2.0)
     except (ModelSourceError, ModelLoadError) as error:
         telemetry.log("ERROR", "model not loaded", model=name, reason=str(error))
         return ServedModel(name, version, failure=str(error))
-    batching = BatchingModel(runtime, max_batch_size, max_delay_ms, workers)
+    workers = settings.batch_workers(on_gpu)
+    batching = BatchingModel(runtime, settings.max_batch_size, settings.max_queue_delay_ms, workers)
     telemetry.log("INFO", "model loaded", model=name, source=path, batching=batching.batchable,
-                  max_batch_size=batching.max_batch_size, max_delay_ms=max_delay_ms, workers=workers)
+                  max_batch_size=batching.max_batch_size, max_delay_ms=settings.max_queue_delay_ms, workers=workers)
     return ServedModel(name, version, runtime=batching)
 
 
@@ -240,8 +278,8 @@ class _Handler(wire.Handler):
 
 
 def main() -> int:
-    port = int(os.environ.get("SAGEMAKER_BIND_TO_PORT", "8080"))
-    server = SageMakerServer(load(os.environ), os.environ.get("SLIMSERVE_HOST", "0.0.0.0"), port)
+    port = int(os.environ.get(SAGEMAKER_PORT, "8080"))
+    server = SageMakerServer(load(os.environ), os.environ.get(SERVER_HOST, "0.0.0.0"), port)
 
     def stop(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() from the serving thread would deadlock

@@ -8,16 +8,7 @@ import sys
 import time
 
 from . import jsoncodec
-
-_UNITS = {
-    "Requests": "Count",
-    "Errors": "Count",
-    "ColdStart": "Count",
-    "RequestLatency": "Milliseconds",
-    "InferenceLatency": "Milliseconds",
-    "ModelLoadTime": "Milliseconds",
-    "ModelLoadFailures": "Count",
-}
+from .contract import METRIC_UNITS
 
 
 def _write(record: dict) -> None:
@@ -35,7 +26,7 @@ def metrics_record(namespace: str, model: str, values: dict, error_kind: str | N
         {
             "Namespace": namespace,
             "Dimensions": [["Model"]],
-            "Metrics": [{"Name": name, "Unit": _UNITS[name]} for name in values],
+            "Metrics": [{"Name": name, "Unit": METRIC_UNITS[name]} for name in values],
         }
     ]
     record = {"Model": model, **properties, **values}

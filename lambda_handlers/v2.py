@@ -12,7 +12,14 @@ import numpy as np
 from . import jsoncodec
 from .datatypes import V2_TO_NUMPY, Signature, TensorSpec
 from .errors import InvalidInput
-from .tensors import bytes_to_utf8, check_spec, element_count, fit_to_shape, json_to_array, shape_text
+from .tensors import (
+    bytes_to_utf8,
+    check_spec,
+    element_count,
+    fit_to_shape,
+    json_to_array,
+    shape_text,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 

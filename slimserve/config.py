@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from slimserve.errors import UserError
+from slimserve.lambda_handlers.contract import FORMATS
 
 DEFAULT_CONFIG = "slimserve.toml"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
@@ -67,6 +68,20 @@ def _choice_of_ints(*allowed):
     return lambda v: type(v) is int and v in allowed, "one of " + ", ".join(map(str, allowed)) + " (CloudWatch's retention periods)"
 
 
+# The allowed values, once: the rules below check configs against them and the stacks read them.
+TARGETS = ("lambda", "sagemaker")
+ARCHITECTURES = ("x86_64", "arm64")
+DEPLOYMENTS = ("canary", "linear", "all_at_once")
+AUTH_MODES = ("none", "api_key", "iam")
+ENCRYPTIONS = ("kms", "s3-managed")
+LOG_RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
+                 60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS", 150: "FIVE_MONTHS", 180: "SIX_MONTHS",
+                 365: "ONE_YEAR", 400: "THIRTEEN_MONTHS", 545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS", 1096: "THREE_YEARS",
+                 1827: "FIVE_YEARS", 2192: "SIX_YEARS", 2557: "SEVEN_YEARS", 2922: "EIGHT_YEARS", 3288: "NINE_YEARS",
+                 3653: "TEN_YEARS"}
+"""CloudWatch's retention periods in days, with the name aws_cdk.aws_logs.RetentionDays gives each."""
+
+
 def _bool():
     return lambda v: isinstance(v, bool), "true or false"
 
@@ -113,19 +128,19 @@ class SageMakerSettings:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
-    format: str = _rule(_choice("onnx", "tflite"), doc="model file format")
+    format: str = _rule(_choice(*FORMATS), doc="model file format")
     artifact: Path = _rule(_string(what="a path to the model file"), doc="model file, relative to the config file")
-    target: str = _rule(_choice("lambda", "sagemaker"), "lambda", "where the model runs")
+    target: str = _rule(_choice(*TARGETS), "lambda", "where the model runs")
     memory_mb: int = _rule(_int_range(128, 10240), 1024, "Lambda memory")
     timeout_s: int = _rule(_int_range(1, API_GATEWAY_TIMEOUT_S), 10, "Lambda timeout (API Gateway stops at 29 s)")
-    architecture: str = _rule(_choice("x86_64", "arm64"), "x86_64", "Lambda architecture")
+    architecture: str = _rule(_choice(*ARCHITECTURES), "x86_64", "Lambda architecture")
     ephemeral_storage_mb: int = _rule(_int_range(512, 10240), 512, "Lambda /tmp size")
     reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
     provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
     snapstart: bool = _rule(_bool(), False, "Lambda SnapStart on published versions")
-    deployment: str = _rule(_choice("canary", "linear", "all_at_once"), "canary",
+    deployment: str = _rule(_choice(*DEPLOYMENTS), "canary",
                             "how a new version takes the live alias's traffic (CodeDeploy)")
-    auth: str = _rule(_choice("none", "api_key", "iam"), "api_key", "how clients authenticate")
+    auth: str = _rule(_choice(*AUTH_MODES), "api_key", "how clients authenticate")
     version: str | None = _rule(_version_ref(), None, "the registered version to deploy instead of the artifact: a number, "
                                                       "sha256 prefix or alias, resolved into slimserve.lock by `slimserve lock`")
     alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
@@ -140,6 +155,7 @@ class AppConfig:
     account: str | None = None
     region: str | None = None
     model_store_encryption: str = "kms"
+    """The defaults of the app's keys: the stacks' props take theirs from here."""
     alarm_email: str | None = None
     log_retention_days: int = 30
     throttle_rate: int = 100
@@ -168,9 +184,9 @@ APP_RULES = {
     "name": _string(re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}"), "letters, digits and '-', starting with a letter"),
     "account": _string(re.compile(r"\d{12}"), "a 12-digit AWS account ID"),
     "region": _string(re.compile(r"[a-z]{2}(-[a-z]+)+-\d"), "an AWS region like 'eu-west-1'"),
-    "model_store_encryption": _choice("kms", "s3-managed"),
+    "model_store_encryption": _choice(*ENCRYPTIONS),
     "alarm_email": _string(re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+"), "an email address"),
-    "log_retention_days": _choice_of_ints(1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653),
+    "log_retention_days": _choice_of_ints(*LOG_RETENTION),
     "throttle_rate": _int_range(1, 10000),
     "throttle_burst": _int_range(1, 5000),
 }
@@ -243,18 +259,8 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
                               f"under API Gateway's default 300; a Lambda model takes {API_RESOURCES_PER_MODEL['lambda']}, "
                               f"a SageMaker model {API_RESOURCES_PER_MODEL['sagemaker']}), found {counts['lambda']} Lambda and "
                               f"{counts['sagemaker']} SageMaker models taking {resources}; split them across apps")
-    return AppConfig(
-        path=path,
-        name=app.get("name", "slimserve"),
-        models=models,
-        account=app.get("account"),
-        region=app.get("region"),
-        model_store_encryption=app.get("model_store_encryption", "kms"),
-        alarm_email=app.get("alarm_email"),
-        log_retention_days=app.get("log_retention_days", 30),
-        throttle_rate=app.get("throttle_rate", 100),
-        throttle_burst=app.get("throttle_burst", 200),
-    )
+    return AppConfig(path=path, name=app.get("name", "slimserve"), models=models,
+                     **{key: app[key] for key in APP_RULES if key in app and key != "name"})
 
 
 def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConfig:

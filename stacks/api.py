@@ -10,33 +10,34 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
+from slimserve.config import AUTH_MODES, AppConfig
 from slimserve.contract.apigw import (
     BINARY_MEDIA_TYPES,
     ENDPOINT_FAILED,
     ENDPOINT_THROTTLED,
     MODEL_ERROR_TEMPLATE,
 )
-from slimserve.lambda_handlers.core import SERVER_NAME, SERVER_VERSION
-from slimserve.lambda_handlers.sagemaker_server import (
+from slimserve.lambda_handlers.contract import (
     CUSTOM_ATTRIBUTES,
+    SERVER_NAME,
+    SERVER_VERSION,
     endpoint_routes,
     route_attribute,
 )
 
+from .defaults import log_retention
 from .nag import acknowledge
-
-AUTH_MODES = ("none", "api_key", "iam")
 
 
 @dataclass(frozen=True)
 class InferenceApiProps:
     name: str
     """The REST API's name."""
-    throttle_rate: int = 100
+    throttle_rate: int = AppConfig.throttle_rate
     """Steady-state requests per second for the stage and the usage plan. @default 100."""
-    throttle_burst: int = 200
+    throttle_burst: int = AppConfig.throttle_burst
     """Burst capacity. @default 200."""
-    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+    log_retention: logs.RetentionDays = log_retention()
     """How long access logs are kept. @default one month."""
     stage_name: str = "prod"
     """@default "prod"."""

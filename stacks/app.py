@@ -13,7 +13,8 @@ from slimserve.registry.lock import locked_models
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
 from .context import CDK_CONTEXT
-from .gpu_endpoint import VARIANT, GpuEndpoint, GpuEndpointProps, serving_image
+from .defaults import log_retention
+from .gpu_endpoint import GpuEndpoint, GpuEndpointProps, serving_image
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -47,7 +48,7 @@ class ModelShard(cdk.NestedStack):
 class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
         super().__init__(scope, construct_id, **kwargs)
-        retention = getattr(logs.RetentionDays, _RETENTION[config.log_retention_days])
+        retention = log_retention(config.log_retention_days)
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
         stored = self.model_store.add_models(list(config.models), config.build_dir / "model-upload" / construct_id,
                                              locked_models(config, self.model_store.bucket.bucket_name))
@@ -83,16 +84,11 @@ class SlimserveStack(cdk.Stack):
             endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
                 model=model, stored=stored[model.name], store=self.model_store, image=model.sagemaker.image or own_image))
             routes.add_endpoint_model(model.name, endpoint.endpoint_name, endpoint.version, model.auth)
-            self.monitoring.add_gpu_endpoint(model.name, endpoint.endpoint_name, VARIANT, endpoint.alarms)
+            self.monitoring.add_gpu_endpoint(model.name, endpoint)
             endpoints[model.name] = endpoint
         return endpoints, [routes]
 
 
-_RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
-              60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS", 150: "FIVE_MONTHS", 180: "SIX_MONTHS",
-              365: "ONE_YEAR", 400: "THIRTEEN_MONTHS", 545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS", 1096: "THREE_YEARS",
-              1827: "FIVE_YEARS", 2192: "SIX_YEARS", 2557: "SEVEN_YEARS", 2922: "EIGHT_YEARS", 3288: "NINE_YEARS",
-              3653: "TEN_YEARS"}
 
 
 def build_app(config: AppConfig, app: cdk.App | None = None) -> cdk.App:

@@ -13,13 +13,15 @@ from constructs import Construct
 
 from slimserve.assets import serving_context
 from slimserve.config import ModelConfig
+from slimserve.lambda_handlers.contract import MODEL_DIR, model_environment
 from slimserve.registry.store import StoredModel
 
 from .model_store import ModelStore
-from .monitoring import sagemaker_metric
 from .nag import acknowledge, logical_id
 
 VARIANT = "AllTraffic"
+# Invocation metrics live in AWS/SageMaker, instance metrics (GPU, CPU, memory) in /aws/sagemaker/Endpoints
+INSTANCE_METRICS = ("GPUUtilization", "GPUMemoryUtilization", "CPUUtilization", "MemoryUtilization", "DiskUtilization")
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,8 @@ class GpuEndpoint(Construct):
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
                     s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
                         s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}", s3_data_type="S3Prefix", compression_type="None")),
-                environment={"SLIMSERVE_MODEL_NAME": model.name, "SLIMSERVE_MODEL_VERSION": props.stored.version,
-                             "SLIMSERVE_MODEL_FORMAT": model.format,
-                             "SLIMSERVE_MODEL_SHA256": props.stored.sha256,
-                             "SLIMSERVE_MODEL_PATH": f"/opt/ml/model/model.{model.format}"},
+                environment=model_environment(model.name, props.stored.version, model.format, props.stored.sha256,
+                                              path=f"{MODEL_DIR}/model.{model.format}"),
             ),
         )
         self.model.node.add_dependency(self.role)
@@ -151,10 +151,17 @@ class GpuEndpoint(Construct):
                                 "storage is encrypted by hardware, and captured data is encrypted with the store's key",
         })
 
+    def metric(self, name: str, statistic: str, minutes: int = 5) -> cloudwatch.Metric:
+        """One of the endpoint's CloudWatch metrics (SageMaker's names: ModelLatency, Invocations, GPUUtilization, ...)."""
+        return cloudwatch.Metric(
+            namespace="/aws/sagemaker/Endpoints" if name in INSTANCE_METRICS else "AWS/SageMaker", metric_name=name,
+            statistic=statistic, dimensions_map={"EndpointName": self.endpoint_name, "VariantName": VARIANT},
+            period=cdk.Duration.minutes(minutes))
+
     def _alarms(self, model: ModelConfig) -> list[cloudwatch.Alarm]:
         """Alarms that both page (via monitoring) and roll a blue/green update back."""
         def metric(name: str, statistic: str) -> cloudwatch.Metric:
-            return sagemaker_metric(self.endpoint_name, VARIANT, name, statistic, minutes=1)
+            return self.metric(name, statistic, minutes=1)
 
         alarms = model.alarms
         specs = [

@@ -17,21 +17,20 @@ from constructs import Construct
 
 from slimserve.assets import HANDLER, function_bundle, package_folder
 from slimserve.config import ModelConfig
+from slimserve.lambda_handlers.contract import (
+    METRICS_NAMESPACE,
+    METRICS_NAMESPACE_VARIABLE,
+)
 from slimserve.layers.builder import build_layer, find_python, layer_key
 from slimserve.registry.store import StoredModel
 
+from .defaults import DEPLOYMENT_CONFIGS, LAMBDA_ARCHITECTURES, log_retention
 from .model_store import ModelStore
 from .nag import acknowledge
 
 PYTHON_VERSION = "3.12"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
-ARCHITECTURES = {"x86_64": lambda_.Architecture.X86_64, "arm64": lambda_.Architecture.ARM_64}
 ALIAS = "live"
-DEPLOYMENTS = {
-    "canary": codedeploy.LambdaDeploymentConfig.CANARY_10_PERCENT_5_MINUTES,
-    "linear": codedeploy.LambdaDeploymentConfig.LINEAR_10_PERCENT_EVERY_1_MINUTE,
-    "all_at_once": codedeploy.LambdaDeploymentConfig.ALL_AT_ONCE,
-}
 
 
 @jsii.implements(cdk.ILocalBundling)
@@ -80,7 +79,7 @@ def runtime_layer(scope: Construct, model_format: str, architecture: str, out: P
             bundling=cdk.BundlingOptions(image=_local_only(), local=_LayerBundling(model_format, architecture, out)),
         ),
         compatible_runtimes=[RUNTIME],
-        compatible_architectures=[ARCHITECTURES[architecture]],
+        compatible_architectures=[LAMBDA_ARCHITECTURES[architecture]],
         description=f"slimserve {model_format} runtime for python{PYTHON_VERSION} {architecture} ({key})",
     )
 
@@ -92,7 +91,7 @@ class LambdaModelProps:
     stored: StoredModel
     """Where the model's bytes are in the store, and their sha256."""
     store: ModelStore
-    log_retention: logs.RetentionDays = logs.RetentionDays.ONE_MONTH
+    log_retention: logs.RetentionDays = log_retention()
     """How long the function's logs are kept. @default one month."""
     alarm_topic: sns.ITopic | None = None
     """Where the deployment alarms also page. @default they only roll back."""
@@ -115,7 +114,7 @@ class LambdaModel(Construct):
             self,
             "Function",
             runtime=RUNTIME,
-            architecture=ARCHITECTURES[model.architecture],
+            architecture=LAMBDA_ARCHITECTURES[model.architecture],
             handler=HANDLER,
             code=lambda_.Code.from_asset(
                 str(package_folder("slimserve.lambda_handlers")),
@@ -132,10 +131,7 @@ class LambdaModel(Construct):
             log_group=self.log_group,
             role=self.role,
             snap_start=lambda_.SnapStartConf.ON_PUBLISHED_VERSIONS if model.snapstart else None,
-            environment={
-                **props.stored.environment(),
-                "SLIMSERVE_METRICS_NAMESPACE": "Slimserve",
-            },
+            environment={**props.stored.environment(), METRICS_NAMESPACE_VARIABLE: METRICS_NAMESPACE},
             description=f"slimserve model {model.name} ({model.format})",
         )
         self.log_group.grant_write(self.role)
@@ -183,7 +179,7 @@ class LambdaModel(Construct):
             for alarm in checks:
                 alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
         group = codedeploy.LambdaDeploymentGroup(
-            self, "Deployment", alias=self.alias, deployment_config=DEPLOYMENTS[model.deployment], alarms=checks,
+            self, "Deployment", alias=self.alias, deployment_config=DEPLOYMENT_CONFIGS[model.deployment], alarms=checks,
             auto_rollback=codedeploy.AutoRollbackConfig(failed_deployment=True, stopped_deployment=True, deployment_in_alarm=True))
         acknowledge(group, {"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited]":
                             "CodeDeploy's Lambda role is AWS's own limited policy, scoped by CodeDeploy itself"})

@@ -12,17 +12,15 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
-from slimserve.config import ModelConfig
+from slimserve.config import ENCRYPTIONS, AppConfig, ModelConfig
 from slimserve.registry.store import StoredModel, manifest, model_key
 
 from .nag import acknowledge, logical_id
 
-ENCRYPTIONS = ("kms", "s3-managed")
-
 
 @dataclass(frozen=True)
 class ModelStoreProps:
-    encryption: str = "kms"
+    encryption: str = AppConfig.model_store_encryption
     """"kms": a customer-managed key with rotation; "s3-managed": SSE-S3. @default "kms"."""
     noncurrent_version_days: int = 90
     """Days an overwritten or deleted object version is kept. @default 90."""

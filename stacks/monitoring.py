@@ -1,6 +1,7 @@
 """Alarms for every model into one SNS topic, and one dashboard for the app."""
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aws_cdk as cdk
 import cdk_monitoring_constructs as monitoring
@@ -14,21 +15,19 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from slimserve.config import Alarms
+from slimserve.lambda_handlers.contract import (
+    COLD_START,
+    ERRORS,
+    INFERENCE_LATENCY,
+    METRICS_NAMESPACE,
+    MODEL_LOAD_FAILURES,
+    MODEL_LOAD_TIME,
+    REQUESTS,
+    SERVER_ERROR_KINDS,
+)
 
-NAMESPACE = "Slimserve"
-SERVER_ERROR_KINDS = ("runtime_error", "internal", "model_not_ready")
-SAGEMAKER_INSTANCE_METRICS = ("GPUUtilization", "GPUMemoryUtilization", "CPUUtilization", "MemoryUtilization", "DiskUtilization")
-
-
-def metric(namespace: str, name: str, statistic: str, dimensions: dict[str, str], minutes: int = 5) -> cloudwatch.Metric:
-    return cloudwatch.Metric(namespace=namespace, metric_name=name, statistic=statistic, dimensions_map=dimensions,
-                             period=cdk.Duration.minutes(minutes))
-
-
-def sagemaker_metric(endpoint_name: str, variant: str, name: str, statistic: str, minutes: int = 5) -> cloudwatch.Metric:
-    """Invocation metrics live in AWS/SageMaker, instance metrics (GPU, CPU, memory) in /aws/sagemaker/Endpoints."""
-    namespace = "/aws/sagemaker/Endpoints" if name in SAGEMAKER_INSTANCE_METRICS else "AWS/SageMaker"
-    return metric(namespace, name, statistic, {"EndpointName": endpoint_name, "VariantName": variant}, minutes)
+if TYPE_CHECKING:
+    from .gpu_endpoint import GpuEndpoint
 
 
 @dataclass(frozen=True)
@@ -82,16 +81,18 @@ class ModelMonitoring(Construct):
     def _handler_metrics(self, name: str, alarms: Alarms) -> None:
         """The handler's own EMF metrics. The facade graphs custom metrics but alarms on them are plainer by hand."""
         def emf(metric_name: str, statistic: str, error_kind: str | None = None) -> cloudwatch.Metric:
-            return metric(NAMESPACE, metric_name, statistic, {"Model": name} | ({"ErrorKind": error_kind} if error_kind else {}))
+            return cloudwatch.Metric(
+                namespace=METRICS_NAMESPACE, metric_name=metric_name, statistic=statistic, period=cdk.Duration.minutes(5),
+                dimensions_map={"Model": name} | ({"ErrorKind": error_kind} if error_kind else {}))
 
         self._graphs(f"{name} (handler)", f"{name}-handler", {
-            "Inference latency": [emf("InferenceLatency", "p99"), emf("InferenceLatency", "p50")],
-            "Requests and errors": [emf("Requests", "Sum"), emf("Errors", "Sum")],
-            "Cold starts": [emf("ColdStart", "Sum"), emf("ModelLoadTime", "Maximum"), emf("ModelLoadFailures", "Sum")],
+            "Inference latency": [emf(INFERENCE_LATENCY, "p99"), emf(INFERENCE_LATENCY, "p50")],
+            "Requests and errors": [emf(REQUESTS, "Sum"), emf(ERRORS, "Sum")],
+            "Cold starts": [emf(COLD_START, "Sum"), emf(MODEL_LOAD_TIME, "Maximum"), emf(MODEL_LOAD_FAILURES, "Sum")],
         })
         server_errors = cloudwatch.MathExpression(
             expression=" + ".join(f"FILL(e{i}, 0)" for i in range(len(SERVER_ERROR_KINDS))),
-            using_metrics={f"e{i}": emf("Errors", "Sum", kind) for i, kind in enumerate(SERVER_ERROR_KINDS)},
+            using_metrics={f"e{i}": emf(ERRORS, "Sum", kind) for i, kind in enumerate(SERVER_ERROR_KINDS)},
             label=f"{name} server-side errors", period=cdk.Duration.minutes(5))
         alarm = server_errors.create_alarm(
             self, f"{name}HandlerErrors", alarm_name=f"{cdk.Stack.of(self).stack_name}-{name}-handler-server-errors",
@@ -101,19 +102,15 @@ class ModelMonitoring(Construct):
             alarm_description=f"{name}: runtime failures, internal errors or a model that did not load (EMF ErrorKind)")
         alarm.add_alarm_action(self.action)
 
-    def add_gpu_endpoint(self, name: str, endpoint_name: str, variant: str, alarms: list[cloudwatch.Alarm]) -> None:
+    def add_gpu_endpoint(self, name: str, endpoint: "GpuEndpoint") -> None:
         """cdk-monitoring-constructs has no SageMaker monitoring in its facade, so the endpoint's own alarms
         (which also drive its blue/green rollback) page through the same topic, and its metrics are graphed as custom ones."""
-        for alarm in alarms:
+        for alarm in endpoint.alarms:
             alarm.add_alarm_action(self.action)
-
-        def endpoint(metric_name: str, statistic: str) -> cloudwatch.Metric:
-            return sagemaker_metric(endpoint_name, variant, metric_name, statistic)
-
         self._graphs(f"{name} (SageMaker)", f"{name}-sagemaker", {
-            "Model latency (us)": [endpoint("ModelLatency", "p99"), endpoint("ModelLatency", "p50")],
-            "Invocations and 5xx": [endpoint("Invocations", "Sum"), endpoint("Invocation5XXErrors", "Sum")],
-            "GPU": [endpoint("GPUUtilization", "Average"), endpoint("GPUMemoryUtilization", "Average")],
+            "Model latency (us)": [endpoint.metric("ModelLatency", "p99"), endpoint.metric("ModelLatency", "p50")],
+            "Invocations and 5xx": [endpoint.metric("Invocations", "Sum"), endpoint.metric("Invocation5XXErrors", "Sum")],
+            "GPU": [endpoint.metric("GPUUtilization", "Average"), endpoint.metric("GPUMemoryUtilization", "Average")],
         })
 
     def _graphs(self, human_readable_name: str, friendly_name: str, groups: dict[str, list[cloudwatch.Metric]]) -> None:

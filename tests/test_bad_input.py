@@ -9,7 +9,7 @@ import pytest
 from conftest import MODELS, call
 
 from slimserve.contract.apigw import response_body, rest_event
-from slimserve.lambda_handlers.core import MAX_BODY_BYTES
+from slimserve.lambda_handlers.contract import MAX_BODY_BYTES
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.registry.versions import Registry
 

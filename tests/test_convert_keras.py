@@ -55,7 +55,7 @@ def digits_keras(tmp_path_factory):
 
 
 def cli_in_tensorflow_venv(*args: str) -> subprocess.CompletedProcess:
-    return run_in_tensorflow_venv("-m", "slimserve.cli", *map(str, args))
+    return run_in_tensorflow_venv("-m", "slimserve", *map(str, args))
 
 
 def cli_error(result: subprocess.CompletedProcess) -> str:

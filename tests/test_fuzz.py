@@ -13,7 +13,8 @@ from conftest import MODELS as MODEL_FILES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slimserve.lambda_handlers.core import ROUTES, Request
+from slimserve.lambda_handlers.contract import ROUTES
+from slimserve.lambda_handlers.core import Request
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.registry.store import file_environment
 

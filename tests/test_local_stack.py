@@ -319,7 +319,7 @@ def test_serve_prints_where_it_listens_and_ctrl_c_leaves_nothing_behind(tmp_path
     config.write_text((ROOT / "slimserve.toml").read_text().replace('name = "slimserve-demo"', f'name = "{app}"')
                       .replace('artifact = "examples/', f'artifact = "{ROOT}/examples/'))
     port = free_port()
-    serve = subprocess.Popen([sys.executable, "-m", "slimserve.cli", "serve", "--config", str(config), "--port", str(port),
+    serve = subprocess.Popen([sys.executable, "-m", "slimserve", "serve", "--config", str(config), "--port", str(port),
                               "--s3-port", str(free_port())],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -14,7 +14,8 @@ from openapi_spec_validator import validate
 
 from slimserve.config import load_config
 from slimserve.contract.openapi import openapi_document
-from slimserve.lambda_handlers.core import ROUTES, InferenceCore, Request, ServedModel
+from slimserve.lambda_handlers.contract import ROUTES
+from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
 from slimserve.stacks.app import build_app
 
 

@@ -14,7 +14,8 @@ import yaml
 from conftest import MODELS
 
 from bench.project import infer, serving
-from slimserve import __version__, scaffold
+from slimserve import __version__
+from slimserve.cli import scaffold
 from slimserve.cli import main
 from slimserve.config import load_config
 from slimserve.stacks.context import CDK_CONTEXT

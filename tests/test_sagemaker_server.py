@@ -25,15 +25,14 @@ from slimserve.lambda_handlers.batching import (
     FixedBatchSizes,
     powers_of_two,
 )
-from slimserve.lambda_handlers.core import InferenceCore, Request, Response, ServedModel
-from slimserve.lambda_handlers.runtimes import OnnxModel
-from slimserve.lambda_handlers.sagemaker_server import (
+from slimserve.lambda_handlers.contract import (
     CUSTOM_ATTRIBUTES,
-    batch_sizes,
     endpoint_routes,
-    onnx_providers,
     route_attribute,
 )
+from slimserve.lambda_handlers.core import InferenceCore, Request, Response, ServedModel
+from slimserve.lambda_handlers.runtimes import OnnxModel
+from slimserve.lambda_handlers.sagemaker_server import ServerSettings
 from slimserve.local.s3 import free_port
 from slimserve.registry.store import file_environment
 
@@ -339,6 +338,9 @@ def test_fixed_batch_sizes_do_not_pad_a_model_whose_output_spans_the_batch(iris_
 
 def test_batch_sizes_setting():
     assert powers_of_two(32) == [1, 2, 4, 8, 16, 32] and powers_of_two(24) == [1, 2, 4, 8, 16, 24]
+    def batch_sizes(environ, max_batch_size, on_gpu):
+        return ServerSettings.from_environment({**environ, "SLIMSERVE_MAX_BATCH_SIZE": str(max_batch_size)}).fixed_batch_sizes(on_gpu)
+
     assert batch_sizes({}, 32, on_gpu=True) == [1, 2, 4, 8, 16, 32]
     assert batch_sizes({}, 32, on_gpu=False) == [] and batch_sizes({}, 1, on_gpu=True) == []
     assert batch_sizes({"SLIMSERVE_BATCH_SIZES": "none"}, 32, on_gpu=True) == []
@@ -348,6 +350,10 @@ def test_batch_sizes_setting():
 def test_cuda_comes_first_with_heuristic_convolution_algorithms_and_tensorrt_on_request():
     everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
     cuda = ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"})
+
+    def onnx_providers(environ, available):
+        return ServerSettings.from_environment(environ).onnx_providers(available)
+
     assert onnx_providers({}, everything) == [cuda, "CPUExecutionProvider"]
     assert onnx_providers({"SLIMSERVE_TENSORRT": "1"}, everything) == ["TensorrtExecutionProvider", cuda, "CPUExecutionProvider"]
     assert onnx_providers({"SLIMSERVE_CUDNN_CONV_ALGO_SEARCH": "EXHAUSTIVE"}, everything)[0] == (

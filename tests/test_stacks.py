@@ -18,7 +18,7 @@ from slimserve.config import (
     parse_config,
 )
 from slimserve.contract.apigw import MODEL_ERROR_TEMPLATE
-from slimserve.lambda_handlers.sagemaker_server import (
+from slimserve.lambda_handlers.contract import (
     CUSTOM_ATTRIBUTES,
     endpoint_routes,
     route_attribute,

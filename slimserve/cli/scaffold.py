@@ -10,9 +10,9 @@ from pathlib import Path
 from slimserve import __version__
 from slimserve.config import DEFAULT_CONFIG, MODEL_NAME
 from slimserve.errors import UserError
+from slimserve.registry.versions import SUFFIX_FORMATS
 from slimserve.stacks.context import CDK_CONTEXT
 
-FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 WORKFLOW = Path(".github") / "workflows" / "slimserve.yml"
 
 
@@ -104,11 +104,11 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
     folder = Path(folder)
     app = _name(folder.resolve().name, "slimserve-app")
     if model is not None:
-        if model.suffix not in FORMATS:
+        if model.suffix not in SUFFIX_FORMATS:
             raise ScaffoldError(f"{model}: expected an .onnx or .tflite model file, found {model.suffix or 'no suffix'!r}")
         if not model.is_file():
             raise ScaffoldError(f"{model}: model file does not exist")
-        name, format_, artifact = _name(model.stem, "model"), FORMATS[model.suffix], f"models/{model.name}"
+        name, format_, artifact = _name(model.stem, "model"), SUFFIX_FORMATS[model.suffix], f"models/{model.name}"
     else:
         name = _name(folder.resolve().name, "model")
         format_, artifact = "onnx", f"models/{name}.onnx"

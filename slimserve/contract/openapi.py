@@ -7,7 +7,7 @@ tests hold the stacks' Lambda routes to it too). The local gateway serves it at
 """
 
 from slimserve.contract.apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
-from slimserve.lambda_handlers.core import (
+from slimserve.lambda_handlers.contract import (
     MAX_BODY_BYTES,
     ROUTES,
     SERVER_NAME,

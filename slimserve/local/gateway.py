@@ -26,11 +26,8 @@ from slimserve.contract.apigw import (
 )
 from slimserve.contract.openapi import openapi_document
 from slimserve.lambda_handlers import wire
+from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, route_attribute
 from slimserve.lambda_handlers.core import InferenceCore, Request
-from slimserve.lambda_handlers.sagemaker_server import (
-    CUSTOM_ATTRIBUTES,
-    route_attribute,
-)
 from slimserve.local.runner import FunctionPool
 
 INTEGRATION_TIMEOUT_S = 29.0

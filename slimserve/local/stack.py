@@ -14,7 +14,13 @@ from pathlib import Path
 
 from slimserve.assets import LAMBDA_PACKAGE, function_bundle
 from slimserve.config import AppConfig, ModelConfig
-from slimserve.lambda_handlers.sagemaker_server import endpoint_routes
+from slimserve.lambda_handlers.contract import (
+    SAGEMAKER_MODEL_DIR,
+    SAGEMAKER_PORT,
+    SERVER_HOST,
+    endpoint_routes,
+    model_environment,
+)
 from slimserve.layers.builder import build_layer
 from slimserve.local.gateway import EndpointRoute, LocalGateway, Route
 from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python, spawn
@@ -94,9 +100,8 @@ class LocalEndpoint:
         self.log_path = work_dir / f"{name}.log"
         self.environment = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1",
-            "SAGEMAKER_BIND_TO_PORT": str(port), "SLIMSERVE_HOST": "127.0.0.1", "SM_MODEL_DIR": str(model_dir),
-            "SLIMSERVE_MODEL_NAME": name, "SLIMSERVE_MODEL_VERSION": str(version.number),
-            "SLIMSERVE_MODEL_FORMAT": version.format, "SLIMSERVE_MODEL_SHA256": version.sha256,
+            SAGEMAKER_PORT: str(port), SERVER_HOST: "127.0.0.1", SAGEMAKER_MODEL_DIR: str(model_dir),
+            **model_environment(name, str(version.number), version.format, version.sha256),
         }
         self.closing = threading.Event()
         self.restarts = 0

@@ -10,6 +10,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from slimserve.lambda_handlers.contract import model_environment
 from slimserve.lambda_handlers.runtimes import load_model
 
 
@@ -26,25 +27,14 @@ class StoredModel:
 
     def environment(self) -> dict[str, str]:
         """What a Lambda function serving this model needs to find and verify it."""
-        return {
-            "SLIMSERVE_MODEL_NAME": self.name,
-            "SLIMSERVE_MODEL_VERSION": self.version,
-            "SLIMSERVE_MODEL_FORMAT": self.model_format,
-            "SLIMSERVE_MODEL_BUCKET": self.bucket,
-            "SLIMSERVE_MODEL_KEY": self.key,
-            "SLIMSERVE_MODEL_SHA256": self.sha256,
-        }
+        return model_environment(self.name, self.version, self.model_format, self.sha256, bucket=self.bucket, key=self.key)
 
 
 def file_environment(path: Path) -> dict[str, str]:
     """The same, for a model read from a local file (benchmarks, the SageMaker container): named by its stem."""
     path = Path(path)
-    return {
-        "SLIMSERVE_MODEL_NAME": path.stem,
-        "SLIMSERVE_MODEL_FORMAT": path.suffix.lstrip("."),
-        "SLIMSERVE_MODEL_PATH": str(path),
-        "SLIMSERVE_MODEL_SHA256": hashlib.sha256(path.read_bytes()).hexdigest(),
-    }
+    return model_environment(path.stem, "1", path.suffix.lstrip("."), hashlib.sha256(path.read_bytes()).hexdigest(),
+                             path=str(path))
 
 
 def model_key(name: str, sha256: str, model_format: str) -> str:

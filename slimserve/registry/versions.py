@@ -16,11 +16,12 @@ from pathlib import Path
 
 from slimserve.config import model_name_problem
 from slimserve.errors import UserError
-from slimserve.lambda_handlers.runtimes import FORMATS, ModelLoadError, load_model
+from slimserve.lambda_handlers.contract import FORMATS
+from slimserve.lambda_handlers.runtimes import ModelLoadError, load_model
 from slimserve.registry.store import StoredModel, manifest, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
-SUFFIX_FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
+SUFFIX_FORMATS = {f".{model_format}": model_format for model_format in FORMATS}
 
 
 class RegistryError(UserError):
