@@ -61,19 +61,14 @@ class GpuEndpoint(Construct):
         super().__init__(scope, construct_id)
         stack = cdk.Stack.of(self)
         bucket = props.store.bucket
-        model_prefix = props.stored.key.rsplit("/", 1)[0] + "/"
         capture_prefix = f"data-capture/{model.name}/"
         self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
         self.version = props.stored.version  # the API routes `/versions/{version}` here
 
         self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
                              description=f"slimserve {model.name}: read its model, write captured data and logs")
-        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"], resources=[bucket.arn_for_objects(f"{model_prefix}*")]))
-        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:ListBucket"], resources=[bucket.bucket_arn],
-                                                    conditions={"StringLike": {"s3:prefix": [f"{model_prefix}*"]}}))
-        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:PutObject"], resources=[bucket.arn_for_objects(f"{capture_prefix}*")]))
-        if props.store.key is not None:
-            props.store.key.grant_encrypt_decrypt(self.role)
+        model_prefix = props.store.grant_read_model_folder(self.role, props.stored)
+        props.store.grant_write_capture(self.role, capture_prefix)
         self.role.add_to_policy(iam.PolicyStatement(
             actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
             resources=[stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",

@@ -135,11 +135,7 @@ class LambdaModel(Construct):
             description=f"slimserve model {model.name} ({model.format})",
         )
         self.log_group.grant_write(self.role)
-        # bucket.grant_read would add s3:GetObject* and s3:List* on the bucket: this function reads one object
-        self.role.add_to_policy(iam.PolicyStatement(actions=["s3:GetObject"],
-                                                    resources=[props.store.bucket.arn_for_objects(props.stored.key)]))
-        if props.store.key is not None:
-            props.store.key.grant_decrypt(self.role)
+        props.store.grant_read_model(self.role, props.stored)
         self.alias = lambda_.Alias(
             self,
             "Live",

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3_deployment
@@ -72,6 +73,33 @@ class ModelStore(Construct):
             ],
             removal_policy=props.removal_policy,
         )
+
+    def grant_read_model(self, grantee: iam.IGrantable, stored: StoredModel) -> None:
+        """Read one model version's object, and decrypt it: all a function serving it needs (bucket.grant_read
+        would add s3:GetObject* and s3:List* on the whole bucket)."""
+        grantee.grant_principal.add_to_principal_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(stored.key)]))
+        if self.key is not None:
+            self.key.grant_decrypt(grantee)
+
+    def grant_read_model_folder(self, grantee: iam.IGrantable, stored: StoredModel) -> str:
+        """Read and list one model version's folder, as SageMaker mounts it; returns the folder's prefix."""
+        prefix = stored.key.rsplit("/", 1)[0] + "/"
+        principal = grantee.grant_principal
+        principal.add_to_principal_policy(iam.PolicyStatement(actions=["s3:GetObject"],
+                                                              resources=[self.bucket.arn_for_objects(f"{prefix}*")]))
+        principal.add_to_principal_policy(iam.PolicyStatement(actions=["s3:ListBucket"], resources=[self.bucket.bucket_arn],
+                                                              conditions={"StringLike": {"s3:prefix": [f"{prefix}*"]}}))
+        if self.key is not None:
+            self.key.grant_decrypt(grantee)
+        return prefix
+
+    def grant_write_capture(self, grantee: iam.IGrantable, prefix: str) -> None:
+        """Write captured requests and responses under `prefix`, encrypted with the store's key."""
+        grantee.grant_principal.add_to_principal_policy(
+            iam.PolicyStatement(actions=["s3:PutObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")]))
+        if self.key is not None:
+            self.key.grant_encrypt(grantee)
 
     def add_models(self, models: list[ModelConfig], staging: Path, locked: dict[str, StoredModel]) -> dict[str, StoredModel]:
         """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes; `locked`
