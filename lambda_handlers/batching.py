@@ -40,8 +40,10 @@ class BatchingModel:
 
     def __init__(self, runtime, max_batch_size: int = 32, max_delay_ms: float = 2.0, workers: int = 1):
         if max_batch_size < 1 or max_delay_ms < 0 or workers < 1:
-            raise ValueError(f"max_batch_size and workers must be >= 1 and max_delay_ms >= 0, "
-                             f"got {max_batch_size}, {workers}, {max_delay_ms}")
+            raise ValueError(
+                f"max_batch_size and workers must be >= 1 and max_delay_ms >= 0, "
+                f"got {max_batch_size}, {workers}, {max_delay_ms}"
+            )
         self.runtime = runtime
         self.signature, self.platform, self.format = runtime.signature, runtime.platform, runtime.format
         self.max_batch_size, self.max_delay = max_batch_size, max_delay_ms / 1000
@@ -124,8 +126,10 @@ class BatchingModel:
     def _run(self, items: list[_Pending]) -> None:
         names = list(items[0].inputs)
         try:
-            inputs = {name: np.concatenate([item.inputs[name] for item in items]) if len(items) > 1 else items[0].inputs[name]
-                      for name in names}
+            inputs = {
+                name: np.concatenate([item.inputs[name] for item in items]) if len(items) > 1 else items[0].inputs[name]
+                for name in names
+            }
             with self._lock:
                 self.runtime_calls += 1
             results = self.runtime.run(inputs, list(items[0].outputs))
@@ -136,7 +140,7 @@ class BatchingModel:
                 return
             start = 0
             for item in items:
-                item.result = {name: array[start:start + item.rows] for name, array in results.items()}
+                item.result = {name: array[start : start + item.rows] for name, array in results.items()}
                 start += item.rows
         except Exception as error:  # every caller of the batch hears of it
             for item in items:
@@ -171,8 +175,10 @@ class FixedBatchSizes:
         rows = next(iter(inputs.values())).shape[0]
         largest = self.sizes[-1]
         if rows > largest:
-            parts = [self.run({name: array[start:start + largest] for name, array in inputs.items()}, output_names)
-                     for start in range(0, rows, largest)]
+            parts = [
+                self.run({name: array[start : start + largest] for name, array in inputs.items()}, output_names)
+                for start in range(0, rows, largest)
+            ]
             return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         size = next(size for size in self.sizes if size >= rows)
         with self._count:
@@ -180,7 +186,9 @@ class FixedBatchSizes:
         if size == rows or not self._per_row:
             return self._runtimes[size].run(inputs, output_names)
         # padding repeats the last row: zeros could be what a model divides by
-        padded = {name: np.concatenate([array, np.repeat(array[-1:], size - rows, axis=0)]) for name, array in inputs.items()}
+        padded = {
+            name: np.concatenate([array, np.repeat(array[-1:], size - rows, axis=0)]) for name, array in inputs.items()
+        }
         results = self._runtimes[size].run(padded, output_names)
         if not one_row_each(results, size):
             return self._runtimes[size].run(inputs, output_names)  # a dynamic output that is not per row after all

@@ -63,8 +63,16 @@ SERVER_HOST = "SLIMSERVE_HOST"
 MODEL_DIR = "/opt/ml/model"
 
 
-def model_environment(name: str, version: str, model_format: str, sha256: str, *, bucket: str | None = None,
-                      key: str | None = None, path: str | None = None) -> dict[str, str]:
+def model_environment(
+    name: str,
+    version: str,
+    model_format: str,
+    sha256: str,
+    *,
+    bucket: str | None = None,
+    key: str | None = None,
+    path: str | None = None,
+) -> dict[str, str]:
     """What a function or container serving this model needs to find and verify it: an S3 object or a file."""
     environment = {MODEL_NAME: name, MODEL_VERSION: version, MODEL_FORMAT: model_format, MODEL_SHA256: sha256}
     if bucket is not None and key is not None:

@@ -42,8 +42,15 @@ class Response:
 
     __slots__ = ("status", "body", "headers", "error_kind", "inference_ms", "detail")
 
-    def __init__(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-                 error_kind: str | None = None, inference_ms: float | None = None, detail: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        error_kind: str | None = None,
+        inference_ms: float | None = None,
+        detail: str | None = None,
+    ):
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else {"Content-Type": "application/json"}
@@ -78,9 +85,10 @@ class ServedModel(NamedTuple):
 
 
 _MODEL = r"(?P<name>[A-Za-z0-9_.-]+)(?:/versions/(?P<version>[A-Za-z0-9_.-]+))?"
-_PATTERNS = [(method, re.compile(re.escape(template).replace(re.escape("{model}"), _MODEL)), action)
-             for method, template, action in ROUTES]
-
+_PATTERNS = [
+    (method, re.compile(re.escape(template).replace(re.escape("{model}"), _MODEL)), action)
+    for method, template, action in ROUTES
+]
 
 
 class InferenceCore:
@@ -99,7 +107,10 @@ class InferenceCore:
             import traceback
 
             return Response.json(
-                500, {"error": "internal error; see the server log"}, error_kind="internal", detail=traceback.format_exc()
+                500,
+                {"error": "internal error; see the server log"},
+                error_kind="internal",
+                detail=traceback.format_exc(),
             )
 
     def _route(self, request: Request) -> Response:
@@ -124,7 +135,10 @@ class InferenceCore:
         if version is None:
             return versions[max(versions, key=_version_order)]
         if version not in versions:
-            raise NotFound(f"model {name!r} has no version {version!r}; served versions: {', '.join(sorted(versions, key=_version_order))}")
+            raise NotFound(
+                f"model {name!r} has no version {version!r}; "
+                f"served versions: {', '.join(sorted(versions, key=_version_order))}"
+            )
         return versions[version]
 
     def _body(self, request: Request) -> bytes:
@@ -188,9 +202,7 @@ class InferenceCore:
     def _v2_ready(self, request, name, version):
         model = self._model(name, version)
         if not model.ready:
-            return Response.json(
-                503, {"ready": False, "error": model.failure}, error_kind=ModelNotReady.kind
-            )
+            return Response.json(503, {"ready": False, "error": model.failure}, error_kind=ModelNotReady.kind)
         return Response.json(200, {"ready": True})
 
     def _v2_infer(self, request, name, version):

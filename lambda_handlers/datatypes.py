@@ -62,9 +62,7 @@ class TensorSpec(NamedTuple):
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
     def shape_matches(self, shape) -> bool:
-        return len(shape) == len(self.shape) and all(
-            want == -1 or want == got for want, got in zip(self.shape, shape)
-        )
+        return len(shape) == len(self.shape) and all(want == -1 or want == got for want, got in zip(self.shape, shape))
 
 
 class Signature(NamedTuple):

@@ -112,7 +112,9 @@ def _s3_get(bucket: str, key: str) -> bytes:
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:
         error = exc.response.get("Error", {})
-        raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {error.get('Code')} {error.get('Message', '')}".rstrip()) from None
+        raise ModelSourceError(
+            f"cannot fetch s3://{bucket}/{key}: {error.get('Code')} {error.get('Message', '')}".rstrip()
+        ) from None
     except BotoCoreError as exc:
         raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {exc}") from None
 
@@ -146,19 +148,34 @@ class ModelFunction:
             self._failed(name, version, str(exc), retry=True)
             return
         telemetry.log(
-            "INFO", "model loaded", model=name, version=version, source=source.location,
-            sha256=source.sha256, failed_loads_before=self.failed_loads, **self.log_context,
+            "INFO",
+            "model loaded",
+            model=name,
+            version=version,
+            source=source.location,
+            sha256=source.sha256,
+            failed_loads_before=self.failed_loads,
+            **self.log_context,
         )
         self.model = ServedModel(name, version, runtime=runtime)
         self.core = InferenceCore([self.model])
 
     def _failed(self, name: str, version: str, reason: str, retry: bool) -> None:
-        delay = min(self.retry_s * 2 ** self.failed_loads, RETRY_MAX_S) if retry else float("inf")
+        delay = min(self.retry_s * 2**self.failed_loads, RETRY_MAX_S) if retry else float("inf")
         self.failed_loads += 1
         self.next_load = time.monotonic() + delay
-        telemetry.log("ERROR", "model not loaded", model=name, version=version, reason=reason,
-                      retry_in_s=delay if retry else None, **self.log_context)
-        telemetry.emit_metrics(self.namespace, name, {MODEL_LOAD_FAILURES: 1}, function=self.function_name, version=version)
+        telemetry.log(
+            "ERROR",
+            "model not loaded",
+            model=name,
+            version=version,
+            reason=reason,
+            retry_in_s=delay if retry else None,
+            **self.log_context,
+        )
+        telemetry.emit_metrics(
+            self.namespace, name, {MODEL_LOAD_FAILURES: 1}, function=self.function_name, version=version
+        )
         self.model = ServedModel(name, version, failure=reason)
         self.core = InferenceCore([self.model])
 
@@ -185,13 +202,22 @@ class ModelFunction:
             values[MODEL_LOAD_TIME] = round(self.load_ms, 3)
             self.cold = False
         telemetry.emit_metrics(
-            self.namespace, self.model.name, values, response.error_kind,
-            request_id=request_id, status=response.status, version=self.model.version,
+            self.namespace,
+            self.model.name,
+            values,
+            response.error_kind,
+            request_id=request_id,
+            status=response.status,
+            version=self.model.version,
         )
         if response.status >= 400:
             details = {"exception": response.detail} if response.detail else {}
             telemetry.log(
-                "WARNING" if response.status < 500 else "ERROR", "request failed",
-                status=response.status, error=response.body[:500].decode(errors="replace"),
-                model=self.model.name, **details, **self.log_context,
+                "WARNING" if response.status < 500 else "ERROR",
+                "request failed",
+                status=response.status,
+                error=response.body[:500].decode(errors="replace"),
+                model=self.model.name,
+                **details,
+                **self.log_context,
             )

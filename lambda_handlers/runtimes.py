@@ -43,8 +43,12 @@ class OnnxModel:
     format = "onnx"
     platform = "onnxruntime_onnx"
 
-    def __init__(self, source: bytes | str | os.PathLike, providers: list[str | tuple[str, dict[str, str]]] | None = None,
-                 spin: bool = True):
+    def __init__(
+        self,
+        source: bytes | str | os.PathLike,
+        providers: list[str | tuple[str, dict[str, str]]] | None = None,
+        spin: bool = True,
+    ):
         """`spin=False` stops ONNX Runtime's idle threads from spinning for work: a server whose own
         threads share the cores gets them back (measured: half the CPU per batched call)."""
         import onnxruntime
@@ -136,7 +140,9 @@ class TfliteModel:
         try:
             datatype = v2_datatype(detail["dtype"])
         except ValueError:
-            raise ModelLoadError(f"TFLite tensor {detail['name']!r} has dtype {detail['dtype']}, which no V2 datatype covers") from None
+            raise ModelLoadError(
+                f"TFLite tensor {detail['name']!r} has dtype {detail['dtype']}, which no V2 datatype covers"
+            ) from None
         return TensorSpec(detail["name"], datatype, tuple(int(d) for d in shape))
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

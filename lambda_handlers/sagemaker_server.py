@@ -103,7 +103,9 @@ class ServerSettings:
         on an H100, ResNet-18 over 32 batch sizes: 7.2 s exhaustive, 2.2 s heuristic; 1.7 ms a call
         either way once the shape stays)."""
         wanted: list[str | tuple[str, dict[str, str]]] = [
-            ("CUDAExecutionProvider", {"cudnn_conv_algo_search": self.conv_algo_search}), "CPUExecutionProvider"]
+            ("CUDAExecutionProvider", {"cudnn_conv_algo_search": self.conv_algo_search}),
+            "CPUExecutionProvider",
+        ]
         if self.tensorrt:
             wanted.insert(0, "TensorrtExecutionProvider")
         return [provider for provider in wanted if _provider_name(provider) in available]
@@ -119,8 +121,10 @@ def _batch_sizes(setting: str) -> tuple[int, ...] | None:
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise ModelLoadError(f"SLIMSERVE_BATCH_SIZES is {setting!r}; expected auto, none or positive whole numbers "
-                             "separated by commas, like 1,4,16")
+        raise ModelLoadError(
+            f"SLIMSERVE_BATCH_SIZES is {setting!r}; expected auto, none or positive whole numbers "
+            "separated by commas, like 1,4,16"
+        )
     return tuple(sorted(set(sizes)))
 
 
@@ -172,8 +176,12 @@ def load(environ) -> ServedModel:
             runtime = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
             used = runtime.session.get_providers()[0]
             on_gpu = used != "CPUExecutionProvider"
-            telemetry.log("INFO" if on_gpu else "WARNING", f"ONNX Runtime runs on {used}",
-                          available=[_provider_name(p) for p in providers], model=name)
+            telemetry.log(
+                "INFO" if on_gpu else "WARNING",
+                f"ONNX Runtime runs on {used}",
+                available=[_provider_name(p) for p in providers],
+                model=name,
+            )
             sizes = settings.fixed_batch_sizes(on_gpu)
             if sizes and batch_first(runtime.signature.inputs):
                 runtime = FixedBatchSizes(runtime, lambda: OnnxModel(data, providers=providers, spin=False), sizes)
@@ -187,8 +195,16 @@ def load(environ) -> ServedModel:
         return ServedModel(name, version, failure=str(error))
     workers = settings.batch_workers(on_gpu)
     batching = BatchingModel(runtime, settings.max_batch_size, settings.max_queue_delay_ms, workers)
-    telemetry.log("INFO", "model loaded", model=name, source=path, batching=batching.batchable,
-                  max_batch_size=batching.max_batch_size, max_delay_ms=settings.max_queue_delay_ms, workers=workers)
+    telemetry.log(
+        "INFO",
+        "model loaded",
+        model=name,
+        source=path,
+        batching=batching.batchable,
+        max_batch_size=batching.max_batch_size,
+        max_delay_ms=settings.max_queue_delay_ms,
+        workers=workers,
+    )
     return ServedModel(name, version, runtime=batching)
 
 
@@ -210,8 +226,13 @@ class SageMakerServer(wire.Server):
         if attribute.startswith(f"{ROUTE_ATTRIBUTE}="):
             method, _, path = attribute.removeprefix(f"{ROUTE_ATTRIBUTE}=").partition(" ")
             if (method, path) not in self.routes:
-                return Response.json(404, {"error": f"{CUSTOM_ATTRIBUTES}: no route {method} {path!r} for model "
-                                                    f"{self.model.name!r} version {self.model.version}"})
+                return Response.json(
+                    404,
+                    {
+                        "error": f"{CUSTOM_ATTRIBUTES}: no route {method} {path!r} for model "
+                        f"{self.model.name!r} version {self.model.version}"
+                    },
+                )
             body = body if method == "POST" else b""
         elif base == TFSERVING_CONTENT_TYPE:
             method, path = "POST", f"/v1/models/{self.model.name}:predict"
@@ -282,7 +303,9 @@ def main() -> int:
     server = SageMakerServer(load(os.environ), os.environ.get(SERVER_HOST, "0.0.0.0"), port)
 
     def stop(signum, frame):
-        threading.Thread(target=server.shutdown, daemon=True).start()  # shutdown() from the serving thread would deadlock
+        threading.Thread(
+            target=server.shutdown, daemon=True
+        ).start()  # shutdown() from the serving thread would deadlock
 
     signal.signal(signal.SIGTERM, stop)
     telemetry.log("INFO", f"serving on port {port}", ready=server.model.ready)

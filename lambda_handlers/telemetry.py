@@ -32,7 +32,11 @@ def metrics_record(namespace: str, model: str, values: dict, error_kind: str | N
     record = {"Model": model, **properties, **values}
     if error_kind is not None:
         directives.append(
-            {"Namespace": namespace, "Dimensions": [["Model", "ErrorKind"]], "Metrics": [{"Name": "Errors", "Unit": "Count"}]}
+            {
+                "Namespace": namespace,
+                "Dimensions": [["Model", "ErrorKind"]],
+                "Metrics": [{"Name": "Errors", "Unit": "Count"}],
+            }
         )
         record["ErrorKind"] = error_kind
     record["_aws"] = {"Timestamp": round(time.time() * 1000), "CloudWatchMetrics": directives}
@@ -41,4 +45,3 @@ def metrics_record(namespace: str, model: str, values: dict, error_kind: str | N
 
 def emit_metrics(namespace: str, model: str, values: dict, error_kind: str | None = None, **properties) -> None:
     _write(metrics_record(namespace, model, values, error_kind, **properties))
-

@@ -29,8 +29,7 @@ def check_spec(spec: TensorSpec, datatype: str, shape) -> None:
         raise InvalidInput(f"input {spec.name!r}: expected datatype {spec.datatype}, got {datatype}")
     if not spec.shape_matches(shape):
         raise InvalidInput(
-            f"input {spec.name!r}: expected shape {shape_text(spec.shape)} (-1 is any size), "
-            f"got {shape_text(shape)}"
+            f"input {spec.name!r}: expected shape {shape_text(spec.shape)} (-1 is any size), got {shape_text(shape)}"
         )
 
 
@@ -87,7 +86,9 @@ def _exact_integers(name: str, data, inferred: np.ndarray, dtype: np.dtype) -> n
 def _check_range(name: str, dtype: np.dtype, value) -> None:
     info = np.iinfo(dtype)
     if not info.min <= value <= info.max:
-        raise InvalidInput(f"input {name!r}: values must lie in [{info.min}, {info.max}] for {NUMPY_TO_V2[dtype]}, found {value}")
+        raise InvalidInput(
+            f"input {name!r}: values must lie in [{info.min}, {info.max}] for {NUMPY_TO_V2[dtype]}, found {value}"
+        )
 
 
 def _bytes_array(name: str, data) -> np.ndarray:
@@ -102,9 +103,7 @@ def _bytes_array(name: str, data) -> np.ndarray:
         elif isinstance(item, dict) and set(item) == {"b64"}:
             flat[index] = _b64(name, item["b64"])
         elif not isinstance(item, bytes):
-            raise InvalidInput(
-                f"input {name!r}: BYTES elements must be strings, found {type(item).__name__}"
-            )
+            raise InvalidInput(f"input {name!r}: BYTES elements must be strings, found {type(item).__name__}")
     return array
 
 
@@ -121,9 +120,7 @@ def fit_to_shape(name: str, array: np.ndarray, shape) -> np.ndarray:
     """V2 data may be flat or nested; either way its element count must match `shape`."""
     needed = element_count(shape)
     if array.size != needed:
-        raise InvalidInput(
-            f"input {name!r}: shape {shape_text(shape)} needs {needed} elements, data has {array.size}"
-        )
+        raise InvalidInput(f"input {name!r}: shape {shape_text(shape)} needs {needed} elements, data has {array.size}")
     return array.reshape(shape)
 
 

@@ -96,11 +96,7 @@ def model_status(version: str, ready: bool, reason: str | None) -> dict:
     status = {"error_code": "OK", "error_message": ""}
     if not ready:
         status = {"error_code": "UNAVAILABLE", "error_message": reason or "model is not loaded"}
-    return {
-        "model_version_status": [
-            {"version": version, "state": "AVAILABLE" if ready else "END", "status": status}
-        ]
-    }
+    return {"model_version_status": [{"version": version, "state": "AVAILABLE" if ready else "END", "status": status}]}
 
 
 def _tensor_info(spec) -> dict:

@@ -41,13 +41,9 @@ def _json_part(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     try:
         length = int(header_length)
     except ValueError:
-        raise InvalidInput(
-            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
-        ) from None
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
     if not 0 < length <= len(body):
-        raise InvalidInput(
-            f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes"
-        )
+        raise InvalidInput(f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes")
     return body[:length], body[length:]
 
 
@@ -147,8 +143,7 @@ def _binary_tensor(spec: TensorSpec, shape, size, binary: bytes, offset: int):
         needed = element_count(shape) * dtype.itemsize
         if size != needed:
             raise InvalidInput(
-                f"{where}: binary_data_size is {size} but {spec.datatype} {shape_text(shape)} "
-                f"needs {needed} bytes"
+                f"{where}: binary_data_size is {size} but {spec.datatype} {shape_text(shape)} needs {needed} bytes"
             )
         array = np.frombuffer(chunk, dtype=dtype.newbyteorder("<"))
     return fit_to_shape(spec.name, array, shape), end

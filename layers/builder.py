@@ -162,8 +162,9 @@ def find_python(version: str) -> str | None:
     pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
     candidates += sorted(str(p) for p in pyenv_root.glob(f"versions/{version}.*/bin/python{version}"))
     for candidate in filter(None, candidates):
-        probe = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+        )
         if probe.returncode == 0 and probe.stdout.strip() == version:
             return candidate
     return None
@@ -177,7 +178,13 @@ def layer_key(runtime: str, python_version: str, architecture: str) -> str:
     """What a build of this layer depends on, hashed: the cache key, and the CDK asset hash."""
     recipe = RECIPES[runtime]
     digest = hashlib.sha256()
-    for part in (runtime, python_version, architecture, (HERE / recipe.requirements).read_text(), Path(__file__).read_text()):
+    for part in (
+        runtime,
+        python_version,
+        architecture,
+        (HERE / recipe.requirements).read_text(),
+        Path(__file__).read_text(),
+    ):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -185,18 +192,39 @@ def layer_key(runtime: str, python_version: str, architecture: str) -> str:
 def _pip_install(requirements: Path, target: Path, python_version: str, architecture: str) -> None:
     machine = ARCHITECTURES[architecture]
     command = [
-        sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-warn-conflicts",
-        "--target", str(target), "--implementation", "cp", "--python-version", python_version,
-        "--only-binary=:all:", "--no-compile",
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-warn-conflicts",
+        "--target",
+        str(target),
+        "--implementation",
+        "cp",
+        "--python-version",
+        python_version,
+        "--only-binary=:all:",
+        "--no-compile",
         # wheels of ONNX Runtime and LiteRT are tagged 2_27/2_28: without these pip quietly picks old releases
-        "--platform", f"manylinux_2_28_{machine}", "--platform", f"manylinux_2_27_{machine}",
-        "--platform", f"manylinux2014_{machine}", "--platform", f"manylinux_2_17_{machine}",
-        "-r", str(requirements),
+        "--platform",
+        f"manylinux_2_28_{machine}",
+        "--platform",
+        f"manylinux_2_27_{machine}",
+        "--platform",
+        f"manylinux2014_{machine}",
+        "--platform",
+        f"manylinux_2_17_{machine}",
+        "-r",
+        str(requirements),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         detail = "\n".join(line for line in result.stderr.splitlines() if "is ignored: it is neither" not in line)
-        raise LayerBuildError(f"pip could not install {requirements.name} for python{python_version} {architecture}:\n{detail}")
+        raise LayerBuildError(
+            f"pip could not install {requirements.name} for python{python_version} {architecture}:\n{detail}"
+        )
 
 
 def _drop(root: Path, patterns: tuple[str, ...]) -> None:
@@ -232,10 +260,14 @@ def _compile(root: Path, python: str | None, python_version: str) -> str:
     """Bytecode for the target Python, unchecked: Lambda's filesystem is read-only and never changes."""
     if python is None:
         return f"not compiled: no python{python_version} here (imports will be slower on Lambda)"
-    code = "import compileall, py_compile, sys; ok = compileall.compile_dir(sys.argv[1], quiet=1, workers=0, " \
-           "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH); sys.exit(0 if ok else 1)"
+    code = (
+        "import compileall, py_compile, sys; ok = compileall.compile_dir(sys.argv[1], quiet=1, workers=0, "
+        "invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH); sys.exit(0 if ok else 1)"
+    )
     result = subprocess.run([python, "-c", code, str(root)], capture_output=True, text=True)
-    return "unchecked-hash" if result.returncode == 0 else f"compile failed: {result.stdout[-500:]}{result.stderr[-500:]}"
+    return (
+        "unchecked-hash" if result.returncode == 0 else f"compile failed: {result.stdout[-500:]}{result.stderr[-500:]}"
+    )
 
 
 def _target_python(python: str | None, python_version: str, architecture: str, log=None) -> tuple[list[str], str] | str:
@@ -254,22 +286,36 @@ def _smoke(root: Path, recipe: Recipe, target: tuple[list[str], str] | str) -> s
     if isinstance(target, str):
         return f"not run: {target}"
     command, how = target
-    result = subprocess.run([*command, "-S", "-c", recipe.smoke], env={"PYTHONPATH": str(root), "PATH": os.environ["PATH"]},
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [*command, "-S", "-c", recipe.smoke],
+        env={"PYTHONPATH": str(root), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
-        raise LayerBuildError(f"the slimmed layer fails its smoke test ({recipe.smoke}){' ' + how if how else ''}:\n"
-                              f"{result.stderr[-2000:]}")
+        raise LayerBuildError(
+            f"the slimmed layer fails its smoke test ({recipe.smoke}){' ' + how if how else ''}:\n"
+            f"{result.stderr[-2000:]}"
+        )
     return f"passed {how}".strip()
 
 
-def build_layer(runtime: str, python_version: str = "3.12", architecture: str = "x86_64",
-                out: Path | None = None, function_bytes: int = 0, log=None) -> LayerBuild:
+def build_layer(
+    runtime: str,
+    python_version: str = "3.12",
+    architecture: str = "x86_64",
+    out: Path | None = None,
+    function_bytes: int = 0,
+    log=None,
+) -> LayerBuild:
     """The layer under `out` (default: the user cache's layers, shared by every project), built if missing."""
     if runtime not in RECIPES:
         raise LayerBuildError(f"unknown layer runtime {runtime!r}: expected one of {', '.join(RECIPES)}")
     recipe = RECIPES[runtime]
     if python_version not in recipe.python_versions:
-        raise LayerBuildError(f"the {runtime} layer supports python {', '.join(recipe.python_versions)}, not {python_version}")
+        raise LayerBuildError(
+            f"the {runtime} layer supports python {', '.join(recipe.python_versions)}, not {python_version}"
+        )
     if architecture not in ARCHITECTURES:
         raise LayerBuildError(f"unknown architecture {architecture!r}: expected one of {', '.join(ARCHITECTURES)}")
 
@@ -285,7 +331,9 @@ def build_layer(runtime: str, python_version: str = "3.12", architecture: str = 
     try:
         return _build(runtime, recipe, python_version, architecture, key, folder, staging, function_bytes, log)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a failed build never leaves a half layer where a good one is expected
+        shutil.rmtree(
+            staging, ignore_errors=True
+        )  # a failed build never leaves a half layer where a good one is expected
 
 
 def _cached(folder: Path, key: str, function_bytes: int, runtime: str) -> LayerBuild | None:
@@ -300,8 +348,17 @@ def _cached(folder: Path, key: str, function_bytes: int, runtime: str) -> LayerB
     return build
 
 
-def _build(runtime: str, recipe: Recipe, python_version: str, architecture: str, key: str, folder: Path, staging: Path,
-           function_bytes: int, log) -> LayerBuild:
+def _build(
+    runtime: str,
+    recipe: Recipe,
+    python_version: str,
+    architecture: str,
+    key: str,
+    folder: Path,
+    staging: Path,
+    function_bytes: int,
+    log,
+) -> LayerBuild:
     started = time.perf_counter()
     site = staging / "python"
     _pip_install(HERE / recipe.requirements, site, python_version, architecture)
@@ -315,8 +372,20 @@ def _build(runtime: str, recipe: Recipe, python_version: str, architecture: str,
     slim = tree_bytes(site)
     _check_limit(slim + function_bytes, runtime)
 
-    build = LayerBuild(runtime, python_version, architecture, str(folder.resolve()), key, naive, slim,
-                       sum(1 for f in site.rglob("*") if f.is_file()), pyc, stripped, smoke, round(time.perf_counter() - started, 1))
+    build = LayerBuild(
+        runtime,
+        python_version,
+        architecture,
+        str(folder.resolve()),
+        key,
+        naive,
+        slim,
+        sum(1 for f in site.rglob("*") if f.is_file()),
+        pyc,
+        stripped,
+        smoke,
+        round(time.perf_counter() - started, 1),
+    )
     (staging / "layer.json").write_text(json.dumps({k: v for k, v in asdict(build).items() if k != "cached"}, indent=2))
     try:
         staging.rename(folder)

@@ -67,7 +67,9 @@ def foreign_python(version: str, machine: str, log=None) -> tuple[list[str], str
         raise ForeignPythonUnavailable(f"no {machine} python{version} to run it with (Debian ships {shipped})")
     qemu = shutil.which(f"qemu-{machine}-static") or shutil.which(f"qemu-{machine}")
     if qemu is None:
-        raise ForeignPythonUnavailable(f"no qemu-{machine}-static here (Debian and Ubuntu: apt-get install qemu-user-static)")
+        raise ForeignPythonUnavailable(
+            f"no qemu-{machine}-static here (Debian and Ubuntu: apt-get install qemu-user-static)"
+        )
     root = sysroot_folder(version, machine)
     if not (root / ".complete").exists():
         if log:
@@ -88,7 +90,9 @@ def _unpack_sysroot(root: Path, release: str, version: str, architecture: str) -
             stanza = index[name]
             deb = _download(f"{mirror}/{stanza['Filename']}")
             if hashlib.sha256(deb).hexdigest() != stanza["SHA256"]:
-                raise ForeignPythonUnavailable(f"{stanza['Filename']} does not match the sha256 in Debian's signed index")
+                raise ForeignPythonUnavailable(
+                    f"{stanza['Filename']} does not match the sha256 in Debian's signed index"
+                )
             _unpack_deb(deb, staging)
         for merged in ("lib", "bin", "sbin"):  # Debian's merged /usr, which a real install gets from base-files
             if not (staging / merged).exists():
@@ -114,7 +118,9 @@ def _download(url: str) -> bytes:
         with urllib.request.urlopen(url, timeout=60) as response:
             return response.read()
     except (urllib.error.URLError, OSError) as error:
-        raise ForeignPythonUnavailable(f"cannot download {url} ({error}); set {MIRROR_VARIABLE} to a Debian mirror you can reach")
+        raise ForeignPythonUnavailable(
+            f"cannot download {url} ({error}); set {MIRROR_VARIABLE} to a Debian mirror you can reach"
+        )
 
 
 def _signed_index(mirror: str, release: str, architecture: str) -> dict[str, dict[str, str]]:
@@ -125,11 +131,14 @@ def _signed_index(mirror: str, release: str, architecture: str) -> dict[str, dic
     signed = _download(f"{mirror}/dists/{release}/InRelease")
     with tempfile.TemporaryDirectory() as scratch:
         release_file = Path(scratch) / "Release"
-        check = subprocess.run([gpgv, "--keyring", str(KEYRING), "--output", str(release_file), "-"], input=signed,
-                               capture_output=True)
+        check = subprocess.run(
+            [gpgv, "--keyring", str(KEYRING), "--output", str(release_file), "-"], input=signed, capture_output=True
+        )
         if check.returncode != 0:
-            raise ForeignPythonUnavailable(f"Debian's {release} InRelease fails its signature check: "
-                                           f"{check.stderr.decode(errors='replace').strip()[-300:]}")
+            raise ForeignPythonUnavailable(
+                f"Debian's {release} InRelease fails its signature check: "
+                f"{check.stderr.decode(errors='replace').strip()[-300:]}"
+            )
         release_text = release_file.read_text()
     path = f"main/binary-{architecture}/Packages.xz"
     expected = _release_sha256(release_text, path)
@@ -193,9 +202,9 @@ def _unpack_deb(deb: bytes, root: Path) -> None:
         raise ForeignPythonUnavailable("a downloaded package is not a Debian archive")
     offset = 8
     while offset < len(deb):
-        header = deb[offset:offset + 60]
+        header = deb[offset : offset + 60]
         name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode())
-        body = deb[offset + 60:offset + 60 + size]
+        body = deb[offset + 60 : offset + 60 + size]
         if name.startswith("data.tar"):
             with tarfile.open(fileobj=io.BytesIO(body)) as archive:
                 archive.extractall(root, filter="tar")

@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 LAMBDA_PACKAGE = "lambda_handlers"
-"""The Lambda code's package name in a function (and in the serving image); installed, it is slimserve.lambda_handlers."""
+"""The Lambda code's package name in a function (and in the serving image); installed: slimserve.lambda_handlers."""
 HANDLER = f"{LAMBDA_PACKAGE}.handler.handler"
 _NOT_SHIPPED = shutil.ignore_patterns("__pycache__", "*.pyc")
 
@@ -36,13 +36,18 @@ def function_bundle(folder: Path, python: str | None) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(package_folder("slimserve.lambda_handlers"), target, ignore=_NOT_SHIPPED)
     if python:
-        subprocess.run([python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)], check=True)
+        subprocess.run(
+            [python, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash", str(target)], check=True
+        )
     return folder
 
 
 def serving_context(folder: Path) -> Path:
-    """The serving image's Docker build context, laid out as serving/Dockerfile expects: serving/ and lambda_handlers/."""
+    """The serving image's Docker build context as serving/Dockerfile expects it: serving/ and lambda_handlers/."""
     shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(package_folder("slimserve.serving"), folder / "serving",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "__init__.py"))
+    shutil.copytree(
+        package_folder("slimserve.serving"),
+        folder / "serving",
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "__init__.py"),
+    )
     return function_bundle(folder, None)

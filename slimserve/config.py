@@ -19,8 +19,21 @@ MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
 VERSION_REF = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 INSTANCE_TYPE = re.compile(r"ml\.(?P<family>[a-z0-9]+)\.(?P<size>[a-z0-9]+)")
 INSTANCE_FAMILIES = (
-    "g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5", "inf2",  # accelerators
-    "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5",  # CPU, for models too large for Lambda
+    "g4dn",
+    "g5",
+    "g6",
+    "g6e",
+    "p3",
+    "p4d",
+    "p5",
+    "inf2",  # accelerators
+    "c5",
+    "c6i",
+    "c7i",
+    "m5",
+    "m6i",
+    "m7i",
+    "r5",  # CPU, for models too large for Lambda
 )
 API_GATEWAY_TIMEOUT_S = 29
 # REST API resources a model's routes take (stacks/api.py); API Gateway allows 300 per API by
@@ -39,7 +52,9 @@ def model_name_problem(name: str) -> str | None:
     and the registry."""
     if MODEL_NAME.fullmatch(name):
         return None
-    return f"model name {name!r} must be lowercase letters, digits and '-', starting with a letter, at most 40 characters"
+    return (
+        f"model name {name!r} must be lowercase letters, digits and '-', starting with a letter, at most 40 characters"
+    )
 
 
 class ConfigError(UserError, ValueError):
@@ -65,7 +80,9 @@ def _number_range(low, high, low_open=False):
 
 
 def _choice_of_ints(*allowed):
-    return lambda v: type(v) is int and v in allowed, "one of " + ", ".join(map(str, allowed)) + " (CloudWatch's retention periods)"
+    return lambda v: type(v) is int and v in allowed, "one of " + ", ".join(
+        map(str, allowed)
+    ) + " (CloudWatch's retention periods)"
 
 
 # The allowed values, once: the rules below check configs against them and the stacks read them.
@@ -74,11 +91,30 @@ ARCHITECTURES = ("x86_64", "arm64")
 DEPLOYMENTS = ("canary", "linear", "all_at_once")
 AUTH_MODES = ("none", "api_key", "iam")
 ENCRYPTIONS = ("kms", "s3-managed")
-LOG_RETENTION = {1: "ONE_DAY", 3: "THREE_DAYS", 5: "FIVE_DAYS", 7: "ONE_WEEK", 14: "TWO_WEEKS", 30: "ONE_MONTH",
-                 60: "TWO_MONTHS", 90: "THREE_MONTHS", 120: "FOUR_MONTHS", 150: "FIVE_MONTHS", 180: "SIX_MONTHS",
-                 365: "ONE_YEAR", 400: "THIRTEEN_MONTHS", 545: "EIGHTEEN_MONTHS", 731: "TWO_YEARS", 1096: "THREE_YEARS",
-                 1827: "FIVE_YEARS", 2192: "SIX_YEARS", 2557: "SEVEN_YEARS", 2922: "EIGHT_YEARS", 3288: "NINE_YEARS",
-                 3653: "TEN_YEARS"}
+LOG_RETENTION = {
+    1: "ONE_DAY",
+    3: "THREE_DAYS",
+    5: "FIVE_DAYS",
+    7: "ONE_WEEK",
+    14: "TWO_WEEKS",
+    30: "ONE_MONTH",
+    60: "TWO_MONTHS",
+    90: "THREE_MONTHS",
+    120: "FOUR_MONTHS",
+    150: "FIVE_MONTHS",
+    180: "SIX_MONTHS",
+    365: "ONE_YEAR",
+    400: "THIRTEEN_MONTHS",
+    545: "EIGHTEEN_MONTHS",
+    731: "TWO_YEARS",
+    1096: "THREE_YEARS",
+    1827: "FIVE_YEARS",
+    2192: "SIX_YEARS",
+    2557: "SEVEN_YEARS",
+    2922: "EIGHT_YEARS",
+    3288: "NINE_YEARS",
+    3653: "TEN_YEARS",
+}
 """CloudWatch's retention periods in days, with the name aws_cdk.aws_logs.RetentionDays gives each."""
 
 
@@ -104,7 +140,9 @@ def _rule(check, default=MISSING, doc=""):
 
 @dataclass(frozen=True)
 class Alarms:
-    error_rate_percent: float = _rule(_number_range(0, 100, low_open=True), 1.0, "errors as % of requests over 5 minutes")
+    error_rate_percent: float = _rule(
+        _number_range(0, 100, low_open=True), 1.0, "errors as % of requests over 5 minutes"
+    )
     p99_latency_ms: float = _rule(_number_range(0, 900_000, low_open=True), 1000.0, "p99 duration or latency")
     throttles: int = _rule(_int_range(0), 1, "throttled invocations in 5 minutes")
     server_errors: int = _rule(_int_range(0), 1, "5xx responses in 5 minutes")
@@ -121,8 +159,14 @@ class SageMakerSettings:
     max_instances: int = _rule(_int_range(1, 100), 2, "autoscaling ceiling")
     invocations_per_instance: int = _rule(_int_range(1), 100, "autoscaling target, invocations per instance per minute")
     data_capture_percent: int = _rule(_int_range(0, 100), 0, "share of requests captured to the model store")
-    image: str | None = _rule(_string(re.compile(r"\S+/\S+"), "a container image URI like '123456789012.dkr.ecr.eu-west-1.amazonaws.com/slimserve:1'"),
-                              None, "the serving container's image URI")
+    image: str | None = _rule(
+        _string(
+            re.compile(r"\S+/\S+"),
+            "a container image URI like '123456789012.dkr.ecr.eu-west-1.amazonaws.com/slimserve:1'",
+        ),
+        None,
+        "the serving container's image URI",
+    )
 
 
 @dataclass(frozen=True)
@@ -138,11 +182,16 @@ class ModelConfig:
     reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
     provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
     snapstart: bool = _rule(_bool(), False, "Lambda SnapStart on published versions")
-    deployment: str = _rule(_choice(*DEPLOYMENTS), "canary",
-                            "how a new version takes the live alias's traffic (CodeDeploy)")
+    deployment: str = _rule(
+        _choice(*DEPLOYMENTS), "canary", "how a new version takes the live alias's traffic (CodeDeploy)"
+    )
     auth: str = _rule(_choice(*AUTH_MODES), "api_key", "how clients authenticate")
-    version: str | None = _rule(_version_ref(), None, "the registered version to deploy instead of the artifact: a number, "
-                                                      "sha256 prefix or alias, resolved into slimserve.lock by `slimserve lock`")
+    version: str | None = _rule(
+        _version_ref(),
+        None,
+        "the registered version to deploy instead of the artifact: a number, "
+        "sha256 prefix or alias, resolved into slimserve.lock by `slimserve lock`",
+    )
     alarms: Alarms = field(default_factory=Alarms, metadata={"doc": "alarm thresholds"})
     sagemaker: SageMakerSettings | None = field(default=None, metadata={"doc": "settings for target 'sagemaker'"})
 
@@ -204,7 +253,10 @@ class _Reader:
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
-                self.fail(f"{where}.{key}" if where else key, f"unknown key{hint}; expected one of {', '.join(sorted(allowed))}")
+                self.fail(
+                    f"{where}.{key}" if where else key,
+                    f"unknown key{hint}; expected one of {', '.join(sorted(allowed))}",
+                )
 
     def check(self, where: str, value, rule) -> None:
         ok, expected = rule
@@ -243,24 +295,41 @@ def parse_config(raw: dict, path: Path) -> AppConfig:
     reader.unknown_keys(app, list(APP_RULES), "app")
     for key, value in app.items():
         reader.check(f"app.{key}", value, APP_RULES[key])
-    defaults = reader.dataclass_values(ModelConfig, reader.table("defaults", raw.get("defaults", {})), "defaults", skip=("name", "artifact", "format", "version"))
+    defaults = reader.dataclass_values(
+        ModelConfig,
+        reader.table("defaults", raw.get("defaults", {})),
+        "defaults",
+        skip=("name", "artifact", "format", "version"),
+    )
     models_table = reader.table("models", raw.get("models", {}))
     if not models_table:
         reader.fail("models", "expected at least one [models.NAME] table, found none")
-    models = tuple(_model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items())
+    models = tuple(
+        _model(reader, name, reader.table(f"models.{name}", table), defaults) for name, table in models_table.items()
+    )
     counts = {target: sum(model.target == target for model in models) for target in API_RESOURCES_PER_MODEL}
     if counts["sagemaker"] > MAX_SAGEMAKER_MODELS:
-        reader.fail("models", f"expected at most {MAX_SAGEMAKER_MODELS} SageMaker models in one app (each adds about 45 "
-                              f"resources to its stack, which CloudFormation caps at 500), found {counts['sagemaker']}; "
-                              "split them across apps")
+        reader.fail(
+            "models",
+            f"expected at most {MAX_SAGEMAKER_MODELS} SageMaker models in one app (each adds about 45 "
+            f"resources to its stack, which CloudFormation caps at 500), found {counts['sagemaker']}; "
+            "split them across apps",
+        )
     resources = sum(API_RESOURCES_PER_MODEL[target] * count for target, count in counts.items())
     if resources > API_RESOURCES_FOR_MODELS:
-        reader.fail("models", f"expected routes that fit one REST API ({API_RESOURCES_FOR_MODELS} resources for models "
-                              f"under API Gateway's default 300; a Lambda model takes {API_RESOURCES_PER_MODEL['lambda']}, "
-                              f"a SageMaker model {API_RESOURCES_PER_MODEL['sagemaker']}), found {counts['lambda']} Lambda and "
-                              f"{counts['sagemaker']} SageMaker models taking {resources}; split them across apps")
-    return AppConfig(path=path, name=app.get("name", "slimserve"), models=models,
-                     **{key: app[key] for key in APP_RULES if key in app and key != "name"})
+        reader.fail(
+            "models",
+            f"expected routes that fit one REST API ({API_RESOURCES_FOR_MODELS} resources for models "
+            f"under API Gateway's default 300; a Lambda model takes {API_RESOURCES_PER_MODEL['lambda']}, "
+            f"a SageMaker model {API_RESOURCES_PER_MODEL['sagemaker']}), found {counts['lambda']} Lambda and "
+            f"{counts['sagemaker']} SageMaker models taking {resources}; split them across apps",
+        )
+    return AppConfig(
+        path=path,
+        name=app.get("name", "slimserve"),
+        models=models,
+        **{key: app[key] for key in APP_RULES if key in app and key != "name"},
+    )
 
 
 def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConfig:
@@ -281,20 +350,27 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
     artifact = reader.path.parent / values["artifact"]
     suffix = {"onnx": ".onnx", "tflite": ".tflite"}[values["format"]]
     if artifact.suffix != suffix:
-        reader.fail(f"{where}.artifact", f"expected a {suffix} file for format {values['format']!r}, found {values['artifact']!r}")
+        reader.fail(
+            f"{where}.artifact",
+            f"expected a {suffix} file for format {values['format']!r}, found {values['artifact']!r}",
+        )
     if not artifact.is_file():
         reader.fail(f"{where}.artifact", f"model file {artifact} does not exist")
     values["artifact"] = artifact
     if "version" in values:
         values["version"] = str(values["version"])
 
-    alarms = Alarms(**reader.dataclass_values(Alarms, reader.table(f"{where}.alarms", values.get("alarms", {})), f"{where}.alarms"))
+    alarms = Alarms(
+        **reader.dataclass_values(Alarms, reader.table(f"{where}.alarms", values.get("alarms", {})), f"{where}.alarms")
+    )
     values["alarms"] = alarms
     target = values.get("target", "lambda")
     if "sagemaker" in values:
         if target != "sagemaker":
             reader.fail(f"{where}.sagemaker", f"only applies to target 'sagemaker', but target is {target!r}")
-        settings = reader.dataclass_values(SageMakerSettings, reader.table(f"{where}.sagemaker", values["sagemaker"]), f"{where}.sagemaker")
+        settings = reader.dataclass_values(
+            SageMakerSettings, reader.table(f"{where}.sagemaker", values["sagemaker"]), f"{where}.sagemaker"
+        )
         values["sagemaker"] = SageMakerSettings(**settings)
     elif target == "sagemaker":
         values["sagemaker"] = SageMakerSettings()
@@ -304,7 +380,10 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
     reserved = values.get("reserved_concurrency")
     provisioned = values.get("provisioned_concurrency", 0)
     if reserved is not None and provisioned > reserved:
-        reader.fail(f"{where}.provisioned_concurrency", f"expected at most reserved_concurrency ({reserved}), found {provisioned}")
+        reader.fail(
+            f"{where}.provisioned_concurrency",
+            f"expected at most reserved_concurrency ({reserved}), found {provisioned}",
+        )
     return ModelConfig(name=name, **values)
 
 
@@ -314,7 +393,10 @@ def _check_sagemaker(reader: _Reader, where: str, values: dict) -> None:
     settings: SageMakerSettings = values["sagemaker"]
     family = INSTANCE_TYPE.fullmatch(settings.instance_type)["family"]
     if family not in INSTANCE_FAMILIES:
-        reader.fail(f"{where}.sagemaker.instance_type", f"expected an instance family among {', '.join(INSTANCE_FAMILIES)}, found {settings.instance_type!r}")
+        reader.fail(
+            f"{where}.sagemaker.instance_type",
+            f"expected an instance family among {', '.join(INSTANCE_FAMILIES)}, found {settings.instance_type!r}",
+        )
     if not settings.min_instances <= settings.initial_instance_count <= settings.max_instances:
         reader.fail(
             f"{where}.sagemaker",

@@ -2,4 +2,5 @@
 
 
 class UserError(Exception):
-    """A mistake the user can fix: the message names the file, key, port or flag, what was expected and what was found."""
+    """A mistake the user can fix: the message names the file, key, port or flag, what was expected and what was
+    found."""

@@ -26,7 +26,7 @@ from slimserve.lambda_handlers.contract import (
 )
 
 from .defaults import log_retention
-from .nag import acknowledge
+from .nag import acknowledge, managed_policy
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,11 @@ class InferenceApiProps:
 def _mock(status_body: dict) -> apigw.MockIntegration:
     return apigw.MockIntegration(
         request_templates={"application/json": '{"statusCode": 200}'},
-        integration_responses=[apigw.IntegrationResponse(status_code="200", response_templates={"application/json": json.dumps(status_body)})],
+        integration_responses=[
+            apigw.IntegrationResponse(
+                status_code="200", response_templates={"application/json": json.dumps(status_body)}
+            )
+        ],
         passthrough_behavior=apigw.PassthroughBehavior.WHEN_NO_TEMPLATES,
     )
 
@@ -61,7 +65,10 @@ class InferenceApi(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, props: InferenceApiProps):
         if props.throttle_rate < 1 or props.throttle_burst < 1:
-            raise ValueError(f"InferenceApiProps throttle_rate and throttle_burst must be >= 1, got {props.throttle_rate}, {props.throttle_burst}")
+            raise ValueError(
+                "InferenceApiProps throttle_rate and throttle_burst must be >= 1, "
+                f"got {props.throttle_rate}, {props.throttle_burst}"
+            )
         super().__init__(scope, construct_id)
         self.props = props
         self.api = apigw.RestApi(
@@ -74,7 +81,9 @@ class InferenceApi(Construct):
             cloud_watch_role=True,
             deploy=False,  # deployed by `deploy`, after the routes in other stacks
         )
-        self.validator = self.api.add_request_validator("Validator", validate_request_parameters=True, validate_request_body=True)
+        self.validator = self.api.add_request_validator(
+            "Validator", validate_request_parameters=True, validate_request_body=True
+        )
         self.models_v2 = self._path("v2", "models")
         self.models_v1 = self._path("v1", "models")
         v2 = self.api.root.get_resource("v2")
@@ -82,10 +91,15 @@ class InferenceApi(Construct):
         health = v2.add_resource("health")
         self._public(health.add_resource("live"), "GET", {"live": True})
         self._public(health.add_resource("ready"), "GET", {"ready": True})
-        acknowledge(self.api, {
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AmazonAPIGatewayPushToCloudWatchLogs]":
-                "API Gateway's account-level CloudWatch role is the AWS-managed push-to-logs policy, as CDK creates it",
-        })
+        acknowledge(
+            self.api,
+            {
+                managed_policy("service-role/AmazonAPIGatewayPushToCloudWatchLogs"): (
+                    "API Gateway's account-level CloudWatch role is the AWS-managed push-to-logs policy, "
+                    "as CDK creates it"
+                ),
+            },
+        )
 
     def _path(self, *parts: str) -> apigw.IResource:
         resource = self.api.root
@@ -94,8 +108,12 @@ class InferenceApi(Construct):
         return resource
 
     def _public(self, resource: apigw.IResource, method: str, answer: dict) -> None:
-        resource.add_method(method, _mock(answer), request_validator=self.validator,
-                            method_responses=[apigw.MethodResponse(status_code="200")])
+        resource.add_method(
+            method,
+            _mock(answer),
+            request_validator=self.validator,
+            method_responses=[apigw.MethodResponse(status_code="200")],
+        )
         _acknowledge_auth(resource, "server health and metadata carry no model data and answer without credentials")
 
     def deploy(self, routes: list["ModelRoutes"]) -> apigw.Stage:
@@ -105,7 +123,9 @@ class InferenceApi(Construct):
         deployment.add_to_logical_id(sorted(f"{name}:{auth}" for group in routes for name, auth in group.models))
         for group in routes:
             deployment.node.add_dependency(group)
-        self.access_logs = logs.LogGroup(self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
+        self.access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+        )
         self.stage = apigw.Stage(
             self,
             "Stage",
@@ -113,8 +133,16 @@ class InferenceApi(Construct):
             stage_name=props.stage_name,
             access_log_destination=apigw.LogGroupLogDestination(self.access_logs),
             access_log_format=apigw.AccessLogFormat.json_with_standard_fields(
-                caller=False, http_method=True, ip=True, protocol=True, request_time=True,
-                resource_path=True, response_length=True, status=True, user=False),
+                caller=False,
+                http_method=True,
+                ip=True,
+                protocol=True,
+                request_time=True,
+                resource_path=True,
+                response_length=True,
+                status=True,
+                user=False,
+            ),
             logging_level=apigw.MethodLoggingLevel.ERROR,
             data_trace_enabled=False,  # request bodies are tensors, and may be personal data
             tracing_enabled=True,
@@ -124,15 +152,23 @@ class InferenceApi(Construct):
         )
         self.api.deployment_stage = self.stage
         usage_plan = self.api.add_usage_plan(
-            "UsagePlan", name=f"{props.name}-default",
+            "UsagePlan",
+            name=f"{props.name}-default",
             throttle=apigw.ThrottleSettings(rate_limit=props.throttle_rate, burst_limit=props.throttle_burst),
             api_stages=[apigw.UsagePlanPerApiStage(api=self.api, stage=self.stage)],
         )
-        self.api_key = self.api.add_api_key("ApiKey", description=f"{props.name}: the key for models with auth 'api_key'")
+        self.api_key = self.api.add_api_key(
+            "ApiKey", description=f"{props.name}: the key for models with auth 'api_key'"
+        )
         usage_plan.add_api_key(self.api_key)
-        acknowledge(self.stage, {
-            "AwsSolutions-APIG3": "WAF is an account-level choice with its own cost; attach a web ACL to the stage where needed",
-        })
+        acknowledge(
+            self.stage,
+            {
+                "AwsSolutions-APIG3": (
+                    "WAF is an account-level choice with its own cost; attach a web ACL to the stage where needed"
+                ),
+            },
+        )
         return self.stage
 
 
@@ -142,12 +178,17 @@ class ModelRoutes(Construct):
     def __init__(self, scope: Construct, construct_id: str, api: InferenceApi):
         super().__init__(scope, construct_id)
         rest_api = apigw.RestApi.from_rest_api_attributes(
-            self, "Api", rest_api_id=api.api.rest_api_id, root_resource_id=api.api.rest_api_root_resource_id)
+            self, "Api", rest_api_id=api.api.rest_api_id, root_resource_id=api.api.rest_api_root_resource_id
+        )
         self.models_v2 = apigw.Resource.from_resource_attributes(
-            self, "V2Models", resource_id=api.models_v2.resource_id, rest_api=rest_api, path="/v2/models")
+            self, "V2Models", resource_id=api.models_v2.resource_id, rest_api=rest_api, path="/v2/models"
+        )
         self.models_v1 = apigw.Resource.from_resource_attributes(
-            self, "V1Models", resource_id=api.models_v1.resource_id, rest_api=rest_api, path="/v1/models")
-        self.validator = apigw.RequestValidator.from_request_validator_id(self, "Validator", api.validator.request_validator_id)
+            self, "V1Models", resource_id=api.models_v1.resource_id, rest_api=rest_api, path="/v1/models"
+        )
+        self.validator = apigw.RequestValidator.from_request_validator_id(
+            self, "Validator", api.validator.request_validator_id
+        )
         self.models: list[tuple[str, str]] = []
 
     def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> None:
@@ -176,22 +217,32 @@ class ModelRoutes(Construct):
         route is a resource of its own with its route as a constant (see lambda_handlers.sagemaker_server).
         """
         options, reason = self._auth(name, auth)
-        endpoint_arn = cdk.Stack.of(self).format_arn(service="sagemaker", resource="endpoint", resource_name=endpoint_name.lower())
-        self._invoke_role().add_to_policy(iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn]))
+        endpoint_arn = cdk.Stack.of(self).format_arn(
+            service="sagemaker", resource="endpoint", resource_name=endpoint_name.lower()
+        )
+        self._invoke_role().add_to_policy(
+            iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
+        )
         for method, path in endpoint_routes(name, version):
             resource = self.models_v2 if path.startswith("/v2/") else self.models_v1
             for part in path.split("/")[3:]:
                 resource = resource.get_resource(part) or resource.add_resource(part)
-            resource.add_method(method, self._endpoint_integration(endpoint_name, method, path), **options,
-                                request_parameters={"method.request.header.Content-Type": False, "method.request.header.Accept": False},
-                                method_responses=_ENDPOINT_METHOD_RESPONSES)
+            resource.add_method(
+                method,
+                self._endpoint_integration(endpoint_name, method, path),
+                **options,
+                request_parameters={"method.request.header.Content-Type": False, "method.request.header.Accept": False},
+                method_responses=_ENDPOINT_METHOD_RESPONSES,
+            )
             _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
         self.models.append((name, auth))
 
     def _endpoint_integration(self, endpoint_name: str, method: str, path: str) -> apigw.AwsIntegration:
         throttled, failed = ENDPOINT_THROTTLED, ENDPOINT_FAILED
-        parameters = {f"integration.request.header.{CUSTOM_ATTRIBUTES}": f"'{route_attribute(method, path)}'",
-                      "integration.request.header.Accept": "method.request.header.Accept"}
+        parameters = {
+            f"integration.request.header.{CUSTOM_ATTRIBUTES}": f"'{route_attribute(method, path)}'",
+            "integration.request.header.Accept": "method.request.header.Accept",
+        }
         if method == "POST":  # the body as the client sent it, binary tensors included
             parameters["integration.request.header.Content-Type"] = "method.request.header.Content-Type"
             templates, passthrough = None, apigw.PassthroughBehavior.WHEN_NO_TEMPLATES
@@ -200,21 +251,42 @@ class ModelRoutes(Construct):
             templates, passthrough = {"application/json": "{}"}, apigw.PassthroughBehavior.WHEN_NO_MATCH
         json_type = {"method.response.header.Content-Type": "'application/json'"}
         return apigw.AwsIntegration(
-            service="runtime.sagemaker", path=f"endpoints/{endpoint_name}/invocations", integration_http_method="POST",
+            service="runtime.sagemaker",
+            path=f"endpoints/{endpoint_name}/invocations",
+            integration_http_method="POST",
             options=apigw.IntegrationOptions(
                 credentials_role=self._invoke_role(),
-                request_parameters=parameters, request_templates=templates, passthrough_behavior=passthrough,
+                request_parameters=parameters,
+                request_templates=templates,
+                passthrough_behavior=passthrough,
                 integration_responses=[
-                    apigw.IntegrationResponse(status_code="200", response_parameters={
-                        "method.response.header.Content-Type": "integration.response.header.Content-Type",
-                        "method.response.header.Inference-Header-Content-Length": f"integration.response.header.{CUSTOM_ATTRIBUTES}"}),
-                    apigw.IntegrationResponse(status_code="400", selection_pattern="424", response_parameters=json_type,
-                                              response_templates={"application/json": MODEL_ERROR_TEMPLATE}),
-                    apigw.IntegrationResponse(status_code=str(throttled[0]), selection_pattern="429", response_parameters=json_type,
-                                              response_templates={"application/json": json.dumps(throttled[1])}),
-                    apigw.IntegrationResponse(status_code=str(failed[0]), selection_pattern=r"(4(?!24|29)|5)\d\d",
-                                              response_parameters=json_type,
-                                              response_templates={"application/json": json.dumps(failed[1])}),
+                    apigw.IntegrationResponse(
+                        status_code="200",
+                        response_parameters={
+                            "method.response.header.Content-Type": "integration.response.header.Content-Type",
+                            "method.response.header.Inference-Header-Content-Length": (
+                                f"integration.response.header.{CUSTOM_ATTRIBUTES}"
+                            ),
+                        },
+                    ),
+                    apigw.IntegrationResponse(
+                        status_code="400",
+                        selection_pattern="424",
+                        response_parameters=json_type,
+                        response_templates={"application/json": MODEL_ERROR_TEMPLATE},
+                    ),
+                    apigw.IntegrationResponse(
+                        status_code=str(throttled[0]),
+                        selection_pattern="429",
+                        response_parameters=json_type,
+                        response_templates={"application/json": json.dumps(throttled[1])},
+                    ),
+                    apigw.IntegrationResponse(
+                        status_code=str(failed[0]),
+                        selection_pattern=r"(4(?!24|29)|5)\d\d",
+                        response_parameters=json_type,
+                        response_templates={"application/json": json.dumps(failed[1])},
+                    ),
                 ],
             ),
         )
@@ -222,8 +294,12 @@ class ModelRoutes(Construct):
     def _invoke_role(self) -> iam.Role:
         """One role for every endpoint route here; each endpoint adds a statement for its own ARN."""
         role = self.node.try_find_child("InvokeEndpointRole")
-        return role or iam.Role(self, "InvokeEndpointRole", assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
-                                description="slimserve API: invoke the SageMaker endpoints of its models")
+        return role or iam.Role(
+            self,
+            "InvokeEndpointRole",
+            assumed_by=iam.ServicePrincipal("apigateway.amazonaws.com"),
+            description="slimserve API: invoke the SageMaker endpoints of its models",
+        )
 
     def _auth(self, name: str, auth: str) -> tuple[dict, str]:
         """The method options for a model's auth mode, and the reason the nag findings about it are acknowledged."""
@@ -244,8 +320,13 @@ class ModelRoutes(Construct):
 
 # every status the container's core answers, and the API's own for SageMaker's refusals
 _ENDPOINT_METHOD_RESPONSES = [
-    apigw.MethodResponse(status_code=str(status), response_parameters={
-        "method.response.header.Content-Type": True, "method.response.header.Inference-Header-Content-Length": False})
+    apigw.MethodResponse(
+        status_code=str(status),
+        response_parameters={
+            "method.response.header.Content-Type": True,
+            "method.response.header.Inference-Header-Content-Length": False,
+        },
+    )
     for status in (200, 400, 404, 405, 413, 415, 429, 500, 502, 503)
 ]
 

@@ -23,8 +23,10 @@ from .monitoring import ModelMonitoring, ModelMonitoringProps
 def _api_alarms(config: AppConfig) -> Alarms:
     """The API serves every model: alarm on its strictest thresholds."""
     models = config.models
-    return Alarms(p99_latency_ms=min(m.alarms.p99_latency_ms for m in models),
-                  server_errors=min(m.alarms.server_errors for m in models))
+    return Alarms(
+        p99_latency_ms=min(m.alarms.p99_latency_ms for m in models),
+        server_errors=min(m.alarms.server_errors for m in models),
+    )
 
 
 MODELS_PER_SHARD = 20  # a model needs about 17 resources in its shard; a stack may hold 500
@@ -33,14 +35,32 @@ MODELS_PER_SHARD = 20  # a model needs about 17 resources in its shard; a stack 
 class ModelShard(cdk.NestedStack):
     """Some Lambda models and their routes, in a nested stack so the app is not bound by one stack's limits."""
 
-    def __init__(self, scope: Construct, construct_id: str, models: list[ModelConfig], stored: dict,
-                 store: ModelStore, api: InferenceApi, retention: logs.RetentionDays, alarm_topic):
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        models: list[ModelConfig],
+        stored: dict,
+        store: ModelStore,
+        api: InferenceApi,
+        retention: logs.RetentionDays,
+        alarm_topic,
+    ):
         super().__init__(scope, construct_id, description=f"slimserve models {', '.join(m.name for m in models)}")
         self.routes = ModelRoutes(self, "Routes", api)
         self.lambda_models = {}
         for model in models:
-            lambda_model = LambdaModel(self, f"Model-{model.name}", LambdaModelProps(
-                model=model, stored=stored[model.name], store=store, log_retention=retention, alarm_topic=alarm_topic))
+            lambda_model = LambdaModel(
+                self,
+                f"Model-{model.name}",
+                LambdaModelProps(
+                    model=model,
+                    stored=stored[model.name],
+                    store=store,
+                    log_retention=retention,
+                    alarm_topic=alarm_topic,
+                ),
+            )
             self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
             self.lambda_models[model.name] = lambda_model
 
@@ -50,45 +70,78 @@ class SlimserveStack(cdk.Stack):
         super().__init__(scope, construct_id, **kwargs)
         retention = log_retention(config.log_retention_days)
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
-        stored = self.model_store.add_models(list(config.models), config.build_dir / "model-upload" / construct_id,
-                                             locked_models(config, self.model_store.bucket.bucket_name))
-        self.api = InferenceApi(self, "Api", InferenceApiProps(
-            name=config.name, throttle_rate=config.throttle_rate, throttle_burst=config.throttle_burst, log_retention=retention))
-        self.monitoring = ModelMonitoring(self, "Monitoring", ModelMonitoringProps(app_name=config.name, alarm_email=config.alarm_email))
+        stored = self.model_store.add_models(
+            list(config.models),
+            config.build_dir / "model-upload" / construct_id,
+            locked_models(config, self.model_store.bucket.bucket_name),
+        )
+        self.api = InferenceApi(
+            self,
+            "Api",
+            InferenceApiProps(
+                name=config.name,
+                throttle_rate=config.throttle_rate,
+                throttle_burst=config.throttle_burst,
+                log_retention=retention,
+            ),
+        )
+        self.monitoring = ModelMonitoring(
+            self, "Monitoring", ModelMonitoringProps(app_name=config.name, alarm_email=config.alarm_email)
+        )
         lambda_models = [model for model in config.models if model.target == "lambda"]
         self.shards = [
-            ModelShard(self, f"Models{index + 1}", lambda_models[start:start + MODELS_PER_SHARD], stored,
-                       self.model_store, self.api, retention, self.monitoring.topic)
+            ModelShard(
+                self,
+                f"Models{index + 1}",
+                lambda_models[start : start + MODELS_PER_SHARD],
+                stored,
+                self.model_store,
+                self.api,
+                retention,
+                self.monitoring.topic,
+            )
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
         ]
         self.lambda_models = {name: model for shard in self.shards for name, model in shard.lambda_models.items()}
         for model in lambda_models:
             self.monitoring.add_lambda_model(model.name, self.lambda_models[model.name].function, model.alarms)
-        self.gpu_endpoints, endpoint_routes = self._gpu_endpoints([m for m in config.models if m.target == "sagemaker"], stored,
-                                                                config.build_dir)
+        self.gpu_endpoints, endpoint_routes = self._gpu_endpoints(
+            [m for m in config.models if m.target == "sagemaker"], stored, config.build_dir
+        )
         stage = self.api.deploy([shard.routes for shard in self.shards] + endpoint_routes)
         self.monitoring.add_api(self.api.api, stage.stage_name, _api_alarms(config))
         cdk.CfnOutput(self, "ModelStoreBucket", value=self.model_store.bucket.bucket_name)
         cdk.CfnOutput(self, "ApiUrl", value=stage.url_for_path("/"))
         cdk.CfnOutput(self, "ApiKeyId", value=self.api.api_key.key_id)
 
-    def _gpu_endpoints(self, models: list[ModelConfig], stored: dict,
-                       build_dir: Path) -> tuple[dict[str, GpuEndpoint], list[ModelRoutes]]:
+    def _gpu_endpoints(
+        self, models: list[ModelConfig], stored: dict, build_dir: Path
+    ) -> tuple[dict[str, GpuEndpoint], list[ModelRoutes]]:
         """An endpoint per SageMaker model, its routes on the API and its alarms on the app's topic."""
         if not models:
             return {}, []
-        own_image = serving_image(self, build_dir / "serving-image") if any(model.sagemaker.image is None for model in models) else None
+        own_image = (
+            serving_image(self, build_dir / "serving-image")
+            if any(model.sagemaker.image is None for model in models)
+            else None
+        )
         routes = ModelRoutes(self, "EndpointRoutes", self.api)
         endpoints = {}
         for model in models:
-            endpoint = GpuEndpoint(self, f"Endpoint-{model.name}", GpuEndpointProps(
-                model=model, stored=stored[model.name], store=self.model_store, image=model.sagemaker.image or own_image))
+            endpoint = GpuEndpoint(
+                self,
+                f"Endpoint-{model.name}",
+                GpuEndpointProps(
+                    model=model,
+                    stored=stored[model.name],
+                    store=self.model_store,
+                    image=model.sagemaker.image or own_image,
+                ),
+            )
             routes.add_endpoint_model(model.name, endpoint.endpoint_name, endpoint.version, model.auth)
             self.monitoring.add_gpu_endpoint(model.name, endpoint)
             endpoints[model.name] = endpoint
         return endpoints, [routes]
-
-
 
 
 def build_app(config: AppConfig, app: cdk.App | None = None) -> cdk.App:
@@ -96,9 +149,16 @@ def build_app(config: AppConfig, app: cdk.App | None = None) -> cdk.App:
     project_cdk_json = config.project_dir / "cdk.json"
     context = json.loads(project_cdk_json.read_text()).get("context", {}) if project_cdk_json.is_file() else {}
     app = app or cdk.App(context={**CDK_CONTEXT, **context})
-    environment = cdk.Environment(account=config.account, region=config.region) if config.account or config.region else None
-    SlimserveStack(app, config.name, config, env=environment,
-                   description=f"slimserve app {config.name}: {len(config.models)} models")
+    environment = (
+        cdk.Environment(account=config.account, region=config.region) if config.account or config.region else None
+    )
+    SlimserveStack(
+        app,
+        config.name,
+        config,
+        env=environment,
+        description=f"slimserve app {config.name}: {len(config.models)} models",
+    )
     # AWS's own rule packs judge every synth; a finding without a reasoned suppression fails it
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app), ServerlessChecks(app))
     return app

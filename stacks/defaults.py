@@ -13,6 +13,14 @@ def log_retention(days: int = AppConfig.log_retention_days) -> logs.RetentionDay
 
 
 LAMBDA_ARCHITECTURES = dict(zip(ARCHITECTURES, (lambda_.Architecture.X86_64, lambda_.Architecture.ARM_64), strict=True))
-DEPLOYMENT_CONFIGS = dict(zip(DEPLOYMENTS, (codedeploy.LambdaDeploymentConfig.CANARY_10_PERCENT_5_MINUTES,
-                                            codedeploy.LambdaDeploymentConfig.LINEAR_10_PERCENT_EVERY_1_MINUTE,
-                                            codedeploy.LambdaDeploymentConfig.ALL_AT_ONCE), strict=True))
+DEPLOYMENT_CONFIGS = dict(
+    zip(
+        DEPLOYMENTS,
+        (
+            codedeploy.LambdaDeploymentConfig.CANARY_10_PERCENT_5_MINUTES,
+            codedeploy.LambdaDeploymentConfig.LINEAR_10_PERCENT_EVERY_1_MINUTE,
+            codedeploy.LambdaDeploymentConfig.ALL_AT_ONCE,
+        ),
+        strict=True,
+    )
+)

@@ -45,8 +45,12 @@ def serving_image(scope: Construct, context: Path) -> ecr_assets.DockerImageAsse
     its context (the Dockerfile, its requirements and the inference core) in `context`, so no Docker is needed
     before deploy."""
     return ecr_assets.DockerImageAsset(
-        scope, "ServingImage", directory=str(serving_context(context)), file="serving/Dockerfile",
-        platform=ecr_assets.Platform.LINUX_AMD64)
+        scope,
+        "ServingImage",
+        directory=str(serving_context(context)),
+        file="serving/Dockerfile",
+        platform=ecr_assets.Platform.LINUX_AMD64,
+    )
 
 
 class GpuEndpoint(Construct):
@@ -65,125 +69,211 @@ class GpuEndpoint(Construct):
         self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
         self.version = props.stored.version  # the API routes `/versions/{version}` here
 
-        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
-                             description=f"slimserve {model.name}: read its model, write captured data and logs")
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
+            description=f"slimserve {model.name}: read its model, write captured data and logs",
+        )
         model_prefix = props.store.grant_read_model_folder(self.role, props.stored)
         props.store.grant_write_capture(self.role, capture_prefix)
-        self.role.add_to_policy(iam.PolicyStatement(
-            actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
-            resources=[stack.format_arn(service="logs", resource="log-group", resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
-                                        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME)]))
-        self.role.add_to_policy(iam.PolicyStatement(
-            actions=["cloudwatch:PutMetricData"], resources=["*"],
-            conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}))
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
+                resources=[
+                    stack.format_arn(
+                        service="logs",
+                        resource="log-group",
+                        resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
+                        arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                ],
+            )
+        )
+        self.role.add_to_policy(
+            iam.PolicyStatement(
+                actions=["cloudwatch:PutMetricData"],
+                resources=["*"],
+                conditions={"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}},
+            )
+        )
         if isinstance(props.image, str):  # a repository of the user's: which one is not known here
-            self.role.add_to_policy(iam.PolicyStatement(
-                actions=["ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer", "ecr:BatchCheckLayerAvailability"],
-                resources=["*"]))
+            self.role.add_to_policy(
+                iam.PolicyStatement(
+                    actions=[
+                        "ecr:GetAuthorizationToken",
+                        "ecr:BatchGetImage",
+                        "ecr:GetDownloadUrlForLayer",
+                        "ecr:BatchCheckLayerAvailability",
+                    ],
+                    resources=["*"],
+                )
+            )
             image_uri = props.image
         else:
             props.image.repository.grant_pull(self.role)
             image_uri = props.image.image_uri
 
         self.model = sagemaker.CfnModel(
-            self, "Model",
+            self,
+            "Model",
             execution_role_arn=self.role.role_arn,
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
                 image=image_uri,
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
                     s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
-                        s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}", s3_data_type="S3Prefix", compression_type="None")),
-                environment=model_environment(model.name, props.stored.version, model.format, props.stored.sha256,
-                                              path=f"{MODEL_DIR}/model.{model.format}"),
+                        s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}",
+                        s3_data_type="S3Prefix",
+                        compression_type="None",
+                    )
+                ),
+                environment=model_environment(
+                    model.name,
+                    props.stored.version,
+                    model.format,
+                    props.stored.sha256,
+                    path=f"{MODEL_DIR}/model.{model.format}",
+                ),
             ),
         )
         self.model.node.add_dependency(self.role)
         capture = settings.data_capture_percent
         self.config = sagemaker.CfnEndpointConfig(
-            self, "Config",
-            production_variants=[sagemaker.CfnEndpointConfig.ProductionVariantProperty(
-                variant_name=VARIANT, model_name=self.model.attr_model_name,
-                initial_instance_count=settings.initial_instance_count, instance_type=settings.instance_type)],
+            self,
+            "Config",
+            production_variants=[
+                sagemaker.CfnEndpointConfig.ProductionVariantProperty(
+                    variant_name=VARIANT,
+                    model_name=self.model.attr_model_name,
+                    initial_instance_count=settings.initial_instance_count,
+                    instance_type=settings.instance_type,
+                )
+            ],
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
                 enable_capture=capture > 0,
                 initial_sampling_percentage=max(capture, 1),  # SageMaker wants 1..100 even when capture is off
                 destination_s3_uri=bucket.s3_url_for_object(capture_prefix),
                 kms_key_id=props.store.key.key_arn if props.store.key else None,
-                capture_options=[sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode=mode) for mode in ("Input", "Output")],
+                capture_options=[
+                    sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode=mode) for mode in ("Input", "Output")
+                ],
             ),
         )
         self.alarms = self._alarms(model)
         self.endpoint = sagemaker.CfnEndpoint(
-            self, "Endpoint",
+            self,
+            "Endpoint",
             endpoint_name=self.endpoint_name,
             endpoint_config_name=self.config.attr_endpoint_config_name,
             deployment_config=sagemaker.CfnEndpoint.DeploymentConfigProperty(
                 blue_green_update_policy=sagemaker.CfnEndpoint.BlueGreenUpdatePolicyProperty(
                     traffic_routing_configuration=sagemaker.CfnEndpoint.TrafficRoutingConfigProperty(
-                        type="CANARY", wait_interval_in_seconds=props.bake_seconds,
-                        canary_size=sagemaker.CfnEndpoint.CapacitySizeProperty(type="CAPACITY_PERCENT", value=props.canary_percent)),
+                        type="CANARY",
+                        wait_interval_in_seconds=props.bake_seconds,
+                        canary_size=sagemaker.CfnEndpoint.CapacitySizeProperty(
+                            type="CAPACITY_PERCENT", value=props.canary_percent
+                        ),
+                    ),
                     termination_wait_in_seconds=300,
                     maximum_execution_timeout_in_seconds=props.bake_seconds + 3600,
                 ),
                 auto_rollback_configuration=sagemaker.CfnEndpoint.AutoRollbackConfigProperty(
-                    alarms=[sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name) for alarm in self.alarms]),
+                    alarms=[sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name) for alarm in self.alarms]
+                ),
             ),
         )
         self._autoscaling(settings)
-        acknowledge(self.role, {
-            "AwsSolutions-IAM5[Resource::*]": "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level "
-                                              "permissions; PutMetricData is limited to SageMaker's namespaces by condition; "
-                                              "an image URI from the config names a repository this app does not know",
-            f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{model_prefix}*]": "the model's own folder under its sha256",
-            f"AwsSolutions-IAM5[Resource::<{logical_id(bucket)}.Arn>/{capture_prefix}*]": "captured requests of this endpoint only",
-            "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
-            "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
-            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:/aws/sagemaker/Endpoints/{self.endpoint_name}:*]":
-                "the endpoint's own log group and its streams",
-        })
-        acknowledge(self.config, {
-            "AwsSolutions-SM2": "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
-                                "storage is encrypted by hardware, and captured data is encrypted with the store's key",
-        })
+        bucket_objects = f"<{logical_id(bucket)}.Arn>"
+        log_groups = "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
+        acknowledge(
+            self.role,
+            {
+                "AwsSolutions-IAM5[Resource::*]": (
+                    "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level permissions; "
+                    "PutMetricData is limited to SageMaker's namespaces by condition; "
+                    "an image URI from the config names a repository this app does not know"
+                ),
+                f"AwsSolutions-IAM5[Resource::{bucket_objects}/{model_prefix}*]": "the model's folder under its sha256",
+                f"AwsSolutions-IAM5[Resource::{bucket_objects}/{capture_prefix}*]": "this endpoint's captured requests",
+                "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
+                "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
+                f"AwsSolutions-IAM5[Resource::{log_groups}/aws/sagemaker/Endpoints/{self.endpoint_name}:*]": (
+                    "the endpoint's own log group and its streams"
+                ),
+            },
+        )
+        acknowledge(
+            self.config,
+            {
+                "AwsSolutions-SM2": (
+                    "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
+                    "storage is encrypted by hardware, and captured data is encrypted with the store's key"
+                ),
+            },
+        )
 
     def metric(self, name: str, statistic: str, minutes: int = 5) -> cloudwatch.Metric:
-        """One of the endpoint's CloudWatch metrics (SageMaker's names: ModelLatency, Invocations, GPUUtilization, ...)."""
+        """One of the endpoint's CloudWatch metrics, by SageMaker's name (ModelLatency, Invocations, GPUUtilization)."""
         return cloudwatch.Metric(
-            namespace="/aws/sagemaker/Endpoints" if name in INSTANCE_METRICS else "AWS/SageMaker", metric_name=name,
-            statistic=statistic, dimensions_map={"EndpointName": self.endpoint_name, "VariantName": VARIANT},
-            period=cdk.Duration.minutes(minutes))
+            namespace="/aws/sagemaker/Endpoints" if name in INSTANCE_METRICS else "AWS/SageMaker",
+            metric_name=name,
+            statistic=statistic,
+            dimensions_map={"EndpointName": self.endpoint_name, "VariantName": VARIANT},
+            period=cdk.Duration.minutes(minutes),
+        )
 
     def _alarms(self, model: ModelConfig) -> list[cloudwatch.Alarm]:
         """Alarms that both page (via monitoring) and roll a blue/green update back."""
+
         def metric(name: str, statistic: str) -> cloudwatch.Metric:
             return self.metric(name, statistic, minutes=1)
 
         alarms = model.alarms
         specs = [
-            ("ModelLatency", metric("ModelLatency", "p99"), alarms.p99_latency_ms * 1000, "p99 model latency (microseconds)"),
+            (
+                "ModelLatency",
+                metric("ModelLatency", "p99"),
+                alarms.p99_latency_ms * 1000,
+                "p99 model latency (microseconds)",
+            ),
             ("Invocation5XXErrors", metric("Invocation5XXErrors", "Sum"), alarms.server_errors, "5xx answers"),
-            ("GPUUtilization", metric("GPUUtilization", "Average"), alarms.gpu_utilization_percent, "GPU utilization (%)"),
+            (
+                "GPUUtilization",
+                metric("GPUUtilization", "Average"),
+                alarms.gpu_utilization_percent,
+                "GPU utilization (%)",
+            ),
         ]
         return [
             metric_.create_alarm(
-                self, f"{name}Alarm", alarm_name=f"{self.endpoint_name}-{name}", threshold=threshold, evaluation_periods=3,
-                datapoints_to_alarm=2, comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING, alarm_description=f"{model.name}: {text}")
+                self,
+                f"{name}Alarm",
+                alarm_name=f"{self.endpoint_name}-{name}",
+                threshold=threshold,
+                evaluation_periods=3,
+                datapoints_to_alarm=2,
+                comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"{model.name}: {text}",
+            )
             for name, metric_, threshold, text in specs
         ]
 
     def _autoscaling(self, settings) -> None:
         target = autoscaling.ScalableTarget(
-            self, "Scaling",
+            self,
+            "Scaling",
             service_namespace=autoscaling.ServiceNamespace.SAGEMAKER,
             resource_id=f"endpoint/{self.endpoint_name}/variant/{VARIANT}",
             scalable_dimension="sagemaker:variant:DesiredInstanceCount",
-            min_capacity=settings.min_instances, max_capacity=settings.max_instances,
+            min_capacity=settings.min_instances,
+            max_capacity=settings.max_instances,
         )
         target.node.add_dependency(self.endpoint)
         target.scale_to_track_metric(
             "InvocationsPerInstance",
             target_value=settings.invocations_per_instance,
             predefined_metric=autoscaling.PredefinedMetric.SAGEMAKER_VARIANT_INVOCATIONS_PER_INSTANCE,
-            scale_in_cooldown=cdk.Duration.minutes(5), scale_out_cooldown=cdk.Duration.minutes(1),
+            scale_in_cooldown=cdk.Duration.minutes(5),
+            scale_out_cooldown=cdk.Duration.minutes(1),
         )

@@ -26,7 +26,7 @@ from slimserve.registry.store import StoredModel
 
 from .defaults import DEPLOYMENT_CONFIGS, LAMBDA_ARCHITECTURES, log_retention
 from .model_store import ModelStore
-from .nag import acknowledge
+from .nag import acknowledge, managed_policy
 
 PYTHON_VERSION = "3.12"
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -60,7 +60,9 @@ def _local_only() -> cdk.DockerImage:
     return cdk.DockerImage.from_registry("slimserve/local-bundling-only")
 
 
-def runtime_layer(scope: Construct, model_format: str, architecture: str, out: Path | None = None) -> lambda_.LayerVersion:
+def runtime_layer(
+    scope: Construct, model_format: str, architecture: str, out: Path | None = None
+) -> lambda_.LayerVersion:
     """One layer per runtime and architecture in a stack, shared by every model that needs it; built under `out`
     (default: the user cache's layers)."""
     stack = cdk.Stack.of(scope)
@@ -107,9 +109,15 @@ class LambdaModel(Construct):
         if model.target != "lambda":
             raise ValueError(f"LambdaModelProps.model {model.name!r} has target {model.target!r}, not 'lambda'")
         super().__init__(scope, construct_id)
-        self.log_group = logs.LogGroup(self, "Logs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY)
-        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-                             description=f"slimserve {model.name}: read its model, write its logs")
+        self.log_group = logs.LogGroup(
+            self, "Logs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+        )
+        self.role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description=f"slimserve {model.name}: read its model, write its logs",
+        )
         self.function = lambda_.Function(
             self,
             "Function",
@@ -144,39 +152,78 @@ class LambdaModel(Construct):
             provisioned_concurrent_executions=model.provisioned_concurrency or None,
         )
         self.deployment = self._deployment(model, props.alarm_topic)
-        acknowledge(self.role, {"AwsSolutions-IAM5[Resource::*]": "X-Ray's PutTraceSegments and PutTelemetryRecords "
-                                "support no resource-level permissions, so tracing needs Resource '*'"})
-        runtime_reason = (f"python{PYTHON_VERSION} matches the layer's wheels (ONNX Runtime, LiteRT) and the local runner; "
-                          "a newer runtime follows once its layer is built and tested")
-        acknowledge(self.function, {
-            "AwsSolutions-L1": runtime_reason,
-            "Serverless-LambdaLatestVersion": runtime_reason,
-            "Serverless-LambdaDLQ": "invoked synchronously by API Gateway: a failed request is answered, there is nothing to redeliver",
-        })
+        acknowledge(
+            self.role,
+            {
+                "AwsSolutions-IAM5[Resource::*]": "X-Ray's PutTraceSegments and PutTelemetryRecords "
+                "support no resource-level permissions, so tracing needs Resource '*'"
+            },
+        )
+        runtime_reason = (
+            f"python{PYTHON_VERSION} matches the layer's wheels (ONNX Runtime, LiteRT) and the local runner; "
+            "a newer runtime follows once its layer is built and tested"
+        )
+        acknowledge(
+            self.function,
+            {
+                "AwsSolutions-L1": runtime_reason,
+                "Serverless-LambdaLatestVersion": runtime_reason,
+                "Serverless-LambdaDLQ": (
+                    "invoked synchronously by API Gateway: a failed request is answered, there is nothing to redeliver"
+                ),
+            },
+        )
 
     def _deployment(self, model: ModelConfig, topic: sns.ITopic | None) -> codedeploy.LambdaDeploymentGroup:
-        """A new version reaches `live` through CodeDeploy, rolled back when the alias's errors or p99 pass the model's thresholds."""
+        """A new version reaches `live` through CodeDeploy, rolled back when the alias's errors or p99 pass the model's
+        thresholds."""
         alarms = model.alarms
         errors = cloudwatch.MathExpression(
             expression="100 * errors / MAX([errors, invocations])",
-            using_metrics={"errors": self.alias.metric_errors(statistic="Sum", period=cdk.Duration.minutes(1)),
-                           "invocations": self.alias.metric_invocations(statistic="Sum", period=cdk.Duration.minutes(1))},
-            label="error rate (%)", period=cdk.Duration.minutes(1))
+            using_metrics={
+                "errors": self.alias.metric_errors(statistic="Sum", period=cdk.Duration.minutes(1)),
+                "invocations": self.alias.metric_invocations(statistic="Sum", period=cdk.Duration.minutes(1)),
+            },
+            label="error rate (%)",
+            period=cdk.Duration.minutes(1),
+        )
         checks = [
-            errors.create_alarm(self, "ErrorRateAlarm", threshold=alarms.error_rate_percent, evaluation_periods=2,
-                                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                                alarm_description=f"{model.name}: error rate of the live alias during a deployment"),
-            self.alias.metric_duration(statistic="p99", period=cdk.Duration.minutes(1)).create_alarm(
-                self, "LatencyAlarm", threshold=alarms.p99_latency_ms, evaluation_periods=2,
+            errors.create_alarm(
+                self,
+                "ErrorRateAlarm",
+                threshold=alarms.error_rate_percent,
+                evaluation_periods=2,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description=f"{model.name}: p99 duration of the live alias during a deployment"),
+                alarm_description=f"{model.name}: error rate of the live alias during a deployment",
+            ),
+            self.alias.metric_duration(statistic="p99", period=cdk.Duration.minutes(1)).create_alarm(
+                self,
+                "LatencyAlarm",
+                threshold=alarms.p99_latency_ms,
+                evaluation_periods=2,
+                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+                alarm_description=f"{model.name}: p99 duration of the live alias during a deployment",
+            ),
         ]
         if topic is not None:
             for alarm in checks:
                 alarm.add_alarm_action(cloudwatch_actions.SnsAction(topic))
         group = codedeploy.LambdaDeploymentGroup(
-            self, "Deployment", alias=self.alias, deployment_config=DEPLOYMENT_CONFIGS[model.deployment], alarms=checks,
-            auto_rollback=codedeploy.AutoRollbackConfig(failed_deployment=True, stopped_deployment=True, deployment_in_alarm=True))
-        acknowledge(group, {"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSCodeDeployRoleForLambdaLimited]":
-                            "CodeDeploy's Lambda role is AWS's own limited policy, scoped by CodeDeploy itself"})
+            self,
+            "Deployment",
+            alias=self.alias,
+            deployment_config=DEPLOYMENT_CONFIGS[model.deployment],
+            alarms=checks,
+            auto_rollback=codedeploy.AutoRollbackConfig(
+                failed_deployment=True, stopped_deployment=True, deployment_in_alarm=True
+            ),
+        )
+        acknowledge(
+            group,
+            {
+                managed_policy("service-role/AWSCodeDeployRoleForLambdaLimited"): (
+                    "CodeDeploy's Lambda role is AWS's own limited policy, scoped by CodeDeploy itself"
+                )
+            },
+        )
         return group

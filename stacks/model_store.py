@@ -16,7 +16,10 @@ from constructs import Construct
 from slimserve.config import ENCRYPTIONS, AppConfig, ModelConfig
 from slimserve.registry.store import StoredModel, manifest, model_key
 
-from .nag import acknowledge, logical_id
+from .nag import acknowledge, logical_id, managed_policy
+
+# The bootstrap's asset bucket, as cdk-nag writes it into findings
+CDK_ASSETS_BUCKET = "arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>"
 
 
 @dataclass(frozen=True)
@@ -34,13 +37,22 @@ class ModelStore(Construct):
 
     def __init__(self, scope: Construct, construct_id: str, props: ModelStoreProps = ModelStoreProps()):
         if props.encryption not in ENCRYPTIONS:
-            raise ValueError(f"ModelStoreProps.encryption must be one of {', '.join(ENCRYPTIONS)}, got {props.encryption!r}")
+            raise ValueError(
+                f"ModelStoreProps.encryption must be one of {', '.join(ENCRYPTIONS)}, got {props.encryption!r}"
+            )
         if props.noncurrent_version_days < 1:
-            raise ValueError(f"ModelStoreProps.noncurrent_version_days must be >= 1, got {props.noncurrent_version_days}")
+            raise ValueError(
+                f"ModelStoreProps.noncurrent_version_days must be >= 1, got {props.noncurrent_version_days}"
+            )
         super().__init__(scope, construct_id)
         self.key = (
-            kms.Key(self, "Key", enable_key_rotation=True, removal_policy=props.removal_policy,
-                    description="slimserve model store")
+            kms.Key(
+                self,
+                "Key",
+                enable_key_rotation=True,
+                removal_policy=props.removal_policy,
+                description="slimserve model store",
+            )
             if props.encryption == "kms"
             else None
         )
@@ -78,7 +90,8 @@ class ModelStore(Construct):
         """Read one model version's object, and decrypt it: all a function serving it needs (bucket.grant_read
         would add s3:GetObject* and s3:List* on the whole bucket)."""
         grantee.grant_principal.add_to_principal_policy(
-            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(stored.key)]))
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(stored.key)])
+        )
         if self.key is not None:
             self.key.grant_decrypt(grantee)
 
@@ -86,10 +99,16 @@ class ModelStore(Construct):
         """Read and list one model version's folder, as SageMaker mounts it; returns the folder's prefix."""
         prefix = stored.key.rsplit("/", 1)[0] + "/"
         principal = grantee.grant_principal
-        principal.add_to_principal_policy(iam.PolicyStatement(actions=["s3:GetObject"],
-                                                              resources=[self.bucket.arn_for_objects(f"{prefix}*")]))
-        principal.add_to_principal_policy(iam.PolicyStatement(actions=["s3:ListBucket"], resources=[self.bucket.bucket_arn],
-                                                              conditions={"StringLike": {"s3:prefix": [f"{prefix}*"]}}))
+        principal.add_to_principal_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")])
+        )
+        principal.add_to_principal_policy(
+            iam.PolicyStatement(
+                actions=["s3:ListBucket"],
+                resources=[self.bucket.bucket_arn],
+                conditions={"StringLike": {"s3:prefix": [f"{prefix}*"]}},
+            )
+        )
         if self.key is not None:
             self.key.grant_decrypt(grantee)
         return prefix
@@ -97,11 +116,14 @@ class ModelStore(Construct):
     def grant_write_capture(self, grantee: iam.IGrantable, prefix: str) -> None:
         """Write captured requests and responses under `prefix`, encrypted with the store's key."""
         grantee.grant_principal.add_to_principal_policy(
-            iam.PolicyStatement(actions=["s3:PutObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")]))
+            iam.PolicyStatement(actions=["s3:PutObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")])
+        )
         if self.key is not None:
             self.key.grant_encrypt(grantee)
 
-    def add_models(self, models: list[ModelConfig], staging: Path, locked: dict[str, StoredModel]) -> dict[str, StoredModel]:
+    def add_models(
+        self, models: list[ModelConfig], staging: Path, locked: dict[str, StoredModel]
+    ) -> dict[str, StoredModel]:
         """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes; `locked`
         models are registered versions already in the store (see slimserve.lock) and are not uploaded."""
         shutil.rmtree(staging, ignore_errors=True)
@@ -117,7 +139,9 @@ class ModelStore(Construct):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
             # no creation time or version number: the same bytes must give the same asset on every synth
-            (target.parent / "manifest.json").write_text(json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2))
+            (target.parent / "manifest.json").write_text(
+                json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2)
+            )
             stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))
         s3_deployment.BucketDeployment(
             self,
@@ -137,15 +161,31 @@ class ModelStore(Construct):
         handler = next(c for c in stack.node.children if c.node.id.startswith("Custom::CDKBucketDeployment"))
         bucket = logical_id(self.bucket)
         copy = "BucketDeployment copies every object of the upload from the CDK asset bucket into the store"
-        acknowledge(handler, {
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/AWSLambdaBasicExecutionRole]":
-                "aws-cdk-lib gives BucketDeployment's handler the managed basic execution role for its own logs",
-            **{f"AwsSolutions-IAM5[Action::{action}]": copy for action in (
-                "s3:GetObject*", "s3:GetBucket*", "s3:List*", "s3:DeleteObject*", "s3:Abort*", "kms:ReEncrypt*", "kms:GenerateDataKey*")},
-            f"AwsSolutions-IAM5[Resource::<{bucket}.Arn>/*]": copy,
-            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>/*]": copy,
-            "AwsSolutions-L1": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
-            "Serverless-LambdaLatestVersion": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
-            "Serverless-LambdaDLQ": "a CloudFormation custom resource: CloudFormation reports and retries its failures",
-            "Serverless-LambdaTracing": "a deploy-time custom resource, not on any request path",
-        })
+        acknowledge(
+            handler,
+            {
+                managed_policy("service-role/AWSLambdaBasicExecutionRole"): (
+                    "aws-cdk-lib gives BucketDeployment's handler the managed basic execution role for its own logs"
+                ),
+                **{
+                    f"AwsSolutions-IAM5[Action::{action}]": copy
+                    for action in (
+                        "s3:GetObject*",
+                        "s3:GetBucket*",
+                        "s3:List*",
+                        "s3:DeleteObject*",
+                        "s3:Abort*",
+                        "kms:ReEncrypt*",
+                        "kms:GenerateDataKey*",
+                    )
+                },
+                f"AwsSolutions-IAM5[Resource::<{bucket}.Arn>/*]": copy,
+                f"AwsSolutions-IAM5[Resource::{CDK_ASSETS_BUCKET}/*]": copy,
+                "AwsSolutions-L1": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
+                "Serverless-LambdaLatestVersion": "aws-cdk-lib chooses the runtime of BucketDeployment's handler",
+                "Serverless-LambdaDLQ": (
+                    "a CloudFormation custom resource: CloudFormation reports and retries its failures"
+                ),
+                "Serverless-LambdaTracing": "a deploy-time custom resource, not on any request path",
+            },
+        )

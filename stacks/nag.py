@@ -6,7 +6,14 @@ from constructs import IConstruct
 
 def acknowledge(construct: IConstruct, reasons: dict[str, str]) -> None:
     """`reasons` maps a finding (`AwsSolutions-IAM5[Resource::*]`, or a rule id) to why it stands."""
-    Validations.of(construct).acknowledge(*(Acknowledgment(id=finding, reason=reason) for finding, reason in reasons.items()))
+    Validations.of(construct).acknowledge(
+        *(Acknowledgment(id=finding, reason=reason) for finding, reason in reasons.items())
+    )
+
+
+def managed_policy(name: str) -> str:
+    """The finding for an AWS-managed policy on a role (`service-role/AWSLambdaBasicExecutionRole`)."""
+    return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
 
 
 def logical_id(construct: IConstruct) -> str:

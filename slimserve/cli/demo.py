@@ -44,8 +44,11 @@ def _row_class(row) -> int:
 
 
 def _tf_serving_predict(url: str, name: str, instances: list, api_key: str) -> list:
-    request = urllib.request.Request(f"{url}/v1/models/{name}:predict", data=json.dumps({"instances": instances}).encode(),
-                                     headers={"Content-Type": "application/json", "x-api-key": api_key})
+    request = urllib.request.Request(
+        f"{url}/v1/models/{name}:predict",
+        data=json.dumps({"instances": instances}).encode(),
+        headers={"Content-Type": "application/json", "x-api-key": api_key},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["predictions"]
 
@@ -65,7 +68,9 @@ def demo_model(stack: LocalStack, model: ModelConfig, out) -> bool:
         tensor = triton.InferInput(spec.name, list(data.shape), spec.datatype)
         tensor.set_data_from_numpy(data, binary_data=binary)
         requested = [triton.InferRequestedOutput(name, binary_data=binary) for name in output_names]
-        body_type = {"Content-Type": "application/octet-stream"} if binary else {}  # a binary media type: passed through
+        body_type = (
+            {"Content-Type": "application/octet-stream"} if binary else {}
+        )  # a binary media type: passed through
         result = client.infer(model.name, [tensor], outputs=requested, headers={**headers, **body_type})
         return {name: result.as_numpy(name) for name in output_names}
 
@@ -75,23 +80,35 @@ def demo_model(stack: LocalStack, model: ModelConfig, out) -> bool:
     json_outputs, binary_outputs = infer(inputs, binary=False), infer(inputs, binary=True)
     rows = _tf_serving_predict(gateway.url, model.name, inputs[:3].tolist(), gateway.api_key)
     direct = runtime.run({spec.name: inputs}, output_names)
-    same = all(np.array_equal(direct[n], json_outputs[n]) and np.array_equal(direct[n], binary_outputs[n]) for n in output_names)
+    same = all(
+        np.array_equal(direct[n], json_outputs[n]) and np.array_equal(direct[n], binary_outputs[n])
+        for n in output_names
+    )
     warm = []
     for _ in range(WARM_REQUESTS):
         started = time.perf_counter()
         infer(inputs[:1], binary=True)
         warm.append((time.perf_counter() - started) * 1000)
 
-    where, cold = ("SageMaker serving program", " (model loaded at start)") if model.target == "sagemaker" else ("Lambda", ", a cold start")
+    where, cold = (
+        ("SageMaker serving program", " (model loaded at start)")
+        if model.target == "sagemaker"
+        else ("Lambda", ", a cold start")
+    )
     print(f"\n== {model.name} ({model.format}, {where}) at {gateway.url}/v2/models/{model.name} ==", file=out)
     print(f"  ready: {ready}; first request{cold}: {cold_ms:.0f} ms", file=out)
     print(f"  first 3 predictions (tritonclient, binary): {_classes(binary_outputs)[:3].tolist()}", file=out)
     print(f"  first 3 predictions (TF Serving rows): {[_row_class(row) for row in rows]}", file=out)
     print(f"  JSON and binary answers equal to the runtime's own: {same}", file=out)
     if labels is not None:
-        print(f"  held-out accuracy through the local stack: {float((_classes(binary_outputs) == labels).mean()):.3f} "
-              f"on {len(labels)} samples", file=out)
-    print(f"  warm request, 1 row, client to client: median {statistics.median(warm):.2f} ms of {WARM_REQUESTS}", file=out)
+        print(
+            f"  held-out accuracy through the local stack: {float((_classes(binary_outputs) == labels).mean()):.3f} "
+            f"on {len(labels)} samples",
+            file=out,
+        )
+    print(
+        f"  warm request, 1 row, client to client: median {statistics.median(warm):.2f} ms of {WARM_REQUESTS}", file=out
+    )
     return ready and same
 
 

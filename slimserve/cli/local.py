@@ -13,10 +13,16 @@ def add_commands(commands) -> None:
     add_config(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--api-key", default=os.environ.get("SLIMSERVE_API_KEY"),
-                       help="the API key clients send as x-api-key (default: $SLIMSERVE_API_KEY, else a new one each start)")
-    serve.add_argument("--s3-port", type=int, help="the local S3's port (default: any free one; the registry commands "
-                                                   "find it in build/local/stack.json)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("SLIMSERVE_API_KEY"),
+        help="the API key clients send as x-api-key (default: $SLIMSERVE_API_KEY, else a new one each start)",
+    )
+    serve.add_argument(
+        "--s3-port",
+        type=int,
+        help="the local S3's port (default: any free one; the registry commands find it in build/local/stack.json)",
+    )
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="start the local stack, call it with real clients, then stop it")
@@ -34,8 +40,14 @@ def _serve(args) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     config = load_config(args.config)
-    with LocalStack(config, args.host, args.port, log=lambda line: print(line, flush=True), s3_port=args.s3_port,
-                    api_key=args.api_key) as stack:
+    with LocalStack(
+        config,
+        args.host,
+        args.port,
+        log=lambda line: print(line, flush=True),
+        s3_port=args.s3_port,
+        api_key=args.api_key,
+    ) as stack:
         gateway = stack.gateway
         print(f"slimserve serving {', '.join(gateway.routes)} at {gateway.url}", flush=True)
         if any(route.api_key_required for route in gateway.routes.values()):
@@ -52,4 +64,3 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(load_config(args.config), sys.stdout)
-

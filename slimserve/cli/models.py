@@ -10,22 +10,45 @@ def add_commands(commands) -> None:
     examples.add_argument("--out", default="examples/models", help="folder for the model files")
     examples.set_defaults(run=_examples)
 
-    convert = commands.add_parser("convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first")
-    convert.add_argument("model", help="scikit-learn (.joblib, .pkl), PyTorch module (.pt, .pth, saved whole) "
-                                       "or Keras (.keras, .h5; needs the tensorflow extra)")
+    convert = commands.add_parser(
+        "convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first"
+    )
+    convert.add_argument(
+        "model",
+        help="scikit-learn (.joblib, .pkl), PyTorch module (.pt, .pth, saved whole) "
+        "or Keras (.keras, .h5; needs the tensorflow extra)",
+    )
     convert.add_argument("--samples", required=True, help=".npy of representative inputs")
     convert.add_argument("--out", required=True, help="the .onnx file to write (.tflite for Keras)")
-    convert.add_argument("--tolerance", type=float, default=1e-4, help="largest absolute output difference accepted (default: %(default)s)")
+    convert.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="largest absolute output difference accepted (default: %(default)s)",
+    )
     convert.set_defaults(run=_convert)
 
-    optimize = commands.add_parser("optimize", help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras "
-                                                    "model to TFLite), gated on drift")
-    optimize.add_argument("model", help="the .onnx model, or a Keras model (.keras, .h5; int8 or fp16; needs the tensorflow extra)")
+    optimize = commands.add_parser(
+        "optimize",
+        help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras model to TFLite), gated on drift",
+    )
+    optimize.add_argument(
+        "model", help="the .onnx model, or a Keras model (.keras, .h5; int8 or fp16; needs the tensorflow extra)"
+    )
     optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
-    optimize.add_argument("--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs")
-    optimize.add_argument("--tolerance", type=float, default=0.01, help="largest absolute output difference accepted (default: %(default)s)")
+    optimize.add_argument(
+        "--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs"
+    )
+    optimize.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.01,
+        help="largest absolute output difference accepted (default: %(default)s)",
+    )
     optimize.add_argument("--force", action="store_true", help="write the result even if it is larger and not faster")
-    optimize.add_argument("--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)")
+    optimize.add_argument(
+        "--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)"
+    )
     optimize.set_defaults(run=_optimize)
 
 
@@ -33,8 +56,10 @@ def _examples(args) -> int:
     from slimserve.modeltools.examples import build_all
 
     for model in build_all(Path(args.out)):
-        print(f"{model.name}: wrote {model.path} ({model.path.stat().st_size} bytes), "
-              f"held-out accuracy {model.accuracy:.3f} on {len(model.test_labels)} samples")
+        print(
+            f"{model.name}: wrote {model.path} ({model.path.stat().st_size} bytes), "
+            f"held-out accuracy {model.accuracy:.3f} on {len(model.test_labels)} samples"
+        )
     return 0
 
 
@@ -62,8 +87,10 @@ def _convert(args) -> int:
         estimator = joblib.load(source)
         width = getattr(estimator, "n_features_in_", None)
         if width is not None and (samples.ndim != 2 or samples.shape[1] != width):
-            raise UserError(f"--samples {args.samples}: expected rows of {width} features, as {source} was fitted on, "
-                            f"found an array of shape {samples.shape}")
+            raise UserError(
+                f"--samples {args.samples}: expected rows of {width} features, as {source} was fitted on, "
+                f"found an array of shape {samples.shape}"
+            )
         result = convert_sklearn(estimator, samples, Path(args.out), args.tolerance)
     elif source.suffix in (".pt", ".pth"):
         import torch
@@ -72,8 +99,10 @@ def _convert(args) -> int:
     elif source.suffix in KERAS_SUFFIXES:
         result = convert_keras(load_keras(source), samples, Path(args.out), args.tolerance)
     else:
-        raise ConvertError(f"{source}: expected a scikit-learn model (.joblib, .pkl), a saved PyTorch module (.pt, .pth) "
-                           "or a Keras model (.keras, .h5)")
+        raise ConvertError(
+            f"{source}: expected a scikit-learn model (.joblib, .pkl), a saved PyTorch module (.pt, .pth) "
+            "or a Keras model (.keras, .h5)"
+        )
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
     print(f"wrote {result.path}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}{agreement}")
     return 0
@@ -88,7 +117,8 @@ def _optimize(args) -> int:
     out = Path(args.out) if args.out else model.with_suffix(f".{args.level}{suffix}")
     report = optimize(model, args.level, Path(args.samples), args.tolerance, out, args.force)
     print(report.table())
-    print(f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
-          f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})")
+    print(
+        f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
+        f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})"
+    )
     return 0
-

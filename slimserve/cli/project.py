@@ -45,8 +45,12 @@ def add_commands(commands) -> None:
         ("deploy", "deploy the project's stack, then print its API URL and how to read the API key"),
         ("destroy", "delete the project's stack (the model store's bucket is kept)"),
     ]:
-        command = commands.add_parser(name, help=text, description=f"{text}. Runs the pinned AWS CDK CLI, installed into "
-                                      "the user cache on first use; arguments after -- go to it unchanged.")
+        command = commands.add_parser(
+            name,
+            help=text,
+            description=f"{text}. Runs the pinned AWS CDK CLI, installed into "
+            "the user cache on first use; arguments after -- go to it unchanged.",
+        )
         add_config(command)
         command.add_argument("--profile", help="AWS profile (default: the AWS CLI's default credentials)")
         command.add_argument("--region", help="AWS region (default: app.region, else the profile's region)")
@@ -83,10 +87,14 @@ def _layer(args) -> int:
     from slimserve.layers.builder import build_layer
 
     layer = build_layer(args.runtime, args.python, args.arch, out=args.out and Path(args.out), log=print)
-    print(f"{layer.runtime} layer for python{layer.python_version} {layer.architecture}"
-          f"{' (cached)' if layer.cached else ''}: {layer.path}")
-    print(f"  {layer.slim_bytes / 2**20:.1f} MiB unzipped (naive install {layer.naive_bytes / 2**20:.1f} MiB), "
-          f"{layer.files} files; bytecode: {layer.pyc}; {layer.stripped}; smoke test: {layer.smoke}")
+    print(
+        f"{layer.runtime} layer for python{layer.python_version} {layer.architecture}"
+        f"{' (cached)' if layer.cached else ''}: {layer.path}"
+    )
+    print(
+        f"  {layer.slim_bytes / 2**20:.1f} MiB unzipped (naive install {layer.naive_bytes / 2**20:.1f} MiB), "
+        f"{layer.files} files; bytecode: {layer.pyc}; {layer.stripped}; smoke test: {layer.smoke}"
+    )
     return 0
 
 
@@ -101,8 +109,10 @@ def _init(args) -> int:
     config = folder / DEFAULT_CONFIG
     where = "" if folder.resolve() == Path.cwd() else f"cd {shlex.quote(str(folder))} && "
     if not args.model:
-        print(f"next: put your model at {folder / project.artifact} (slimserve convert writes one from scikit-learn, "
-              f"PyTorch or Keras), or point models.{project.model}.artifact in {config} at it; then")
+        print(
+            f"next: put your model at {folder / project.artifact} (slimserve convert writes one from scikit-learn, "
+            f"PyTorch or Keras), or point models.{project.model}.artifact in {config} at it; then"
+        )
     print(f"  {where}slimserve check && slimserve serve     # locally, no AWS account needed")
     print(f"  {where}slimserve bootstrap && slimserve deploy  # to your AWS account (--profile, --region)")
     return 0
@@ -132,7 +142,9 @@ def _synth(args) -> int:
 
     config = load_config(args.config)
     out = Path(args.out).resolve() if args.out else config.project_dir / "cdk.out"
-    synth = subprocess.run(shlex.split(_app_command(config)), cwd=config.project_dir, env={**os.environ, "CDK_OUTDIR": str(out)})
+    synth = subprocess.run(
+        shlex.split(_app_command(config)), cwd=config.project_dir, env={**os.environ, "CDK_OUTDIR": str(out)}
+    )
     if synth.returncode != 0:
         return synth.returncode  # the app has said why, in one line
     for template in sorted(out.glob("*.template.json")):
@@ -151,16 +163,22 @@ def _aws_session(args, config):
 
     try:
         # boto3 reads AWS_DEFAULT_REGION, the CDK CLI (JavaScript SDK) AWS_REGION: a user may have set either
-        session = boto3.Session(profile_name=args.profile, region_name=args.region or config.region or os.environ.get("AWS_REGION"))
+        session = boto3.Session(
+            profile_name=args.profile, region_name=args.region or config.region or os.environ.get("AWS_REGION")
+        )
     except botocore.exceptions.ProfileNotFound:
-        raise UserError(f"--profile {args.profile}: no such profile in your AWS config "
-                        "(`aws configure list-profiles` lists them)") from None
+        raise UserError(
+            f"--profile {args.profile}: no such profile in your AWS config (`aws configure list-profiles` lists them)"
+        ) from None
     if session.get_credentials() is None:
-        raise UserError("no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), "
-                        "or pass --profile NAME")
+        raise UserError(
+            "no AWS credentials found: run `aws configure` (or `aws sso login --profile NAME`), or pass --profile NAME"
+        )
     if not session.region_name:
-        raise UserError(f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
-                        "(`aws configure set region eu-west-1`)")
+        raise UserError(
+            f"no AWS region: pass --region, set app.region in {config.path}, or give your profile one "
+            "(`aws configure set region eu-west-1`)"
+        )
     return session
 
 
@@ -187,8 +205,11 @@ def _cdk(args) -> int:
     if args.command == "destroy" and args.yes:
         arguments.append("--force")
     arguments += args.cdk_arguments[1:] if args.cdk_arguments[:1] == ["--"] else args.cdk_arguments
-    print(f"cdk {args.command} of {config.path} in {environment['AWS_REGION']}"
-          f"{f' (profile {args.profile})' if args.profile else ''}, AWS CDK CLI {cdk_cli.version()}", flush=True)
+    print(
+        f"cdk {args.command} of {config.path} in {environment['AWS_REGION']}"
+        f"{f' (profile {args.profile})' if args.profile else ''}, AWS CDK CLI {cdk_cli.version()}",
+        flush=True,
+    )
     code = cdk_cli.run(arguments, config.project_dir, extra_environment=environment)
     if code == 0 and args.command == "deploy":
         return print_deployed(config, outputs, args)
@@ -215,9 +236,11 @@ def check_locked_objects(config, session) -> None:
         except botocore.exceptions.ClientError as error:
             code = error.response["Error"].get("Code")
             if code in ("404", "NoSuchKey", "NotFound"):
-                raise UserError(f"{lock_path(config)}: models.{name}: version {entry['version']} is not in its store "
-                                f"(s3://{bucket}/{key} does not exist); a deploy would point the function at nothing: "
-                                "register it there and lock again") from None
+                raise UserError(
+                    f"{lock_path(config)}: models.{name}: version {entry['version']} is not in its store "
+                    f"(s3://{bucket}/{key} does not exist); a deploy would point the function at nothing: "
+                    "register it there and lock again"
+                ) from None
             print(f"note: could not check s3://{bucket}/{key} for models.{name} ({code}); deploying without that check")
 
 
@@ -232,15 +255,25 @@ def print_deployed(config, outputs: Path, args) -> int:
     stack = json.loads(outputs.read_text()).get(config.name, {}) if outputs.is_file() else {}
     missing = [name for name in DEPLOY_OUTPUTS if not stack.get(name)]
     if missing:
-        print(f"error: the CDK CLI reported success, but the stack {config.name} has no output {', '.join(missing)} "
-              f"in {outputs}: it was not fully created; its events in CloudFormation say why", file=sys.stderr)
+        print(
+            f"error: the CDK CLI reported success, but the stack {config.name} has no output {', '.join(missing)} "
+            f"in {outputs}: it was not fully created; its events in CloudFormation say why",
+            file=sys.stderr,
+        )
         return 1
-    flags = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in (("profile", args.profile), ("region", args.region)) if value)
+    flags = "".join(
+        f" --{flag} {shlex.quote(value)}"
+        for flag, value in (("profile", args.profile), ("region", args.region))
+        if value
+    )
     print(f"API: {stack['ApiUrl']}")
-    print(f"API key (for models with auth = \"api_key\"; send it as x-api-key): aws apigateway get-api-key "
-          f"--api-key {stack['ApiKeyId']} --include-value --query value --output text{flags}")
-    print(f"model store: s3://{stack['ModelStoreBucket']} (slimserve register|versions|alias ... "
-          f"--bucket {stack['ModelStoreBucket']}{flags or ' --region REGION'})")
+    print(
+        f'API key (for models with auth = "api_key"; send it as x-api-key): aws apigateway get-api-key '
+        f"--api-key {stack['ApiKeyId']} --include-value --query value --output text{flags}"
+    )
+    print(
+        f"model store: s3://{stack['ModelStoreBucket']} (slimserve register|versions|alias ... "
+        f"--bucket {stack['ModelStoreBucket']}{flags or ' --region REGION'})"
+    )
     print(f"all outputs: {outputs}")
     return 0
-

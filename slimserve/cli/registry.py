@@ -14,9 +14,19 @@ from .common import add_config
 
 def add_commands(commands) -> None:
     for name, run, text, positionals in [
-        ("register", _register, "upload a model version under its sha256 with a manifest", [("model", "the .onnx or .tflite file")]),
+        (
+            "register",
+            _register,
+            "upload a model version under its sha256 with a manifest",
+            [("model", "the .onnx or .tflite file")],
+        ),
         ("versions", _versions, "list a model's versions", []),
-        ("alias", _alias, "point an alias (prod, canary, ...) at a version", [("alias", "alias name"), ("version", "number, sha256 prefix or alias")]),
+        (
+            "alias",
+            _alias,
+            "point an alias (prod, canary, ...) at a version",
+            [("alias", "alias name"), ("version", "number, sha256 prefix or alias")],
+        ),
         ("rollback", _rollback, "point an alias back where it was", []),
         ("lock", _lock, "resolve the config's model versions into its lock file, for synth", []),
     ]:
@@ -32,9 +42,14 @@ def add_commands(commands) -> None:
         if name == "rollback":
             command.add_argument("--alias", default=LIVE_ALIAS, help="alias to roll back (default: %(default)s)")
         if name == "register":
-            command.add_argument("--allow-signature-change", action="store_true",
-                                 help="register a version whose inputs differ from those of the version served now")
-        command.add_argument("--endpoint-url", help="S3 endpoint (default: the S3 of this project's running local stack)")
+            command.add_argument(
+                "--allow-signature-change",
+                action="store_true",
+                help="register a version whose inputs differ from those of the version served now",
+            )
+        command.add_argument(
+            "--endpoint-url", help="S3 endpoint (default: the S3 of this project's running local stack)"
+        )
         command.add_argument("--bucket", help=f"model store bucket (default locally: {DEFAULT_BUCKET})")
         command.add_argument("--profile", help="AWS profile: use the deployed store instead of the local one")
         command.add_argument("--region", help="AWS region: use the deployed store instead of the local one")
@@ -52,14 +67,18 @@ def _registry(args):
         if not args.bucket:
             raise UserError("--bucket: name the model store's bucket (the stack output ModelStoreBucket)")
         session = boto3.Session(profile_name=args.profile, region_name=args.region)
-        return _reachable(Registry(session.client("s3"), args.bucket, deployed=True), f"the bucket {args.bucket} in your AWS account")
+        return _reachable(
+            Registry(session.client("s3"), args.bucket, deployed=True), f"the bucket {args.bucket} in your AWS account"
+        )
     endpoint, bucket = args.endpoint_url, args.bucket
     if endpoint is None:
         config = Path(args.config)
         state = running_state(load_config(config).local_dir)
         if state is None:
-            raise UserError(f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
-                            "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store")
+            raise UserError(
+                f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
+                "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store"
+            )
         endpoint, bucket = state["s3_endpoint"], bucket or state["bucket"]
     return _reachable(Registry(local_client(endpoint), bucket or DEFAULT_BUCKET), f"the local store at {endpoint}")
 
@@ -75,7 +94,9 @@ def _reachable(registry, where: str):
     except botocore.exceptions.NoCredentialsError:
         raise UserError(f"{where}: no AWS credentials found: run `aws configure`, or pass --profile NAME") from None
     except botocore.exceptions.ClientError as error:
-        raise UserError(f"{where}: --bucket {registry.bucket}: {error.response['Error'].get('Message') or error}") from None
+        raise UserError(
+            f"{where}: --bucket {registry.bucket}: {error.response['Error'].get('Message') or error}"
+        ) from None
     return registry
 
 
@@ -91,11 +112,18 @@ def _lock(args) -> int:
 
 
 def _register(args) -> int:
-    version, new = _registry(args).register(Path(args.model), args.name, allow_signature_change=args.allow_signature_change)
+    version, new = _registry(args).register(
+        Path(args.model), args.name, allow_signature_change=args.allow_signature_change
+    )
     if new:
-        print(f"registered {args.name} version {version.number}: sha256 {version.sha256}, {version.size} bytes, {version.key}")
+        print(
+            f"registered {args.name} version {version.number}: "
+            f"sha256 {version.sha256}, {version.size} bytes, {version.key}"
+        )
     else:
-        print(f"{args.name}: these bytes are already version {version.number} (sha256 {version.sha256}); nothing uploaded")
+        print(
+            f"{args.name}: these bytes are already version {version.number} (sha256 {version.sha256}); nothing uploaded"
+        )
     return 0
 
 
@@ -107,7 +135,10 @@ def _versions(args) -> int:
         return 0
     print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  source")
     for version in versions:
-        print(f"{version.number:>7}  {version.sha256[:12]}  {version.format:6}  {version.size:>9}  {version.created:20}  {version.source}")
+        print(
+            f"{version.number:>7}  {version.sha256[:12]}  {version.format:6}  {version.size:>9}  "
+            f"{version.created:20}  {version.source}"
+        )
     return 0
 
 
@@ -121,11 +152,16 @@ def _alias(args) -> int:
 
 def _what_serves(args, alias: str) -> str:
     """Which traffic an alias move affects: the two mechanisms, said where they act."""
-    deployed = f'a deployed API serves it once a config with version = "{alias}" is locked (slimserve lock) and deployed'
+    deployed = (
+        f'a deployed API serves it once a config with version = "{alias}" is locked (slimserve lock) and deployed'
+    )
     if args.profile or args.region:
         return f"  in the deployed store: {deployed}"
-    local = ("a running local stack serves it within a second" if alias == LIVE_ALIAS
-             else f"a running local stack serves the {LIVE_ALIAS} alias, not this one")
+    local = (
+        "a running local stack serves it within a second"
+        if alias == LIVE_ALIAS
+        else f"a running local stack serves the {LIVE_ALIAS} alias, not this one"
+    )
     return f"  in the local store: {local}; {deployed}"
 
 
@@ -134,4 +170,3 @@ def _rollback(args) -> int:
     print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
     print(_what_serves(args, args.alias))
     return 0
-

@@ -63,8 +63,11 @@ def install_requirement(extras: str) -> str:
 
 def _workflow(extras: str) -> str:
     requirement = install_requirement(extras)
-    where = ("" if "@" in requirement else
-             "      # slimserve is not on PyPI yet: point this at a wheel or git URL your CI can reach\n")
+    where = (
+        ""
+        if "@" in requirement
+        else "      # slimserve is not on PyPI yet: point this at a wheel or git URL your CI can reach\n"
+    )
     return f'''# Checks the slimserve config and synthesizes the stacks on every push: a config error, or a cdk-nag
 # finding (AWS Solutions and Serverless rules) without a reasoned acknowledgment, fails the job.
 name: slimserve
@@ -105,7 +108,9 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
     app = _name(folder.resolve().name, "slimserve-app")
     if model is not None:
         if model.suffix not in SUFFIX_FORMATS:
-            raise ScaffoldError(f"{model}: expected an .onnx or .tflite model file, found {model.suffix or 'no suffix'!r}")
+            raise ScaffoldError(
+                f"{model}: expected an .onnx or .tflite model file, found {model.suffix or 'no suffix'!r}"
+            )
         if not model.is_file():
             raise ScaffoldError(f"{model}: model file does not exist")
         name, format_, artifact = _name(model.stem, "model"), SUFFIX_FORMATS[model.suffix], f"models/{model.name}"
@@ -114,13 +119,18 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
         format_, artifact = "onnx", f"models/{name}.onnx"
     files = {
         Path(DEFAULT_CONFIG): _config(app, name, format_, artifact),
-        Path("cdk.json"): json.dumps({"app": f"slimserve cdk-app --config {DEFAULT_CONFIG}", "context": CDK_CONTEXT}, indent=2) + "\n",
+        Path("cdk.json"): json.dumps(
+            {"app": f"slimserve cdk-app --config {DEFAULT_CONFIG}", "context": CDK_CONTEXT}, indent=2
+        )
+        + "\n",
         Path(".gitignore"): GITIGNORE,
         WORKFLOW: _workflow("runtime,cdk"),
     }
     existing = [str(folder / path) for path in [*files, Path(artifact)] if (folder / path).exists()]
     if existing:
-        raise ScaffoldError(f"{existing[0]} already exists; nothing written (init makes a new project: choose an empty folder)")
+        raise ScaffoldError(
+            f"{existing[0]} already exists; nothing written (init makes a new project: choose an empty folder)"
+        )
     written = []
     for path, text in files.items():
         (folder / path).parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,9 @@ def rest_event(method: str, path: str, body: bytes = b"", headers: dict | None =
     }
 
 
-def http_api_event(method: str, path: str, body: bytes = b"", headers: dict | None = None, stage: str = "$default") -> dict:
+def http_api_event(
+    method: str, path: str, body: bytes = b"", headers: dict | None = None, stage: str = "$default"
+) -> dict:
     headers = {k.lower(): v for k, v in (headers or {}).items()}
     encoded_body, is_base64 = _body(body, headers)
     raw_path = path if stage == "$default" else f"/{stage}{path}"
@@ -89,7 +91,13 @@ def http_api_event(method: str, path: str, body: bytes = b"", headers: dict | No
         "rawQueryString": "",
         "headers": headers,
         "requestContext": {
-            "http": {"method": method, "path": raw_path, "protocol": "HTTP/1.1", "sourceIp": "127.0.0.1", "userAgent": headers.get("user-agent", "")},
+            "http": {
+                "method": method,
+                "path": raw_path,
+                "protocol": "HTTP/1.1",
+                "sourceIp": "127.0.0.1",
+                "userAgent": headers.get("user-agent", ""),
+            },
             "requestId": str(uuid.uuid4()),
             "routeKey": "$default",
             "stage": stage,

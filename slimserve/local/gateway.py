@@ -48,7 +48,8 @@ class Route:
     pool: FunctionPool
     api_key_required: bool
     versions: object | None = None
-    """Picks the function for a version (`pick(ref or None) -> (pool, number)`, LookupError if none); None: one version only."""
+    """Picks the function for a version (`pick(ref or None) -> (pool, number)`, LookupError if none);
+    None: one version only."""
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,15 @@ class LocalGateway(wire.Server):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, routes: dict[str, "Route | EndpointRoute"], host: str = "127.0.0.1", port: int = 8080,
-                 api_key: str | None = None, log=print, integration_timeout_s: float = INTEGRATION_TIMEOUT_S):
+    def __init__(
+        self,
+        routes: dict[str, "Route | EndpointRoute"],
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        api_key: str | None = None,
+        log=print,
+        integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
+    ):
         self.routes = routes
         self.api_key = api_key or secrets.token_urlsafe(24)
         self.log = log
@@ -101,8 +109,10 @@ class LocalGateway(wire.Server):
             return _json(*FORBIDDEN)
         passed_on = as_text(body).encode() if body and not is_binary(headers) else body
         if passed_on != body:
-            self.log(f"{method} {path}: a body that is not UTF-8 text, without Content-Type: application/octet-stream: "
-                     "the deployed API passes it on as text, damaged, as it is here; send that header with binary data")
+            self.log(
+                f"{method} {path}: a body that is not UTF-8 text, without Content-Type: application/octet-stream: "
+                "the deployed API passes it on as text, damaged, as it is here; send that header with binary data"
+            )
             body = passed_on
         if isinstance(route, EndpointRoute):
             return self.invoke_endpoint(route, method, path, headers, body)
@@ -114,7 +124,7 @@ class LocalGateway(wire.Server):
             except LookupError as error:
                 return _json(404, {"error": str(error)})
             if versioned:  # an alias or sha256 prefix in the path becomes the number the function knows itself by
-                path = f"{path[:versioned.start('version')]}{number}{path[versioned.end('version'):]}"
+                path = f"{path[: versioned.start('version')]}{number}{path[versioned.end('version') :]}"
         return self.integrate(pool, rest_event(method, path, body, headers))
 
     def integrate(self, pool: FunctionPool, event: dict) -> tuple[int, dict, bytes]:
@@ -131,8 +141,9 @@ class LocalGateway(wire.Server):
             return _json(*BAD_GATEWAY)
         return result.payload["statusCode"], result.payload.get("headers") or {}, response_body(result.payload)
 
-    def invoke_endpoint(self, route: EndpointRoute, method: str, path: str, headers: dict[str, str],
-                        body: bytes) -> tuple[int, dict, bytes]:
+    def invoke_endpoint(
+        self, route: EndpointRoute, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict, bytes]:
         """What the deployed API's integration does: InvokeEndpoint with the route as the custom attribute, and the
         container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.contract.apigw)."""
         if (method, path) not in route.routes:
@@ -164,8 +175,11 @@ class LocalGateway(wire.Server):
         reasons = []
         for name, route in sorted(self.routes.items()):
             ready = f"/v2/models/{name}/ready"
-            status, _, body = (self.invoke_endpoint(route, "GET", ready, {}, b"") if isinstance(route, EndpointRoute)
-                               else self.integrate(route.pool, rest_event("GET", ready)))
+            status, _, body = (
+                self.invoke_endpoint(route, "GET", ready, {}, b"")
+                if isinstance(route, EndpointRoute)
+                else self.integrate(route.pool, rest_event("GET", ready))
+            )
             if status != 200:
                 reasons.append(f"{name}: {body.decode(errors='replace')}")
         if reasons:

@@ -110,13 +110,17 @@ class _RuntimeApiHandler(wire.Handler):
             return self.reply(404)
         invocation = self.server.worker.next_invocation()
         spec = self.server.worker.spec
-        self.reply(200, invocation.event, {
-            "Content-Type": "application/json",
-            "Lambda-Runtime-Aws-Request-Id": invocation.request_id,
-            "Lambda-Runtime-Deadline-Ms": str(int(invocation.deadline * 1000)),
-            "Lambda-Runtime-Invoked-Function-Arn": f"arn:aws:lambda:us-east-1:000000000000:function:{spec.name}",
-            "Lambda-Runtime-Trace-Id": f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0",
-        })
+        self.reply(
+            200,
+            invocation.event,
+            {
+                "Content-Type": "application/json",
+                "Lambda-Runtime-Aws-Request-Id": invocation.request_id,
+                "Lambda-Runtime-Deadline-Ms": str(int(invocation.deadline * 1000)),
+                "Lambda-Runtime-Invoked-Function-Arn": f"arn:aws:lambda:us-east-1:000000000000:function:{spec.name}",
+                "Lambda-Runtime-Trace-Id": f"Root=1-{int(time.time()):08x}-{uuid.uuid4().hex[:24]};Sampled=0",
+            },
+        )
 
     def do_POST(self):
         body = self._body()
@@ -153,7 +157,9 @@ class Worker:
         self.init_ms: float | None = None
         self.init_error: dict | None = None
         self.max_rss_mb = 0.0
-        self.process = spawn([spec.python, "-S", "-m", "awslambdaric", spec.handler], spec.task_root, self._environment(), log_file)
+        self.process = spawn(
+            [spec.python, "-S", "-m", "awslambdaric", spec.handler], spec.task_root, self._environment(), log_file
+        )
         threading.Thread(target=self._watch, daemon=True).start()
 
     def _environment(self) -> dict[str, str]:
@@ -211,12 +217,16 @@ class Worker:
                 invocation.error = self.init_error
                 break
             if not self.alive:
-                invocation.error = {"errorMessage": f"Runtime exited with error: {_exit_text(self.process.returncode)}",
-                                    "errorType": "Runtime.ExitError"}
+                invocation.error = {
+                    "errorMessage": f"Runtime exited with error: {_exit_text(self.process.returncode)}",
+                    "errorType": "Runtime.ExitError",
+                }
                 break
             if time.time() > invocation.deadline:
-                invocation.error = {"errorMessage": f"Task timed out after {self.spec.timeout_s:.2f} seconds",
-                                    "errorType": "Sandbox.Timedout"}
+                invocation.error = {
+                    "errorMessage": f"Task timed out after {self.spec.timeout_s:.2f} seconds",
+                    "errorType": "Sandbox.Timedout",
+                }
                 break
         duration = (time.perf_counter() - (invocation.picked_up or started)) * 1000
         if invocation.error is not None:
@@ -226,16 +236,22 @@ class Worker:
             try:
                 payload = json.loads(invocation.response)
             except ValueError:
-                invocation.error = {"errorMessage": "the handler's response is not JSON", "errorType": "Runtime.InvalidResponse"}
-        return InvocationResult(invocation.request_id, payload, invocation.error,
-                                duration, self.init_ms if cold else None, self.max_rss_mb)
+                invocation.error = {
+                    "errorMessage": "the handler's response is not JSON",
+                    "errorType": "Runtime.InvalidResponse",
+                }
+        return InvocationResult(
+            invocation.request_id, payload, invocation.error, duration, self.init_ms if cold else None, self.max_rss_mb
+        )
 
     def _watch(self) -> None:
         """Lambda's memory limit: the environment dies once it uses more than its memory size."""
         status = Path(f"/proc/{self.process.pid}/status")
         while self.alive:
             try:
-                rss_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+                rss_kb = next(
+                    int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS:")
+                )
             except (OSError, StopIteration, ValueError):
                 rss_kb = 0
             self.max_rss_mb = max(self.max_rss_mb, rss_kb / 1024)
@@ -257,8 +273,16 @@ class Worker:
 def spawn(command: list[str], cwd: Path, environment: dict[str, str], log_file) -> subprocess.Popen:
     """A child that dies with us: in its own process group (killing it leaves nothing behind), and killed by
     the kernel if this process dies first."""
-    return _SPAWNER.submit(subprocess.Popen, command, cwd=cwd, env=environment, stdout=log_file, stderr=subprocess.STDOUT,
-                           start_new_session=True, preexec_fn=_die_with_parent).result()
+    return _SPAWNER.submit(
+        subprocess.Popen,
+        command,
+        cwd=cwd,
+        env=environment,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    ).result()
 
 
 def _die_with_parent() -> None:
@@ -311,9 +335,11 @@ class FunctionPool:
                     self.idle.append(worker)
                 self.lock.notify()
         init = f"\tInit Duration: {result.init_ms:.2f} ms" if result.init_ms is not None else ""
-        self.report(f"REPORT RequestId: {result.request_id}\tFunction: {self.spec.name}\tDuration: {result.duration_ms:.2f} ms"
-                    f"\tMemory Size: {self.spec.memory_mb} MB\tMax Memory Used: {result.max_memory_mb:.0f} MB{init}"
-                    + (f"\tError: {result.error['errorType']}: {result.error['errorMessage']}" if result.error else ""))
+        self.report(
+            f"REPORT RequestId: {result.request_id}\tFunction: {self.spec.name}\tDuration: {result.duration_ms:.2f} ms"
+            f"\tMemory Size: {self.spec.memory_mb} MB\tMax Memory Used: {result.max_memory_mb:.0f} MB{init}"
+            + (f"\tError: {result.error['errorType']}: {result.error['errorMessage']}" if result.error else "")
+        )
         return result
 
     def close(self) -> None:

@@ -31,9 +31,13 @@ def local_client(endpoint: str):
     """boto3's S3 client for a local S3 at `endpoint`, with the local stack's credentials."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-                        region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"])
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=LOCAL_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=LOCAL_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        region_name=LOCAL_CREDENTIALS["AWS_DEFAULT_REGION"],
+    )
 
 
 def free_port() -> int:
@@ -53,7 +57,7 @@ def _load(store: LocalS3, folder: Path) -> None:
 
 
 def _save(store: LocalS3, folder: Path) -> None:
-    """Every object into a fresh folder beside `folder`, which then replaces it: a save cut short leaves the last one."""
+    """Every object into a fresh folder beside `folder`, which then replaces it: a save cut short leaves the last."""
     client = store.client()
     saving = folder.with_name(folder.name + ".saving")
     shutil.rmtree(saving, ignore_errors=True)
@@ -74,8 +78,10 @@ def claim_port(host: str, port: int, flag: str, instead: str) -> None:
         try:
             sock.bind((host, port))
         except OSError as error:
-            raise UserError(f"{flag} {port}: cannot listen on {host}:{port} ({error.strerror}; another program, or "
-                            f"another `slimserve serve`, has it): {instead}") from None
+            raise UserError(
+                f"{flag} {port}: cannot listen on {host}:{port} ({error.strerror}; another program, or "
+                f"another `slimserve serve`, has it): {instead}"
+            ) from None
 
 
 @contextmanager

@@ -99,8 +99,12 @@ class LocalEndpoint:
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = work_dir / f"{name}.log"
         self.environment = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(code), "PYTHONUNBUFFERED": "1",
-            SAGEMAKER_PORT: str(port), SERVER_HOST: "127.0.0.1", SAGEMAKER_MODEL_DIR: str(model_dir),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(code),
+            "PYTHONUNBUFFERED": "1",
+            SAGEMAKER_PORT: str(port),
+            SERVER_HOST: "127.0.0.1",
+            SAGEMAKER_MODEL_DIR: str(model_dir),
             **model_environment(name, str(version.number), version.format, version.sha256),
         }
         self.closing = threading.Event()
@@ -110,8 +114,12 @@ class LocalEndpoint:
 
     def _start(self) -> None:
         with open(self.log_path, "ab") as log_file:
-            self.process = spawn([sys.executable, "-m", f"{LAMBDA_PACKAGE}.sagemaker_server", "serve"], self.code,
-                                 self.environment, log_file)
+            self.process = spawn(
+                [sys.executable, "-m", f"{LAMBDA_PACKAGE}.sagemaker_server", "serve"],
+                self.code,
+                self.environment,
+                log_file,
+            )
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
@@ -119,7 +127,9 @@ class LocalEndpoint:
         deadline = time.monotonic() + self.START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name}: the serving program exited ({self.process.returncode}); see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.name}: the serving program exited ({self.process.returncode}); see {self.log_path}"
+                )
             try:
                 urllib.request.urlopen(f"{self.url}/ping", timeout=1).close()
                 return
@@ -128,8 +138,10 @@ class LocalEndpoint:
             except OSError:
                 time.sleep(0.05)
         self.close()
-        raise RuntimeError(f"{self.name}: the serving program did not answer /ping within {self.START_TIMEOUT_S:.0f} s; "
-                           f"see {self.log_path}")
+        raise RuntimeError(
+            f"{self.name}: the serving program did not answer /ping within {self.START_TIMEOUT_S:.0f} s; "
+            f"see {self.log_path}"
+        )
 
     def _watch(self) -> None:
         while not self.closing.is_set():
@@ -159,9 +171,17 @@ class LocalEndpoint:
 class LocalStack:
     """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
 
-    def __init__(self, config: AppConfig, host: str = "127.0.0.1", port: int = 8080, log=print,
-                 work_dir: Path | None = None, api_key: str | None = None, s3_port: int | None = None):
-        """`work_dir` (default: the project's `local_dir`) holds the functions' code, the models' folders and the logs."""
+    def __init__(
+        self,
+        config: AppConfig,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        log=print,
+        work_dir: Path | None = None,
+        api_key: str | None = None,
+        s3_port: int | None = None,
+    ):
+        """`work_dir` (default: the project's `local_dir`) holds the functions' code, the models' folders, the logs."""
         self.config = config
         self.log = log
         self.resources = contextlib.ExitStack()
@@ -196,9 +216,15 @@ class LocalStack:
             def make_pool(version: Version, model=model, name=name, layer=layer) -> FunctionPool:
                 return FunctionPool(
                     FunctionSpec(
-                        name=name, python=python, task_root=task_root, layer=layer.python_path, runtime_dir=runtime_dir,
-                        environment={**s3.environment, **version.environment(s3.bucket)}, memory_mb=model.memory_mb,
-                        timeout_s=model.timeout_s, concurrency=model.reserved_concurrency or 10,
+                        name=name,
+                        python=python,
+                        task_root=task_root,
+                        layer=layer.python_path,
+                        runtime_dir=runtime_dir,
+                        environment={**s3.environment, **version.environment(s3.bucket)},
+                        memory_mb=model.memory_mb,
+                        timeout_s=model.timeout_s,
+                        concurrency=model.reserved_concurrency or 10,
                         log_path=work_dir / f"{name}.log",
                     ),
                     report=self.log,
@@ -206,10 +232,13 @@ class LocalStack:
 
             versions = self.versions[model.name] = ModelVersions(registry, model.name, registered, make_pool)
             self.resources.callback(versions.close)
-            routes[model.name] = Route(versions.pools[registered.number], api_key_required=model.auth == "api_key",
-                                       versions=versions)
-            self.log(f"{model.name}: {model.format} on layer {Path(layer.path).name} "
-                     f"({layer.slim_bytes / 2**20:.1f} MiB), logs in {work_dir / f'{name}.log'}")
+            routes[model.name] = Route(
+                versions.pools[registered.number], api_key_required=model.auth == "api_key", versions=versions
+            )
+            self.log(
+                f"{model.name}: {model.format} on layer {Path(layer.path).name} "
+                f"({layer.slim_bytes / 2**20:.1f} MiB), logs in {work_dir / f'{name}.log'}"
+            )
             if model.auth == "iam":
                 self.log(f"{model.name}: IAM auth is not checked locally")
         self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
@@ -225,19 +254,32 @@ class LocalStack:
         try:
             return self.registry.version(model.name, model.version)
         except RegistryError as error:
-            self.log(f"{model.name}: version {model.version!r} is not in the local store ({error}); serving the artifact, "
-                     f"version {registered.number}")
+            self.log(
+                f"{model.name}: version {model.version!r} is not in the local store ({error}); serving the artifact, "
+                f"version {registered.number}"
+            )
             return registered
 
     def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
         registered = self._deployed_version(model)
         endpoint = self.endpoints[model.name] = LocalEndpoint(
-            model.name, registered, self.registry.fetch(model.name, str(registered.number)), work_dir, self.task_root, self.log)
+            model.name,
+            registered,
+            self.registry.fetch(model.name, str(registered.number)),
+            work_dir,
+            self.task_root,
+            self.log,
+        )
         self.resources.callback(endpoint.close)
-        self.log(f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
-                 f"logs in {endpoint.log_path}")
-        return EndpointRoute(endpoint.url, frozenset(endpoint_routes(model.name, str(registered.number))),
-                             api_key_required=model.auth == "api_key")
+        self.log(
+            f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
+            f"logs in {endpoint.log_path}"
+        )
+        return EndpointRoute(
+            endpoint.url,
+            frozenset(endpoint_routes(model.name, str(registered.number))),
+            api_key_required=model.auth == "api_key",
+        )
 
     def serve_forever(self) -> None:
         self.gateway.serve_forever()

@@ -36,8 +36,14 @@ class Conversion:
     samples: int
 
 
-def _check_and_write(model: OnnxModel | TfliteModel, model_bytes: bytes, expected: dict[str, np.ndarray],
-                     samples: np.ndarray, out: Path, tolerance: float) -> Conversion:
+def _check_and_write(
+    model: OnnxModel | TfliteModel,
+    model_bytes: bytes,
+    expected: dict[str, np.ndarray],
+    samples: np.ndarray,
+    out: Path,
+    tolerance: float,
+) -> Conversion:
     """`model` is `model_bytes` loaded in the runtime that will serve it, so the check is the served behaviour."""
     got = model.run({model.signature.inputs[0].name: samples}, list(expected))
     max_diff, agreement = 0.0, None
@@ -47,9 +53,13 @@ def _check_and_write(model: OnnxModel | TfliteModel, model_bytes: bytes, expecte
         else:
             agreement = float((got[name] == reference).mean())
     if max_diff > tolerance or (agreement is not None and agreement < 1.0):
-        found = f"max |diff| {max_diff:.3g} (tolerance {tolerance:g})" + (f", labels agree on {agreement:.2%}" if agreement is not None else "")
-        raise ConvertError(f"{out}: not written: the {FORMAT_NAMES[model.format]} model disagrees with the original "
-                           f"on the samples: {found}")
+        found = f"max |diff| {max_diff:.3g} (tolerance {tolerance:g})" + (
+            f", labels agree on {agreement:.2%}" if agreement is not None else ""
+        )
+        raise ConvertError(
+            f"{out}: not written: the {FORMAT_NAMES[model.format]} model disagrees with the original "
+            f"on the samples: {found}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model_bytes)
     return Conversion(str(out), max_diff, agreement, len(samples))
@@ -104,8 +114,14 @@ def _rename(model, names: dict[str, str]) -> None:
         node.output[:] = [names.get(n, n) for n in node.output]
 
 
-def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-4,
-                  input_name: str = "input", output_name: str = "output") -> Conversion:
+def convert_torch(
+    module,
+    samples: np.ndarray,
+    out: Path,
+    tolerance: float = 1e-4,
+    input_name: str = "input",
+    output_name: str = "output",
+) -> Conversion:
     """An nn.Module exported with its batch dimension dynamic; checked on `samples` in eval mode."""
     import torch
 
@@ -120,8 +136,16 @@ def convert_torch(module, samples: np.ndarray, out: Path, tolerance: float = 1e-
     batch = torch.export.Dim("batch", min=1)
     example = tensor[:2] if len(tensor) >= 2 else torch.cat([tensor[:1]] * 2)  # a batch of 1 would be specialized away
     try:
-        program = torch.onnx.export(module, (example,), input_names=[input_name], output_names=[output_name],
-                                    dynamic_shapes=({0: batch},), opset_version=TARGET_OPSET, dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: batch},),
+            opset_version=TARGET_OPSET,
+            dynamo=True,
+            verbose=False,
+        )
     except Exception as error:  # torch raises many kinds; the module is what is at fault
         raise ConvertError(f"{out}: torch.onnx.export failed: {error}") from None
     onnx_bytes = program.model_proto.SerializeToString()
@@ -138,19 +162,25 @@ def load_keras(path: Path):
     except OSError as error:
         raise ConvertError(f"{path}: cannot read the Keras model: {error.strerror}") from None
     if head != magic:
-        raise ConvertError(f"{path}: not a Keras model: a {path.suffix} file starts with {magic!r}, this one with {head!r}")
+        raise ConvertError(
+            f"{path}: not a Keras model: a {path.suffix} file starts with {magic!r}, this one with {head!r}"
+        )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up notes would bury the CLI's output
     try:
         import tensorflow as tf
     except ImportError:
-        raise ConvertError(f"{path}: converting a Keras model needs TensorFlow, which is not installed: {TENSORFLOW_EXTRA}") from None
+        raise ConvertError(
+            f"{path}: converting a Keras model needs TensorFlow, which is not installed: {TENSORFLOW_EXTRA}"
+        ) from None
     try:
         model = tf.keras.models.load_model(path, compile=False)
     except Exception as error:  # Keras raises many kinds for a damaged archive; the file is what is at fault
         raise ConvertError(f"{path}: Keras cannot load it: {error}") from None
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise ConvertError(f"{path}: expected a Keras model with one input and one output, "
-                           f"found {len(model.inputs)} inputs and {len(model.outputs)} outputs")
+        raise ConvertError(
+            f"{path}: expected a Keras model with one input and one output, "
+            f"found {len(model.inputs)} inputs and {len(model.outputs)} outputs"
+        )
     return model
 
 

@@ -29,9 +29,7 @@ def iris_split():
     from sklearn.model_selection import train_test_split
 
     features, labels = load_iris(return_X_y=True)
-    return train_test_split(
-        features.astype(np.float32), labels, test_size=0.3, random_state=SEED, stratify=labels
-    )
+    return train_test_split(features.astype(np.float32), labels, test_size=0.3, random_state=SEED, stratify=labels)
 
 
 def digits_split():
@@ -39,9 +37,7 @@ def digits_split():
     from sklearn.model_selection import train_test_split
 
     pixels, labels = load_digits(return_X_y=True)
-    return train_test_split(
-        pixels.astype(np.float32), labels, test_size=0.25, random_state=SEED, stratify=labels
-    )
+    return train_test_split(pixels.astype(np.float32), labels, test_size=0.25, random_state=SEED, stratify=labels)
 
 
 def build_iris_onnx(path: Path) -> ExampleModel:

@@ -64,7 +64,16 @@ class Report:
         rows = [("", "size", "median latency", "max |diff|", "mean |diff|", "top-1 agreement")]
         for m in (self.original, self.optimized):
             top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}"
-            rows.append((m.label, f"{m.size:,} B", f"{m.median_ms:.3f} ms", f"{m.max_abs_diff:.3g}", f"{m.mean_abs_diff:.3g}", top1))
+            rows.append(
+                (
+                    m.label,
+                    f"{m.size:,} B",
+                    f"{m.median_ms:.3f} ms",
+                    f"{m.max_abs_diff:.3g}",
+                    f"{m.mean_abs_diff:.3g}",
+                    top1,
+                )
+            )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
@@ -79,23 +88,31 @@ def load_samples(path: Path, model: OnnxModel | TfliteModel) -> dict[str, np.nda
     specs = model.signature.inputs
     if isinstance(loaded, np.ndarray):
         if len(specs) != 1:
-            raise OptimizeError(f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name")
+            raise OptimizeError(
+                f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name"
+            )
         return {specs[0].name: _fit(path, specs[0], loaded)}
     samples = {name: loaded[name] for name in loaded.files}
     missing = [s.name for s in specs if s.name not in samples]
     if missing:
-        raise OptimizeError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples) or 'nothing'}")
+        raise OptimizeError(
+            f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples) or 'nothing'}"
+        )
     return {spec.name: _fit(path, spec, samples[spec.name]) for spec in specs}
 
 
 def _fit(path: Path, spec, array: np.ndarray) -> np.ndarray:
     """The samples for one input, checked against its shape and cast to its datatype where no value changes kind."""
     if not spec.shape_matches(array.shape):
-        raise OptimizeError(f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
-                            f"size), found shape {shape_text(array.shape)}")
+        raise OptimizeError(
+            f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
+            f"size), found shape {shape_text(array.shape)}"
+        )
     dtype = V2_TO_NUMPY[spec.datatype]
     if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
-        raise OptimizeError(f"{path}: expected samples for input {spec.name!r} of datatype {spec.datatype}, found {array.dtype}")
+        raise OptimizeError(
+            f"{path}: expected samples for input {spec.name!r} of datatype {spec.datatype}, found {array.dtype}"
+        )
     return array.astype(dtype, copy=False)
 
 
@@ -147,7 +164,9 @@ def _transform(source: Path, level: str, target: Path) -> None:
         onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
 
 
-def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool = False) -> Report:
+def optimize(
+    model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool = False
+) -> Report:
     """`force` writes a result that is larger and not faster than the original too."""
     model_path, out = Path(model_path), Path(out)
     if level not in LEVELS:
@@ -156,9 +175,10 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
         raise OptimizeError(f"--tolerance must be >= 0, got {tolerance}")
     if model_path.suffix == ".tflite":
         raise OptimizeError(
-            f"{model_path}: a TFLite model is served as it is: its weights were fixed when TensorFlow converted it, and "
-            "neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, optimize "
-            f"its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}")
+            f"{model_path}: a TFLite model is served as it is: its weights were fixed when TensorFlow converted it, "
+            "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, "
+            f"optimize its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}"
+        )
     if model_path.suffix in KERAS_SUFFIXES:
         return _optimize_keras(model_path, level, samples_path, tolerance, out, force)
     if model_path.suffix != ".onnx":
@@ -173,27 +193,58 @@ def optimize(model_path: Path, level: str, samples_path: Path, tolerance: float,
             original = OnnxModel(model_path)
         except ModelLoadError as error:
             raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
-        return _gate(level, samples_path, tolerance, out, force, original, model_path.stat().st_size,
-                     OnnxModel(candidate_path), candidate_path.read_bytes())
+        return _gate(
+            level,
+            samples_path,
+            tolerance,
+            out,
+            force,
+            original,
+            model_path.stat().st_size,
+            OnnxModel(candidate_path),
+            candidate_path.read_bytes(),
+        )
 
 
-def _optimize_keras(model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool) -> Report:
+def _optimize_keras(
+    model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool
+) -> Report:
     """The original is the float32 TFLite model, as `slimserve convert` writes it; both are run by LiteRT."""
     if level not in KERAS_LEVELS:
-        raise OptimizeError(f"{model_path}: level {level!r} is for ONNX models; a Keras model is optimized to "
-                            f"{' or '.join(KERAS_LEVELS)} TFLite")
+        raise OptimizeError(
+            f"{model_path}: level {level!r} is for ONNX models; a Keras model is optimized to "
+            f"{' or '.join(KERAS_LEVELS)} TFLite"
+        )
     try:
         keras_model = load_keras(model_path)
         original_bytes = keras_to_tflite(keras_model, model_path)
         candidate_bytes = keras_to_tflite(keras_model, model_path, level)
     except ConvertError as error:
         raise OptimizeError(str(error)) from None
-    return _gate(level, samples_path, tolerance, out, force, TfliteModel(original_bytes), len(original_bytes),
-                 TfliteModel(candidate_bytes), candidate_bytes)
+    return _gate(
+        level,
+        samples_path,
+        tolerance,
+        out,
+        force,
+        TfliteModel(original_bytes),
+        len(original_bytes),
+        TfliteModel(candidate_bytes),
+        candidate_bytes,
+    )
 
 
-def _gate(level: str, samples_path: Path, tolerance: float, out: Path, force: bool, original, original_size: int,
-          candidate, candidate_bytes: bytes) -> Report:
+def _gate(
+    level: str,
+    samples_path: Path,
+    tolerance: float,
+    out: Path,
+    force: bool,
+    original,
+    original_size: int,
+    candidate,
+    candidate_bytes: bytes,
+) -> Report:
     """Measure both models on the samples; write the candidate only if it stays within the tolerance, and, unless
     forced, only if it is smaller or faster: a small model's fp16 copy can be larger and slower."""
     samples = load_samples(samples_path, original)
@@ -201,22 +252,34 @@ def _gate(level: str, samples_path: Path, tolerance: float, out: Path, force: bo
     reference = original.run(samples, outputs)
     max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
     report = Report(
-        level, tolerance,
-        Measurement("original", original_size, _median_ms(original, samples, outputs), 0.0, 0.0,
-                    1.0 if agreement is not None else None),
-        Measurement(level, len(candidate_bytes), _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
+        level,
+        tolerance,
+        Measurement(
+            "original",
+            original_size,
+            _median_ms(original, samples, outputs),
+            0.0,
+            0.0,
+            1.0 if agreement is not None else None,
+        ),
+        Measurement(
+            level, len(candidate_bytes), _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement
+        ),
         None,
     )
     if max_diff > tolerance:
         raise OptimizeError(
             f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
-            f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}")
+            f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}"
+        )
     worse = report.optimized.size >= report.original.size and report.optimized.median_ms >= report.original.median_ms
     if worse and not force:
         raise OptimizeError(
-            f"{out}: not written: the {level} model is {report.optimized.size / report.original.size:.0%} of the original's "
-            f"size and no faster ({report.optimized.median_ms:.3f} against {report.original.median_ms:.3f} ms); "
-            f"--force writes it anyway\n{report.table()}")
+            f"{out}: not written: the {level} model is {report.optimized.size / report.original.size:.0%} "
+            f"of the original's size and no faster "
+            f"({report.optimized.median_ms:.3f} against {report.original.median_ms:.3f} ms); "
+            f"--force writes it anyway\n{report.table()}"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(candidate_bytes)
     return Report(report.level, tolerance, report.original, report.optimized, str(out))

@@ -18,9 +18,7 @@ class DenseLayer:
     relu: bool
 
 
-def dense_network_to_tflite(
-    layers: list[DenseLayer], input_name: str, output_name: str, softmax: bool = True
-) -> bytes:
+def dense_network_to_tflite(layers: list[DenseLayer], input_name: str, output_name: str, softmax: bool = True) -> bytes:
     """One FULLY_CONNECTED op per layer, optional SOFTMAX; the batch dimension is dynamic."""
     buffers = [tfl.BufferT()]  # buffer 0 is the empty sentinel every TFLite file starts with
     tensors: list = []

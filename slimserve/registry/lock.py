@@ -34,12 +34,21 @@ def write_lock(config: AppConfig, registry: Registry) -> dict[str, Version]:
         except RegistryError as error:
             raise ConfigError(f"{config.path}: models.{model.name}.version: {error}") from None
         if version.format != model.format:
-            raise ConfigError(f"{config.path}: models.{model.name}.version: version {version.number} is a {version.format} "
-                              f"model, but the config says format {model.format!r}")
+            raise ConfigError(
+                f"{config.path}: models.{model.name}.version: version {version.number} is a {version.format} "
+                f"model, but the config says format {model.format!r}"
+            )
         resolved[model.name] = version
-        entries[model.name] = {"ref": model.version, "version": version.number, "sha256": version.sha256,
-                               "format": version.format, "size": version.size}
-    lock_path(config).write_text(json.dumps({"store": registry.store, "models": entries}, indent=2, sort_keys=True) + "\n")
+        entries[model.name] = {
+            "ref": model.version,
+            "version": version.number,
+            "sha256": version.sha256,
+            "format": version.format,
+            "size": version.size,
+        }
+    lock_path(config).write_text(
+        json.dumps({"store": registry.store, "models": entries}, indent=2, sort_keys=True) + "\n"
+    )
     return resolved
 
 
@@ -61,9 +70,11 @@ def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
     lock = read_lock(config)
     entries = lock["models"]
     if entries and lock["store"] == LOCAL_STORE and os.environ.get(ALLOW_LOCAL_LOCK) != "1":
-        raise ConfigError(f"{path}: resolved against the local store, whose versions exist on this machine only: a deployed "
-                          "function would find no object. Lock against the deployed store (`slimserve lock --profile P "
-                          f"--region R --bucket BUCKET`), or set {ALLOW_LOCAL_LOCK}=1 to synth it anyway (an emulator, a test)")
+        raise ConfigError(
+            f"{path}: resolved against the local store, whose versions exist on this machine only: a deployed "
+            "function would find no object. Lock against the deployed store (`slimserve lock --profile P "
+            f"--region R --bucket BUCKET`), or set {ALLOW_LOCAL_LOCK}=1 to synth it anyway (an emulator, a test)"
+        )
     stored = {}
     for model in config.models:
         if model.version is None:
@@ -71,8 +82,10 @@ def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
         entry = entries.get(model.name)
         if entry is None or entry.get("ref") != model.version:
             found = "nothing" if entry is None else f"a lock for {entry.get('ref')!r}"
-            raise ConfigError(f"{config.path}: models.{model.name}.version: expected {path.name} to settle {model.version!r}, "
-                              f"found {found}; run `slimserve lock` to resolve it against the model store")
+            raise ConfigError(
+                f"{config.path}: models.{model.name}.version: expected {path.name} to settle {model.version!r}, "
+                f"found {found}; run `slimserve lock` to resolve it against the model store"
+            )
         version = Version(model.name, entry["version"], entry["sha256"], entry["format"], entry["size"], "", "")
         stored[model.name] = version.stored(bucket)
     return stored

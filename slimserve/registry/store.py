@@ -27,14 +27,17 @@ class StoredModel:
 
     def environment(self) -> dict[str, str]:
         """What a Lambda function serving this model needs to find and verify it."""
-        return model_environment(self.name, self.version, self.model_format, self.sha256, bucket=self.bucket, key=self.key)
+        return model_environment(
+            self.name, self.version, self.model_format, self.sha256, bucket=self.bucket, key=self.key
+        )
 
 
 def file_environment(path: Path) -> dict[str, str]:
     """The same, for a model read from a local file (benchmarks, the SageMaker container): named by its stem."""
     path = Path(path)
-    return model_environment(path.stem, "1", path.suffix.lstrip("."), hashlib.sha256(path.read_bytes()).hexdigest(),
-                             path=str(path))
+    return model_environment(
+        path.stem, "1", path.suffix.lstrip("."), hashlib.sha256(path.read_bytes()).hexdigest(), path=str(path)
+    )
 
 
 def model_key(name: str, sha256: str, model_format: str) -> str:

@@ -51,8 +51,15 @@ class Version:
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "Version":
-        return cls(manifest["name"], manifest["version"], manifest["sha256"], manifest["format"], manifest["size"],
-                   manifest["created"], manifest["source"])
+        return cls(
+            manifest["name"],
+            manifest["version"],
+            manifest["sha256"],
+            manifest["format"],
+            manifest["size"],
+            manifest["created"],
+            manifest["source"],
+        )
 
 
 def read_model(path: Path) -> tuple[str, bytes]:
@@ -62,12 +69,16 @@ def read_model(path: Path) -> tuple[str, bytes]:
         raise RegistryError(f"{path}: no such file")
     data = path.read_bytes()
     if path.suffix.lower() in PICKLE_SUFFIXES or data[:1] == b"\x80":
-        raise RegistryError(f"{path}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
-                            "(unpickling runs arbitrary code): convert it first")
+        raise RegistryError(
+            f"{path}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
+            "(unpickling runs arbitrary code): convert it first"
+        )
     model_format = SUFFIX_FORMATS.get(path.suffix.lower())
     if model_format is None:
-        raise RegistryError(f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; expected one of "
-                            f"{', '.join(SUFFIX_FORMATS)} ({', '.join(FORMATS)})")
+        raise RegistryError(
+            f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; expected one of "
+            f"{', '.join(SUFFIX_FORMATS)} ({', '.join(FORMATS)})"
+        )
     if model_format == "onnx":
         data = _self_contained_onnx(path, data)
     try:
@@ -98,8 +109,10 @@ def _self_contained_onnx(path: Path, data: bytes) -> bytes:
         location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
         target = (folder / location).resolve()
         if Path(location).is_absolute() or folder not in target.parents:
-            raise RegistryError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
-                                f"folder {folder}; refusing to read it")
+            raise RegistryError(
+                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
+                f"folder {folder}; refusing to read it"
+            )
         if not target.is_file():
             raise RegistryError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which does not exist")
     load_external_data_for_model(model, str(folder))
@@ -110,7 +123,9 @@ def _self_contained_onnx(path: Path, data: bytes) -> bytes:
 
 
 def _git_commit(path: Path) -> str | None:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent, capture_output=True, text=True)
+    result = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(path).resolve().parent, capture_output=True, text=True
+    )
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -139,10 +154,13 @@ class Registry:
             return None
 
     def _put_json(self, key: str, value: dict) -> None:
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=json.dumps(value, indent=2).encode(), ContentType="application/json")
+        self.s3.put_object(
+            Bucket=self.bucket, Key=key, Body=json.dumps(value, indent=2).encode(), ContentType="application/json"
+        )
 
-    def register(self, path: Path, name: str, report: dict | None = None,
-                 allow_signature_change: bool = False) -> tuple[Version, bool]:
+    def register(
+        self, path: Path, name: str, report: dict | None = None, allow_signature_change: bool = False
+    ) -> tuple[Version, bool]:
         """Upload a version; the same bytes again are the same version. Returns (version, newly registered). A version
         whose inputs differ from those of the version clients are served now (`live`, else the newest) would break
         them when promoted: refused unless `allow_signature_change`."""
@@ -154,10 +172,16 @@ class Registry:
         existing = next((v for v in versions if v.sha256 == sha256), None)
         if existing is not None:
             return existing, False
-        details = manifest(name, model_format, data, Path(path).name,
-                           version=max((v.number for v in versions), default=0) + 1,
-                           created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           git_commit=_git_commit(path), optimization=report)
+        details = manifest(
+            name,
+            model_format,
+            data,
+            Path(path).name,
+            version=max((v.number for v in versions), default=0) + 1,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            git_commit=_git_commit(path),
+            optimization=report,
+        )
         if versions and not allow_signature_change:
             self._check_inputs_unchanged(name, versions, path, details["signature"])
         key = model_key(name, sha256, model_format)
@@ -173,9 +197,11 @@ class Registry:
         served = next((v for v in versions if v.sha256 == live), versions[-1])
         served_signature = json.loads(self._get(served.key.rsplit("/", 1)[0] + "/manifest.json"))["signature"]
         if served_signature["inputs"] != signature["inputs"]:
-            raise RegistryError(f"{path}: its inputs ({_inputs_text(signature)}) differ from those of {name} version "
-                                f"{served.number} ({_inputs_text(served_signature)}), which clients are sent now; "
-                                "--allow-signature-change registers it anyway")
+            raise RegistryError(
+                f"{path}: its inputs ({_inputs_text(signature)}) differ from those of {name} version "
+                f"{served.number} ({_inputs_text(served_signature)}), which clients are sent now; "
+                "--allow-signature-change registers it anyway"
+            )
 
     def versions(self, name: str) -> list[Version]:
         found = []
@@ -217,20 +243,28 @@ class Registry:
             current = self.alias(name, alias)
         except RegistryError:
             current = None
-        history = ([{"version": current["version"], "sha256": current["sha256"]}] + current["history"]) if current else []
-        self._put_json(f"models/{name}/aliases/{alias}.json",
-                       {"version": target.number, "sha256": target.sha256, "history": history[:50]})
+        history = (
+            ([{"version": current["version"], "sha256": current["sha256"]}] + current["history"]) if current else []
+        )
+        self._put_json(
+            f"models/{name}/aliases/{alias}.json",
+            {"version": target.number, "sha256": target.sha256, "history": history[:50]},
+        )
         return (current["version"] if current else None), target.number
 
     def rollback(self, name: str, alias: str = LIVE_ALIAS) -> tuple[int, int]:
         """Point `alias` back at the version it pointed at before, one step back in its history; returns (from, to)."""
         current = self.alias(name, alias)
         if not current["history"]:
-            raise RegistryError(f"alias {alias!r} of model {name!r} points at version {current['version']} and has no "
-                                "earlier version in its history; nothing to roll back to")
+            raise RegistryError(
+                f"alias {alias!r} of model {name!r} points at version {current['version']} and has no "
+                "earlier version in its history; nothing to roll back to"
+            )
         previous, *older = current["history"]
-        self._put_json(f"models/{name}/aliases/{alias}.json",
-                       {"version": previous["version"], "sha256": previous["sha256"], "history": older})
+        self._put_json(
+            f"models/{name}/aliases/{alias}.json",
+            {"version": previous["version"], "sha256": previous["sha256"], "history": older},
+        )
         return current["version"], previous["version"]
 
     def fetch(self, name: str, ref: str) -> bytes:
@@ -241,6 +275,8 @@ class Registry:
             raise RegistryError(f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} is missing")
         digest = hashlib.sha256(data).hexdigest()
         if digest != version.sha256:
-            raise RegistryError(f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} hashes to "
-                                f"{digest}, not {version.sha256}; it was changed after registration and will not be served")
+            raise RegistryError(
+                f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} hashes to "
+                f"{digest}, not {version.sha256}; it was changed after registration and will not be served"
+            )
         return data
