@@ -188,22 +188,23 @@ class LambdaModel(Construct):
             period=cdk.Duration.minutes(1),
         )
         checks = [
-            errors.create_alarm(
+            metric.create_alarm(
                 self,
-                "ErrorRateAlarm",
-                threshold=alarms.error_rate_percent,
+                alarm_id,
+                threshold=threshold,
                 evaluation_periods=2,
                 treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description=f"{model.name}: error rate of the live alias during a deployment",
-            ),
-            self.alias.metric_duration(statistic="p99", period=cdk.Duration.minutes(1)).create_alarm(
-                self,
-                "LatencyAlarm",
-                threshold=alarms.p99_latency_ms,
-                evaluation_periods=2,
-                treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-                alarm_description=f"{model.name}: p99 duration of the live alias during a deployment",
-            ),
+                alarm_description=f"{model.name}: {what} of the live alias during a deployment",
+            )
+            for alarm_id, metric, threshold, what in [
+                ("ErrorRateAlarm", errors, alarms.error_rate_percent, "error rate"),
+                (
+                    "LatencyAlarm",
+                    self.alias.metric_duration(statistic="p99", period=cdk.Duration.minutes(1)),
+                    alarms.p99_latency_ms,
+                    "p99 duration",
+                ),
+            ]
         ]
         if topic is not None:
             for alarm in checks:

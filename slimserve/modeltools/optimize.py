@@ -164,6 +164,17 @@ def _transform(source: Path, level: str, target: Path) -> None:
         onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What the caller asked for: the level, the samples and tolerance that gate it, and where the result goes."""
+
+    level: str
+    samples_path: Path
+    tolerance: float
+    out: Path
+    force: bool
+
+
 def optimize(
     model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool = False
 ) -> Report:
@@ -179,8 +190,9 @@ def optimize(
             "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, "
             f"optimize its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}"
         )
+    job = _Job(level, Path(samples_path), tolerance, out, force)
     if model_path.suffix in KERAS_SUFFIXES:
-        return _optimize_keras(model_path, level, samples_path, tolerance, out, force)
+        return _optimize_keras(model_path, job)
     if model_path.suffix != ".onnx":
         raise OptimizeError(f"{model_path}: expected an .onnx model or a Keras model (.keras, .h5)")
     with tempfile.TemporaryDirectory() as folder:
@@ -193,61 +205,30 @@ def optimize(
             original = OnnxModel(model_path)
         except ModelLoadError as error:
             raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
-        return _gate(
-            level,
-            samples_path,
-            tolerance,
-            out,
-            force,
-            original,
-            model_path.stat().st_size,
-            OnnxModel(candidate_path),
-            candidate_path.read_bytes(),
-        )
+        return _gate(job, original, model_path.stat().st_size, OnnxModel(candidate_path), candidate_path.read_bytes())
 
 
-def _optimize_keras(
-    model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool
-) -> Report:
+def _optimize_keras(model_path: Path, job: _Job) -> Report:
     """The original is the float32 TFLite model, as `slimserve convert` writes it; both are run by LiteRT."""
-    if level not in KERAS_LEVELS:
+    if job.level not in KERAS_LEVELS:
         raise OptimizeError(
-            f"{model_path}: level {level!r} is for ONNX models; a Keras model is optimized to "
+            f"{model_path}: level {job.level!r} is for ONNX models; a Keras model is optimized to "
             f"{' or '.join(KERAS_LEVELS)} TFLite"
         )
     try:
         keras_model = load_keras(model_path)
         original_bytes = keras_to_tflite(keras_model, model_path)
-        candidate_bytes = keras_to_tflite(keras_model, model_path, level)
+        candidate_bytes = keras_to_tflite(keras_model, model_path, job.level)
     except ConvertError as error:
         raise OptimizeError(str(error)) from None
-    return _gate(
-        level,
-        samples_path,
-        tolerance,
-        out,
-        force,
-        TfliteModel(original_bytes),
-        len(original_bytes),
-        TfliteModel(candidate_bytes),
-        candidate_bytes,
-    )
+    return _gate(job, TfliteModel(original_bytes), len(original_bytes), TfliteModel(candidate_bytes), candidate_bytes)
 
 
-def _gate(
-    level: str,
-    samples_path: Path,
-    tolerance: float,
-    out: Path,
-    force: bool,
-    original,
-    original_size: int,
-    candidate,
-    candidate_bytes: bytes,
-) -> Report:
+def _gate(job: _Job, original, original_size: int, candidate, candidate_bytes: bytes) -> Report:
     """Measure both models on the samples; write the candidate only if it stays within the tolerance, and, unless
     forced, only if it is smaller or faster: a small model's fp16 copy can be larger and slower."""
-    samples = load_samples(samples_path, original)
+    level, tolerance, out = job.level, job.tolerance, job.out
+    samples = load_samples(job.samples_path, original)
     outputs = [spec.name for spec in original.signature.outputs]
     reference = original.run(samples, outputs)
     max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
@@ -273,7 +254,7 @@ def _gate(
             f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}"
         )
     worse = report.optimized.size >= report.original.size and report.optimized.median_ms >= report.original.median_ms
-    if worse and not force:
+    if worse and not job.force:
         raise OptimizeError(
             f"{out}: not written: the {level} model is {report.optimized.size / report.original.size:.0%} "
             f"of the original's size and no faster "
