@@ -7,10 +7,13 @@ decoding, validation, the runtime call and error mapping live here once.
 
 import re
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
+
+import numpy as np
 
 from . import jsoncodec, tfserving, v2
 from .contract import MAX_BODY_BYTES, ROUTES, SERVER_NAME, SERVER_VERSION
+from .datatypes import Signature
 from .errors import (
     InferenceError,
     InvalidInput,
@@ -66,12 +69,24 @@ class Response:
         return cls(status, jsoncodec.dumps(payload), **extra)
 
 
+class Runtime(Protocol):
+    """What the core needs of a model: OnnxModel and TfliteModel provide it, and so do BatchingModel and
+    FixedBatchSizes, which wrap one."""
+
+    platform: str
+    """The V2 metadata's platform (onnxruntime_onnx, tflite)."""
+    format: str
+    signature: Signature
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]: ...
+
+
 class ServedModel(NamedTuple):
     """A model as the core serves it: loaded (`runtime` set) or failed (`failure` says why)."""
 
     name: str
     version: str
-    runtime: object | None = None
+    runtime: Runtime | None = None
     failure: str | None = None
 
     @property
@@ -123,7 +138,7 @@ class InferenceCore:
             if method != request.method:
                 allowed.append(method)
                 continue
-            return getattr(self, "_" + action)(request, **match.groupdict())
+            return ACTIONS[action](self, request, **match.groupdict())
         if allowed:
             raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
         raise NotFound(f"no route for {request.method} {path}")
@@ -236,3 +251,19 @@ class InferenceCore:
 
 def _version_order(version: str):
     return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+# Each route's action, by name: checked here, at import, so a renamed method cannot become a 500 at request time.
+ACTIONS = {
+    "live": InferenceCore._live,
+    "server_ready": InferenceCore._server_ready,
+    "server_metadata": InferenceCore._server_metadata,
+    "v2_metadata": InferenceCore._v2_metadata,
+    "v2_ready": InferenceCore._v2_ready,
+    "v2_infer": InferenceCore._v2_infer,
+    "tfs_status": InferenceCore._tfs_status,
+    "tfs_metadata": InferenceCore._tfs_metadata,
+    "tfs_predict": InferenceCore._tfs_predict,
+}
+if set(ACTIONS) != {action for _, _, action in ROUTES}:
+    raise ImportError(f"ROUTES and ACTIONS name different actions: {sorted(set(ACTIONS) ^ {a for _, _, a in ROUTES})}")

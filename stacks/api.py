@@ -238,7 +238,6 @@ class ModelRoutes(Construct):
         self.models.append((name, auth))
 
     def _endpoint_integration(self, endpoint_name: str, method: str, path: str) -> apigw.AwsIntegration:
-        throttled, failed = ENDPOINT_THROTTLED, ENDPOINT_FAILED
         parameters = {
             f"integration.request.header.{CUSTOM_ATTRIBUTES}": f"'{route_attribute(method, path)}'",
             "integration.request.header.Accept": "method.request.header.Accept",
@@ -276,16 +275,16 @@ class ModelRoutes(Construct):
                         response_templates={"application/json": MODEL_ERROR_TEMPLATE},
                     ),
                     apigw.IntegrationResponse(
-                        status_code=str(throttled[0]),
+                        status_code=str(ENDPOINT_THROTTLED.status),
                         selection_pattern="429",
                         response_parameters=json_type,
-                        response_templates={"application/json": json.dumps(throttled[1])},
+                        response_templates={"application/json": json.dumps(ENDPOINT_THROTTLED.payload)},
                     ),
                     apigw.IntegrationResponse(
-                        status_code=str(failed[0]),
+                        status_code=str(ENDPOINT_FAILED.status),
                         selection_pattern=r"(4(?!24|29)|5)\d\d",
                         response_parameters=json_type,
-                        response_templates={"application/json": json.dumps(failed[1])},
+                        response_templates={"application/json": json.dumps(ENDPOINT_FAILED.payload)},
                     ),
                 ],
             ),

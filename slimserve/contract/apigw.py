@@ -13,13 +13,28 @@ original back, so a model answers the same wherever it runs. SageMaker's own ref
 import base64
 import time
 import uuid
+from typing import NamedTuple
 
 BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary")
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 
-MISSING_ROUTE = (403, {"message": "Missing Authentication Token"})  # API Gateway's answer for an undeclared route
-ENDPOINT_THROTTLED = (429, {"error": "the model's SageMaker endpoint is throttling requests; retry with backoff"})
-ENDPOINT_FAILED = (502, {"error": "the model's SageMaker endpoint did not answer; see its CloudWatch logs"})
+
+class GatewayAnswer(NamedTuple):
+    """A JSON answer the API gives by itself, without reaching a model."""
+
+    status: int
+    payload: dict
+
+
+MISSING_ROUTE = GatewayAnswer(
+    403, {"message": "Missing Authentication Token"}
+)  # API Gateway's, for an undeclared route
+ENDPOINT_THROTTLED = GatewayAnswer(
+    429, {"error": "the model's SageMaker endpoint is throttling requests; retry with backoff"}
+)
+ENDPOINT_FAILED = GatewayAnswer(
+    502, {"error": "the model's SageMaker endpoint did not answer; see its CloudWatch logs"}
+)
 # InvokeEndpoint's 424 ModelError -> the container's own status and body
 MODEL_ERROR_TEMPLATE = (
     "#set($error = $util.parseJson($input.body))\n"

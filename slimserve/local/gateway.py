@@ -14,11 +14,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from slimserve.contract.apigw import (
     ENDPOINT_FAILED,
     MAX_BODY_BYTES,
     MISSING_ROUTE,
+    GatewayAnswer,
     as_text,
     is_binary,
     response_body,
@@ -35,10 +37,18 @@ MODEL_ROUTE = re.compile(r"/v[12]/models/(?P<name>[^/:]+)")
 VERSION_IN_PATH = re.compile(r"/v[12]/models/[^/:]+/versions/(?P<version>[^/:]+)")
 
 # API Gateway's own answers, word for word
-FORBIDDEN = (403, {"message": "Forbidden"})
-TOO_LARGE = (413, {"message": "Request Too Long"})
-BAD_GATEWAY = (502, {"message": "Internal server error"})
-TIMED_OUT = (504, {"message": "Endpoint request timed out"})
+FORBIDDEN = GatewayAnswer(403, {"message": "Forbidden"})
+TOO_LARGE = GatewayAnswer(413, {"message": "Request Too Long"})
+BAD_GATEWAY = GatewayAnswer(502, {"message": "Internal server error"})
+TIMED_OUT = GatewayAnswer(504, {"message": "Endpoint request timed out"})
+
+
+class HttpAnswer(NamedTuple):
+    """What the gateway sends back for one request."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -92,7 +102,7 @@ class LocalGateway(wire.Server):
         if not isinstance(sys.exc_info()[1], ConnectionError):  # a client hanging up is not our error
             super().handle_error(request, client_address)
 
-    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+    def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> HttpAnswer:
         match = MODEL_ROUTE.match(path)
         if match is None:
             if (method, path) == ("GET", "/openapi.json"):
@@ -100,7 +110,7 @@ class LocalGateway(wire.Server):
             if path.rstrip("/") == "/v2/health/ready":
                 return self._ready()
             response = self.server_routes.handle(Request(method, path, headers, body))
-            return response.status, response.headers, response.body
+            return HttpAnswer(response.status, response.headers, response.body)
         route = self.routes.get(match["name"])
         if route is None:
             names = ", ".join(sorted(self.routes)) or "none"
@@ -127,7 +137,7 @@ class LocalGateway(wire.Server):
                 path = f"{path[: versioned.start('version')]}{number}{path[versioned.end('version') :]}"
         return self.integrate(pool, rest_event(method, path, body, headers))
 
-    def integrate(self, pool: FunctionPool, event: dict) -> tuple[int, dict, bytes]:
+    def integrate(self, pool: FunctionPool, event: dict) -> HttpAnswer:
         if pool.spec.timeout_s < self.integration_timeout_s:
             result = pool.invoke(event)  # the function's own timeout ends it first: no need to watch the clock
         else:
@@ -139,11 +149,13 @@ class LocalGateway(wire.Server):
         if result.error is not None or not isinstance(result.payload, dict) or "statusCode" not in result.payload:
             self.log(f"{pool.spec.name}: Lambda invocation failed: {result.error or 'malformed proxy response'}")
             return _json(*BAD_GATEWAY)
-        return result.payload["statusCode"], result.payload.get("headers") or {}, response_body(result.payload)
+        return HttpAnswer(
+            result.payload["statusCode"], result.payload.get("headers") or {}, response_body(result.payload)
+        )
 
     def invoke_endpoint(
         self, route: EndpointRoute, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, dict, bytes]:
+    ) -> HttpAnswer:
         """What the deployed API's integration does: InvokeEndpoint with the route as the custom attribute, and the
         container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.contract.apigw)."""
         if (method, path) not in route.routes:
@@ -169,9 +181,9 @@ class LocalGateway(wire.Server):
         returned = {"Content-Type": response.getheader("Content-Type", "application/json")}
         if response.getheader(CUSTOM_ATTRIBUTES):
             returned["Inference-Header-Content-Length"] = response.getheader(CUSTOM_ATTRIBUTES)
-        return 200, returned, answer
+        return HttpAnswer(200, returned, answer)
 
-    def _ready(self) -> tuple[int, dict, bytes]:
+    def _ready(self) -> HttpAnswer:
         reasons = []
         for name, route in sorted(self.routes.items()):
             ready = f"/v2/models/{name}/ready"
@@ -191,12 +203,12 @@ class LocalGateway(wire.Server):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _json(status: int, payload: dict) -> tuple[int, dict, bytes]:
+def _json(status: int, payload: dict) -> HttpAnswer:
     return _json_bytes(status, json.dumps(payload).encode())
 
 
-def _json_bytes(status: int, body: bytes) -> tuple[int, dict, bytes]:
-    return status, {"Content-Type": "application/json"}, body
+def _json_bytes(status: int, body: bytes) -> HttpAnswer:
+    return HttpAnswer(status, {"Content-Type": "application/json"}, body)
 
 
 class _GatewayHandler(wire.Handler):
