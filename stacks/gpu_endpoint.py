@@ -63,34 +63,42 @@ class GpuEndpoint(Construct):
         if not 1 <= props.canary_percent <= 50:
             raise ValueError(f"GpuEndpointProps.canary_percent must be between 1 and 50, got {props.canary_percent}")
         super().__init__(scope, construct_id)
-        stack = cdk.Stack.of(self)
-        bucket = props.store.bucket
-        capture_prefix = f"data-capture/{model.name}/"
-        self.endpoint_name = f"{stack.stack_name}-{model.name}"[:63]
+        self.endpoint_name = f"{cdk.Stack.of(self).stack_name}-{model.name}"[:63]
         self.version = props.stored.version  # the API routes `/versions/{version}` here
+        capture_prefix = f"data-capture/{model.name}/"
+        self.role = self._role(props, capture_prefix)
+        self.model = self._model(props)
+        self.config = self._config(props, capture_prefix)
+        self.alarms = self._alarms(model)
+        self.endpoint = self._endpoint(props)
+        self._autoscaling(settings)
 
-        self.role = iam.Role(
+    def _role(self, props: GpuEndpointProps, capture_prefix: str) -> iam.Role:
+        """Reads its model's folder, writes its captured data, logs and metrics, pulls its image: nothing else."""
+        stack = cdk.Stack.of(self)
+        role = iam.Role(
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"),
-            description=f"slimserve {model.name}: read its model, write captured data and logs",
+            description=f"slimserve {props.model.name}: read its model, write captured data and logs",
         )
-        model_prefix = props.store.grant_read_model_folder(self.role, props.stored)
-        props.store.grant_write_capture(self.role, capture_prefix)
-        self.role.add_to_policy(
+        props.store.grant_read_model_folder(role, props.stored)
+        props.store.grant_write_capture(role, capture_prefix)
+        log_group = f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*"
+        role.add_to_policy(
             iam.PolicyStatement(
                 actions=["logs:CreateLogGroup", "logs:CreateLogStream", "logs:PutLogEvents", "logs:DescribeLogStreams"],
                 resources=[
                     stack.format_arn(
                         service="logs",
                         resource="log-group",
-                        resource_name=f"/aws/sagemaker/Endpoints/{self.endpoint_name}:*",
+                        resource_name=log_group,
                         arn_format=cdk.ArnFormat.COLON_RESOURCE_NAME,
                     )
                 ],
             )
         )
-        self.role.add_to_policy(
+        role.add_to_policy(
             iam.PolicyStatement(
                 actions=["cloudwatch:PutMetricData"],
                 resources=["*"],
@@ -98,7 +106,7 @@ class GpuEndpoint(Construct):
             )
         )
         if isinstance(props.image, str):  # a repository of the user's: which one is not known here
-            self.role.add_to_policy(
+            role.add_to_policy(
                 iam.PolicyStatement(
                     actions=[
                         "ecr:GetAuthorizationToken",
@@ -109,12 +117,34 @@ class GpuEndpoint(Construct):
                     resources=["*"],
                 )
             )
-            image_uri = props.image
         else:
-            props.image.repository.grant_pull(self.role)
-            image_uri = props.image.image_uri
+            props.image.repository.grant_pull(role)
+        model_objects, capture_objects = (
+            f"<{logical_id(props.store.bucket)}.Arn>/{prefix}*" for prefix in (props.stored.folder, capture_prefix)
+        )
+        log_groups = "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
+        acknowledge(
+            role,
+            {
+                "AwsSolutions-IAM5[Resource::*]": (
+                    "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level permissions; "
+                    "PutMetricData is limited to SageMaker's namespaces by condition; "
+                    "an image URI from the config names a repository this app does not know"
+                ),
+                f"AwsSolutions-IAM5[Resource::{model_objects}]": "the model's folder under its sha256",
+                f"AwsSolutions-IAM5[Resource::{capture_objects}]": "this endpoint's captured requests",
+                "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
+                "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
+                f"AwsSolutions-IAM5[Resource::{log_groups}{log_group}]": "the endpoint's own log group and its streams",
+            },
+        )
+        return role
 
-        self.model = sagemaker.CfnModel(
+    def _model(self, props: GpuEndpointProps) -> sagemaker.CfnModel:
+        """The image, with the model version's folder mounted uncompressed at /opt/ml/model."""
+        model = props.model
+        image_uri = props.image if isinstance(props.image, str) else props.image.image_uri
+        cfn_model = sagemaker.CfnModel(
             self,
             "Model",
             execution_role_arn=self.role.role_arn,
@@ -122,7 +152,7 @@ class GpuEndpoint(Construct):
                 image=image_uri,
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
                     s3_data_source=sagemaker.CfnModel.S3DataSourceProperty(
-                        s3_uri=f"s3://{bucket.bucket_name}/{model_prefix}",
+                        s3_uri=f"s3://{props.store.bucket.bucket_name}/{props.stored.folder}",
                         s3_data_type="S3Prefix",
                         compression_type="None",
                     )
@@ -136,9 +166,14 @@ class GpuEndpoint(Construct):
                 ),
             ),
         )
-        self.model.node.add_dependency(self.role)
+        cfn_model.node.add_dependency(self.role)
+        return cfn_model
+
+    def _config(self, props: GpuEndpointProps, capture_prefix: str) -> sagemaker.CfnEndpointConfig:
+        """One variant of the configured instances, capturing the configured share of requests into the store."""
+        settings = props.model.sagemaker
         capture = settings.data_capture_percent
-        self.config = sagemaker.CfnEndpointConfig(
+        config = sagemaker.CfnEndpointConfig(
             self,
             "Config",
             production_variants=[
@@ -152,15 +187,27 @@ class GpuEndpoint(Construct):
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(
                 enable_capture=capture > 0,
                 initial_sampling_percentage=max(capture, 1),  # SageMaker wants 1..100 even when capture is off
-                destination_s3_uri=bucket.s3_url_for_object(capture_prefix),
+                destination_s3_uri=props.store.bucket.s3_url_for_object(capture_prefix),
                 kms_key_id=props.store.key.key_arn if props.store.key else None,
                 capture_options=[
                     sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode=mode) for mode in ("Input", "Output")
                 ],
             ),
         )
-        self.alarms = self._alarms(model)
-        self.endpoint = sagemaker.CfnEndpoint(
+        acknowledge(
+            config,
+            {
+                "AwsSolutions-SM2": (
+                    "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
+                    "storage is encrypted by hardware, and captured data is encrypted with the store's key"
+                ),
+            },
+        )
+        return config
+
+    def _endpoint(self, props: GpuEndpointProps) -> sagemaker.CfnEndpoint:
+        """Updates go blue/green: a canary share first, rolled back if an alarm fires while it bakes."""
+        return sagemaker.CfnEndpoint(
             self,
             "Endpoint",
             endpoint_name=self.endpoint_name,
@@ -181,35 +228,6 @@ class GpuEndpoint(Construct):
                     alarms=[sagemaker.CfnEndpoint.AlarmProperty(alarm_name=alarm.alarm_name) for alarm in self.alarms]
                 ),
             ),
-        )
-        self._autoscaling(settings)
-        bucket_objects = f"<{logical_id(bucket)}.Arn>"
-        log_groups = "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
-        acknowledge(
-            self.role,
-            {
-                "AwsSolutions-IAM5[Resource::*]": (
-                    "ecr:GetAuthorizationToken and cloudwatch:PutMetricData have no resource-level permissions; "
-                    "PutMetricData is limited to SageMaker's namespaces by condition; "
-                    "an image URI from the config names a repository this app does not know"
-                ),
-                f"AwsSolutions-IAM5[Resource::{bucket_objects}/{model_prefix}*]": "the model's folder under its sha256",
-                f"AwsSolutions-IAM5[Resource::{bucket_objects}/{capture_prefix}*]": "this endpoint's captured requests",
-                "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
-                "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",
-                f"AwsSolutions-IAM5[Resource::{log_groups}/aws/sagemaker/Endpoints/{self.endpoint_name}:*]": (
-                    "the endpoint's own log group and its streams"
-                ),
-            },
-        )
-        acknowledge(
-            self.config,
-            {
-                "AwsSolutions-SM2": (
-                    "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
-                    "storage is encrypted by hardware, and captured data is encrypted with the store's key"
-                ),
-            },
         )
 
     def metric(self, name: str, statistic: str, minutes: int = 5) -> cloudwatch.Metric:

@@ -14,7 +14,7 @@ from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
 from slimserve.config import ENCRYPTIONS, AppConfig, ModelConfig
-from slimserve.registry.store import StoredModel, manifest, model_key
+from slimserve.registry.store import MANIFEST, StoredModel, manifest, model_key
 
 from .nag import acknowledge, logical_id, managed_policy
 
@@ -95,9 +95,9 @@ class ModelStore(Construct):
         if self.key is not None:
             self.key.grant_decrypt(grantee)
 
-    def grant_read_model_folder(self, grantee: iam.IGrantable, stored: StoredModel) -> str:
-        """Read and list one model version's folder, as SageMaker mounts it; returns the folder's prefix."""
-        prefix = stored.key.rsplit("/", 1)[0] + "/"
+    def grant_read_model_folder(self, grantee: iam.IGrantable, stored: StoredModel) -> None:
+        """Read and list one model version's folder, as SageMaker mounts it."""
+        prefix = stored.folder
         principal = grantee.grant_principal
         principal.add_to_principal_policy(
             iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")])
@@ -111,7 +111,6 @@ class ModelStore(Construct):
         )
         if self.key is not None:
             self.key.grant_decrypt(grantee)
-        return prefix
 
     def grant_write_capture(self, grantee: iam.IGrantable, prefix: str) -> None:
         """Write captured requests and responses under `prefix`, encrypted with the store's key."""
@@ -139,7 +138,7 @@ class ModelStore(Construct):
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
             # no creation time or version number: the same bytes must give the same asset on every synth
-            (target.parent / "manifest.json").write_text(
+            (target.parent / MANIFEST).write_text(
                 json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2)
             )
             stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))

@@ -25,6 +25,11 @@ class StoredModel:
     version: str = "1"
     """The registry's number for these bytes; "1" for a model deployed from its file."""
 
+    @property
+    def folder(self) -> str:
+        """The version's folder in the store (`models/<name>/<sha256>/`): SageMaker mounts it whole."""
+        return model_folder(self.name, self.sha256)
+
     def environment(self) -> dict[str, str]:
         """What a Lambda function serving this model needs to find and verify it."""
         return model_environment(
@@ -40,8 +45,19 @@ def file_environment(path: Path) -> dict[str, str]:
     )
 
 
+MANIFEST = "manifest.json"
+
+
+def model_folder(name: str, sha256: str) -> str:
+    return f"models/{name}/{sha256}/"
+
+
 def model_key(name: str, sha256: str, model_format: str) -> str:
-    return f"models/{name}/{sha256}/model.{model_format}"
+    return f"{model_folder(name, sha256)}model.{model_format}"
+
+
+def manifest_key(name: str, sha256: str) -> str:
+    return f"{model_folder(name, sha256)}{MANIFEST}"
 
 
 def manifest(name: str, model_format: str, data: bytes, source: str, **details) -> dict:

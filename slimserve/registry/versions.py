@@ -18,7 +18,7 @@ from slimserve.config import model_name_problem
 from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
 from slimserve.lambda_handlers.runtimes import ModelLoadError, load_model
-from slimserve.registry.store import StoredModel, manifest, model_key
+from slimserve.registry.store import MANIFEST, StoredModel, manifest, manifest_key, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
 SUFFIX_FORMATS = {f".{model_format}": model_format for model_format in FORMATS}
@@ -186,7 +186,7 @@ class Registry:
             self._check_inputs_unchanged(name, versions, path, details["signature"])
         key = model_key(name, sha256, model_format)
         self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
-        self._put_json(key.rsplit("/", 1)[0] + "/manifest.json", details)  # last: a version exists once it is whole
+        self._put_json(manifest_key(name, sha256), details)  # last: a version exists once it is whole
         return Version.from_manifest(details), True
 
     def _check_inputs_unchanged(self, name: str, versions: list[Version], path: Path, signature: dict) -> None:
@@ -195,7 +195,7 @@ class Registry:
         except RegistryError:
             live = None
         served = next((v for v in versions if v.sha256 == live), versions[-1])
-        served_signature = json.loads(self._get(served.key.rsplit("/", 1)[0] + "/manifest.json"))["signature"]
+        served_signature = json.loads(self._get(manifest_key(name, served.sha256)))["signature"]
         if served_signature["inputs"] != signature["inputs"]:
             raise RegistryError(
                 f"{path}: its inputs ({_inputs_text(signature)}) differ from those of {name} version "
@@ -207,7 +207,7 @@ class Registry:
         found = []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"models/{name}/"):
             for item in page.get("Contents", []):
-                if item["Key"].endswith("/manifest.json") and "/aliases/" not in item["Key"]:
+                if item["Key"].endswith(f"/{MANIFEST}") and "/aliases/" not in item["Key"]:
                     manifest = json.loads(self._get(item["Key"]))
                     if "version" in manifest:
                         found.append(Version.from_manifest(manifest))
