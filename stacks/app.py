@@ -1,15 +1,18 @@
 """The CDK app for one config: one stack, constructs per concern, reused per model."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import aws_cdk as cdk
 from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
 from cdk_nag import AwsSolutionsChecks, ServerlessChecks
 from constructs import Construct
 
 from slimserve.config import Alarms, AppConfig, ModelConfig
 from slimserve.registry.lock import locked_models
+from slimserve.registry.store import StoredModel, stage_uploads
 
 from .api import InferenceApi, InferenceApiProps, ModelRoutes
 from .context import CDK_CONTEXT
@@ -32,33 +35,39 @@ def _api_alarms(config: AppConfig) -> Alarms:
 MODELS_PER_SHARD = 20  # a model needs about 17 resources in its shard; a stack may hold 500
 
 
+@dataclass(frozen=True)
+class ModelShardProps:
+    models: list[ModelConfig]
+    """The Lambda models this shard holds."""
+    stored: dict[str, StoredModel]
+    """Where each model's version is in the store, by model name."""
+    store: ModelStore
+    api: InferenceApi
+    """The API the shard adds its models' routes to."""
+    log_retention: logs.RetentionDays = log_retention()
+    """How long the functions' logs are kept. @default one month."""
+    alarm_topic: sns.ITopic | None = None
+    """Where the deployment alarms also page. @default they only roll back."""
+
+
 class ModelShard(cdk.NestedStack):
     """Some Lambda models and their routes, in a nested stack so the app is not bound by one stack's limits."""
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        models: list[ModelConfig],
-        stored: dict,
-        store: ModelStore,
-        api: InferenceApi,
-        retention: logs.RetentionDays,
-        alarm_topic,
-    ):
-        super().__init__(scope, construct_id, description=f"slimserve models {', '.join(m.name for m in models)}")
-        self.routes = ModelRoutes(self, "Routes", api)
+    def __init__(self, scope: Construct, construct_id: str, props: ModelShardProps):
+        names = ", ".join(model.name for model in props.models)
+        super().__init__(scope, construct_id, description=f"slimserve models {names}")
+        self.routes = ModelRoutes(self, "Routes", props.api)
         self.lambda_models = {}
-        for model in models:
+        for model in props.models:
             lambda_model = LambdaModel(
                 self,
                 f"Model-{model.name}",
                 LambdaModelProps(
                     model=model,
-                    stored=stored[model.name],
-                    store=store,
-                    log_retention=retention,
-                    alarm_topic=alarm_topic,
+                    stored=props.stored[model.name],
+                    store=props.store,
+                    log_retention=props.log_retention,
+                    alarm_topic=props.alarm_topic,
                 ),
             )
             self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
@@ -70,11 +79,13 @@ class SlimserveStack(cdk.Stack):
         super().__init__(scope, construct_id, **kwargs)
         retention = log_retention(config.log_retention_days)
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
-        stored = self.model_store.add_models(
-            list(config.models),
-            config.build_dir / "model-upload" / construct_id,
-            locked_models(config, self.model_store.bucket.bucket_name),
-        )
+        bucket_name = self.model_store.bucket.bucket_name
+        locked = locked_models(config, bucket_name)  # registered versions, already in the store
+        uploads = [model for model in config.models if model.name not in locked]
+        staging = config.build_dir / "model-upload" / construct_id
+        stored = {**locked, **stage_uploads(uploads, staging, bucket_name)}
+        if uploads:
+            self.model_store.add_uploads(staging)
         self.api = InferenceApi(
             self,
             "Api",
@@ -93,12 +104,14 @@ class SlimserveStack(cdk.Stack):
             ModelShard(
                 self,
                 f"Models{index + 1}",
-                lambda_models[start : start + MODELS_PER_SHARD],
-                stored,
-                self.model_store,
-                self.api,
-                retention,
-                self.monitoring.topic,
+                ModelShardProps(
+                    models=lambda_models[start : start + MODELS_PER_SHARD],
+                    stored=stored,
+                    store=self.model_store,
+                    api=self.api,
+                    log_retention=retention,
+                    alarm_topic=self.monitoring.topic,
+                ),
             )
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))
         ]

@@ -1,8 +1,5 @@
 """The model store: the one bucket every model version lives in."""
 
-import hashlib
-import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +10,8 @@ from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
-from slimserve.config import ENCRYPTIONS, AppConfig, ModelConfig
-from slimserve.registry.store import MANIFEST, StoredModel, manifest, model_key
+from slimserve.config import ENCRYPTIONS, AppConfig
+from slimserve.registry.store import StoredModel
 
 from .nag import acknowledge, logical_id, managed_policy
 
@@ -30,6 +27,12 @@ class ModelStoreProps:
     """Days an overwritten or deleted object version is kept. @default 90."""
     removal_policy: RemovalPolicy = RemovalPolicy.RETAIN
     """What `cdk destroy` does to the bucket, its key and its log bucket. @default RETAIN: models outlive stacks."""
+    existing_bucket: s3.IBucket | None = None
+    """A bucket of your own to keep the models in, instead of a new one; the props above then do not apply.
+    @default a new bucket."""
+    existing_key: kms.IKey | None = None
+    """The KMS key that encrypts `existing_bucket`, if it is one: readers are granted decrypt on it.
+    @default none (SSE-S3)."""
 
 
 class ModelStore(Construct):
@@ -44,7 +47,22 @@ class ModelStore(Construct):
             raise ValueError(
                 f"ModelStoreProps.noncurrent_version_days must be >= 1, got {props.noncurrent_version_days}"
             )
+        if props.existing_key is not None and props.existing_bucket is None:
+            raise ValueError("ModelStoreProps.existing_key is the key of existing_bucket, which is not given")
+        new_bucket_props = {
+            name: getattr(props, name) for name in ("encryption", "noncurrent_version_days", "removal_policy")
+        }
+        if props.existing_bucket is not None and new_bucket_props != {
+            name: getattr(ModelStoreProps, name) for name in new_bucket_props
+        }:
+            raise ValueError(
+                "ModelStoreProps: existing_bucket, or encryption, noncurrent_version_days and removal_policy "
+                "for a new bucket, not both"
+            )
         super().__init__(scope, construct_id)
+        if props.existing_bucket is not None:
+            self.bucket, self.key, self.access_logs = props.existing_bucket, props.existing_key, None
+            return
         self.key = (
             kms.Key(
                 self,
@@ -120,28 +138,8 @@ class ModelStore(Construct):
         if self.key is not None:
             self.key.grant_encrypt(grantee)
 
-    def add_models(
-        self, models: list[ModelConfig], staging: Path, locked: dict[str, StoredModel]
-    ) -> dict[str, StoredModel]:
-        """Upload the models with the deploy, at the same sha256 keys and manifests the registry writes; `locked`
-        models are registered versions already in the store (see slimserve.lock) and are not uploaded."""
-        shutil.rmtree(staging, ignore_errors=True)
-        stored = dict(locked)
-        uploads = [model for model in models if model.name not in locked]
-        if not uploads:
-            return stored
-        for model in uploads:
-            data = Path(model.artifact).read_bytes()
-            sha256 = hashlib.sha256(data).hexdigest()
-            key = model_key(model.name, sha256, model.format)
-            target = staging / key
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            # no creation time or version number: the same bytes must give the same asset on every synth
-            (target.parent / MANIFEST).write_text(
-                json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2)
-            )
-            stored[model.name] = StoredModel(model.name, model.format, self.bucket.bucket_name, key, sha256, len(data))
+    def add_uploads(self, staging: Path) -> None:
+        """Upload a folder laid out as the store is (`stage_uploads` writes one) with the deploy."""
         s3_deployment.BucketDeployment(
             self,
             "Models",
@@ -152,7 +150,6 @@ class ModelStore(Construct):
             memory_limit=512,
         )
         self._acknowledge_upload_handler()
-        return stored
 
     def _acknowledge_upload_handler(self) -> None:
         """BucketDeployment's handler is a singleton at stack level, written by aws-cdk-lib, not here."""

@@ -36,27 +36,21 @@ class ModelMonitoringProps:
     """Prefix of alarm and dashboard names."""
     alarm_email: str | None = None
     """Subscribed to the alarm topic when set. @default no subscription."""
+    existing_topic: sns.ITopic | None = None
+    """A topic of your own (your on-call's) that the alarms publish to, instead of a new encrypted one; subscribe
+    to it yourself. @default a new topic, encrypted with a key of its own."""
 
 
 class ModelMonitoring(Construct):
     """A facade over cdk-monitoring-constructs where it covers the service, hand-written alarms where it does not."""
 
     def __init__(self, scope: Construct, construct_id: str, props: ModelMonitoringProps):
+        if props.existing_topic is not None and props.alarm_email:
+            raise ValueError("ModelMonitoringProps: existing_topic, or alarm_email for a new topic, not both")
         super().__init__(scope, construct_id)
-        self.key = kms.Key(self, "TopicKey", enable_key_rotation=True, description=f"{props.app_name} alarm topic")
-        # CloudWatch publishes alarms into the encrypted topic, so it must be able to use the key
-        self.key.add_to_resource_policy(
-            iam.PolicyStatement(
-                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
-                resources=["*"],
-            )
-        )
-        self.topic = sns.Topic(
-            self, "Alarms", master_key=self.key, enforce_ssl=True, display_name=f"{props.app_name} alarms"
-        )
-        if props.alarm_email:
-            self.topic.add_subscription(subscriptions.EmailSubscription(props.alarm_email))
+        self.key, self.topic = None, props.existing_topic
+        if self.topic is None:
+            self.key, self.topic = self._topic(props)
         self.action = cloudwatch_actions.SnsAction(self.topic)
         self.facade = monitoring.MonitoringFacade(
             self,
@@ -77,6 +71,21 @@ class ModelMonitoring(Construct):
                 create_alarm_dashboard=False,
             ),
         )
+
+    def _topic(self, props: ModelMonitoringProps) -> tuple[kms.Key, sns.Topic]:
+        key = kms.Key(self, "TopicKey", enable_key_rotation=True, description=f"{props.app_name} alarm topic")
+        # CloudWatch publishes alarms into the encrypted topic, so it must be able to use the key
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["kms:Decrypt", "kms:GenerateDataKey*"],
+                resources=["*"],
+            )
+        )
+        topic = sns.Topic(self, "Alarms", master_key=key, enforce_ssl=True, display_name=f"{props.app_name} alarms")
+        if props.alarm_email:
+            topic.add_subscription(subscriptions.EmailSubscription(props.alarm_email))
+        return key, topic
 
     def add_lambda_model(self, name: str, function: lambda_.IFunction, alarms: Alarms) -> None:
         self.facade.monitor_lambda_function(

@@ -133,6 +133,62 @@ def test_bad_props_are_refused_before_any_resource(props, message):
     assert stack.node.children == []
 
 
+@pytest.mark.parametrize("props, message", [
+    ({"existing_bucket": "models", "encryption": "s3-managed"},
+     "ModelStoreProps: existing_bucket, or encryption, noncurrent_version_days and removal_policy for a new bucket, not both"),
+    ({"existing_key": "key"}, "ModelStoreProps.existing_key is the key of existing_bucket, which is not given"),
+])
+def test_an_existing_bucket_or_a_new_ones_props_not_both(props, message):
+    from aws_cdk import aws_kms as kms
+
+    stack = Stack(App(), "S")
+    existing = {"existing_bucket": s3.Bucket.from_bucket_name(stack, "Mine", "my-models"),
+                "existing_key": kms.Key.from_key_arn(stack, "MyKey", "arn:aws:kms:eu-west-1:123456789012:key/k")}
+    with pytest.raises(ValueError) as caught:
+        ModelStore(stack, "Store", ModelStoreProps(**{name: existing.get(name, value) for name, value in props.items()}))
+    assert str(caught.value) == message
+
+
+def test_an_existing_bucket_is_used_as_it_is_and_reads_are_granted_on_it():
+    from aws_cdk import aws_iam as iam
+    from aws_cdk import aws_kms as kms
+
+    from slimserve.registry.store import StoredModel
+
+    stack = Stack(App(), "S")
+    key = kms.Key.from_key_arn(stack, "MyKey", "arn:aws:kms:eu-west-1:123456789012:key/k")
+    store = ModelStore(stack, "Store", ModelStoreProps(existing_bucket=s3.Bucket.from_bucket_name(stack, "Mine", "my-models"),
+                                                        existing_key=key))
+    role = iam.Role(stack, "Reader", assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"))
+    store.grant_read_model(role, StoredModel("iris", "onnx", "my-models", f"models/iris/{IRIS_SHA}/model.onnx", IRIS_SHA, 1))
+    template = assertions.Template.from_stack(stack)
+    template.resource_count_is("AWS::S3::Bucket", 0)
+    template.resource_count_is("AWS::KMS::Key", 0)
+    (policy,) = template.find_resources("AWS::IAM::Policy").values()
+    assert policy["Properties"]["PolicyDocument"]["Statement"] == [
+        {"Action": "s3:GetObject", "Effect": "Allow",
+         "Resource": {"Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, f":s3:::my-models/models/iris/{IRIS_SHA}/model.onnx"]]}},
+        {"Action": "kms:Decrypt", "Effect": "Allow", "Resource": "arn:aws:kms:eu-west-1:123456789012:key/k"},
+    ]
+
+
+def test_alarms_page_an_existing_topic_instead_of_a_new_one():
+    from aws_cdk import aws_sns as sns
+
+    from slimserve.stacks.monitoring import ModelMonitoring, ModelMonitoringProps
+
+    stack = Stack(App(), "S")
+    topic = sns.Topic.from_topic_arn(stack, "OnCall", "arn:aws:sns:eu-west-1:123456789012:on-call")
+    monitoring = ModelMonitoring(stack, "Monitoring", ModelMonitoringProps(app_name="a", existing_topic=topic))
+    assert monitoring.topic is topic and monitoring.key is None
+    template = assertions.Template.from_stack(stack)
+    template.resource_count_is("AWS::SNS::Topic", 0)
+    template.resource_count_is("AWS::KMS::Key", 0)
+    with pytest.raises(ValueError) as caught:
+        ModelMonitoring(stack, "Again", ModelMonitoringProps(app_name="a", existing_topic=topic, alarm_email="me@example.com"))
+    assert str(caught.value) == "ModelMonitoringProps: existing_topic, or alarm_email for a new topic, not both"
+
+
 # Lambda models
 
 

@@ -7,11 +7,17 @@ Content addressing makes a version immutable: the key names the bytes.
 """
 
 import hashlib
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slimserve.lambda_handlers.contract import model_environment
 from slimserve.lambda_handlers.runtimes import load_model
+
+if TYPE_CHECKING:
+    from slimserve.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -75,3 +81,23 @@ def manifest(name: str, model_format: str, data: bytes, source: str, **details) 
             "outputs": [spec.describe() for spec in signature.outputs],
         },
     }
+
+
+def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> dict[str, StoredModel]:
+    """The models' files laid out under `staging` as the store holds them, for a deploy to upload: the keys and
+    manifests the registry writes, without a creation time or version number, so that the same bytes give the same
+    asset on every synth."""
+    shutil.rmtree(staging, ignore_errors=True)
+    stored = {}
+    for model in models:
+        data = Path(model.artifact).read_bytes()
+        sha256 = hashlib.sha256(data).hexdigest()
+        key = model_key(model.name, sha256, model.format)
+        target = staging / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        (target.parent / MANIFEST).write_text(
+            json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2)
+        )
+        stored[model.name] = StoredModel(model.name, model.format, bucket, key, sha256, len(data))
+    return stored
