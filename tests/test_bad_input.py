@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import MODELS, call
+from support import MODELS, call
 
 from slimserve.contract.apigw import response_body, rest_event
 from slimserve.lambda_handlers.contract import MAX_BODY_BYTES

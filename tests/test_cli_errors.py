@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import MODELS
+from support import MODELS
 
 from slimserve.cli import main
 from slimserve.local.s3 import free_port

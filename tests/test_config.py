@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from slimserve.cli import main
 from slimserve.config import (

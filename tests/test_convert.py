@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import run_in_extra_venv
+from support import run_in_extra_venv
 
 from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.modeltools.convert import ConvertError, convert_sklearn

@@ -11,7 +11,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import run_in_extra_venv
+from support import run_in_extra_venv
 
 from slimserve.cli import main
 from slimserve.lambda_handlers.runtimes import TfliteModel

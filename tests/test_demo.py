@@ -2,7 +2,7 @@
 
 import io
 
-from conftest import ROOT
+from support import ROOT
 
 from slimserve.cli.demo import run_demo
 from slimserve.config import load_config

@@ -16,10 +16,10 @@ import sys
 import tomllib
 
 import pytest
-from conftest import ROOT
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from support import ROOT
 
 from slimserve.layers.builder import find_python
 

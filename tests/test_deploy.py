@@ -11,7 +11,7 @@ import urllib.request
 
 import boto3
 import pytest
-from conftest import MODELS, ROOT
+from support import MODELS, ROOT
 
 from slimserve.local.s3 import free_port
 

@@ -1,7 +1,7 @@
 """The example models are real: trained here, accurate on held-out data, reproducible."""
 
 import numpy as np
-from conftest import MODELS
+from support import MODELS
 
 from slimserve.cli import main
 from slimserve.lambda_handlers.runtimes import load_model

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import onnx
 import pytest
-from conftest import MODELS
 from onnx import TensorProto, helper
+from support import MODELS
 
 from slimserve.contract.apigw import rest_event
 from slimserve.lambda_handlers.function import ModelFunction

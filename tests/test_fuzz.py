@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import IDENTITY_TYPES, ROOT
-from conftest import MODELS as MODEL_FILES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import IDENTITY_TYPES, ROOT
+from support import MODELS as MODEL_FILES
 
 from slimserve.lambda_handlers.contract import ROUTES
 from slimserve.lambda_handlers.core import Request

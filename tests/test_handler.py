@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from conftest import FIXTURES, MODELS, ROOT
+from support import FIXTURES, MODELS, ROOT
 
 from slimserve.contract.apigw import http_api_event, response_body, rest_event
 from slimserve.lambda_handlers.function import ModelFunction

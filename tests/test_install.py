@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime
 import pytest
 import tritonclient.http as triton
-from conftest import ROOT
 from skl2onnx import to_onnx
 from sklearn.datasets import load_wine
 from sklearn.ensemble import RandomForestClassifier
+from support import ROOT
 
 from bench.project import build_wheel, install_wheel
 from slimserve import __version__, cdk_cli

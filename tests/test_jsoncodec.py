@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MODELS, ROOT
+from support import MODELS, ROOT
 
 from slimserve.lambda_handlers import jsoncodec
 from slimserve.lambda_handlers.errors import InvalidInput

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from support import ROOT
 
 from slimserve.layers import builder
 from slimserve.layers.builder import LayerBuildError, build_layer
@@ -142,7 +142,7 @@ def test_the_function_answers_on_arm64_as_on_x86_64(runtime, model, path, body, 
     import types
 
     import numpy as np
-    from conftest import MODELS
+    from support import MODELS
 
     from slimserve.assets import function_bundle
     from slimserve.contract.apigw import response_body, rest_event

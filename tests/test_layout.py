@@ -3,7 +3,7 @@
 import ast
 import sys
 
-from conftest import ROOT
+from support import ROOT
 
 # boto3/botocore come with the Lambda Python runtime; orjson is an optional part of the layer.
 ALLOWED = {"numpy", "onnxruntime", "ai_edge_litert", "tflite_runtime", "orjson", "boto3", "botocore"}

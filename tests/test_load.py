@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, running_stack
+from support import ROOT, running_stack
 
 CLIENTS = 32
 SECONDS = float(os.environ.get("SLIMSERVE_LOAD_SECONDS", "30"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from conftest import FIXTURES, ROOT, running_stack
+from support import FIXTURES, ROOT, running_stack
 
 from slimserve.assets import function_bundle
 from slimserve.contract.apigw import rest_event

@@ -6,7 +6,7 @@ import json
 import onnx
 import pytest
 from aws_cdk import assertions
-from conftest import MODELS
+from support import MODELS
 
 from slimserve.cli import main
 from slimserve.config import ConfigError, load_config

@@ -9,8 +9,8 @@ import urllib.request
 
 import pytest
 from aws_cdk import aws_apigateway as apigw
-from conftest import ROOT
 from openapi_spec_validator import validate
+from support import ROOT
 
 from slimserve.config import load_config
 from slimserve.contract.openapi import openapi_document

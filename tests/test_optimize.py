@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import MODELS
+from support import MODELS
 
 from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.modeltools.optimize import OptimizeError, optimize

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import MODELS
+from support import MODELS
 
 from bench.project import infer, serving
 from slimserve import __version__

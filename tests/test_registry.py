@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS
 from onnx import helper, numpy_helper
+from support import MODELS
 
 from slimserve.lambda_handlers.runtimes import load_model
 from slimserve.registry.versions import Registry, RegistryError

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime
 import pytest
 from ai_edge_litert.interpreter import Interpreter
-from conftest import IDENTITY_TYPES, MODELS, ROOT
+from support import IDENTITY_TYPES, MODELS, ROOT
 
 from slimserve.lambda_handlers.datatypes import Signature, TensorSpec
 from slimserve.lambda_handlers.runtimes import (

@@ -16,8 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnx
 import pytest
-from conftest import MODELS, ROOT
 from onnx import TensorProto, helper
+from support import MODELS, ROOT
 from test_v2 import triton_request, triton_result
 
 from slimserve.lambda_handlers.batching import (

@@ -5,7 +5,7 @@ the synth otherwise, see test_stacks)."""
 
 import pytest
 from aws_cdk import assertions
-from conftest import ROOT
+from support import ROOT
 
 from slimserve.config import load_config
 from slimserve.stacks.app import build_app

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from aws_cdk import App, Stack, assertions
 from aws_cdk import aws_s3 as s3
-from conftest import ROOT
+from support import ROOT
 
 from slimserve import cdk_cli
 from slimserve.config import (

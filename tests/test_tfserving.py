@@ -4,8 +4,8 @@ import base64
 
 import numpy as np
 import pytest
-from conftest import call, identity_onnx
 from onnx import TensorProto
+from support import call, identity_onnx
 
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
 from slimserve.lambda_handlers.runtimes import OnnxModel

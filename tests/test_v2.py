@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from conftest import IDENTITY_TYPES, call, sample
+from support import IDENTITY_TYPES, call, sample
 
 from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
 

@@ -15,7 +15,7 @@ with atheris.instrument_imports():
     from slimserve.lambda_handlers.runtimes import OnnxModel
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])
-from conftest import IDENTITY_TYPES, identity_onnx  # noqa: E402
+from support import IDENTITY_TYPES, identity_onnx  # noqa: E402
 
 CORE = InferenceCore([ServedModel("identity", "1", runtime=OnnxModel(identity_onnx(IDENTITY_TYPES)))])
 DATATYPES = sorted(IDENTITY_TYPES)
