@@ -51,6 +51,7 @@ def test_registry_commands_without_a_running_stack_say_what_to_start(project):
                                                      "there; is the local stack running (`slimserve serve`)?\n")
 
 
+@pytest.mark.slow
 def test_registry_commands_find_the_projects_running_stack_on_its_free_s3_port(project):
     server = subprocess.Popen([sys.executable, "-m", "slimserve", "serve", "--port", str(free_port())], cwd=project,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -167,6 +168,7 @@ def test_int8_takes_models_that_import_the_default_opset_twice(cancer, capsys):
         assert (folder / model.replace(".onnx", ".int8.onnx")).is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options, expected", [(["--api-key", "from-the-flag"], "from-the-flag"), ([], "from-the-environment")])
 def test_serve_takes_a_pinned_api_key(project, options, expected):
     from bench.project import infer, serving

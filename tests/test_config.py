@@ -141,7 +141,7 @@ def test_more_sagemaker_models_than_one_stack_holds(folder):
         "CloudFormation caps at 500), found 9; split them across apps")
 
 
-def test_missing_file(tmp_path):
+def test_a_missing_config_file_is_named_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{tmp_path}/nope.toml: no such config file$"):
         load_config(tmp_path / "nope.toml")
 

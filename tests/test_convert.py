@@ -93,6 +93,7 @@ with torch.no_grad():
 """
 
 
+@pytest.mark.slow
 def test_small_pytorch_cnn_round_trips_through_the_cli_with_a_dynamic_batch(tmp_path):
     """PyTorch lives in its own venv (.venv-torch): the module is saved and converted there, and checked here."""
     saved = run_in_extra_venv("torch", "-c", TORCH_SCRIPT, str(tmp_path))

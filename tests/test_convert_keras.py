@@ -18,6 +18,8 @@ from slimserve.lambda_handlers.runtimes import TfliteModel
 from slimserve.modeltools.convert import ConvertError, convert_keras, load_keras
 from slimserve.modeltools.optimize import OptimizeError, optimize
 
+pytestmark = pytest.mark.slow
+
 # Trains a small conv net on the digits the test saved, and saves it with its predictions.
 TRAIN_SCRIPT = """
 import sys, numpy as np, keras

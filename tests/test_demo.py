@@ -2,10 +2,13 @@
 
 import io
 
+import pytest
 from support import ROOT
 
 from slimserve.cli.demo import run_demo
 from slimserve.config import load_config
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_serves_both_example_models_through_the_local_stack():

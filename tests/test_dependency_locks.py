@@ -23,6 +23,8 @@ from support import ROOT
 
 from slimserve.layers.builder import find_python
 
+pytestmark = pytest.mark.slow
+
 PYPI = "https://pypi.org/simple"
 LOCKS = sorted(ROOT.glob("requirements*.lock"))
 # The Python each lock is for (the venv the Makefile builds with it): python3.11, but LocalStack's.

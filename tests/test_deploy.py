@@ -15,6 +15,8 @@ from support import MODELS, ROOT
 
 from slimserve.local.s3 import free_port
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def localstack(tmp_path_factory):

@@ -53,7 +53,7 @@ def test_iris_onnx_agrees_with_the_scikit_learn_pipeline(iris_test_split):
     np.testing.assert_allclose(result["probabilities"], pipeline.predict_proba(test_x), rtol=1e-4, atol=1e-5)
 
 
-def test_cli_prints_accuracy(tmp_path, capsys):
+def test_examples_command_prints_each_models_held_out_accuracy(tmp_path, capsys):
     assert main(["examples", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"iris: wrote {tmp_path}/iris.onnx (") and lines[0].endswith("held-out accuracy 0.978 on 45 samples")

@@ -23,6 +23,8 @@ from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.local.s3 import LOCAL_CREDENTIALS, free_port, local_s3
 from slimserve.registry.store import model_key
 
+pytestmark = pytest.mark.slow
+
 IRIS = (MODELS / "iris.onnx").read_bytes()
 SHA = hashlib.sha256(IRIS).hexdigest()
 KEY = model_key("iris", SHA, "onnx")

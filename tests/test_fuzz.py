@@ -18,6 +18,8 @@ from slimserve.lambda_handlers.core import Request
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.registry.store import file_environment
 
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 MODELS = ["iris", "digits", "identity", "nope"]
 DATATYPES = sorted(IDENTITY_TYPES)

@@ -58,7 +58,7 @@ def test_store_layout_is_content_addressed_with_a_manifest(s3_store, stored_iris
     assert manifest["signature"]["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
 
 
-def test_rest_payload_1_fixture(iris_function, iris):
+def test_a_rest_api_event_answers_as_the_runtime(iris_function, iris):
     response = iris_function(fixture_event("apigw_rest_v1.json"), Context("req-rest"))
     assert response["statusCode"] == 200 and response["isBase64Encoded"] is False
     assert response["headers"] == {"Content-Type": "application/json"}
@@ -137,7 +137,7 @@ def test_body_marked_base64_that_is_not(iris_function):
     assert (response["statusCode"], body_of(response)) == (400, {"error": "body marked base64 is not valid base64: Only base64 data is allowed"})
 
 
-def test_logs_and_emf_metrics(iris_function, capsys):
+def test_each_request_writes_one_emf_record_and_a_failure_adds_a_log_line(iris_function, capsys):
     capsys.readouterr()
     iris_function(fixture_event("apigw_rest_v1.json"), Context("req-1"))
     iris_function(rest_event("POST", "/v2/models/iris/infer", b"{", {"Content-Type": "application/json"}), Context("req-2"))

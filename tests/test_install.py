@@ -20,6 +20,8 @@ from bench.project import build_wheel, install_wheel
 from slimserve import __version__, cdk_cli
 from slimserve.local.s3 import free_port
 
+pytestmark = pytest.mark.slow
+
 
 def _run(command, cwd, environment=None, timeout=600):
     result = subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)

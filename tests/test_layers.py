@@ -55,6 +55,7 @@ def test_bad_requests_name_the_problem(args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_slimming_that_breaks_imports_fails_the_build_and_leaves_no_layer(tmp_path, monkeypatch, onnx_layer):
     if not builder.find_python(onnx_layer.python_version):
         pytest.skip("needs the target python to smoke-test")
@@ -87,12 +88,14 @@ def arm64_layers():
     return {runtime: build_layer(runtime, ARM64_PYTHON, "arm64", out=LAYERS) for runtime in ("onnx", "tflite")}
 
 
+@pytest.mark.slow
 def test_arm64_layers_pass_their_smoke_test_under_qemu_and_are_stripped_where_the_recipe_says(arm64_layers):
     assert {layer.smoke for layer in arm64_layers.values()} == {f"passed {UNDER_QEMU}"}
     assert arm64_layers["tflite"].stripped == "stripped ai_edge_litert/libpywrap_litert_common.so"
     assert arm64_layers["onnx"].stripped == "nothing to strip"
 
 
+@pytest.mark.slow
 def test_arm64_python_debian_does_not_ship_is_reported_not_run(tmp_path):
     layer = build_layer("onnx", "3.12", "arm64", out=tmp_path)
     assert layer.smoke == ("not run: arm64 layer on a x86_64 machine, "
@@ -100,6 +103,7 @@ def test_arm64_python_debian_does_not_ship_is_reported_not_run(tmp_path):
     assert layer.stripped == "nothing to strip"
 
 
+@pytest.mark.slow
 def test_arm64_layer_without_qemu_says_what_to_install(tmp_path, monkeypatch):
     from slimserve.layers import foreign
 
@@ -111,6 +115,7 @@ def test_arm64_layer_without_qemu_says_what_to_install(tmp_path, monkeypatch):
     assert layer.stripped == "not stripped: the result could not be loaded here to check it"
 
 
+@pytest.mark.slow
 def test_a_slimming_that_breaks_an_arm64_library_fails_the_build(tmp_path, monkeypatch, arm64_layers):
     recipe = builder.RECIPES["tflite"]
     monkeypatch.setitem(builder.RECIPES, "tflite", builder.Recipe(recipe.requirements, recipe.python_versions,
@@ -129,6 +134,7 @@ json.dump(handler(json.load(open(sys.argv[1])), types.SimpleNamespace(aws_reques
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime, model, path, body", [
     ("onnx", "iris.onnx", "/v2/models/iris/infer",
      {"inputs": [{"name": "features", "datatype": "FP32", "shape": [3, 4],

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from support import ROOT, running_stack
 
+pytestmark = pytest.mark.slow
+
 CLIENTS = 32
 SECONDS = float(os.environ.get("SLIMSERVE_LOAD_SECONDS", "30"))
 RSS_GROWTH_MB = 10  # flat: an allocator's slack, not a leak

@@ -26,6 +26,8 @@ from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python
 from slimserve.local.s3 import free_port
 from slimserve.local.stack import layer_runtime
 
+pytestmark = pytest.mark.slow
+
 LAYERS = ROOT / "build" / "layers"
 
 
@@ -86,11 +88,17 @@ def test_tf_serving_row_and_columnar(stack, key, iris, iris_test_split):
     assert [row["label"] for row in rows["predictions"]] == labels == columns["outputs"]["label"]
 
 
-def test_api_gateway_limits(stack, key):
+def test_a_missing_or_wrong_api_key_is_forbidden_as_api_gateway_says_it(stack):
     assert http(stack, "GET", "/v2/models/iris")[:2] == (403, {"message": "Forbidden"})
     assert http(stack, "GET", "/v2/models/iris", headers={"x-api-key": "wrong"}) == (403, {"message": "Forbidden"})
+
+
+def test_a_body_past_api_gateways_10_mb_is_refused_as_api_gateway_says_it(stack, key):
     big = b" " * (10 * 1024 * 1024 + 1)
     assert http(stack, "POST", "/v2/models/iris/infer", big, key) == (413, {"message": "Request Too Long"})
+
+
+def test_an_unknown_model_is_a_404_naming_the_served_ones(stack, key):
     assert http(stack, "GET", "/v2/models/nope", headers=key) == (404, {"error": "unknown model 'nope'; served models: digits, iris"})
 
 

@@ -55,6 +55,7 @@ def function_environment(config) -> tuple[dict, list[str]]:
     return function["Properties"]["Environment"]["Variables"], sorted(shard.find_resources("AWS::Lambda::Version"))
 
 
+@pytest.mark.slow
 def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrained, tmp_path, s3_store, capsys):
     config = config_with(tmp_path)
     assert main(["lock", "--config", str(config.path), "--endpoint-url", s3_store.endpoint, "--bucket", registry.bucket]) == 0
@@ -70,6 +71,7 @@ def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrain
     assert app_stack.find_resources("Custom::CDKBucketDeployment") == {}  # the bytes are in the store already
 
 
+@pytest.mark.slow
 def test_a_new_locked_version_is_a_new_function_version(registry, retrained, tmp_path):
     config = config_with(tmp_path)
     write_lock(config, registry)

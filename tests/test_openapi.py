@@ -66,6 +66,7 @@ def test_the_local_gateway_serves_the_document_for_its_models(mixed_stack):
     assert served == json.loads(json.dumps(openapi_document(mixed_stack.gateway.url, ["iris", "iris-gpu"])))
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_through_the_contract(mixed_stack, tmp_path):
     gateway = mixed_stack.gateway
     result = subprocess.run(

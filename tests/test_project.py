@@ -19,6 +19,8 @@ from slimserve.cli import main, scaffold
 from slimserve.config import load_config
 from slimserve.stacks.context import CDK_CONTEXT
 
+pytestmark = pytest.mark.slow
+
 
 def test_init_scaffolds_a_project_that_checks(tmp_path, capsys):
     assert main(["init", str(tmp_path / "proj"), "--model", str(MODELS / "digits.tflite")]) == 0

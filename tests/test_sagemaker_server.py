@@ -94,7 +94,7 @@ def iris_server():
         yield url
 
 
-def test_ping_and_v2_json(iris_server, iris, iris_test_split):
+def test_ping_is_healthy_and_v2_json_answers_as_the_runtime(iris_server, iris, iris_test_split):
     test_x, _ = iris_test_split
     assert call(iris_server, "GET", "/ping")[:1] == (200,)
     body, _ = triton_request({"features": (test_x, "FP32")}, False, ["label", "probabilities"], False)
@@ -106,7 +106,7 @@ def test_ping_and_v2_json(iris_server, iris, iris_test_split):
 
 
 @pytest.mark.parametrize("with_length", [True, False], ids=["header-length", "parsed-length"])
-def test_v2_binary(iris_server, iris, iris_test_split, with_length):
+def test_v2_binary_answers_as_the_runtime_with_or_without_the_header_length(iris_server, iris, iris_test_split, with_length):
     test_x, _ = iris_test_split
     body, headers = triton_request({"features": (test_x[:7], "FP32")}, True, ["probabilities"], True)
     if not with_length:  # InvokeEndpoint carries no such header; the server finds the JSON header's end itself
@@ -117,7 +117,7 @@ def test_v2_binary(iris_server, iris, iris_test_split, with_length):
     np.testing.assert_array_equal(result.as_numpy("probabilities"), iris.run({"features": test_x[:7]}, ["probabilities"])["probabilities"])
 
 
-def test_tf_serving_body(iris_server, iris, iris_test_split):
+def test_a_tf_serving_body_is_known_by_its_content_type(iris_server, iris, iris_test_split):
     test_x, _ = iris_test_split
     status, _, raw = call(iris_server, "POST", "/invocations", json.dumps({"instances": test_x[:4].tolist()}).encode(),
                           {"Content-Type": "application/vnd.tfserving+json"})
@@ -336,7 +336,7 @@ def test_fixed_batch_sizes_do_not_pad_a_model_whose_output_spans_the_batch(iris_
                                       model.run({"features": test_x[:rows]}, ["out"])["out"])
 
 
-def test_batch_sizes_setting():
+def test_batch_sizes_are_powers_of_two_on_a_gpu_none_or_the_ones_listed():
     assert powers_of_two(32) == [1, 2, 4, 8, 16, 32] and powers_of_two(24) == [1, 2, 4, 8, 16, 24]
     def batch_sizes(environ, max_batch_size, on_gpu):
         return ServerSettings.from_environment({**environ, "SLIMSERVE_MAX_BATCH_SIZE": str(max_batch_size)}).fixed_batch_sizes(on_gpu)

@@ -307,6 +307,7 @@ def test_cdk_nag_fails_a_synth_with_an_unacknowledged_finding():
         app.synth()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["slimserve.toml", "examples/with-sagemaker.toml"])
 def test_cfn_lint_finds_no_errors(tmp_path, monkeypatch, config):
     from slimserve.cli import main
@@ -328,6 +329,7 @@ def test_app_entry_reports_config_errors_without_a_trace(tmp_path):
     assert result.stderr == f"error: {config}: models.iris.artifact: model file {tmp_path}/gone.onnx does not exist\n"
 
 
+@pytest.mark.slow
 def test_pinned_cdk_cli_synthesizes_offline_without_credentials(tmp_path):
     environment = {key: value for key, value in cdk_cli.environment().items() if not key.startswith("AWS_")}
     environment |= {"AWS_EC2_METADATA_DISABLED": "true", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_CONFIG_FILE": "/dev/null"}
@@ -451,6 +453,7 @@ def test_gpu_endpoint_role_reads_its_model_folder_and_writes_only_its_capture(gp
     assert by_action['"cloudwatch:PutMetricData"']["Condition"] == {"StringLike": {"cloudwatch:namespace": ["/aws/sagemaker/*"]}}
 
 
+@pytest.mark.slow
 def test_the_most_models_an_app_takes_stay_under_cloudformations_limits(tmp_path):
     (tmp_path / "iris.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
     models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(36)}  # with 8 below: all the API holds

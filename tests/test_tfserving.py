@@ -35,7 +35,7 @@ def test_row_format_with_one_output_gives_plain_values(core, digits, digits_test
 
 
 @pytest.mark.parametrize("inputs", ["bare", "named"])
-def test_columnar_format(core, iris, iris_test_split, inputs):
+def test_columnar_inputs_answer_as_the_runtime(core, iris, iris_test_split, inputs):
     test_x, _ = iris_test_split
     value = test_x[:6].tolist() if inputs == "bare" else {"features": test_x[:6].tolist()}
     status, body, _ = call(core, "POST", "/v1/models/iris:predict", {"inputs": value})
