@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml requirements.lock
 $(TEST_STAMP): $(STAMP) requirements-test.lock
 	$(BIN)/pip install $(PIP_QUIET) -r requirements-test.lock
 	$(BIN)/python -c "import pytest, cfnlint, hypothesis, schemathesis, atheris, setuptools, wheel"
-	$(BIN)/ruff --version
+	$(BIN)/ruff --version && $(BIN)/mypy --version
 	touch $@
 
 # A venv of its own for a heavy or conflicting part: $(call venv_from_lock,VENV,LOCK,MODULES[,editable]) makes it
@@ -86,10 +86,12 @@ demo: $(STAMP)
 	$(BIN)/slimserve demo --config examples/with-sagemaker.toml
 	$(BIN)/slimserve synth
 
-# ruff.toml's rules: lint everything, format the shipped code (tests and benches keep their tables as written).
+# ruff.toml's rules: lint everything, format the shipped code (tests and benches keep their tables as written);
+# mypy checks the runtime's types (pyproject.toml's [tool.mypy]).
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: lint $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LOCALSTACK_STAMP) qemu
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python \

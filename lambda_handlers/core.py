@@ -7,6 +7,7 @@ decoding, validation, the runtime call and error mapping live here once.
 
 import re
 import time
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -254,7 +255,7 @@ def _version_order(version: str):
 
 
 # Each route's action, by name: checked here, at import, so a renamed method cannot become a 500 at request time.
-ACTIONS = {
+ACTIONS: dict[str, Callable[..., Response]] = {
     "live": InferenceCore._live,
     "server_ready": InferenceCore._server_ready,
     "server_metadata": InferenceCore._server_metadata,

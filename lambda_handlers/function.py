@@ -92,8 +92,10 @@ class ModelSource(NamedTuple):
                     data = file.read()
             except OSError as exc:
                 raise ModelSourceError(f"cannot read {self.path}: {exc.strerror}") from None
-        else:
+        elif self.bucket and self.key:
             data = _s3_get(self.bucket, self.key)
+        else:
+            raise ModelSourceError("no file and no S3 bucket and key to read the model from")
         digest = hashlib.sha256(data).hexdigest()
         if self.sha256 and digest != self.sha256:
             raise ModelSourceError(

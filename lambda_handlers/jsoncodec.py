@@ -13,7 +13,7 @@ try:
 except ImportError:  # the layer may leave it out; everything still works, slower
     import json
 
-    orjson = None
+    orjson = None  # type: ignore[assignment]
 
 MAX_JSON_DEPTH = 64
 

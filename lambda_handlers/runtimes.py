@@ -36,7 +36,7 @@ class ModelLoadError(Exception):
 
 
 def _source_label(source) -> str:
-    return source if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>"
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else f"<{len(source)} bytes>"
 
 
 class OnnxModel:

@@ -45,7 +45,7 @@ from .contract import (
     SERVER_HOST,
     endpoint_routes,
 )
-from .core import InferenceCore, Request, Response, ServedModel
+from .core import InferenceCore, Request, Response, Runtime, ServedModel
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
@@ -81,9 +81,9 @@ class ServerSettings:
         if search not in CONV_ALGO_SEARCHES:
             raise ModelLoadError(f"{search_key} is {search!r}; expected one of {', '.join(CONV_ALGO_SEARCHES)}")
         return cls(
-            max_batch_size=_whole_number(environ, "SLIMSERVE_MAX_BATCH_SIZE", cls.max_batch_size),
+            max_batch_size=_whole_number(environ, "SLIMSERVE_MAX_BATCH_SIZE") or cls.max_batch_size,
             batch_sizes=_batch_sizes(environ.get("SLIMSERVE_BATCH_SIZES", "auto").strip()),
-            workers=_whole_number(environ, "SLIMSERVE_BATCH_WORKERS", cls.workers),
+            workers=_whole_number(environ, "SLIMSERVE_BATCH_WORKERS"),
             max_queue_delay_ms=_milliseconds(environ, "SLIMSERVE_MAX_QUEUE_DELAY_MS", cls.max_queue_delay_ms),
             conv_algo_search=search,
             tensorrt=environ.get("SLIMSERVE_TENSORRT") == "1",
@@ -128,10 +128,11 @@ def _batch_sizes(setting: str) -> tuple[int, ...] | None:
     return tuple(sorted(set(sizes)))
 
 
-def _whole_number(environ, key: str, default: int | None) -> int | None:
+def _whole_number(environ, key: str) -> int | None:
+    """The setting, None where it is not set."""
     setting = environ.get(key)
     if setting is None:
-        return default
+        return None
     if not setting.isdigit() or int(setting) < 1:
         raise ModelLoadError(f"{key} is {setting!r}; expected a whole number of 1 or more")
     return int(setting)
@@ -173,8 +174,9 @@ def load(environ) -> ServedModel:
             import onnxruntime
 
             providers = settings.onnx_providers(onnxruntime.get_available_providers())
-            runtime = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
-            used = runtime.session.get_providers()[0]
+            onnx_model = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
+            runtime: Runtime = onnx_model
+            used = onnx_model.session.get_providers()[0]
             on_gpu = used != "CPUExecutionProvider"
             telemetry.log(
                 "INFO" if on_gpu else "WARNING",
@@ -216,7 +218,8 @@ class SageMakerServer(wire.Server):
         self.model = model
         self.core = InferenceCore([model])
         self.routes = set(endpoint_routes(model.name, model.version))
-        self.arriving = model.runtime.arriving if model.ready else contextlib.nullcontext
+        self.batching = model.runtime if isinstance(model.runtime, BatchingModel) else None
+        self.arriving = self.batching.arriving if self.batching else contextlib.nullcontext
         super().__init__((host, port), _Handler)
 
     def invoke(self, headers: dict[str, str], body: bytes) -> Response:
@@ -279,11 +282,11 @@ class _Handler(wire.Handler):
             if model.ready:
                 return self._send(200, b'{"status":"healthy"}')
             return self._send(503, json.dumps({"status": "unhealthy", "error": model.failure}).encode())
-        if self.path == "/stats" and model.ready:
-            runtime = model.runtime
-            stats = {"requests": runtime.requests, "runtime_calls": runtime.runtime_calls}
-            if isinstance(runtime.runtime, FixedBatchSizes):
-                stats["runtime_calls_by_batch_size"] = runtime.runtime.calls_by_size
+        batching = self.server.batching
+        if self.path == "/stats" and batching is not None:
+            stats = {"requests": batching.requests, "runtime_calls": batching.runtime_calls}
+            if isinstance(batching.runtime, FixedBatchSizes):
+                stats["runtime_calls_by_batch_size"] = batching.runtime.calls_by_size
             return self._send(200, json.dumps(stats).encode())
         self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
 

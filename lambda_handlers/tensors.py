@@ -126,7 +126,7 @@ def fit_to_shape(name: str, array: np.ndarray, shape) -> np.ndarray:
 
 def bytes_to_utf8(array: np.ndarray) -> list:
     """BYTES outputs as JSON strings (flat); raw bytes that are not UTF-8 come back base64 encoded."""
-    out = []
+    out: list[str | dict[str, str]] = []
     for item in array.reshape(-1):
         raw = item if isinstance(item, bytes) else str(item).encode()
         try:

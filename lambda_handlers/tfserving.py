@@ -58,11 +58,10 @@ def parse_predict(body: bytes, signature: Signature) -> PredictRequest:
         columns = _named_values(request["inputs"], signature, "'inputs'")
 
     inputs = {}
-    for name, value in columns.items():
-        spec = signature.input(name)
-        array = json_to_array(name, value, spec.datatype)
+    for spec in signature.inputs:  # the values name exactly these inputs: _named_values made sure
+        array = json_to_array(spec.name, columns[spec.name], spec.datatype)
         check_spec(spec, spec.datatype, array.shape)
-        inputs[name] = array
+        inputs[spec.name] = array
     return PredictRequest(inputs, row_format="instances" in request)
 
 

@@ -198,10 +198,11 @@ def encode_infer(
     model_name: str, model_version: str, request: InferRequest, results: dict[str, np.ndarray], signature: Signature
 ) -> tuple[bytes, dict[str, str]]:
     outputs, chunks = [], []
+    datatypes = {spec.name: spec.datatype for spec in signature.outputs}
     for wanted in request.outputs:
         array = results[wanted.name]
-        datatype = signature.output(wanted.name).datatype
-        entry = {"name": wanted.name, "datatype": datatype, "shape": list(array.shape)}
+        datatype = datatypes[wanted.name]
+        entry: dict[str, object] = {"name": wanted.name, "datatype": datatype, "shape": list(array.shape)}
         if wanted.binary:
             raw = _pack_bytes(array) if datatype == "BYTES" else np.ascontiguousarray(array).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
