@@ -35,6 +35,10 @@ INSTANCE_FAMILIES = (
     "m7i",
     "r5",  # CPU, for models too large for Lambda
 )
+# Families whose ML storage is local NVMe instance store, encrypted by the hardware: SageMaker refuses a KmsKeyId
+# for them. The others keep it on an EBS volume, which the model store's key encrypts.
+INSTANCE_STORE_FAMILIES = ("g4dn", "g5", "g6", "g6e", "p4d", "p5")
+EBS_FAMILIES = tuple(family for family in INSTANCE_FAMILIES if family not in INSTANCE_STORE_FAMILIES)
 API_GATEWAY_TIMEOUT_S = 29
 # REST API resources a model's routes take (stacks/api.py); API Gateway allows 300 per API by
 # default, and the server's own routes take 8 of them
@@ -167,6 +171,13 @@ class SageMakerSettings:
         None,
         "the serving container's image URI",
     )
+    network_isolation: bool = _rule(
+        _bool(), True, "the container reaches no network (slimserve's own image needs none; an image of yours may)"
+    )
+
+    @property
+    def family(self) -> str:
+        return INSTANCE_TYPE.fullmatch(self.instance_type)["family"]
 
 
 @dataclass(frozen=True)
@@ -391,8 +402,7 @@ def _check_sagemaker(reader: _Reader, where: str, values: dict) -> None:
     if values["format"] != "onnx":
         reader.fail(f"{where}.format", f"target 'sagemaker' serves ONNX models, found {values['format']!r}")
     settings: SageMakerSettings = values["sagemaker"]
-    family = INSTANCE_TYPE.fullmatch(settings.instance_type)["family"]
-    if family not in INSTANCE_FAMILIES:
+    if settings.family not in INSTANCE_FAMILIES:
         reader.fail(
             f"{where}.sagemaker.instance_type",
             f"expected an instance family among {', '.join(INSTANCE_FAMILIES)}, found {settings.instance_type!r}",

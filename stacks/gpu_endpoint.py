@@ -12,7 +12,7 @@ from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 from slimserve.assets import serving_context
-from slimserve.config import ModelConfig
+from slimserve.config import EBS_FAMILIES, ModelConfig
 from slimserve.lambda_handlers.contract import MODEL_DIR, model_environment
 from slimserve.registry.store import StoredModel
 
@@ -148,6 +148,7 @@ class GpuEndpoint(Construct):
             self,
             "Model",
             execution_role_arn=self.role.role_arn,
+            enable_network_isolation=model.sagemaker.network_isolation,
             primary_container=sagemaker.CfnModel.ContainerDefinitionProperty(
                 image=image_uri,
                 model_data_source=sagemaker.CfnModel.ModelDataSourceProperty(
@@ -173,9 +174,12 @@ class GpuEndpoint(Construct):
         """One variant of the configured instances, capturing the configured share of requests into the store."""
         settings = props.model.sagemaker
         capture = settings.data_capture_percent
+        key_arn = props.store.key.key_arn if props.store.key else None
+        volume_key = key_arn if settings.family in EBS_FAMILIES else None
         config = sagemaker.CfnEndpointConfig(
             self,
             "Config",
+            kms_key_id=volume_key,
             production_variants=[
                 sagemaker.CfnEndpointConfig.ProductionVariantProperty(
                     variant_name=VARIANT,
@@ -188,20 +192,11 @@ class GpuEndpoint(Construct):
                 enable_capture=capture > 0,
                 initial_sampling_percentage=max(capture, 1),  # SageMaker wants 1..100 even when capture is off
                 destination_s3_uri=props.store.bucket.s3_url_for_object(capture_prefix),
-                kms_key_id=props.store.key.key_arn if props.store.key else None,
+                kms_key_id=key_arn,
                 capture_options=[
                     sagemaker.CfnEndpointConfig.CaptureOptionProperty(capture_mode=mode) for mode in ("Input", "Output")
                 ],
             ),
-        )
-        acknowledge(
-            config,
-            {
-                "AwsSolutions-SM2": (
-                    "GPU instance types with local NVMe storage refuse a volume KmsKeyId; their instance "
-                    "storage is encrypted by hardware, and captured data is encrypted with the store's key"
-                ),
-            },
         )
         return config
 

@@ -363,6 +363,51 @@ def test_sagemaker_models_without_an_image_get_slimserves_own_built_at_deploy(tm
     assert "cdk-hnb659fds-container-assets-" in json.dumps(pull["Resource"])  # that repository only
 
 
+def sagemaker_template(folder, sagemaker: dict, encryption: str = "kms") -> assertions.Template:
+    (folder / "big.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    config = parse_config({"app": {"name": "sm", "model_store_encryption": encryption}, "models": {"big": {
+        "format": "onnx", "artifact": "big.onnx", "target": "sagemaker", "sagemaker": sagemaker}}}, folder / "slimserve.toml")
+    return assertions.Template.from_stack(stack_for(config))
+
+
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/mine:1"
+
+
+@pytest.mark.parametrize("sagemaker, isolated", [
+    ({}, True),  # slimserve's own image reads only /opt/ml/model
+    ({"image": IMAGE}, True),
+    ({"image": IMAGE, "network_isolation": False}, False),  # an image of yours that must reach the network
+], ids=["own-image", "your-image", "your-image-with-network"])
+def test_sagemaker_models_run_network_isolated_unless_the_config_says_otherwise(tmp_path, sagemaker, isolated):
+    (model,) = sagemaker_template(tmp_path, sagemaker).find_resources("AWS::SageMaker::Model").values()
+    assert model["Properties"]["EnableNetworkIsolation"] is isolated
+
+
+@pytest.mark.parametrize("instance_type, volume_encrypted", [
+    ("ml.c5.xlarge", True), ("ml.inf2.xlarge", True), ("ml.p3.2xlarge", True), ("ml.m7i.large", True),  # EBS volumes
+    ("ml.g5.xlarge", False), ("ml.g6e.xlarge", False), ("ml.p4d.24xlarge", False),  # NVMe instance store: no KmsKeyId
+])
+def test_endpoint_volumes_are_encrypted_with_the_stores_key_where_the_family_takes_a_key(tmp_path, instance_type, volume_encrypted):
+    (config,) = sagemaker_template(tmp_path, {"instance_type": instance_type}).find_resources("AWS::SageMaker::EndpointConfig").values()
+    properties = config["Properties"]
+    key = properties["DataCaptureConfig"]["KmsKeyId"]  # captured data: the store's key on every family
+    assert key["Fn::GetAtt"][0].startswith("ModelStoreKey") and key["Fn::GetAtt"][1] == "Arn"
+    assert properties.get("KmsKeyId") == (key if volume_encrypted else None)
+
+
+def test_every_instance_family_is_either_ebs_or_instance_store():
+    from slimserve.config import EBS_FAMILIES, INSTANCE_FAMILIES, INSTANCE_STORE_FAMILIES
+
+    assert sorted(EBS_FAMILIES + INSTANCE_STORE_FAMILIES) == sorted(INSTANCE_FAMILIES)
+    assert set(EBS_FAMILIES) == {"p3", "inf2", "c5", "c6i", "c7i", "m5", "m6i", "m7i", "r5"}
+
+
+def test_an_s3_managed_store_sets_no_key_on_the_endpoint(tmp_path):
+    (config,) = sagemaker_template(tmp_path, {"instance_type": "ml.c5.xlarge"}, "s3-managed").find_resources(
+        "AWS::SageMaker::EndpointConfig").values()
+    assert "KmsKeyId" not in config["Properties"] and "KmsKeyId" not in config["Properties"]["DataCaptureConfig"]
+
+
 def test_sagemaker_models_answer_on_the_api_through_invoke_endpoint(gpu_template):
     methods = [m["Properties"] for m in gpu_template.find_resources("AWS::ApiGateway::Method").values()
                if m["Properties"]["Integration"].get("Type") == "AWS"]
