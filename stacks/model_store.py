@@ -13,6 +13,7 @@ from constructs import Construct
 from slimserve.config import ENCRYPTIONS, AppConfig
 from slimserve.registry.store import StoredModel
 
+from .keys import new_key
 from .nag import acknowledge, logical_id, managed_policy
 
 # The bootstrap's asset bucket, as cdk-nag writes it into findings
@@ -64,15 +65,7 @@ class ModelStore(Construct):
             self.bucket, self.key, self.access_logs = props.existing_bucket, props.existing_key, None
             return
         self.key = (
-            kms.Key(
-                self,
-                "Key",
-                enable_key_rotation=True,
-                removal_policy=props.removal_policy,
-                description="slimserve model store",
-            )
-            if props.encryption == "kms"
-            else None
+            new_key(self, "Key", "slimserve model store", props.removal_policy) if props.encryption == "kms" else None
         )
         self.access_logs = s3.Bucket(
             self,

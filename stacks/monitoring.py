@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING
 
 import aws_cdk as cdk
 import cdk_monitoring_constructs as monitoring
+from aws_cdk import RemovalPolicy
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
@@ -25,6 +26,8 @@ from slimserve.lambda_handlers.contract import (
     REQUESTS,
     SERVER_ERROR_KINDS,
 )
+
+from .keys import new_key
 
 if TYPE_CHECKING:
     from .gpu_endpoint import GpuEndpoint
@@ -73,7 +76,7 @@ class ModelMonitoring(Construct):
         )
 
     def _topic(self, props: ModelMonitoringProps) -> tuple[kms.Key, sns.Topic]:
-        key = kms.Key(self, "TopicKey", enable_key_rotation=True, description=f"{props.app_name} alarm topic")
+        key = new_key(self, "TopicKey", f"{props.app_name} alarm topic", RemovalPolicy.RETAIN)
         # CloudWatch publishes alarms into the encrypted topic, so it must be able to use the key
         key.add_to_resource_policy(
             iam.PolicyStatement(

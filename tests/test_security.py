@@ -16,19 +16,24 @@ NO_RESOURCE_LEVEL = {"cloudwatch:PutMetricData", "ecr:GetAuthorizationToken", "x
 GRANT_FAMILIES = {"kms:GenerateDataKey*", "kms:ReEncrypt*", "s3:Abort*", "s3:DeleteObject*", "s3:GetBucket*", "s3:GetObject*", "s3:List*"}
 
 
-def statements(config_file: str):
+def resources(config_file: str):
+    """(logical id, resource) for every resource of the app, its nested stacks' included."""
     config = load_config(ROOT / config_file)
     stack = build_app(config).node.find_child(config.name)
     for part in (stack, *stack.shards):
-        for logical_id, resource in assertions.Template.from_stack(part).to_json()["Resources"].items():
-            documents = []
-            if resource["Type"] == "AWS::IAM::Policy":
-                documents.append(resource["Properties"]["PolicyDocument"])
-            elif resource["Type"] == "AWS::IAM::Role":
-                documents += [policy["PolicyDocument"] for policy in resource["Properties"].get("Policies", [])]
-            for document in documents:
-                for statement in document["Statement"]:
-                    yield logical_id, statement
+        yield from assertions.Template.from_stack(part).to_json()["Resources"].items()
+
+
+def statements(config_file: str):
+    for logical_id, resource in resources(config_file):
+        documents = []
+        if resource["Type"] == "AWS::IAM::Policy":
+            documents.append(resource["Properties"]["PolicyDocument"])
+        elif resource["Type"] == "AWS::IAM::Role":
+            documents += [policy["PolicyDocument"] for policy in resource["Properties"].get("Policies", [])]
+        for document in documents:
+            for statement in document["Statement"]:
+                yield logical_id, statement
 
 
 def as_list(value) -> list:
@@ -69,3 +74,16 @@ def test_every_iam_statement_is_scoped_to_exact_resources(config_file):
                 assert resource.count("*") == 1 and resource.endswith("*"), (logical_id, resource)
                 assert any(prefix in resource for prefix in PREFIXES), (logical_id, resource)
     assert walked > 10
+
+
+@pytest.mark.parametrize("config_file", ["slimserve.toml", "examples/with-sagemaker.toml"])
+def test_only_aws_services_may_create_grants_on_every_key(config_file):
+    """AWS Control Tower's CT.KMS.PR.3, as its rule reads: a Deny of kms:CreateGrant to every principal unless the grant
+    is for an AWS resource or the caller an AWS service (SageMaker's grants for endpoint volumes pass)."""
+    keys = [resource for _, resource in resources(config_file) if resource["Type"] == "AWS::KMS::Key"]
+    assert len(keys) == 2  # the model store's and the alarm topic's
+    for key in keys:
+        assert {"Effect": "Deny", "Principal": {"AWS": "*"}, "Action": "kms:CreateGrant", "Resource": "*",
+                "Condition": {"BoolIfExists": {"kms:GrantIsForAWSResource": "false", "aws:PrincipalIsAWSService": "false"}},
+                } in key["Properties"]["KeyPolicy"]["Statement"]
+        assert key["Properties"]["EnableKeyRotation"] is True
