@@ -189,13 +189,26 @@ class ModelRoutes(Construct):
         self.validator = apigw.RequestValidator.from_request_validator_id(
             self, "Validator", api.validator.request_validator_id
         )
+        self.rest_api_id, self.stage_name = api.api.rest_api_id, api.props.stage_name
         self.models: list[tuple[str, str]] = []
 
     def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> None:
         """The model's routes, proxied to `target` (its `live` alias)."""
         options, reason = self._auth(name, auth)
-        # one invoke permission for the whole API instead of two per method keeps stacks small
-        integration = apigw.LambdaIntegration(target, proxy=True, scope_permission_to_method=False)
+        stack = cdk.Stack.of(self)
+        # LambdaIntegration would let any stage, method and path of the API invoke the function: the permissions below
+        # name the stage and this model's routes only
+        integration = apigw.Integration(
+            type=apigw.IntegrationType.AWS_PROXY,
+            integration_http_method="POST",
+            uri=stack.format_arn(
+                service="apigateway",
+                account="lambda",
+                resource="path/2015-03-31/functions",
+                resource_name=f"{target.function_arn}/invocations",
+                arn_format=cdk.ArnFormat.SLASH_RESOURCE_NAME,
+            ),
+        )
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
         routes = [  # five resources a model: API Gateway allows 300 per API by default
@@ -205,9 +218,20 @@ class ModelRoutes(Construct):
             (v1.add_resource("{proxy+}"), "ANY"),  # metadata, versions/{v}[/metadata|:predict]
             (self.models_v1.add_resource(f"{name}:predict"), "POST"),
         ]
-        for resource, method in routes:
+        for index, (resource, method) in enumerate(routes):
             resource.add_method(method, integration, **options)
             _acknowledge_auth(resource, reason, iam_authorised=auth == "iam")
+            path = resource.path.replace("{proxy+}", "*")
+            target.add_permission(
+                f"ApiRoute{index}",
+                principal=iam.ServicePrincipal("apigateway.amazonaws.com"),
+                source_arn=stack.format_arn(
+                    service="execute-api",
+                    resource=self.rest_api_id,
+                    resource_name=f"{self.stage_name}/{'*' if method == 'ANY' else method}{path}",
+                    arn_format=cdk.ArnFormat.SLASH_RESOURCE_NAME,
+                ),
+            )
         self.models.append((name, auth))
 
     def add_endpoint_model(self, name: str, endpoint_name: str, version: str, auth: str) -> None:

@@ -208,6 +208,20 @@ def test_one_function_per_model_from_its_config(shard):
     template.has_resource_properties("AWS::Logs::LogGroup", {"RetentionInDays": 30})
 
 
+def test_only_the_models_own_routes_on_the_deployed_stage_may_invoke_its_function(shard):
+    permissions = shard.find_resources("AWS::Lambda::Permission")
+    by_function = {}
+    for permission in permissions.values():
+        properties = permission["Properties"]
+        assert (properties["Action"], properties["Principal"]) == ("lambda:InvokeFunction", "apigateway.amazonaws.com")
+        by_function.setdefault(properties["FunctionName"]["Ref"], []).append(properties["SourceArn"]["Fn::Join"][1][-1])
+    iris = next(suffixes for function, suffixes in by_function.items() if function.startswith("ModelirisLive"))
+    assert sorted(iris) == sorted([
+        "/prod/GET/v2/models/iris", "/prod/*/v2/models/iris/*", "/prod/GET/v1/models/iris", "/prod/*/v1/models/iris/*",
+        "/prod/POST/v1/models/iris:predict"])
+    assert len(by_function) == 2 and all(len(suffixes) == 5 for suffixes in by_function.values())
+
+
 def test_models_share_one_layer_per_runtime(shard):
     template = shard
     layers = template.find_resources("AWS::Lambda::LayerVersion", {"Properties": {"Description": Match.string_like_regexp("^slimserve ")}})
