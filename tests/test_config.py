@@ -175,3 +175,12 @@ def test_nested_tables_merge_with_the_defaults_key_by_key(tmp_path):
     assert (big.alarms.p99_latency_ms, big.alarms.throttles) == (500, 5)
     assert (other.sagemaker.instance_type, other.sagemaker.max_instances, other.alarms.p99_latency_ms) == ("ml.c5.xlarge", 4, 500)
     assert (small.target, small.sagemaker, small.alarms.p99_latency_ms) == ("lambda", None, 500)
+
+
+def test_check_says_a_single_instance_endpoint_is_an_outage_when_it_fails(capsys):
+    assert main(["check", "--config", str(ROOT / "examples" / "with-sagemaker.toml")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    gpu = out.index(next(line for line in out if line.startswith("  iris-gpu: ")))
+    assert out[gpu + 1] == ("    note: models.iris-gpu.sagemaker.min_instances is 1: an instance that fails is an outage until "
+                            "SageMaker replaces it; 2 or more spread the endpoint across Availability Zones")
+    assert sum("note:" in line for line in out) == 1  # the Lambda twin runs across Availability Zones by itself

@@ -80,6 +80,11 @@ def _check(args) -> int:
     for model in config.models:
         where = model.sagemaker.instance_type if model.sagemaker else f"{model.memory_mb} MB {model.architecture}"
         print(f"  {model.name}: {model.format} {model.artifact} -> {model.target} ({where}), auth {model.auth}")
+        if model.sagemaker and model.sagemaker.min_instances == 1:
+            print(
+                f"    note: models.{model.name}.sagemaker.min_instances is 1: an instance that fails is an outage "
+                "until SageMaker replaces it; 2 or more spread the endpoint across Availability Zones"
+            )
     return 0
 
 
