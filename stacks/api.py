@@ -26,7 +26,7 @@ from slimserve.lambda_handlers.contract import (
 )
 
 from .defaults import log_retention
-from .nag import acknowledge, managed_policy
+from .nag import acknowledge, control, managed_policy
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,15 @@ class InferenceApi(Construct):
             deployment.node.add_dependency(group)
         self.access_logs = logs.LogGroup(
             self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+        )
+        acknowledge(
+            self.access_logs,
+            {
+                control("cloudwatch_log_group_retention_period_check"): (
+                    "kept for the config's log_retention_days (30 by default): access logs are for debugging, not audit"
+                ),
+                control("cloudwatch_log_group_encrypted_check"): "encrypted by CloudWatch Logs' own service key",
+            },
         )
         self.stage = apigw.Stage(
             self,

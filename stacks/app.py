@@ -21,6 +21,7 @@ from .gpu_endpoint import GpuEndpoint, GpuEndpointProps, serving_image
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
+from .nag import ControlTowerControls
 
 
 def _api_alarms(config: AppConfig) -> Alarms:
@@ -173,5 +174,5 @@ def build_app(config: AppConfig, app: cdk.App | None = None) -> cdk.App:
         description=f"slimserve app {config.name}: {len(config.models)} models",
     )
     # AWS's own rule packs judge every synth; a finding without a reasoned suppression fails it
-    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app), ServerlessChecks(app))
+    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app), ServerlessChecks(app), ControlTowerControls())
     return app

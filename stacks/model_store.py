@@ -14,7 +14,7 @@ from slimserve.config import ENCRYPTIONS, AppConfig
 from slimserve.registry.store import StoredModel
 
 from .keys import new_key
-from .nag import acknowledge, logical_id, managed_policy
+from .nag import acknowledge, control, logical_id, managed_policy
 
 # The bootstrap's asset bucket, as cdk-nag writes it into findings
 CDK_ASSETS_BUCKET = "arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>"
@@ -96,6 +96,30 @@ class ModelStore(Construct):
             ],
             removal_policy=props.removal_policy,
         )
+        no_reader = "nothing reacts to a new object: the registry and deploys read the store when they need it"
+        acknowledge(
+            self.bucket,
+            {
+                control("s3_bucket_object_lock_enabled_check"): (
+                    "object lock would keep versions past the noncurrent expiry that bounds the store's cost"
+                ),
+                control("s3_event_notifications_enabled_check"): no_reader,
+            },
+        )
+        if self.key is None:
+            acknowledge(self.bucket, {control("s3_bucket_default_encryption_kms_check"): "SSE-S3, as the props ask"})
+        acknowledge(
+            self.access_logs,
+            {
+                control("s3_bucket_default_encryption_kms_check"): "S3 server access logging cannot write to SSE-KMS",
+                control("s3_bucket_versioning_enabled_check"): "log objects are written once and never overwritten",
+                control(
+                    "s3_bucket_logging_enabled_check"
+                ): "the access-log bucket would log its own writes into itself",
+                control("s3_bucket_object_lock_enabled_check"): "access logs expire after a year by the lifecycle rule",
+                control("s3_event_notifications_enabled_check"): no_reader,
+            },
+        )
 
     def grant_read_model(self, grantee: iam.IGrantable, stored: StoredModel) -> None:
         """Read one model version's object, and decrypt it: all a function serving it needs (bucket.grant_read
@@ -176,5 +200,6 @@ class ModelStore(Construct):
                     "a CloudFormation custom resource: CloudFormation reports and retries its failures"
                 ),
                 "Serverless-LambdaTracing": "a deploy-time custom resource, not on any request path",
+                control("lambda_inside_vpc_check"): "copies between two S3 buckets at deploy time; it needs no VPC",
             },
         )

@@ -321,6 +321,28 @@ def test_cdk_nag_fails_a_synth_with_an_unacknowledged_finding():
         app.synth()
 
 
+def test_control_towers_proactive_controls_fail_a_synth_with_an_unacknowledged_violation(tmp_path):
+    """cfn-guard runs AWS Control Tower's rules in every synth: a log group kept a week (CT.CLOUDWATCH.PR.2), which
+    cdk-nag lets pass, fails it, and the report names the rule and the construct."""
+    from aws_cdk import aws_logs as logs
+
+    from slimserve.stacks.context import CDK_CONTEXT
+
+    config = load_config(ROOT / "slimserve.toml")
+    app = build_app(config, App(outdir=str(tmp_path), context=CDK_CONTEXT))
+    logs.LogGroup(app.node.find_child(config.name), "Short", retention=logs.RetentionDays.ONE_WEEK)
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    report = json.loads((tmp_path / "validation-report.json").read_text())
+    failing = {(plugin["pluginName"], violation["ruleName"], construct["constructPath"])
+               for plugin in report["pluginReports"] for violation in plugin["violations"]
+               for construct in violation["violatingConstructs"]}
+    assert failing == {
+        ("cdk-validator-cfnguard", "cloudwatch_log_group_retention_period_check", "slimserve-demo/Short/Resource"),
+        ("cdk-validator-cfnguard", "cloudwatch_log_group_encrypted_check", "slimserve-demo/Short/Resource"),
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["slimserve.toml", "examples/with-sagemaker.toml"])
 def test_cfn_lint_finds_no_errors(tmp_path, monkeypatch, config):
