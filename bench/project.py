@@ -52,8 +52,9 @@ def _timed(command: list[str], cwd: Path, environment: dict | None = None) -> fl
 
 
 @contextlib.contextmanager
-def serving(slimserve: list[str], config: Path, environment: dict | None = None, options=()) -> Iterator[tuple[int, str]]:
-    """`slimserve serve` of a config on free ports, run from its folder, until the `with` ends: (port, API key)."""
+def serving(slimserve: list[str], config: Path, environment: dict | None = None, options=()) -> Iterator[tuple[int, str | None]]:
+    """`slimserve serve` of a config on free ports, run from its folder, until the `with` ends: (port, API key, None
+    where no model asks for one)."""
     port = free_port()
     server = subprocess.Popen([*slimserve, "serve", "--config", str(config), "--port", str(port), "--s3-port", str(free_port()),
                                *options],
@@ -62,8 +63,8 @@ def serving(slimserve: list[str], config: Path, environment: dict | None = None,
         lines = []
         for line in server.stdout:
             lines.append(line)
-            if line.startswith("API key"):
-                yield port, line.split()[-1]
+            if line.startswith("ready"):
+                yield port, next((seen.split()[-1] for seen in lines if seen.startswith("API key")), None)
                 return
         raise RuntimeError(f"slimserve serve of {config} exited ({server.wait()}):\n{''.join(lines)[-3000:]}")
     finally:
@@ -71,9 +72,9 @@ def serving(slimserve: list[str], config: Path, environment: dict | None = None,
         server.communicate(timeout=60)
 
 
-def infer(port: int, key: str, model: str, body: dict) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json.dumps(body).encode(),
-                                     {"x-api-key": key, "Content-Type": "application/json"})
+def infer(port: int, key: str | None, model: str, body: dict) -> dict:
+    headers = {"Content-Type": "application/json"} | ({"x-api-key": key} if key else {})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/{model}/infer", json.dumps(body).encode(), headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 

@@ -175,6 +175,8 @@ def test_serve_takes_a_pinned_api_key(project, options, expected):
 
     flower = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
     environment = {**os.environ, "SLIMSERVE_API_KEY": "from-the-environment"}
+    config = project / "slimserve.toml"
+    config.write_text(config.read_text().replace('auth = "iam"', 'auth = "api_key"'))  # a model that asks for the key
     with serving([sys.executable, "-m", "slimserve"], project / "slimserve.toml", environment, options) as (port, key):
         assert key == expected
         assert infer(port, key, "iris", flower)["outputs"][0]["data"] == [0]

@@ -184,3 +184,19 @@ def test_check_says_a_single_instance_endpoint_is_an_outage_when_it_fails(capsys
     assert out[gpu + 1] == ("    note: models.iris-gpu.sagemaker.min_instances is 1: an instance that fails is an outage until "
                             "SageMaker replaces it; 2 or more spread the endpoint across Availability Zones")
     assert sum("note:" in line for line in out) == 1  # the Lambda twin runs across Availability Zones by itself
+
+
+def test_check_warns_once_that_an_api_key_meters_and_does_not_authenticate(capsys, folder):
+    assert main(["check", "--config", str(ROOT / "slimserve.toml")]) == 0
+    assert capsys.readouterr().err == (
+        'warning: iris, digits: auth "api_key" meters and throttles callers, it does not authenticate them (every such '
+        'model shares one key, sent as a plain header); auth = "iam" requires AWS credentials (README, "Authentication")\n')
+    (folder / "iris.onnx").write_bytes((ROOT / "examples" / "models" / "iris.onnx").read_bytes())
+    path = write(folder, MODEL + 'auth = "iam"\n')
+    assert main(["check", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_new_project_authenticates_with_iam(tmp_path):
+    main(["init", str(tmp_path / "proj"), "--model", str(ROOT / "examples" / "models" / "iris.onnx")])
+    assert load_config(tmp_path / "proj" / "slimserve.toml").model("iris").auth == "iam"

@@ -85,6 +85,14 @@ def _check(args) -> int:
                 f"    note: models.{model.name}.sagemaker.min_instances is 1: an instance that fails is an outage "
                 "until SageMaker replaces it; 2 or more spread the endpoint across Availability Zones"
             )
+    keyed = [model.name for model in config.models if model.auth == "api_key"]
+    if keyed:
+        print(
+            f'warning: {", ".join(keyed)}: auth "api_key" meters and throttles callers, it does not authenticate them '
+            '(every such model shares one key, sent as a plain header); auth = "iam" requires AWS credentials '
+            '(README, "Authentication")',
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -34,7 +34,7 @@ format = "{format_}"  # onnx or tflite
 artifact = "{artifact}"  # the model file, relative to this file
 target = "lambda"  # lambda; sagemaker for models too large or slow for Lambda (a GPU endpoint)
 memory_mb = 1024  # Lambda memory (128-10240): more memory is also more CPU
-auth = "api_key"  # api_key (x-api-key header), iam (SigV4) or none
+auth = "iam"  # iam: callers sign with AWS credentials (SigV4); api_key only meters; none is open to anyone
 
 # A second model on a SageMaker endpoint (billed per instance-hour while it runs):
 # [models.{model}-gpu]
