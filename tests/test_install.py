@@ -81,6 +81,8 @@ def test_a_users_own_project_serves_and_synthesizes_from_the_installed_wheel(ins
     assert _run([slimserve, "check"], project, environment).splitlines()[1:] == [
         "  wine-forest: onnx models/wine-forest.onnx -> lambda (1024 MB x86_64), auth iam",
         "  wine-forest-gpu: onnx models/wine-forest.onnx -> sagemaker (ml.g5.xlarge), auth iam",
+        "    note: models.wine-forest-gpu.sagemaker.min_instances is 1: an instance that fails is an outage until "
+        "SageMaker replaces it; 2 or more spread the endpoint across Availability Zones",
     ]
 
     port = free_port()

@@ -64,8 +64,9 @@ def test_the_ci_workflow_installs_slimserve_from_where_this_one_came(monkeypatch
 def test_init_without_a_model_names_it_after_the_project_and_says_where_it_goes(tmp_path, capsys):
     main(["init", str(tmp_path / "Fraud_Detector")])
     raw = tomllib.loads((tmp_path / "Fraud_Detector" / "slimserve.toml").read_text())
+    assert raw["defaults"] == {"auth": "iam"}
     assert raw["models"] == {"fraud-detector": {"format": "onnx", "artifact": "models/fraud-detector.onnx",
-                                                "target": "lambda", "memory_mb": 1024, "auth": "iam"}}
+                                                "target": "lambda", "memory_mb": 1024}}
     out = capsys.readouterr().out
     assert out.startswith(f"wrote a slimserve project in {tmp_path}/Fraud_Detector, serving the model 'fraud-detector':\n")
     assert (f"next: put your model at {tmp_path}/Fraud_Detector/models/fraud-detector.onnx (slimserve convert writes one "

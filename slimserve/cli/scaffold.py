@@ -29,12 +29,14 @@ name = "{app}"  # the CloudFormation stack's name
 # region = "eu-west-1"  # where `slimserve deploy` puts it (default: your AWS profile's region)
 # alarm_email = "you@example.com"  # CloudWatch alarms mail here, once you confirm the subscription
 
+[defaults]  # every model's, unless its own table says otherwise
+auth = "iam"  # iam: callers sign with AWS credentials (SigV4); api_key only meters; none is open to anyone
+
 [models.{model}]
 format = "{format_}"  # onnx or tflite
 artifact = "{artifact}"  # the model file, relative to this file
 target = "lambda"  # lambda; sagemaker for models too large or slow for Lambda (a GPU endpoint)
 memory_mb = 1024  # Lambda memory (128-10240): more memory is also more CPU
-auth = "iam"  # iam: callers sign with AWS credentials (SigV4); api_key only meters; none is open to anyone
 
 # A second model on a SageMaker endpoint (billed per instance-hour while it runs):
 # [models.{model}-gpu]
