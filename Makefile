@@ -28,7 +28,7 @@ FOREIGN_MACHINE := $(if $(filter aarch64,$(shell uname -m)),x86_64,aarch64)
 QEMU_PACKAGES := qemu-user-static gpgv debian-archive-keyring
 PUBLIC_PIP := env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null
 
-.PHONY: demo test lint bench synth serve lock clean qemu
+.PHONY: demo test lint audit bench synth serve lock clean qemu
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml requirements.lock
 $(TEST_STAMP): $(STAMP) requirements-test.lock
 	$(BIN)/pip install $(PIP_QUIET) -r requirements-test.lock
 	$(BIN)/python -c "import pytest, cfnlint, hypothesis, schemathesis, atheris, setuptools, wheel"
-	$(BIN)/ruff --version && $(BIN)/mypy --version
+	$(BIN)/ruff --version && $(BIN)/mypy --version && $(BIN)/pip-audit --version
 	touch $@
 
 # A venv of its own for a heavy or conflicting part: $(call venv_from_lock,VENV,LOCK,MODULES[,editable]) makes it
@@ -97,6 +97,10 @@ test: lint $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LO
 	SLIMSERVE_TFLITE_RUNTIME_PYTHON=$(TFLITE_VENV)/bin/python SLIMSERVE_TENSORFLOW_PYTHON=$(TENSORFLOW_VENV)/bin/python \
 	SLIMSERVE_TORCH_PYTHON=$(TORCH_VENV)/bin/python SLIMSERVE_LOCALSTACK_PYTHON=$(LOCALSTACK_VENV)/bin/python \
 	$(BIN)/python -m pytest -q
+
+# Known vulnerabilities in what a deploy ships (the layers' and the serving image's pins), where a source is reachable.
+audit: $(TEST_STAMP)
+	$(BIN)/slimserve audit
 
 bench: $(TEST_STAMP) $(BENTOML_STAMP)
 	$(BIN)/python -m bench

@@ -37,7 +37,8 @@ def test_init_scaffolds_a_project_that_checks(tmp_path, capsys):
     steps = workflow["jobs"]["synth"]["steps"]
     assert [step.get("run") or step["uses"] for step in steps] == [
         "actions/checkout@v4", "actions/setup-python@v5", "actions/cache@v4",
-        f'pip install "slimserve[runtime,cdk]=={__version__}"', "slimserve check", "slimserve synth"]
+        f'pip install "slimserve[runtime,cdk]=={__version__}"', "slimserve check", "slimserve synth",
+        "pip install pip-audit && slimserve audit"]
     assert steps[2]["with"] == {"path": "~/.cache/slimserve", "key": f"slimserve-${{{{ runner.os }}}}-{__version__}"}
     out = capsys.readouterr().out
     assert "slimserve check && slimserve serve" in out and "slimserve bootstrap && slimserve deploy" in out

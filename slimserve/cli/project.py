@@ -23,6 +23,11 @@ def add_commands(commands) -> None:
     add_config(check)
     check.set_defaults(run=_check)
 
+    audit = commands.add_parser(
+        "audit", help="check the pins of what a deploy ships (runtime layers, serving image) for known vulnerabilities"
+    )
+    audit.set_defaults(run=_audit)
+
     layer = commands.add_parser("layer", help="build (or reuse) a slim runtime layer and print its size report")
     layer.add_argument("--runtime", default="onnx", help="onnx, tflite, tflite-py311 or lambda-runtime")
     layer.add_argument("--python", default="3.12", help="the Lambda Python version")
@@ -94,6 +99,60 @@ def _check(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+# What a deploy ships: the runtime layers' pins and the serving image's
+SHIPPED_PINS = (
+    ("slimserve.layers", ("onnx.txt", "tflite.txt", "tflite-py311.txt")),
+    ("slimserve.serving", ("requirements-gpu.txt",)),
+)
+
+
+def _audit(args) -> int:
+    """pip-audit over the shipped pins. Exit 1 on a known vulnerability; a package that could not be looked up is a
+    failure to audit, said in one line (exit 2), never a pass."""
+    import json
+
+    from slimserve.assets import package_folder
+
+    try:
+        import pip_audit  # noqa: F401
+    except ImportError:
+        raise UserError("slimserve audit runs pip-audit: pip install pip-audit") from None
+    files = [package_folder(package) / name for package, names in SHIPPED_PINS for name in names]
+    command = [
+        sys.executable,
+        "-m",
+        "pip_audit",
+        "--no-deps",
+        "--disable-pip",
+        "--progress-spinner",
+        "off",
+        "-f",
+        "json",
+    ]
+    dependencies = {}  # one run a file: the files pin some packages at different versions (numpy 1 for python3.11)
+    for path in files:
+        result = subprocess.run([*command, "-r", str(path)], capture_output=True, text=True)
+        try:
+            found = json.loads(result.stdout)["dependencies"]
+        except (json.JSONDecodeError, KeyError):
+            last = (result.stderr.strip() or "no output").splitlines()[-1]
+            raise UserError(f"pip-audit could not audit {path} (exit {result.returncode}): {last}") from None
+        dependencies |= {(dependency["name"], dependency.get("version")): dependency for dependency in found}
+    dependencies = list(dependencies.values())
+    unaudited = [dependency["name"] for dependency in dependencies if "skip_reason" in dependency]
+    if unaudited:
+        raise UserError(
+            f"no vulnerability source reachable: pip-audit could not look up {', '.join(unaudited)} "
+            "(it asks PyPI's JSON API); nothing was audited"
+        )
+    found = [(dep["name"], dep["version"], vuln) for dep in dependencies for vuln in dep["vulns"]]
+    for name, version, vuln in found:
+        fixed = ", ".join(vuln["fix_versions"]) or "no fix yet"
+        print(f"{name} {version}: {vuln['id']} (fixed in {fixed})")
+    print(f"{len(dependencies)} pinned packages audited ({len(files)} files): {len(found)} known vulnerabilities")
+    return 1 if found else 0
 
 
 def _layer(args) -> int:

@@ -89,6 +89,7 @@ jobs:
 {where}      - run: pip install "{requirement}"
       - run: slimserve check
       - run: slimserve synth
+      - run: pip install pip-audit && slimserve audit  # known vulnerabilities in the layers and the serving image
 '''
 
 
