@@ -95,6 +95,7 @@ ARCHITECTURES = ("x86_64", "arm64")
 DEPLOYMENTS = ("canary", "linear", "all_at_once")
 AUTH_MODES = ("none", "api_key", "iam")
 ENCRYPTIONS = ("kms", "s3-managed")
+LOG_ENCRYPTIONS = ("service", "kms")
 LOG_RETENTION = {
     1: "ONE_DAY",
     3: "THREE_DAYS",
@@ -218,6 +219,7 @@ class AppConfig:
     """The defaults of the app's keys: the stacks' props take theirs from here."""
     alarm_email: str | None = None
     log_retention_days: int = 30
+    log_encryption: str = "service"
     throttle_rate: int = 100
     throttle_burst: int = 200
 
@@ -247,6 +249,7 @@ APP_RULES = {
     "model_store_encryption": _choice(*ENCRYPTIONS),
     "alarm_email": _string(re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+"), "an email address"),
     "log_retention_days": _choice_of_ints(*LOG_RETENTION),
+    "log_encryption": _choice(*LOG_ENCRYPTIONS),
     "throttle_rate": _int_range(1, 10000),
     "throttle_burst": _int_range(1, 5000),
 }

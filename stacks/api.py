@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import aws_cdk as cdk
 from aws_cdk import aws_apigateway as apigw
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -41,6 +42,8 @@ class InferenceApiProps:
     """How long access logs are kept. @default one month."""
     stage_name: str = "prod"
     """@default "prod"."""
+    log_key: kms.IKey | None = None
+    """Encrypts the access logs. @default CloudWatch Logs' service key."""
 
 
 def _mock(status_body: dict) -> apigw.MockIntegration:
@@ -124,7 +127,11 @@ class InferenceApi(Construct):
         for group in routes:
             deployment.node.add_dependency(group)
         self.access_logs = logs.LogGroup(
-            self, "AccessLogs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+            self,
+            "AccessLogs",
+            retention=props.log_retention,
+            encryption_key=props.log_key,
+            removal_policy=cdk.RemovalPolicy.DESTROY,
         )
         acknowledge(
             self.access_logs,
@@ -132,9 +139,17 @@ class InferenceApi(Construct):
                 control("cloudwatch_log_group_retention_period_check"): (
                     "kept for the config's log_retention_days (30 by default): access logs are for debugging, not audit"
                 ),
-                control("cloudwatch_log_group_encrypted_check"): "encrypted by CloudWatch Logs' own service key",
             },
         )
+        if props.log_key is None:
+            acknowledge(
+                self.access_logs,
+                {
+                    control(
+                        "cloudwatch_log_group_encrypted_check"
+                    ): 'CloudWatch Logs\' service key (log_encryption = "kms")'
+                },
+            )
         self.stage = apigw.Stage(
             self,
             "Stage",

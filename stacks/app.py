@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aws_cdk as cdk
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
 from cdk_nag import AwsSolutionsChecks, ServerlessChecks
@@ -18,6 +19,7 @@ from .api import InferenceApi, InferenceApiProps, ModelRoutes
 from .context import CDK_CONTEXT
 from .defaults import log_retention
 from .gpu_endpoint import GpuEndpoint, GpuEndpointProps, serving_image
+from .keys import new_log_key
 from .lambda_model import LambdaModel, LambdaModelProps
 from .model_store import ModelStore, ModelStoreProps
 from .monitoring import ModelMonitoring, ModelMonitoringProps
@@ -49,6 +51,8 @@ class ModelShardProps:
     """How long the functions' logs are kept. @default one month."""
     alarm_topic: sns.ITopic | None = None
     """Where the deployment alarms also page. @default they only roll back."""
+    log_key: kms.IKey | None = None
+    """Encrypts the functions' logs. @default CloudWatch Logs' service key."""
 
 
 class ModelShard(cdk.NestedStack):
@@ -69,6 +73,7 @@ class ModelShard(cdk.NestedStack):
                     store=props.store,
                     log_retention=props.log_retention,
                     alarm_topic=props.alarm_topic,
+                    log_key=props.log_key,
                 ),
             )
             self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
@@ -79,6 +84,7 @@ class SlimserveStack(cdk.Stack):
     def __init__(self, scope: Construct, construct_id: str, config: AppConfig, **kwargs):
         super().__init__(scope, construct_id, **kwargs)
         retention = log_retention(config.log_retention_days)
+        log_key = new_log_key(self, "LogKey", f"{config.name} logs") if config.log_encryption == "kms" else None
         self.model_store = ModelStore(self, "ModelStore", ModelStoreProps(encryption=config.model_store_encryption))
         bucket_name = self.model_store.bucket.bucket_name
         locked = locked_models(config, bucket_name)  # registered versions, already in the store
@@ -95,6 +101,7 @@ class SlimserveStack(cdk.Stack):
                 throttle_rate=config.throttle_rate,
                 throttle_burst=config.throttle_burst,
                 log_retention=retention,
+                log_key=log_key,
             ),
         )
         self.monitoring = ModelMonitoring(
@@ -112,6 +119,7 @@ class SlimserveStack(cdk.Stack):
                     api=self.api,
                     log_retention=retention,
                     alarm_topic=self.monitoring.topic,
+                    log_key=log_key,
                 ),
             )
             for index, start in enumerate(range(0, len(lambda_models), MODELS_PER_SHARD))

@@ -1,6 +1,6 @@
 """The KMS keys slimserve creates: rotated yearly, and only AWS services may create grants on them."""
 
-from aws_cdk import RemovalPolicy
+from aws_cdk import ArnFormat, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from constructs import Construct
@@ -17,6 +17,30 @@ def new_key(scope: Construct, construct_id: str, description: str, removal_polic
             actions=["kms:CreateGrant"],
             resources=["*"],
             conditions={"BoolIfExists": {"kms:GrantIsForAWSResource": "false", "aws:PrincipalIsAWSService": "false"}},
+        )
+    )
+    return key
+
+
+def new_log_key(scope: Construct, construct_id: str, description: str) -> kms.Key:
+    """A key CloudWatch Logs may encrypt this account's log groups with, in this region (`log_encryption = "kms"`)."""
+    key = new_key(scope, construct_id, description, RemovalPolicy.RETAIN)  # logs written with it outlive the stack
+    stack = Stack.of(scope)
+    key.add_to_resource_policy(
+        iam.PolicyStatement(
+            principals=[iam.ServicePrincipal(f"logs.{stack.region}.amazonaws.com")],
+            actions=["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+            resources=["*"],
+            conditions={
+                "ArnLike": {
+                    "kms:EncryptionContext:aws:logs:arn": stack.format_arn(
+                        service="logs",
+                        resource="log-group",
+                        resource_name="*",
+                        arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                    )
+                }
+            },
         )
     )
     return key

@@ -10,6 +10,7 @@ from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_codedeploy as codedeploy
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
@@ -99,6 +100,8 @@ class LambdaModelProps:
     """Where the deployment alarms also page. @default they only roll back."""
     layer_dir: Path | None = None
     """Where the runtime layers are built. @default the user cache's layers, shared by every project."""
+    log_key: kms.IKey | None = None
+    """Encrypts the function's logs. @default CloudWatch Logs' service key."""
 
 
 class LambdaModel(Construct):
@@ -110,7 +113,11 @@ class LambdaModel(Construct):
             raise ValueError(f"LambdaModelProps.model {model.name!r} has target {model.target!r}, not 'lambda'")
         super().__init__(scope, construct_id)
         self.log_group = logs.LogGroup(
-            self, "Logs", retention=props.log_retention, removal_policy=cdk.RemovalPolicy.DESTROY
+            self,
+            "Logs",
+            retention=props.log_retention,
+            encryption_key=props.log_key,
+            removal_policy=cdk.RemovalPolicy.DESTROY,
         )
         self.role = iam.Role(
             self,

@@ -578,3 +578,24 @@ def test_cli_synth_from_elsewhere_and_its_errors(tmp_path, monkeypatch, capsys):
     assert main(["synth", "--config", "slimserve.toml", "--out", "out"]) == 2
     assert capsys.readouterr().err == "error: slimserve.toml: models.big.target: expected one of 'lambda', 'sagemaker', found 'gpu'\n"
     assert not list(tmp_path.glob("out/*.template.json"))
+
+
+@pytest.mark.parametrize("log_encryption", ["service", "kms"])
+def test_log_groups_take_a_key_of_their_own_when_the_config_asks(tmp_path, log_encryption):
+    (tmp_path / "iris.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
+    config = parse_config({"app": {"name": "logs", "log_encryption": log_encryption},
+                           "models": {"iris": {"format": "onnx", "artifact": "iris.onnx"}}}, tmp_path / "slimserve.toml")
+    stack = stack_for(config)
+    groups = [group["Properties"] for part in (stack, *stack.shards)
+              for group in assertions.Template.from_stack(part).find_resources("AWS::Logs::LogGroup").values()]
+    assert len(groups) == 2  # the function's and the API's access logs
+    if log_encryption == "service":
+        assert not any("KmsKeyId" in group for group in groups)
+        return
+    keys = assertions.Template.from_stack(stack).find_resources("AWS::KMS::Key")
+    (log_key_id,) = [key_id for key_id in keys if key_id.startswith("LogKey")]
+    assert all("KmsKeyId" in group for group in groups)
+    statements = keys[log_key_id]["Properties"]["KeyPolicy"]["Statement"]
+    (for_logs,) = [statement for statement in statements if "Service" in statement["Principal"]]
+    assert for_logs["Principal"]["Service"] == {"Fn::Join": ["", ["logs.", {"Ref": "AWS::Region"}, ".amazonaws.com"]]}
+    assert list(for_logs["Condition"]["ArnLike"]) == ["kms:EncryptionContext:aws:logs:arn"]
