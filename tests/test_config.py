@@ -199,5 +199,13 @@ def test_check_warns_once_that_an_api_key_meters_and_does_not_authenticate(capsy
 
 
 def test_a_new_project_authenticates_with_iam(tmp_path):
+    from aws_cdk import assertions
+
+    from slimserve.stacks.app import build_app
+
     main(["init", str(tmp_path / "proj"), "--model", str(ROOT / "examples" / "models" / "iris.onnx")])
-    assert load_config(tmp_path / "proj" / "slimserve.toml").model("iris").auth == "iam"
+    config = load_config(tmp_path / "proj" / "slimserve.toml")
+    assert config.model("iris").auth == "iam"
+    shard = build_app(config).node.find_child(config.name).shards[0]
+    methods = assertions.Template.from_stack(shard).find_resources("AWS::ApiGateway::Method").values()
+    assert {(m["Properties"]["AuthorizationType"], m["Properties"].get("ApiKeyRequired")) for m in methods} == {("AWS_IAM", False)}
