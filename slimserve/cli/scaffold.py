@@ -70,8 +70,9 @@ def _workflow(extras: str) -> str:
         if "@" in requirement
         else "      # slimserve is not on PyPI yet: point this at a wheel or git URL your CI can reach\n"
     )
-    return f'''# Checks the slimserve config and synthesizes the stacks on every push: a config error, or a cdk-nag
-# finding (AWS Solutions and Serverless rules) without a reasoned acknowledgment, fails the job.
+    return f'''# On every push: checks the slimserve config, synthesizes the stacks, audits what a deploy ships.
+# A config error, a cdk-nag or AWS Control Tower finding without a reasoned acknowledgment, or a known
+# vulnerability in the runtime layers' or the serving image's packages fails the job.
 name: slimserve
 on: [push, pull_request]
 jobs:
