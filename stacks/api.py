@@ -26,7 +26,7 @@ from slimserve.lambda_handlers.contract import (
     route_attribute,
 )
 
-from .defaults import log_retention
+from .defaults import log_group, log_retention
 from .nag import acknowledge, control, managed_policy
 
 
@@ -126,13 +126,7 @@ class InferenceApi(Construct):
         deployment.add_to_logical_id(sorted(f"{name}:{auth}" for group in routes for name, auth in group.models))
         for group in routes:
             deployment.node.add_dependency(group)
-        self.access_logs = logs.LogGroup(
-            self,
-            "AccessLogs",
-            retention=props.log_retention,
-            encryption_key=props.log_key,
-            removal_policy=cdk.RemovalPolicy.DESTROY,
-        )
+        self.access_logs = log_group(self, "AccessLogs", props.log_retention, props.log_key)
         acknowledge(
             self.access_logs,
             {

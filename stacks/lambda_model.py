@@ -25,7 +25,7 @@ from slimserve.lambda_handlers.contract import (
 from slimserve.layers.builder import build_layer, find_python, layer_key
 from slimserve.registry.store import StoredModel
 
-from .defaults import DEPLOYMENT_CONFIGS, LAMBDA_ARCHITECTURES, log_retention
+from .defaults import DEPLOYMENT_CONFIGS, LAMBDA_ARCHITECTURES, log_group, log_retention
 from .model_store import ModelStore
 from .nag import acknowledge, managed_policy
 
@@ -112,13 +112,7 @@ class LambdaModel(Construct):
         if model.target != "lambda":
             raise ValueError(f"LambdaModelProps.model {model.name!r} has target {model.target!r}, not 'lambda'")
         super().__init__(scope, construct_id)
-        self.log_group = logs.LogGroup(
-            self,
-            "Logs",
-            retention=props.log_retention,
-            encryption_key=props.log_key,
-            removal_policy=cdk.RemovalPolicy.DESTROY,
-        )
+        self.log_group = log_group(self, "Logs", props.log_retention, props.log_key)
         self.role = iam.Role(
             self,
             "Role",
