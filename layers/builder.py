@@ -65,6 +65,8 @@ class Recipe:
     """Python run in the target interpreter with only the layer on the path; must exit 0."""
     strip: tuple[str, ...] = ()
     """Libraries (patterns) whose unneeded symbols are stripped."""
+    deployed: bool = True
+    """False for what only the local runner uses: `slimserve audit` checks the deployed ones."""
 
 
 RECIPES = {
@@ -124,6 +126,7 @@ RECIPES = {
         "lambda-runtime.txt",
         ("3.11", "3.12", "3.13"),
         smoke="import awslambdaric.bootstrap, boto3",
+        deployed=False,
     ),
 }
 

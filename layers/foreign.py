@@ -35,7 +35,6 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 DEBIAN_ARCHITECTURES = {"aarch64": "arm64", "x86_64": "amd64"}
 # libstdc++ and libgcc: every runtime's wheels link them and expect the system's copy
 ROOT_PACKAGES = ("python{version}-minimal", "libpython{version}-stdlib", "libstdc++6", "libgcc-s1")
-# Present in every real system, needed by no library a layer loads: not worth their download
 LAMBDA_ARM64_PROCESSOR = """\
 processor\t: {number}
 BogoMIPS\t: 243.75
@@ -47,15 +46,12 @@ CPU part\t: 0xd0c
 CPU revision\t: 1
 """
 """One Graviton2 (Neoverse N1) core as Linux lists it: Lambda's arm64 functions run on Graviton2."""
+# Present in every real system, needed by no library a layer loads: not worth their download
 SKIPPED = {"debconf", "perl-base", "tzdata", "media-types", "netbase", "dpkg", "readline-common", "libgdbm-compat4t64"}
 
 
 class ForeignPythonUnavailable(Exception):
     """Why a layer of another architecture cannot be run here: the smoke test reports it and goes on."""
-
-
-def sysroot_folder(version: str, machine: str) -> Path:
-    return cache_dir() / "sysroots" / f"debian-{DEBIAN_RELEASES.get(version, 'none')}-{DEBIAN_ARCHITECTURES[machine]}"
 
 
 def foreign_python(version: str, machine: str, log=None) -> tuple[list[str], str]:
@@ -70,11 +66,12 @@ def foreign_python(version: str, machine: str, log=None) -> tuple[list[str], str
         raise ForeignPythonUnavailable(
             f"no qemu-{machine}-static here (Debian and Ubuntu: apt-get install qemu-user-static)"
         )
-    root = sysroot_folder(version, machine)
+    architecture = DEBIAN_ARCHITECTURES[machine]
+    root = cache_dir() / "sysroots" / f"debian-{release}-{architecture}"
     if not (root / ".complete").exists():
         if log:
-            log(f"unpacking Debian {release}'s {DEBIAN_ARCHITECTURES[machine]} python{version} into {root} (once)")
-        _unpack_sysroot(root, release, version, DEBIAN_ARCHITECTURES[machine])
+            log(f"unpacking Debian {release}'s {architecture} python{version} into {root} (once)")
+        _unpack_sysroot(root, release, version, architecture)
     command = [qemu, "-L", str(root), str(root / "usr" / "bin" / f"python{version}")]
     return command, f"under {Path(qemu).name}, with Debian {release}'s python{version}"
 

@@ -1,6 +1,7 @@
 """The rule packs that judge every synth (cdk-nag's, AWS Control Tower's), and acknowledging a finding of theirs with
 the reason it is acceptable here."""
 
+import functools
 from pathlib import Path
 
 import aws_cdk as cdk
@@ -15,7 +16,8 @@ from constructs import IConstruct
 JUDGED_SERVICES = {"apigateway", "cloudwatch", "iam", "kms", "lambda", "s3", "sagemaker"}
 
 
-def _rules_for_other_services() -> list[str]:
+@functools.cache  # the same for every app a process builds (the tests build dozens)
+def _rules_for_other_services() -> tuple[str, ...]:
     """The bundled rules' names (ct-ec2-pr-1, ...) for services outside JUDGED_SERVICES, read from the package."""
     import tarfile
     from importlib import resources
@@ -29,7 +31,7 @@ def _rules_for_other_services() -> list[str]:
             for name in archive.getnames()
             if "/rules/control-tower/cfn-guard/" in name and name.endswith(".guard")
         ]
-    return sorted(rule.stem for rule in rules if rule.parent.name not in JUDGED_SERVICES)
+    return tuple(sorted(rule.stem for rule in rules if rule.parent.name not in JUDGED_SERVICES))
 
 
 @jsii.implements(cdk.IPolicyValidationPlugin)
@@ -39,7 +41,7 @@ class ControlTowerControls:
     are): each is marked an error here, so one without an acknowledgment fails the synth."""
 
     def __init__(self):
-        self._guard = CfnGuardValidator(disabled_rules=_rules_for_other_services())
+        self._guard = CfnGuardValidator(disabled_rules=list(_rules_for_other_services()))
 
     @property
     def name(self) -> str:

@@ -101,25 +101,20 @@ def _check(args) -> int:
     return 0
 
 
-# What a deploy ships: the runtime layers' pins and the serving image's
-SHIPPED_PINS = (
-    ("slimserve.layers", ("onnx.txt", "tflite.txt", "tflite-py311.txt")),
-    ("slimserve.serving", ("requirements-gpu.txt",)),
-)
-
-
 def _audit(args) -> int:
     """pip-audit over the shipped pins. Exit 1 on a known vulnerability; a package that could not be looked up is a
     failure to audit, said in one line (exit 2), never a pass."""
+    import importlib.util
     import json
 
     from slimserve.assets import package_folder
+    from slimserve.layers.builder import RECIPES
 
-    try:
-        import pip_audit  # noqa: F401
-    except ImportError:
-        raise UserError("slimserve audit runs pip-audit: pip install pip-audit") from None
-    files = [package_folder(package) / name for package, names in SHIPPED_PINS for name in names]
+    if importlib.util.find_spec("pip_audit") is None:
+        raise UserError("slimserve audit runs pip-audit: pip install pip-audit")
+    # what a deploy ships: the runtime layers' pins and the serving image's
+    files = [package_folder("slimserve.layers") / recipe.requirements for recipe in RECIPES.values() if recipe.deployed]
+    files.append(package_folder("slimserve.serving") / "requirements-gpu.txt")
     command = [
         sys.executable,
         "-m",
