@@ -4,6 +4,8 @@ Nesting depth is bounded before parsing, so no request can drive a parser or
 anything after it into deep recursion.
 """
 
+import json
+
 import numpy as np
 
 from .errors import InvalidInput
@@ -11,8 +13,6 @@ from .errors import InvalidInput
 try:
     import orjson
 except ImportError:  # the layer may leave it out; everything still works, slower
-    import json
-
     orjson = None  # type: ignore[assignment]
 
 MAX_JSON_DEPTH = 64
@@ -41,16 +41,31 @@ def _depth(structure: bytes) -> int:
     return int(np.cumsum(steps).max())
 
 
-def loads(body: bytes, what: str = "request body"):
+def _finite_only(token: str):
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def loads(body: bytes, what: str = "request body", non_finite: bool = False):
+    """Parse a request. `non_finite` also takes the NaN, Infinity and -Infinity tokens (TF Serving's JSON does);
+    orjson refuses them, so such a body is parsed again by the standard library."""
     structure = _structure(body)
     if len(structure) > MAX_JSON_DEPTH:  # too few brackets and quotes to nest past the bound
         depth = _depth(structure)
         if depth > MAX_JSON_DEPTH:
             raise InvalidInput(f"{what} nests JSON {depth} levels deep; the limit is {MAX_JSON_DEPTH}")
     try:
-        if orjson is not None:
+        if orjson is None:
+            return json.loads(body, parse_constant=None if non_finite else _finite_only)
+        try:
             return orjson.loads(body)
-        return json.loads(body)
+        except orjson.JSONDecodeError as error:
+            if not non_finite:
+                raise
+            refused = error
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise refused from None  # orjson's words, as for every other body
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
 
@@ -63,8 +78,9 @@ def _plain(value):
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
-def dumps(value) -> bytes:
-    """Encode, with numpy arrays written straight from their buffers where possible."""
-    if orjson is not None:
+def dumps(value, non_finite: bool = False) -> bytes:
+    """Encode, with numpy arrays written straight from their buffers where possible. orjson writes NaN and the
+    infinities as null; `non_finite` writes them as the NaN, Infinity and -Infinity tokens instead."""
+    if orjson is not None and not non_finite:
         return orjson.dumps(value, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY)
     return json.dumps(value, default=_plain, separators=(",", ":")).encode()

@@ -24,6 +24,7 @@ import contextlib
 import glob
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -46,6 +47,7 @@ from .contract import (
     endpoint_routes,
 )
 from .core import InferenceCore, Request, Response, Runtime, ServedModel
+from .errors import InferenceError
 from .function import ModelSource, ModelSourceError
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
@@ -250,8 +252,14 @@ class SageMakerServer(wire.Server):
         return response
 
 
+_STARTS_AN_OBJECT = re.compile(rb'\s*\{\s*"')
+
+
 def _json_header_length(body: bytes) -> int:
-    """Where the V2 JSON header ends when no header says so: the end of the first JSON object in the body."""
+    """Where the V2 JSON header ends when no header says so (InvokeEndpoint passes none on): the end of the JSON
+    object the body starts with, or 0, a raw binary request, for a body that starts with no object's first key."""
+    if not _STARTS_AN_OBJECT.match(body):
+        return 0
     depth, in_string, escaped = 0, False, False
     for index, byte in enumerate(body):
         if in_string:
@@ -292,8 +300,10 @@ class _Handler(wire.Handler):
 
     def do_POST(self):
         with self.server.arriving():
-            length = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(length)
+            try:
+                body = self.read_body(self.server.core.max_body_bytes)
+            except InferenceError as error:
+                return self._send(error.status, json.dumps({"error": error.message}).encode())
             if self.path != "/invocations":
                 return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
             headers = {key.lower(): value for key, value in self.headers.items()}

@@ -39,7 +39,7 @@ def _named_values(value, signature: Signature, where: str) -> dict:
 
 
 def parse_predict(body: bytes, signature: Signature) -> PredictRequest:
-    request = jsoncodec.loads(body)
+    request = jsoncodec.loads(body, non_finite=True)  # TF Serving's JSON takes NaN, Infinity and -Infinity
     if not isinstance(request, dict):
         raise InvalidInput(f"request must be a JSON object, got {type(request).__name__}")
     signature_name = request.get("signature_name", SIGNATURE_NAME)
@@ -75,20 +75,25 @@ def _values(name: str, array: np.ndarray):
 
 
 def encode_predict(request: PredictRequest, results: dict[str, np.ndarray]) -> bytes:
+    """TF Serving's answer; NaN and the infinities are written as its tokens, as it writes them."""
+    non_finite = any(array.dtype.kind == "f" and not np.isfinite(array).all() for array in results.values())
     if not request.row_format:
         if len(results) == 1:
             ((name, array),) = results.items()
-            return jsoncodec.dumps({"outputs": _values(name, array)})
-        return jsoncodec.dumps({"outputs": {name: _values(name, array) for name, array in results.items()}})
-    if len(results) == 1:
+            payload = {"outputs": _values(name, array)}
+        else:
+            payload = {"outputs": {name: _values(name, array) for name, array in results.items()}}
+    elif len(results) == 1:
         ((name, array),) = results.items()
-        return jsoncodec.dumps({"predictions": _values(name, array)})
-    batch = {len(array) if array.ndim else 0 for array in results.values()}
-    if len(batch) != 1:
-        raise InvalidInput("the model's outputs differ in batch size; use the columnar 'inputs' format")
-    rows = batch.pop()
-    values = {name: _values(name, array) for name, array in results.items()}
-    return jsoncodec.dumps({"predictions": [{name: column[i] for name, column in values.items()} for i in range(rows)]})
+        payload = {"predictions": _values(name, array)}
+    else:
+        batch = {len(array) if array.ndim else 0 for array in results.values()}
+        if len(batch) != 1:
+            raise InvalidInput("the model's outputs differ in batch size; use the columnar 'inputs' format")
+        rows = batch.pop()
+        values = {name: _values(name, array) for name, array in results.items()}
+        payload = {"predictions": [{name: column[i] for name, column in values.items()} for i in range(rows)]}
+    return jsoncodec.dumps(payload, non_finite=non_finite)
 
 
 def model_status(version: str, ready: bool, reason: str | None) -> dict:

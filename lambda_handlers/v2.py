@@ -35,16 +35,14 @@ class InferRequest(NamedTuple):
     outputs: tuple[RequestedOutput, ...]
 
 
-def _json_part(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
-    if header_length is None:
-        return body, b""
+def _header_length(header_length: str, body: bytes) -> int:
     try:
         length = int(header_length)
     except ValueError:
         raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
-    if not 0 < length <= len(body):
+    if not 0 <= length <= len(body):
         raise InvalidInput(f"Inference-Header-Content-Length is {length} but the body has {len(body)} bytes")
-    return body[:length], body[length:]
+    return length
 
 
 def _field(obj: dict, key: str, kind, where: str, required: bool = True):
@@ -75,7 +73,12 @@ def _shape(tensor: dict, where: str) -> tuple[int, ...]:
 
 
 def parse_infer(body: bytes, header_length: str | None, signature: Signature) -> InferRequest:
-    header, binary = _json_part(body, header_length)
+    header, binary = body, b""
+    if header_length is not None:
+        length = _header_length(header_length, body)
+        if length == 0:
+            return _raw_request(body, signature)
+        header, binary = body[:length], body[length:]
     request = jsoncodec.loads(header, "request body" if header_length is None else "JSON header")
     if not isinstance(request, dict):
         raise InvalidInput(f"request must be a JSON object, got {type(request).__name__}")
@@ -123,6 +126,41 @@ def parse_infer(body: bytes, header_length: str | None, signature: Signature) ->
         spec = missing[0]
         raise InvalidInput(f"missing input {spec.name!r} ({spec.datatype} {shape_text(spec.shape)})")
     return InferRequest(request_id, inputs, _requested_outputs(request, signature, binary_output_default))
+
+
+def _raw_request(body: bytes, signature: Signature) -> InferRequest:
+    """Triton's raw binary request (Inference-Header-Content-Length: 0): no JSON header, the whole body is the one
+    input's tensor. Its datatype and shape come from the signature; a dynamic first dimension, the batch, from the
+    byte count. The answer holds every output, as JSON."""
+    if len(signature.inputs) != 1:
+        names = ", ".join(repr(spec.name) for spec in signature.inputs)
+        raise InvalidInput(
+            "Inference-Header-Content-Length is 0 (a raw binary request), which only a model with one input takes; "
+            f"this model has {len(signature.inputs)}: {names}"
+        )
+    spec = signature.inputs[0]
+    where = f"raw binary request for input {spec.name!r} ({spec.datatype} {shape_text(spec.shape)})"
+    if spec.datatype == "BYTES":
+        raise InvalidInput(f"{where}: a BYTES input's shape cannot be told from its bytes; send a JSON header")
+    dynamic = [axis for axis, size in enumerate(spec.shape) if size < 0]
+    if any(axis > 0 for axis in dynamic):
+        raise InvalidInput(
+            f"{where}: dimension {max(dynamic)} is dynamic, so the shape cannot be told from the byte count; "
+            "send a JSON header"
+        )
+    itemsize = V2_TO_NUMPY[spec.datatype].itemsize
+    row_bytes = element_count(spec.shape[1:]) * itemsize
+    if dynamic:
+        if not body or row_bytes == 0 or len(body) % row_bytes:
+            raise InvalidInput(f"{where}: the body has {len(body)} bytes, not a whole number of {row_bytes}-byte rows")
+        shape = (len(body) // row_bytes, *spec.shape[1:])
+    else:
+        shape = spec.shape
+        needed = element_count(shape) * itemsize
+        if len(body) != needed:
+            raise InvalidInput(f"{where}: the body has {len(body)} bytes but the input needs {needed}")
+    array = np.frombuffer(body, dtype=V2_TO_NUMPY[spec.datatype].newbyteorder("<")).reshape(shape)
+    return InferRequest(None, {spec.name: array}, tuple(RequestedOutput(out.name, False) for out in signature.outputs))
 
 
 def _binary_tensor(spec: TensorSpec, shape, size, binary: bytes, offset: int):
@@ -179,7 +217,7 @@ def _requested_outputs(request: dict, signature: Signature, binary_default: bool
     requested = _field(request, "outputs", list, "request", required=False)
     if not requested:
         return tuple(RequestedOutput(spec.name, binary_default) for spec in signature.outputs)
-    outputs = []
+    outputs: list[RequestedOutput] = []
     for position, item in enumerate(requested):
         if not isinstance(item, dict):
             raise InvalidInput(f"outputs[{position}] must be an object")
@@ -187,6 +225,8 @@ def _requested_outputs(request: dict, signature: Signature, binary_default: bool
         if signature.output(name) is None:
             expected = ", ".join(repr(s.name) for s in signature.outputs)
             raise InvalidInput(f"unknown output {name!r}: the model's outputs are {expected}")
+        if any(output.name == name for output in outputs):
+            raise InvalidInput(f"output {name!r} is requested twice")
         parameters = _parameters(item, f"output {name!r}")
         if "classification" in parameters:
             raise InvalidInput(f"output {name!r}: the classification extension is not supported")

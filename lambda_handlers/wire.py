@@ -2,6 +2,8 @@
 
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .errors import InvalidInput, PayloadTooLarge
+
 FRAMING = ("content-length", "connection", "transfer-encoding")
 
 
@@ -34,3 +36,52 @@ class Handler(BaseHTTPRequestHandler):
 
     def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
         send(self, status, body, headers)
+
+    def read_body(self, limit: int) -> bytes:
+        """The request's body, framed by Content-Length or sent chunked (http.server de-chunks nothing), of at most
+        `limit` bytes. Past the limit, PayloadTooLarge once the rest is read, so the client gets to read the answer;
+        a malformed framing is InvalidInput, and the connection closes since its next request cannot be found."""
+        if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
+            return self._read_chunked(limit)
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise InvalidInput(f"unsupported Transfer-Encoding {self.headers['Transfer-Encoding']!r}: expected chunked")
+        declared = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(declared)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}") from None
+        if length > limit:
+            while length > 0:
+                length -= len(self.rfile.read(min(length, 1 << 20)) or b"\0" * length)
+            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+        return self.rfile.read(length)
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks, size = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                chunk_size = int(line.split(b";", 1)[0].strip(), 16)
+                if chunk_size < 0:
+                    raise ValueError
+            except ValueError:
+                self.close_connection = True
+                raise InvalidInput(f"malformed chunked body: chunk size line {line[:40]!r}") from None
+            if chunk_size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):  # trailers, then the blank line
+                    pass
+                break
+            size += chunk_size
+            chunk = self.rfile.read(chunk_size)
+            if len(chunk) != chunk_size or self.rfile.readline(1024).strip():
+                self.close_connection = True
+                raise InvalidInput(f"malformed chunked body: a chunk of {chunk_size} bytes is cut short or overlong")
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit}")
+        return b"".join(chunks)

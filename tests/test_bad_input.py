@@ -102,6 +102,13 @@ CASES = {
                              "output 'label': the classification extension is not supported"),
     "unknown output": ("/v2/models/iris/infer", v2([features()], outputs=[{"name": "scores"}]), JSON, 400,
                        "unknown output 'scores': the model's outputs are 'label', 'probabilities'"),
+    "duplicate output": ("/v2/models/iris/infer", v2([features()], outputs=[{"name": "label"}, {"name": "label"}]), JSON, 400,
+                         "output 'label' is requested twice"),
+    "raw binary body of part rows": ("/v2/models/iris/infer", ROW_BYTES + ROW_BYTES[:4],
+                                     {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": "0"}, 400,
+                                     "raw binary request for input 'features' (FP32 [-1, 4]): the body has 20 bytes, not a whole number of 16-byte rows"),
+    "NaN in V2 JSON": ("/v2/models/iris/infer", b'{"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [NaN, 1, 2, 3]}]}', JSON, 400,
+                       "request body is not valid JSON: unexpected character, expected a JSON value: line 1 column 80 (char 79)"),
 }
 
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from support import MODELS, ROOT
 
@@ -66,3 +67,14 @@ def test_core_answers_the_same_without_orjson():
     assert json.loads(fallback[0].split(" ", 1)[1])["outputs"][0]["data"] == [0, 2]
     assert json.loads(fallback[1].split(" ", 1)[1])["error"].startswith("request body is not valid JSON: ")
     assert json.loads(fallback[2].split(" ", 1)[1]) == {"error": "request body nests JSON 81 levels deep; the limit is 64"}
+
+
+@pytest.mark.parametrize("with_orjson", [True, False])
+def test_non_finite_tokens_are_taken_only_when_asked_for_with_or_without_orjson(monkeypatch, with_orjson):
+    if not with_orjson:
+        monkeypatch.setattr(jsoncodec, "orjson", None)
+    parsed = jsoncodec.loads(b"[NaN, Infinity, -Infinity, 1]", non_finite=True)
+    assert np.isnan(parsed[0]) and parsed[1:] == [float("inf"), float("-inf"), 1]
+    with pytest.raises(InvalidInput, match="^request body is not valid JSON: "):
+        jsoncodec.loads(b"[NaN]")
+    assert jsoncodec.dumps({"x": np.array([np.nan, np.inf, -1.5], np.float32)}, non_finite=True) == b'{"x":[NaN,Infinity,-1.5]}'

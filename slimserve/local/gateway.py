@@ -30,6 +30,7 @@ from slimserve.contract.openapi import openapi_document
 from slimserve.lambda_handlers import wire
 from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, route_attribute
 from slimserve.lambda_handlers.core import InferenceCore, Request
+from slimserve.lambda_handlers.errors import InvalidInput, PayloadTooLarge
 from slimserve.local.runner import FunctionPool
 
 INTEGRATION_TIMEOUT_S = 29.0
@@ -215,12 +216,12 @@ class _GatewayHandler(wire.Handler):
     server: LocalGateway
 
     def _handle(self):
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
-            while length > 0:  # read it all, so the client finishes sending and reads our answer
-                length -= len(self.rfile.read(min(length, 1 << 20)) or b"\0" * length)
+        try:
+            body = self.read_body(MAX_BODY_BYTES)
+        except PayloadTooLarge:
             return self._send(*_json(*TOO_LARGE))
-        body = self.rfile.read(length) if length else b""
+        except InvalidInput as error:
+            return self._send(*_json(400, {"error": error.message}))
         headers = {key.lower(): value for key, value in self.headers.items()}
         self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from slimserve.assets import HANDLER
 from slimserve.lambda_handlers import wire
+from slimserve.lambda_handlers.contract import MAX_BODY_BYTES
+from slimserve.lambda_handlers.errors import PayloadTooLarge
 from slimserve.layers.builder import find_python
 
 RUNTIME_API = "/2018-06-01/runtime"
@@ -102,9 +104,6 @@ class _RuntimeApi(wire.Server):
 
 
 class _RuntimeApiHandler(wire.Handler):
-    def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
     def do_GET(self):
         if self.path != f"{RUNTIME_API}/invocation/next":
             return self.reply(404)
@@ -123,12 +122,22 @@ class _RuntimeApiHandler(wire.Handler):
         )
 
     def do_POST(self):
-        body = self._body()
+        try:
+            body, too_large = self.read_body(MAX_BODY_BYTES), None
+        except PayloadTooLarge:  # what Lambda records for a response past its payload limit
+            limit = f"maximum allowed payload size ({MAX_BODY_BYTES} bytes)"
+            body, too_large = (
+                b"",
+                {
+                    "errorMessage": f"Response payload size exceeded {limit}.",
+                    "errorType": "Function.ResponseSizeTooLarge",
+                },
+            )
         worker = self.server.worker
         if self.path == f"{RUNTIME_API}/init/error":
             worker.fail_init(_error(body))
         elif self.path.startswith(f"{RUNTIME_API}/invocation/") and self.path.endswith("/response"):
-            worker.complete(self.path.split("/")[-2], response=body)
+            worker.complete(self.path.split("/")[-2], response=body, error=too_large)
         elif self.path.startswith(f"{RUNTIME_API}/invocation/") and self.path.endswith("/error"):
             worker.complete(self.path.split("/")[-2], error=_error(body))
         else:
