@@ -11,6 +11,7 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,6 +51,8 @@ class BatchingModel:
         self.batchable = batch_first(runtime.signature.inputs)
         self.runtime_calls = 0
         self.requests = 0
+        self.on_runtime_call: Callable[[int], None] = lambda rows: None
+        """Told each runtime call's rows (the server's batch size histogram)."""
         self.in_hand = 0  # requests the server holds
         self.reached = 0  # of those, the ones that have called run: the rest may still come
         self._request = threading.local()
@@ -84,6 +87,7 @@ class BatchingModel:
         if not self.batchable or rows >= self.max_batch_size:
             with self._lock:
                 self.runtime_calls += 1
+            self.on_runtime_call(rows)
             return self.runtime.run(inputs, output_names)
         pending = _Pending(inputs, tuple(output_names), rows)
         self._queue.put(pending)
@@ -91,6 +95,10 @@ class BatchingModel:
         if pending.error is not None:
             raise pending.error
         return pending.result
+
+    def waiting(self) -> int:
+        """Requests queued for a batch that no worker has taken yet."""
+        return self._queue.qsize()
 
     def _loop(self) -> None:
         while True:
@@ -132,8 +140,9 @@ class BatchingModel:
             }
             with self._lock:
                 self.runtime_calls += 1
-            results = self.runtime.run(inputs, list(items[0].outputs))
             total = sum(item.rows for item in items)
+            self.on_runtime_call(total)
+            results = self.runtime.run(inputs, list(items[0].outputs))
             if len(items) > 1 and not one_row_each(results, total):
                 for item in items:  # an output without the batch dimension cannot be split: run them one by one
                     self._run([item])

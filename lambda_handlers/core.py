@@ -44,7 +44,7 @@ class Request:
 class Response:
     """What the core answers, plus what the transport needs for its logs and metrics."""
 
-    __slots__ = ("status", "body", "headers", "error_kind", "inference_ms", "detail")
+    __slots__ = ("status", "body", "headers", "error_kind", "inference_ms", "detail", "route")
 
     def __init__(
         self,
@@ -61,6 +61,7 @@ class Response:
         self.error_kind = error_kind
         self.inference_ms = inference_ms
         self.detail = detail  # a server-side failure's traceback: logged, never sent
+        self.route: str | None = None  # the action of ROUTES that answered; None for a path no route matches
 
     def __repr__(self) -> str:
         return f"Response({self.status}, {self.body[:200]!r}, error_kind={self.error_kind!r})"
@@ -107,6 +108,27 @@ _PATTERNS = [
 ]
 
 
+SERVER_TIMING, INFERENCE_TIMING = "Server-Timing", "inference"
+
+
+def match_route(method: str, path: str) -> tuple[str, dict[str, str | None]]:
+    """The action of ROUTES for a request and its path's arguments (model name, version); NotFound or
+    MethodNotAllowed where none takes it."""
+    path = path.rstrip("/") or "/"
+    allowed = []
+    for route_method, pattern, action in _PATTERNS:
+        match = pattern.fullmatch(path)
+        if match is None:
+            continue
+        if route_method != method.upper():
+            allowed.append(route_method)
+            continue
+        return action, match.groupdict()
+    if allowed:
+        raise MethodNotAllowed(f"{method.upper()} is not allowed on {path}; use {' or '.join(allowed)}")
+    raise NotFound(f"no route for {method.upper()} {path}")
+
+
 class InferenceCore:
     def __init__(self, models: list[ServedModel], max_body_bytes: int = MAX_BODY_BYTES):
         self.models: dict[str, dict[str, ServedModel]] = {}
@@ -115,34 +137,26 @@ class InferenceCore:
         self.max_body_bytes = max_body_bytes
 
     def handle(self, request: Request) -> Response:
+        """The answer, with the route that gave it and, for an inference, its time as a Server-Timing header."""
+        route = None
         try:
-            return self._route(request)
+            route, arguments = match_route(request.method, request.path)
+            response = ACTIONS[route](self, request, **arguments)
         except InferenceError as error:
-            return Response.json(error.status, {"error": error.message}, error_kind=error.kind)
+            response = Response.json(error.status, {"error": error.message}, error_kind=error.kind)
         except Exception:
             import traceback
 
-            return Response.json(
+            response = Response.json(
                 500,
                 {"error": "internal error; see the server log"},
                 error_kind="internal",
                 detail=traceback.format_exc(),
             )
-
-    def _route(self, request: Request) -> Response:
-        path = request.path.rstrip("/") or "/"
-        allowed = []
-        for method, pattern, action in _PATTERNS:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            if method != request.method:
-                allowed.append(method)
-                continue
-            return ACTIONS[action](self, request, **match.groupdict())
-        if allowed:
-            raise MethodNotAllowed(f"{request.method} is not allowed on {path}; use {' or '.join(allowed)}")
-        raise NotFound(f"no route for {request.method} {path}")
+        response.route = route
+        if response.inference_ms is not None:
+            response.headers[SERVER_TIMING] = f"{INFERENCE_TIMING};dur={response.inference_ms:.3f}"
+        return response
 
     def _model(self, name: str, version: str | None) -> ServedModel:
         versions = self.models.get(name)

@@ -7,11 +7,15 @@
                           application/vnd.tfserving+json  TF Serving :predict body
     GET  /stats         requests served and runtime calls made (dynamic batching at work),
                         by batch size where batches run at fixed sizes
+    GET  /metrics       Prometheus metrics (lambda_handlers.prometheus): requests, latencies,
+                        batch sizes, queue depth, model load failures
 
 Behind the inference API, InvokeEndpoint passes the container only Content-Type, Accept and
 one custom-attributes header, always as a POST. The API puts the client's route there
 (`slimserve-route=GET /v2/models/big/ready`), so every route of the protocol reaches the
-core as the client sent it; the binary tensor header's length comes back the same way.
+core as the client sent it; the binary tensor header's length comes back the same way. The
+request's own Inference-Header-Content-Length does not come: a binary body that starts with no
+JSON object is a raw binary request (Inference-Header-Content-Length: 0).
 
 The model is read from /opt/ml/model (or SLIMSERVE_MODEL_PATH) and checked against
 SLIMSERVE_MODEL_SHA256 when set. ONNX models run on CUDA when a GPU is present (TensorRT
@@ -28,6 +32,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from . import telemetry, wire
@@ -47,8 +52,9 @@ from .contract import (
     endpoint_routes,
 )
 from .core import InferenceCore, Request, Response, Runtime, ServedModel
-from .errors import InferenceError
+from .errors import InferenceError, NotFound
 from .function import ModelSource, ModelSourceError
+from .prometheus import ServingMetrics
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
 
@@ -222,6 +228,13 @@ class SageMakerServer(wire.Server):
         self.routes = set(endpoint_routes(model.name, model.version))
         self.batching = model.runtime if isinstance(model.runtime, BatchingModel) else None
         self.arriving = self.batching.arriving if self.batching else contextlib.nullcontext
+        self.metrics = ServingMetrics()
+        labels = (model.name, model.version)
+        if not model.ready:
+            self.metrics.load_failures.labels(*labels).inc()
+        if self.batching is not None:
+            self.metrics.queue_depth.labels(*labels).set_function(self.batching.waiting)
+            self.batching.on_runtime_call = self.metrics.batch_size.labels(*labels).observe
         super().__init__((host, port), _Handler)
 
     def invoke(self, headers: dict[str, str], body: bytes) -> Response:
@@ -291,6 +304,8 @@ class _Handler(wire.Handler):
                 return self._send(200, b'{"status":"healthy"}')
             return self._send(503, json.dumps({"status": "unhealthy", "error": model.failure}).encode())
         batching = self.server.batching
+        if self.path == "/metrics":
+            return self._send(200, *self.server.metrics.exposition())
         if self.path == "/stats" and batching is not None:
             stats = {"requests": batching.requests, "runtime_calls": batching.runtime_calls}
             if isinstance(batching.runtime, FixedBatchSizes):
@@ -299,16 +314,26 @@ class _Handler(wire.Handler):
         self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
 
     def do_POST(self):
+        started = time.perf_counter()
         with self.server.arriving():
             try:
                 body = self.read_body(self.server.core.max_body_bytes)
+                if self.path != "/invocations":
+                    raise NotFound(f"no route for POST {self.path}")
             except InferenceError as error:
-                return self._send(error.status, json.dumps({"error": error.message}).encode())
-            if self.path != "/invocations":
-                return self._send(404, json.dumps({"error": f"no route for POST {self.path}"}).encode())
-            headers = {key.lower(): value for key, value in self.headers.items()}
-            response = self.server.invoke(headers, body)
+                response = Response.json(error.status, {"error": error.message})
+            else:
+                response = self.server.invoke({key.lower(): value for key, value in self.headers.items()}, body)
         self._send(response.status, response.body, response.headers)
+        model = self.server.model
+        self.server.metrics.request(
+            model.name,
+            model.version,
+            response.route,
+            response.status,
+            time.perf_counter() - started,
+            response.inference_ms,
+        )
 
 
 def main() -> int:

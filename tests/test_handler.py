@@ -4,6 +4,7 @@ events of both payload formats, structured logs and EMF metrics."""
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pytest
 from support import FIXTURES, MODELS, ROOT
 
 from slimserve.contract.apigw import http_api_event, response_body, rest_event
+from slimserve.lambda_handlers.core import ACTIONS
 from slimserve.lambda_handlers.function import ModelFunction
 from slimserve.registry.versions import Registry
 
@@ -61,7 +63,9 @@ def test_store_layout_is_content_addressed_with_a_manifest(s3_store, stored_iris
 def test_a_rest_api_event_answers_as_the_runtime(iris_function, iris):
     response = iris_function(fixture_event("apigw_rest_v1.json"), Context("req-rest"))
     assert response["statusCode"] == 200 and response["isBase64Encoded"] is False
+    timing = response["headers"].pop("Server-Timing")
     assert response["headers"] == {"Content-Type": "application/json"}
+    assert re.fullmatch(r"inference;dur=\d+\.\d{3}", timing), timing
     body = body_of(response)
     direct = iris.run({"features": np.array([[5.1, 3.5, 1.4, 0.2]], np.float32)}, ["label", "probabilities"])
     assert body["id"] == "fixture-1"
@@ -159,10 +163,10 @@ def test_each_request_writes_one_emf_record_and_a_failure_adds_a_log_line(iris_f
 
 
 def test_unexpected_failure_is_a_logged_500_without_a_trace(iris_function, capsys, monkeypatch):
-    def explode(request):
+    def explode(core, request, **arguments):
         raise KeyError("bug")
 
-    monkeypatch.setattr(iris_function.core, "_route", explode)
+    monkeypatch.setitem(ACTIONS, "v2_infer", explode)
     response = iris_function(fixture_event("apigw_rest_v1.json"), Context("req-bug"))
     assert (response["statusCode"], body_of(response)) == (500, {"error": "internal error; see the server log"})
     error = next(json.loads(line) for line in capsys.readouterr().out.splitlines() if '"exception"' in line)

@@ -11,6 +11,7 @@ import json
 import re
 import secrets
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -28,9 +29,10 @@ from slimserve.contract.apigw import (
 )
 from slimserve.contract.openapi import openapi_document
 from slimserve.lambda_handlers import wire
-from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, route_attribute
-from slimserve.lambda_handlers.core import InferenceCore, Request
-from slimserve.lambda_handlers.errors import InvalidInput, PayloadTooLarge
+from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, MODEL_VERSION, route_attribute
+from slimserve.lambda_handlers.core import INFERENCE_TIMING, SERVER_TIMING, InferenceCore, Request, match_route
+from slimserve.lambda_handlers.errors import InferenceError, InvalidInput, PayloadTooLarge
+from slimserve.lambda_handlers.prometheus import ServingMetrics
 from slimserve.local.runner import FunctionPool
 
 INTEGRATION_TIMEOUT_S = 29.0
@@ -71,6 +73,16 @@ class EndpointRoute:
     routes: frozenset
     """(method, path) pairs; any other path of the model is not a route of the API."""
     api_key_required: bool
+    version: str = ""
+    """The version the endpoint serves (a label of the gateway's metrics)."""
+
+
+@dataclass
+class _Served:
+    """Which model and version a request reached, as far as the gateway got: its metrics' labels."""
+
+    model: str | None = None
+    version: str = ""
 
 
 class LocalGateway(wire.Server):
@@ -92,6 +104,7 @@ class LocalGateway(wire.Server):
         self.integration_timeout_s = integration_timeout_s
         self.server_routes = InferenceCore([])  # live and server metadata need no function
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="integration")
+        self.metrics = ServingMetrics()
         super().__init__((host, port), _GatewayHandler)
 
     @property
@@ -104,10 +117,29 @@ class LocalGateway(wire.Server):
             super().handle_error(request, client_address)
 
     def answer(self, method: str, path: str, headers: dict[str, str], body: bytes) -> HttpAnswer:
+        """The answer to one request; one that reached a model is counted in the gateway's metrics."""
+        started = time.perf_counter()
+        served = _Served()
+        answer = self._answer(method, path, headers, body, served)
+        if served.model is not None:
+            self.metrics.request(
+                served.model,
+                served.version,
+                _route(method, path),
+                answer.status,
+                time.perf_counter() - started,
+                _inference_ms(answer.headers),
+            )
+        return answer
+
+    def _answer(self, method: str, path: str, headers: dict[str, str], body: bytes, served: _Served) -> HttpAnswer:
         match = MODEL_ROUTE.match(path)
         if match is None:
             if (method, path) == ("GET", "/openapi.json"):
                 return _json(200, openapi_document(self.url, sorted(self.routes)))
+            if (method, path) == ("GET", "/metrics"):
+                exposition, content_type = self.metrics.exposition()
+                return HttpAnswer(200, content_type, exposition)
             if path.rstrip("/") == "/v2/health/ready":
                 return self._ready()
             response = self.server_routes.handle(Request(method, path, headers, body))
@@ -116,6 +148,7 @@ class LocalGateway(wire.Server):
         if route is None:
             names = ", ".join(sorted(self.routes)) or "none"
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
+        served.model = match["name"]
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
         passed_on = as_text(body).encode() if body and not is_binary(headers) else body
@@ -126,14 +159,17 @@ class LocalGateway(wire.Server):
             )
             body = passed_on
         if isinstance(route, EndpointRoute):
+            served.version = route.version
             return self.invoke_endpoint(route, method, path, headers, body)
         pool = route.pool
+        served.version = pool.spec.environment.get(MODEL_VERSION, "")
         if route.versions is not None:
             versioned = VERSION_IN_PATH.match(path)
             try:
                 pool, number = route.versions.pick(versioned["version"] if versioned else None)
             except LookupError as error:
                 return _json(404, {"error": str(error)})
+            served.version = str(number)
             if versioned:  # an alias or sha256 prefix in the path becomes the number the function knows itself by
                 path = f"{path[: versioned.start('version')]}{number}{path[versioned.end('version') :]}"
         return self.integrate(pool, rest_event(method, path, body, headers))
@@ -202,6 +238,20 @@ class LocalGateway(wire.Server):
     def shutdown(self):
         super().shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _route(method: str, path: str) -> str | None:
+    try:
+        return match_route(method, path)[0]
+    except InferenceError:
+        return None
+
+
+def _inference_ms(headers: dict[str, str]) -> float | None:
+    """The runtime's time, from the Server-Timing header the core sets on an inference's answer."""
+    timing = headers.get(SERVER_TIMING, "")
+    prefix = f"{INFERENCE_TIMING};dur="
+    return float(timing.removeprefix(prefix)) if timing.startswith(prefix) else None
 
 
 def _json(status: int, payload: dict) -> HttpAnswer:

@@ -279,6 +279,7 @@ class LocalStack:
             endpoint.url,
             frozenset(endpoint_routes(model.name, str(registered.number))),
             api_key_required=model.auth == "api_key",
+            version=str(registered.number),
         )
 
     def serve_forever(self) -> None:
