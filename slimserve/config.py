@@ -42,7 +42,7 @@ EBS_FAMILIES = tuple(family for family in INSTANCE_FAMILIES if family not in INS
 API_GATEWAY_TIMEOUT_S = 29
 # REST API resources a model's routes take (stacks/api.py); API Gateway allows 300 per API by
 # default, and the server's own routes take 8 of them
-API_RESOURCES_PER_MODEL = {"lambda": 5, "sagemaker": 14}
+API_RESOURCES_PER_MODEL = {"lambda": 6, "sagemaker": 14}
 API_RESOURCES_FOR_MODELS = 292
 # a SageMaker model adds about 45 resources to the app's own stack, which CloudFormation caps at 500
 MAX_SAGEMAKER_MODELS = 8

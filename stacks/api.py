@@ -18,6 +18,7 @@ from slimserve.contract.apigw import (
     ENDPOINT_THROTTLED,
     MODEL_ERROR_TEMPLATE,
 )
+from slimserve.contract.schema import BAD_REQUEST_BODY_TEMPLATE, JSON_MEDIA_TYPE, v2_request_schema
 from slimserve.lambda_handlers.contract import (
     CUSTOM_ATTRIBUTES,
     SERVER_NAME,
@@ -86,6 +87,13 @@ class InferenceApi(Construct):
         )
         self.validator = self.api.add_request_validator(
             "Validator", validate_request_parameters=True, validate_request_body=True
+        )
+        # a body the request model refuses gets the core's {"error": "..."} shape, not API Gateway's own
+        self.api.add_gateway_response(
+            "BadRequestBody",
+            type=apigw.ResponseType.BAD_REQUEST_BODY,
+            status_code="400",
+            templates={JSON_MEDIA_TYPE: BAD_REQUEST_BODY_TEMPLATE},
         )
         self.models_v2 = self._path("v2", "models")
         self.models_v1 = self._path("v1", "models")
@@ -210,8 +218,8 @@ class ModelRoutes(Construct):
         self.rest_api_id, self.stage_name = api.api.rest_api_id, api.props.stage_name
         self.models: list[tuple[str, str]] = []
 
-    def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str) -> None:
-        """The model's routes, proxied to `target` (its `live` alias)."""
+    def add_lambda_model(self, name: str, target: lambda_.IFunction, auth: str, signature: dict | None = None) -> None:
+        """The model's routes, proxied to `target` (its `live` alias); V2 JSON bodies checked against `signature`."""
         options, reason = self._auth(name, auth)
         stack = cdk.Stack.of(self)
         # LambdaIntegration would let any stage, method and path of the API invoke the function: the permissions below
@@ -229,9 +237,9 @@ class ModelRoutes(Construct):
         )
         v2 = self.models_v2.add_resource(name)
         v1 = self.models_v1.add_resource(name)
-        routes = [  # five resources a model: API Gateway allows 300 per API by default
+        routes = [  # six resources a model (config.API_RESOURCES_PER_MODEL): API Gateway allows 300 per API by default
             (v2, "GET"),  # metadata
-            (v2.add_resource("{proxy+}"), "ANY"),  # ready, infer, versions/{v}[/ready|/infer]
+            (v2.add_resource("{proxy+}"), "ANY"),  # ready, versions/{v}[/ready|/infer]
             (v1, "GET"),  # status
             (v1.add_resource("{proxy+}"), "ANY"),  # metadata, versions/{v}[/metadata|:predict]
             (self.models_v1.add_resource(f"{name}:predict"), "POST"),
@@ -250,9 +258,31 @@ class ModelRoutes(Construct):
                     arn_format=cdk.ArnFormat.SLASH_RESOURCE_NAME,
                 ),
             )
+        # infer on a resource of its own, to carry the request model; v2/{proxy+}'s permission covers it
+        infer = v2.add_resource("infer")
+        infer.add_method("POST", integration, **options, **self._request_model(name, signature))
+        _acknowledge_auth(infer, reason, iam_authorised=auth == "iam")
         self.models.append((name, auth))
 
-    def add_endpoint_model(self, name: str, endpoint_name: str, version: str, auth: str) -> None:
+    def _request_model(self, name: str, signature: dict | None) -> dict:
+        """The infer method's request model: the model's V2 request schema for JSON bodies (slimserve.contract.schema);
+        none where the signature is not known."""
+        if signature is None:
+            return {}
+        schema = apigw.CfnModel(
+            self,
+            f"RequestModel-{name}",
+            rest_api_id=self.rest_api_id,
+            content_type=JSON_MEDIA_TYPE,
+            description=f"{name}: a V2 inference request, from the model's signature",
+            schema=v2_request_schema(name, signature),
+        )
+        model = apigw.Model.from_model_name(self, f"RequestModelName-{name}", schema.ref)
+        return {"request_models": {JSON_MEDIA_TYPE: model}}
+
+    def add_endpoint_model(
+        self, name: str, endpoint_name: str, version: str, auth: str, signature: dict | None = None
+    ) -> None:
         """The model's routes, each an InvokeEndpoint call that tells the container which route the client called.
 
         InvokeEndpoint passes on only Content-Type, Accept and one custom-attributes header, so each
@@ -265,14 +295,17 @@ class ModelRoutes(Construct):
         self._invoke_role().add_to_policy(
             iam.PolicyStatement(actions=["sagemaker:InvokeEndpoint"], resources=[endpoint_arn])
         )
+        request_model = self._request_model(name, signature)  # both infer routes, unversioned and versioned
         for method, path in endpoint_routes(name, version):
             resource = self.models_v2 if path.startswith("/v2/") else self.models_v1
             for part in path.split("/")[3:]:
                 resource = resource.get_resource(part) or resource.add_resource(part)
+            checked = request_model if path.endswith("/infer") else {}
             resource.add_method(
                 method,
                 self._endpoint_integration(endpoint_name, method, path),
                 **options,
+                **checked,
                 request_parameters={"method.request.header.Content-Type": False, "method.request.header.Accept": False},
                 method_responses=_ENDPOINT_METHOD_RESPONSES,
             )

@@ -35,7 +35,9 @@ def _api_alarms(config: AppConfig) -> Alarms:
     )
 
 
-MODELS_PER_SHARD = 18  # a model takes 26 resources in its shard (5 of them invoke permissions); a stack may hold 500
+MODELS_PER_SHARD = (
+    17  # a model takes 29 resources in its shard (5 invoke permissions, its request model); a stack may hold 500
+)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class ModelShard(cdk.NestedStack):
                     log_key=props.log_key,
                 ),
             )
-            self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth)
+            self.routes.add_lambda_model(model.name, lambda_model.alias, model.auth, props.stored[model.name].signature)
             self.lambda_models[model.name] = lambda_model
 
 
@@ -160,7 +162,9 @@ class SlimserveStack(cdk.Stack):
                     image=model.sagemaker.image or own_image,
                 ),
             )
-            routes.add_endpoint_model(model.name, endpoint.endpoint_name, endpoint.version, model.auth)
+            routes.add_endpoint_model(
+                model.name, endpoint.endpoint_name, endpoint.version, model.auth, stored[model.name].signature
+            )
             self.monitoring.add_gpu_endpoint(model.name, endpoint)
             endpoints[model.name] = endpoint
         return endpoints, [routes]

@@ -129,11 +129,11 @@ def models(lambda_count: int, sagemaker_count: int) -> str:
 
 
 def test_more_routes_than_one_rest_api_holds(folder):
-    assert len(load_config(write(folder, models(36, 8))).models) == 44  # 36 x 5 + 8 x 14 = 292: the most there is
-    assert error_of(folder, models(37, 8)) == (
+    assert len(load_config(write(folder, models(30, 8))).models) == 38  # 30 x 6 + 8 x 14 = 292: the most there is
+    assert error_of(folder, models(31, 8)) == (
         "models: expected routes that fit one REST API (292 resources for models under API Gateway's default 300; a Lambda "
-        "model takes 5, a SageMaker model 14), found 37 Lambda and 8 SageMaker models taking 297; split them across apps")
-    assert error_of(folder, models(59, 0)).endswith("found 59 Lambda and 0 SageMaker models taking 295; split them across apps")
+        "model takes 6, a SageMaker model 14), found 31 Lambda and 8 SageMaker models taking 298; split them across apps")
+    assert error_of(folder, models(49, 0)).endswith("found 49 Lambda and 0 SageMaker models taking 294; split them across apps")
 
 
 def test_more_sagemaker_models_than_one_stack_holds(folder):

@@ -267,7 +267,8 @@ def api_paths(*templates: dict) -> set[str]:
 
 
 def test_api_routes_are_the_local_gateways(template, shard):
-    per_model = ["/v2/models/{m}", "/v2/models/{m}/{proxy+}", "/v1/models/{m}", "/v1/models/{m}/{proxy+}", "/v1/models/{m}:predict"]
+    per_model = ["/v2/models/{m}", "/v2/models/{m}/infer", "/v2/models/{m}/{proxy+}", "/v1/models/{m}", "/v1/models/{m}/{proxy+}",
+                 "/v1/models/{m}:predict"]
     expected = {"/v1", "/v2", "/v1/models", "/v2/models", "/v2/health", "/v2/health/live", "/v2/health/ready"}
     expected |= {route.replace("{m}", model) for model in ("iris", "digits") for route in per_model}
     assert api_paths(template.to_json(), shard.to_json()) == expected
@@ -278,7 +279,7 @@ def test_api_key_models_require_the_key_and_pass_binary_through(template, shard)
         "BinaryMediaTypes": ["application/octet-stream", "application/vnd.slimserve.binary"],
         "EndpointConfiguration": {"Types": ["REGIONAL"]}})
     methods = shard.find_resources("AWS::ApiGateway::Method", {"Properties": {"Integration": {"Type": "AWS_PROXY"}}})
-    assert len(methods) == 10 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())
+    assert len(methods) == 12 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())
     template.has_resource_properties("AWS::ApiGateway::RequestValidator", {"ValidateRequestBody": True, "ValidateRequestParameters": True})
 
 
@@ -537,12 +538,12 @@ def test_gpu_endpoint_role_reads_its_model_folder_and_writes_only_its_capture(gp
 @pytest.mark.slow
 def test_the_most_models_an_app_takes_stay_under_cloudformations_limits(tmp_path):
     (tmp_path / "iris.onnx").write_bytes((ROOT / "examples/models/iris.onnx").read_bytes())
-    models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(36)}  # with 8 below: all the API holds
+    models = {f"m{i}": {"format": "onnx", "artifact": "iris.onnx"} for i in range(30)}  # with 8 below: all the API holds
     models |= {f"s{i}": {"format": "onnx", "artifact": "iris.onnx", "target": "sagemaker"} for i in range(8)}
     stack = stack_for(parse_config({"app": {"name": "many"}, "models": models}, tmp_path / "slimserve.toml"))
     counts = [len(assertions.Template.from_stack(part).to_json()["Resources"]) for part in (stack, *stack.shards)]
     assert len(stack.shards) == 2 and max(counts) <= 500, counts
-    assert sum(len(shard.lambda_models) for shard in stack.shards) == 36 and len(stack.gpu_endpoints) == 8
+    assert sum(len(shard.lambda_models) for shard in stack.shards) == 30 and len(stack.gpu_endpoints) == 8
 
 
 def test_new_versions_reach_live_through_codedeploy_with_rollback_alarms(shard, shard_resources):

@@ -17,6 +17,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from jsonschema import Draft4Validator
+
 from slimserve.contract.apigw import (
     ENDPOINT_FAILED,
     MAX_BODY_BYTES,
@@ -28,6 +30,7 @@ from slimserve.contract.apigw import (
     rest_event,
 )
 from slimserve.contract.openapi import openapi_document
+from slimserve.contract.schema import JSON_MEDIA_TYPE, REFUSED, v2_request_schema
 from slimserve.lambda_handlers import wire
 from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, MODEL_VERSION, route_attribute
 from slimserve.lambda_handlers.core import INFERENCE_TIMING, SERVER_TIMING, InferenceCore, Request, match_route
@@ -63,6 +66,12 @@ class Route:
     versions: object | None = None
     """Picks the function for a version (`pick(ref or None) -> (pool, number)`, LookupError if none);
     None: one version only."""
+    signature: dict | None = None
+    """The deployed version's signature, which the API checks V2 JSON requests against; None: no check."""
+
+    def checked_paths(self, name: str) -> set[str]:
+        """The infer route the deployed API gives a request model (stacks/api.py): the unversioned one."""
+        return {f"/v2/models/{name}/infer"}
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,12 @@ class EndpointRoute:
     api_key_required: bool
     version: str = ""
     """The version the endpoint serves (a label of the gateway's metrics)."""
+    signature: dict | None = None
+    """Its signature, which the API checks V2 JSON requests against; None: no check."""
+
+    def checked_paths(self, name: str) -> set[str]:
+        """Both infer routes, unversioned and the served version's."""
+        return {path for method, path in self.routes if method == "POST" and path.endswith("/infer")}
 
 
 @dataclass
@@ -105,6 +120,12 @@ class LocalGateway(wire.Server):
         self.server_routes = InferenceCore([])  # live and server metadata need no function
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="integration")
         self.metrics = ServingMetrics()
+        self.request_checks = {
+            path: Draft4Validator(v2_request_schema(name, route.signature))
+            for name, route in routes.items()
+            if route.signature is not None
+            for path in route.checked_paths(name)
+        }
         super().__init__((host, port), _GatewayHandler)
 
     @property
@@ -158,6 +179,9 @@ class LocalGateway(wire.Server):
                 "the deployed API passes it on as text, damaged, as it is here; send that header with binary data"
             )
             body = passed_on
+        refusal = self._refusal(method, path, headers, body)
+        if refusal is not None:
+            return refusal
         if isinstance(route, EndpointRoute):
             served.version = route.version
             return self.invoke_endpoint(route, method, path, headers, body)
@@ -173,6 +197,21 @@ class LocalGateway(wire.Server):
             if versioned:  # an alias or sha256 prefix in the path becomes the number the function knows itself by
                 path = f"{path[: versioned.start('version')]}{number}{path[versioned.end('version') :]}"
         return self.integrate(pool, rest_event(method, path, body, headers))
+
+    def _refusal(self, method: str, path: str, headers: dict[str, str], body: bytes) -> HttpAnswer | None:
+        """The API's request model at work: a JSON body its model's schema refuses gets a 400 before the model is
+        called. API Gateway applies the model to JSON bodies (no Content-Type counts as JSON); one that does not parse
+        goes on, for the core to say why."""
+        validator = self.request_checks.get(path) if method == "POST" else None
+        media_type = headers.get("content-type", JSON_MEDIA_TYPE).split(";")[0].strip().lower()
+        if validator is None or media_type != JSON_MEDIA_TYPE:
+            return None
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return None
+        errors = [error.message for error in validator.iter_errors(request)]
+        return _json(400, {"error": f"{REFUSED}: [{', '.join(errors)}]"}) if errors else None
 
     def integrate(self, pool: FunctionPool, event: dict) -> HttpAnswer:
         if pool.spec.timeout_s < self.integration_timeout_s:

@@ -233,7 +233,10 @@ class LocalStack:
             versions = self.versions[model.name] = ModelVersions(registry, model.name, registered, make_pool)
             self.resources.callback(versions.close)
             routes[model.name] = Route(
-                versions.pools[registered.number], api_key_required=model.auth == "api_key", versions=versions
+                versions.pools[registered.number],
+                api_key_required=model.auth == "api_key",
+                versions=versions,
+                signature=registered.signature,
             )
             self.log(
                 f"{model.name}: {model.format} on layer {Path(layer.path).name} "
@@ -280,6 +283,7 @@ class LocalStack:
             frozenset(endpoint_routes(model.name, str(registered.number))),
             api_key_required=model.auth == "api_key",
             version=str(registered.number),
+            signature=registered.signature,
         )
 
     def serve_forever(self) -> None:

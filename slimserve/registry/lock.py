@@ -45,6 +45,7 @@ def write_lock(config: AppConfig, registry: Registry) -> dict[str, Version]:
             "sha256": version.sha256,
             "format": version.format,
             "size": version.size,
+            "signature": version.signature,  # the API's request check, offline at synth
         }
     lock_path(config).write_text(
         json.dumps({"store": registry.store, "models": entries}, indent=2, sort_keys=True) + "\n"
@@ -86,6 +87,15 @@ def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
                 f"{config.path}: models.{model.name}.version: expected {path.name} to settle {model.version!r}, "
                 f"found {found}; run `slimserve lock` to resolve it against the model store"
             )
-        version = Version(model.name, entry["version"], entry["sha256"], entry["format"], entry["size"], "", "")
+        version = Version(
+            model.name,
+            entry["version"],
+            entry["sha256"],
+            entry["format"],
+            entry["size"],
+            "",
+            "",
+            entry.get("signature"),
+        )
         stored[model.name] = version.stored(bucket)
     return stored

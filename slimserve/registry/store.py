@@ -30,6 +30,10 @@ class StoredModel:
     size: int
     version: str = "1"
     """The registry's number for these bytes; "1" for a model deployed from its file."""
+    signature: dict | None = None
+    """The manifest's signature (`{"inputs": [...], "outputs": [...]}`), which the API checks JSON requests against;
+    None where it is not known (a lock written before locks recorded it): the API then leaves every check to the
+    model."""
 
     @property
     def folder(self) -> str:
@@ -96,8 +100,9 @@ def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> di
         target = staging / key
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        (target.parent / MANIFEST).write_text(
-            json.dumps(manifest(model.name, model.format, data, Path(model.artifact).name), indent=2)
+        described = manifest(model.name, model.format, data, Path(model.artifact).name)
+        (target.parent / MANIFEST).write_text(json.dumps(described, indent=2))
+        stored[model.name] = StoredModel(
+            model.name, model.format, bucket, key, sha256, len(data), signature=described["signature"]
         )
-        stored[model.name] = StoredModel(model.name, model.format, bucket, key, sha256, len(data))
     return stored

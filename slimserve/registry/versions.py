@@ -37,13 +37,16 @@ class Version:
     size: int
     created: str
     source: str
+    signature: dict | None = None
 
     @property
     def key(self) -> str:
         return model_key(self.name, self.sha256, self.format)
 
     def stored(self, bucket: str) -> StoredModel:
-        return StoredModel(self.name, self.format, bucket, self.key, self.sha256, self.size, str(self.number))
+        return StoredModel(
+            self.name, self.format, bucket, self.key, self.sha256, self.size, str(self.number), self.signature
+        )
 
     def environment(self, bucket: str) -> dict[str, str]:
         """What a Lambda function serving this version needs to find and verify it."""
@@ -59,6 +62,7 @@ class Version:
             manifest["size"],
             manifest["created"],
             manifest["source"],
+            manifest.get("signature"),
         )
 
 
