@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slimserve.local.gateway import EndpointRoute
 
-GOOD, BAD = 60, 9  # requests per model: one row each; the bad ones name an input the model lacks
+GOOD, BAD = 60, 9  # requests per model: one row each; the bad ones' data does not fill their shape (the model says so)
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
@@ -43,8 +43,8 @@ def post(url: str, path: str, body: bytes, key: str) -> int:
         return error.code
 
 
-def row_request(row, name="features") -> bytes:
-    return json.dumps({"inputs": [{"name": name, "shape": [1, 4], "datatype": "FP32", "data": [row.tolist()]}]}).encode()
+def row_request(row, rows=1) -> bytes:
+    return json.dumps({"inputs": [{"name": "features", "shape": [rows, 4], "datatype": "FP32", "data": [row.tolist()]}]}).encode()
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def load_run(mixed_stack, iris_test_split):
     before = scrape(gateway.url), scrape(program)
     rows = iris_test_split[0]
     calls = [(model, row_request(rows[i % len(rows)])) for model in ("iris", "iris-gpu") for i in range(GOOD)]
-    calls += [(model, row_request(rows[0], name="petals")) for model in ("iris", "iris-gpu") for _ in range(BAD)]
+    calls += [(model, row_request(rows[0], rows=2)) for model in ("iris", "iris-gpu") for _ in range(BAD)]
     mid_run, stop = [], threading.Event()
 
     def scraper():

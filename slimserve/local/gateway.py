@@ -170,6 +170,9 @@ class LocalGateway(wire.Server):
             names = ", ".join(sorted(self.routes)) or "none"
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         served.model = match["name"]
+        served.version = (
+            route.version if isinstance(route, EndpointRoute) else route.pool.spec.environment[MODEL_VERSION]
+        )
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
         passed_on = as_text(body).encode() if body and not is_binary(headers) else body
@@ -183,10 +186,8 @@ class LocalGateway(wire.Server):
         if refusal is not None:
             return refusal
         if isinstance(route, EndpointRoute):
-            served.version = route.version
             return self.invoke_endpoint(route, method, path, headers, body)
         pool = route.pool
-        served.version = pool.spec.environment.get(MODEL_VERSION, "")
         if route.versions is not None:
             versioned = VERSION_IN_PATH.match(path)
             try:
