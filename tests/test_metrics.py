@@ -134,3 +134,25 @@ def test_a_model_that_fails_to_load_is_counted(tmp_path):
         samples = scrape(url)
     assert value(samples, "slimserve_model_load_failures_total", model="iris", version="1") == 1
     assert np.isclose(value(samples, "slimserve_requests_total", model="iris", version="1", route="v2_infer", status_class="5xx"), 0)
+
+
+def test_the_grafana_dashboard_graphs_only_metrics_and_labels_the_servers_expose(load_run, mixed_stack):
+    import re
+
+    from support import ROOT
+
+    program = next(route.url for route in mixed_stack.gateway.routes.values() if isinstance(route, EndpointRoute))
+    with urllib.request.urlopen(f"{program}/metrics", timeout=30) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    exposed = {family.name + suffix for family in families for suffix in suffixes[family.type]}
+    labels = {"le"} | {label for family in families for sample in family.samples for label in sample.labels}
+    dashboard = json.loads((ROOT / "examples" / "grafana-dashboard.json").read_text())
+    expressions = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for expr in expressions for name in re.findall(r"\bslimserve_\w+", expr)}
+    assert used and used <= exposed, used - exposed
+    grouped = {label.strip() for expr in expressions for group in re.findall(r"by \(([^)]*)\)", expr) for label in group.split(",")}
+    assert grouped <= labels, grouped - labels
+    assert {family.name for family in families} == {
+        "slimserve_requests", "slimserve_request_duration_seconds", "slimserve_inference_duration_seconds",
+        "slimserve_batch_size", "slimserve_queue_depth", "slimserve_model_load_failures"}
