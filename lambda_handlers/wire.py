@@ -55,10 +55,18 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}") from None
         if length > limit:
-            while length > 0:
-                length -= len(self.rfile.read(min(length, 1 << 20)) or b"\0" * length)
+            self._discard(length)
             raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
         return self.rfile.read(length)
+
+    def _discard(self, length: int) -> bool:
+        """Read `length` bytes a megabyte at a time, keeping none; False if the client stopped sending first."""
+        while length > 0:
+            piece = len(self.rfile.read(min(length, 1 << 20)))
+            if not piece:
+                return False
+            length -= piece
+        return True
 
     def _read_chunked(self, limit: int) -> bytes:
         chunks, size = [], 0
@@ -76,12 +84,14 @@ class Handler(BaseHTTPRequestHandler):
                     pass
                 break
             size += chunk_size
-            chunk = self.rfile.read(chunk_size)
-            if len(chunk) != chunk_size or self.rfile.readline(1024).strip():
+            if size <= limit:
+                chunks.append(self.rfile.read(chunk_size))
+                whole = len(chunks[-1]) == chunk_size
+            else:  # past the limit nothing more is kept, however large a chunk claims to be
+                whole = self._discard(chunk_size)
+            if not whole or self.rfile.readline(1024).strip():
                 self.close_connection = True
                 raise InvalidInput(f"malformed chunked body: a chunk of {chunk_size} bytes is cut short or overlong")
-            if size <= limit:
-                chunks.append(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit}")
         return b"".join(chunks)

@@ -54,6 +54,7 @@ def echo():
 def raw_exchange(port: int, request: bytes) -> tuple[int, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.sendall(request)
+        connection.shutdown(socket.SHUT_WR)  # the client has no more to send
         response = http.client.HTTPResponse(connection)
         response.begin()
         return response.status, response.read()
@@ -87,6 +88,8 @@ def test_the_connection_serves_a_next_request_after_a_chunked_one(echo):
      b"malformed chunked body: chunk size line b'zz\\r\\n'"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabcdef\r\n0\r\n\r\n", 400,
      b"malformed chunked body: a chunk of 2 bytes is cut short or overlong"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffff\r\nabc", 400,
+     b"malformed chunked body: a chunk of 1099511627775 bytes is cut short or overlong"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400,
      b"unsupported Transfer-Encoding 'gzip': expected chunked"),
     (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -3\r\n\r\n", 400,
