@@ -199,3 +199,25 @@ def test_versioned_lambda_routes_and_binary_bodies_reach_the_model_unchecked(mix
         400, {"error": "unknown input 'petals': the model's inputs are 'features'"})
     assert post(mixed_stack, "/v2/models/iris/infer", unknown, "application/octet-stream") == (
         400, {"error": "unknown input 'petals': the model's inputs are 'features'"})
+
+
+# test_bad_input's bodies, which the Lambda handler refuses: those the iris schema refuses too, by case name
+SCHEMA_REFUSES = {"unknown input", "missing input", "missing inputs key", "wrong datatype", "unknown datatype", "wrong shape",
+                  "unknown output", "JSON nested too deep"}
+
+
+def test_the_iris_schema_refuses_the_handlers_bad_bodies_it_can_judge_and_passes_the_rest():
+    from test_bad_input import CASES
+
+    validator = Draft4Validator(v2_request_schema("iris", signature_of(MODELS / "iris.onnx")))
+    judged = {}
+    for case, (path, body, headers, status, _) in CASES.items():
+        if path != "/v2/models/iris/infer" or headers.get("Content-Type") != "application/json" or status != 400:
+            continue
+        try:
+            request = json.loads(body)
+        except ValueError:
+            continue  # not JSON: API Gateway's validator refuses it too ("Invalid request body")
+        judged[case] = not validator.is_valid(request)
+    assert {case for case, refused in judged.items() if refused} == SCHEMA_REFUSES
+    assert len(judged) > len(SCHEMA_REFUSES)  # and some only the model can judge (element counts, value types, ...)
