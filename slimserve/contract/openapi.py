@@ -186,7 +186,8 @@ def _responses(action: str, success: dict) -> dict:
         responses |= {
             "400": {
                 "description": "bad request: malformed or too-deep JSON, unknown or missing inputs, wrong datatype, "
-                "shape or element count, bad binary lengths, unsupported Content-Encoding",
+                "shape or element count, bad binary lengths, unsupported Content-Encoding, malformed chunked framing; "
+                "a V2 JSON body that does not fit the model's signature, refused by the API before the model runs",
                 "content": error,
             },
             "403": {
@@ -229,7 +230,8 @@ def _operation(method: str, action: str, versioned: bool, models: list[str] | No
                 "schema": {
                     "type": "string",
                     "format": "binary",
-                    "description": "a JSON header, then the tensors' bytes",
+                    "description": "a JSON header, then the tensors' bytes; or, with Inference-Header-Content-Length "
+                    "0, the bytes of a one-input model's input alone (a raw binary request)",
                 }
             }
             operation["parameters"] = operation["parameters"] + [
@@ -238,7 +240,7 @@ def _operation(method: str, action: str, versioned: bool, models: list[str] | No
                     "in": "header",
                     "required": False,
                     "schema": {"type": "integer", "minimum": 0},
-                    "description": "the JSON header's length, for the binary tensor extension",
+                    "description": "the JSON header's length, for the binary tensor extension; 0: no header",
                 }
             ]
         operation["requestBody"] = {"required": True, "content": content}
