@@ -9,9 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from slimserve.config import API_RESOURCES_FOR_MODELS, API_RESOURCES_PER_MODEL
+
 ROOT = Path(__file__).resolve().parent.parent
 PER_MODEL_TARGET_S = 0.3
-MODEL_COUNTS = (1, 10, 50)
+# up to the most Lambda models one app's REST API holds (slimserve.config.API_RESOURCES_FOR_MODELS)
+MODEL_COUNTS = (1, 10, API_RESOURCES_FOR_MODELS // API_RESOURCES_PER_MODEL["lambda"])
 
 
 def _config(folder: Path, models: int) -> Path:
