@@ -10,6 +10,7 @@ from support import MODELS
 
 from slimserve.cli import main
 from slimserve.config import ConfigError, load_config
+from slimserve.contract.schema import v2_request_schema
 from slimserve.registry.lock import ALLOW_LOCAL_LOCK, lock_path, write_lock
 from slimserve.registry.versions import Registry
 from slimserve.stacks.app import build_app
@@ -62,13 +63,18 @@ def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrain
     assert capsys.readouterr().out == (f"iris: 'prod' is version 2 (sha256 {retrained.sha256})\n"
                                        f"wrote {tmp_path}/slimserve.lock: 1 of 1 models deploy a registered version\n")
     assert json.loads(lock_path(config).read_text()) == {"store": "local", "models": {"iris": {
-        "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size}}}
+        "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size,
+        "signature": retrained.signature}}}
+    assert retrained.signature["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
     environment, _ = function_environment(config)
     assert environment["SLIMSERVE_MODEL_VERSION"] == "2"
     assert environment["SLIMSERVE_MODEL_SHA256"] == retrained.sha256
     assert environment["SLIMSERVE_MODEL_KEY"] == f"models/iris/{retrained.sha256}/model.onnx"
-    app_stack = assertions.Template.from_stack(build_app(config).node.find_child(config.name))
+    stack = build_app(config).node.find_child(config.name)
+    app_stack = assertions.Template.from_stack(stack)
     assert app_stack.find_resources("Custom::CDKBucketDeployment") == {}  # the bytes are in the store already
+    (request_model,) = assertions.Template.from_stack(stack.shards[0]).find_resources("AWS::ApiGateway::Model").values()
+    assert request_model["Properties"]["Schema"] == v2_request_schema("iris", retrained.signature)  # from the lock, offline
 
 
 @pytest.mark.slow

@@ -171,7 +171,7 @@ class LocalGateway(wire.Server):
             return _json(404, {"error": f"unknown model {match['name']!r}; served models: {names}"})
         served.model = match["name"]
         served.version = (
-            route.version if isinstance(route, EndpointRoute) else route.pool.spec.environment[MODEL_VERSION]
+            route.version if isinstance(route, EndpointRoute) else route.pool.spec.environment.get(MODEL_VERSION, "")
         )
         if route.api_key_required and headers.get("x-api-key") != self.api_key:
             return _json(*FORBIDDEN)
