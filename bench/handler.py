@@ -134,10 +134,12 @@ def warm_overhead(rounds: int) -> list[tuple]:
     return rows
 
 
+# the bundle's own top-level package, as Lambda imports it: not slimserve.lambda_handlers, whose parent package
+# (importlib.metadata for its version, the editable install's finder) Lambda never loads
 COLD_HANDLER = """
 import json, sys, time
 started = time.perf_counter()
-from slimserve.lambda_handlers.handler import handler
+from lambda_handlers.handler import handler
 response = handler(json.loads(sys.argv[1]), None)
 assert response["statusCode"] == 200, response
 print(json.dumps({"ms": (time.perf_counter() - started) * 1000}), file=sys.stderr)
