@@ -11,8 +11,12 @@ so the function recovers by itself once S3 does; each failed load is logged and
 counted as the `ModelLoadFailures` metric.
 """
 
+import contextlib
 import hashlib
+import os
+import tempfile
 import time
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from . import events, telemetry
@@ -40,6 +44,7 @@ from .errors import InferenceError
 from .runtimes import ModelLoadError, load_model
 
 RETRY_MAX_S = 60.0
+CHUNK_BYTES = 8 * 1024 * 1024  # what a stream or hash holds at a time
 # S3 failures end within seconds: Lambda's init phase has 10 s, and a hung fetch helps nobody
 S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 1, "read_timeout": 3}
 
@@ -84,41 +89,88 @@ class ModelSource(NamedTuple):
     def location(self) -> str:
         return self.path if self.path else f"s3://{self.bucket}/{self.key}"
 
-    def fetch(self) -> bytes:
-        """The model's bytes, checked against `sha256` when there is one (Lambda's environment always has one)."""
+    @contextlib.contextmanager
+    def verified_file(self, folder: str | None = None) -> Iterator[str]:
+        """A file of the model's bytes, checked against `sha256` when there is one (Lambda's environment always has
+        one), for the runtime to load from its path. A local file is checked where it lies. An S3 object is streamed
+        into `folder` (ephemeral storage: /tmp on Lambda) and hashed as it arrives, so memory never holds the model
+        beside the runtime's own copy; the file goes once the block ends (the runtime has read or mapped it)."""
         if self.path:
-            try:
-                with open(self.path, "rb") as file:
-                    data = file.read()
-            except OSError as exc:
-                raise ModelSourceError(f"cannot read {self.path}: {exc.strerror}") from None
-        elif self.bucket and self.key:
-            data = _s3_get(self.bucket, self.key)
-        else:
+            yield self.checked_path()
+            return
+        if not (self.bucket and self.key):
             raise ModelSourceError("no file and no S3 bucket and key to read the model from")
-        digest = hashlib.sha256(data).hexdigest()
+        try:
+            fd, copy = tempfile.mkstemp(prefix=f"{self.name}-", suffix=f".{self.model_format}", dir=folder)
+        except OSError as exc:
+            raise self._unwritable(folder or tempfile.gettempdir(), exc) from None
+        try:
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    digest = _s3_stream(self.bucket, self.key, out)
+            except OSError as exc:  # the ephemeral storage is full (a buffered write fails at close too)
+                raise self._unwritable(copy, exc) from None
+            self._check(digest)
+            yield copy
+        finally:  # verified or not, loaded or not: nothing stays in ephemeral storage
+            os.unlink(copy)
+
+    def _unwritable(self, where: str, exc: OSError) -> ModelSourceError:
+        return ModelSourceError(
+            f"cannot write {self.location} to {where}: {exc.strerror}; the function's ephemeral storage must hold "
+            "the model"
+        )
+
+    def checked_path(self) -> str:
+        """The model's local file, its sha256 checked where it lies, a chunk at a time."""
+        if not self.path:
+            raise ModelSourceError(f"{self.location} is not a local file")
+        try:
+            with open(self.path, "rb") as file:
+                digest = _sha256_of(iter(lambda: file.read(CHUNK_BYTES), b""))
+        except OSError as exc:
+            raise ModelSourceError(f"cannot read {self.path}: {exc.strerror}") from None
+        self._check(digest)
+        return self.path
+
+    def _check(self, digest: str) -> None:
         if self.sha256 and digest != self.sha256:
             raise ModelSourceError(
                 f"sha256 of {self.location} is {digest}, expected {self.sha256}; refusing to serve it"
             )
-        return data
 
 
-def _s3_get(bucket: str, key: str) -> bytes:
+def _sha256_of(chunks) -> str:
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _s3_stream(bucket: str, key: str, out) -> str:
+    """Write the object to `out` a chunk at a time; its sha256."""
     import boto3  # part of the Lambda Python runtime; only needed when the model is in S3
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = boto3.client("s3", config=Config(**S3_CONFIG))
+    where = f"s3://{bucket}/{key}"
+
+    def written(chunks):
+        for chunk in chunks:
+            out.write(chunk)
+            yield chunk
+
     try:
-        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        return _sha256_of(written(body.iter_chunks(CHUNK_BYTES)))
     except ClientError as exc:
         error = exc.response.get("Error", {})
         raise ModelSourceError(
-            f"cannot fetch s3://{bucket}/{key}: {error.get('Code')} {error.get('Message', '')}".rstrip()
+            f"cannot fetch {where}: {error.get('Code')} {error.get('Message', '')}".rstrip()
         ) from None
     except BotoCoreError as exc:
-        raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {exc}") from None
+        raise ModelSourceError(f"cannot fetch {where}: {exc}") from None
 
 
 class ModelFunction:
@@ -145,7 +197,8 @@ class ModelFunction:
             self._failed(name, version, str(exc), retry=False)
             return
         try:
-            runtime = load_model(source.fetch(), source.model_format)
+            with source.verified_file() as path:
+                runtime = load_model(path, source.model_format)
         except (ModelSourceError, ModelLoadError) as exc:
             self._failed(name, version, str(exc), retry=True)
             return

@@ -177,12 +177,13 @@ def load(environ) -> ServedModel:
     on_gpu = False
     try:
         settings = ServerSettings.from_environment(environ)
-        data = ModelSource(name, version, model_format, environ.get(MODEL_SHA256, "").lower(), path=path).fetch()
+        # checked where it lies: every session below loads it from its path (external data from disk), never bytes
+        ModelSource(name, version, model_format, environ.get(MODEL_SHA256, "").lower(), path=path).checked_path()
         if model_format == "onnx":
             import onnxruntime
 
             providers = settings.onnx_providers(onnxruntime.get_available_providers())
-            onnx_model = OnnxModel(data, providers=providers, spin=False)  # the HTTP threads need the cores
+            onnx_model = OnnxModel(path, providers=providers, spin=False)  # the HTTP threads need the cores
             runtime: Runtime = onnx_model
             used = onnx_model.session.get_providers()[0]
             on_gpu = used != "CPUExecutionProvider"
@@ -194,10 +195,10 @@ def load(environ) -> ServedModel:
             )
             sizes = settings.fixed_batch_sizes(on_gpu)
             if sizes and batch_first(runtime.signature.inputs):
-                runtime = FixedBatchSizes(runtime, lambda: OnnxModel(data, providers=providers, spin=False), sizes)
+                runtime = FixedBatchSizes(runtime, lambda: OnnxModel(path, providers=providers, spin=False), sizes)
                 telemetry.log("INFO", "batches run at fixed sizes", model=name, sizes=runtime.sizes)
         elif model_format == "tflite":
-            runtime = TfliteModel(data)
+            runtime = TfliteModel(path)
         else:
             raise ModelLoadError(f"{path}: unknown model format {model_format!r}; expected onnx or tflite")
     except (ModelSourceError, ModelLoadError) as error:

@@ -6,6 +6,7 @@ stack trace for a config mistake.
 """
 
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
@@ -46,6 +47,12 @@ API_RESOURCES_PER_MODEL = {"lambda": 6, "sagemaker": 14}
 API_RESOURCES_FOR_MODELS = 292
 # a SageMaker model adds about 45 resources to the app's own stack, which CloudFormation caps at 500
 MAX_SAGEMAKER_MODELS = 8
+# What a Lambda model needs to load (README, "Model size"): the function streams the model to /tmp, then the runtime
+# loads it from there. Memory: Python, numpy, the runtime and the handler, plus ONNX Runtime's peak while it builds a
+# session from a file (1.47x the weights on a 192 MiB MLP; from bytes it was 3.0x). /tmp: the model, with headroom.
+LAMBDA_BASE_MB = 128
+LAMBDA_LOAD_FACTOR = 1.5
+EPHEMERAL_HEADROOM = 1.1
 
 
 NESTED_TABLES = ("alarms", "sagemaker")  # a model's table of one of these merges with [defaults]'s key by key
@@ -391,6 +398,8 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
     if target == "sagemaker":
         _check_sagemaker(reader, where, values)
 
+    if target == "lambda":
+        _check_lambda_fit(reader, where, artifact.stat().st_size, values)
     reserved = values.get("reserved_concurrency")
     provisioned = values.get("provisioned_concurrency", 0)
     if reserved is not None and provisioned > reserved:
@@ -399,6 +408,31 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
             f"expected at most reserved_concurrency ({reserved}), found {provisioned}",
         )
     return ModelConfig(name=name, **values)
+
+
+def lambda_needs_mb(size_bytes: int) -> tuple[int, int]:
+    """The memory and the ephemeral storage (MB) a Lambda function needs to load a model of `size_bytes`."""
+    size_mb = size_bytes / 2**20
+    return math.ceil(LAMBDA_BASE_MB + LAMBDA_LOAD_FACTOR * size_mb), math.ceil(EPHEMERAL_HEADROOM * size_mb)
+
+
+def _check_lambda_fit(reader: _Reader, where: str, size_bytes: int, values: dict) -> None:
+    memory, storage = lambda_needs_mb(size_bytes)
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    size = f"the model is {size_bytes / 2**20:.0f} MiB"
+    too_big = 'or set target = "sagemaker"'
+    for key, needed, why in (
+        (
+            "memory_mb",
+            memory,
+            f"{LAMBDA_BASE_MB} MB for the runtime plus {LAMBDA_LOAD_FACTOR}x the model while it loads",
+        ),
+        ("ephemeral_storage_mb", storage, "the model streamed to /tmp before it loads, plus 10%"),
+    ):
+        found = values.get(key, defaults[key])
+        if found < needed:
+            fix = f"raise {key} (up to 10240) {too_big}" if needed <= 10240 else too_big.removeprefix("or ")
+            reader.fail(f"{where}.{key}", f"{size}: expected at least {needed} ({why}), found {found}; {fix}")
 
 
 def _check_sagemaker(reader: _Reader, where: str, values: dict) -> None:

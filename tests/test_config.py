@@ -157,7 +157,39 @@ def test_cli_check_lists_the_models(capsys):
     assert main(["check", "--config", str(ROOT / "slimserve.toml")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{ROOT / 'slimserve.toml'}: app 'slimserve-demo', 2 models"
-    assert out[1] == f"  iris: onnx {ROOT / 'examples/models/iris.onnx'} -> lambda (512 MB x86_64), auth api_key"
+    assert out[1] == f"  iris: onnx {ROOT / 'examples/models/iris.onnx'} (1 file, 0.6 KiB) -> lambda (512 MB x86_64), auth api_key"
+
+
+def sized_model(folder, megabytes: int) -> str:
+    """A file of the size (sparse: nothing is written); the config checks sizes, not contents."""
+    with open(folder / "big.onnx", "wb") as file:
+        file.truncate(megabytes * 2**20)
+    return "big.onnx"
+
+
+@pytest.mark.parametrize("size_mb, settings, message", [
+    (600, {}, "models.big.memory_mb: the model is 600 MiB: expected at least 1028 (128 MB for the runtime plus 1.5x the "
+              "model while it loads), found 1024; raise memory_mb (up to 10240) or set target = \"sagemaker\""),
+    (600, {"memory_mb": 2048}, "models.big.ephemeral_storage_mb: the model is 600 MiB: expected at least 660 (the model "
+                               "streamed to /tmp before it loads, plus 10%), found 512; raise ephemeral_storage_mb "
+                               "(up to 10240) or set target = \"sagemaker\""),
+    (7000, {"memory_mb": 10240, "ephemeral_storage_mb": 10240},
+     "models.big.memory_mb: the model is 7000 MiB: expected at least 10628 (128 MB for the runtime plus 1.5x the model "
+     "while it loads), found 10240; set target = \"sagemaker\""),
+])
+def test_a_lambda_model_too_big_for_its_function_is_refused_naming_the_sizes(tmp_path, size_mb, settings, message):
+    artifact = sized_model(tmp_path, size_mb)
+    with pytest.raises(ConfigError) as error:
+        parse_config({"models": {"big": {"format": "onnx", "artifact": artifact, **settings}}}, tmp_path / "slimserve.toml")
+    assert str(error.value) == f"{tmp_path / 'slimserve.toml'}: {message}"
+
+
+def test_a_big_model_fits_a_function_sized_for_it_or_a_sagemaker_endpoint(tmp_path):
+    artifact = sized_model(tmp_path, 600)
+    fitted = {"format": "onnx", "artifact": artifact, "memory_mb": 1028, "ephemeral_storage_mb": 660}
+    config = parse_config({"models": {"big": fitted, "gpu": {"format": "onnx", "artifact": artifact, "target": "sagemaker"}}},
+                          tmp_path / "slimserve.toml")
+    assert [model.name for model in config.models] == ["big", "gpu"]
 
 
 def test_nested_tables_merge_with_the_defaults_key_by_key(tmp_path):

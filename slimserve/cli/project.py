@@ -79,12 +79,20 @@ def _loadable_config(path: str):
     return config
 
 
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
+
+
 def _check(args) -> int:
     config = _loadable_config(args.config)
     print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
     for model in config.models:
         where = model.sagemaker.instance_type if model.sagemaker else f"{model.memory_mb} MB {model.architecture}"
-        print(f"  {model.name}: {model.format} {model.artifact} -> {model.target} ({where}), auth {model.auth}")
+        size = model.artifact.stat().st_size
+        print(
+            f"  {model.name}: {model.format} {model.artifact} (1 file, {_mib(size)}) -> {model.target} ({where}), "
+            f"auth {model.auth}"
+        )
         if model.sagemaker and model.sagemaker.min_instances == 1:
             print(
                 f"    note: models.{model.name}.sagemaker.min_instances is 1: an instance that fails is an outage "
