@@ -51,6 +51,7 @@ MAX_SAGEMAKER_MODELS = 8
 # loads it from there. Memory: Python, numpy, the runtime and the handler, plus ONNX Runtime's peak while it builds a
 # session from a file (1.47x the weights on a 192 MiB MLP; from bytes it was 3.0x). /tmp: the model, with headroom.
 LAMBDA_BASE_MB = 128
+SAGEMAKER_TIMEOUT_RANGE_S = (60, 3600)  # ModelDataDownload and ContainerStartupHealthCheck timeouts
 LAMBDA_LOAD_FACTOR = 1.5
 EPHEMERAL_HEADROOM = 1.1
 
@@ -182,6 +183,25 @@ class SageMakerSettings:
     network_isolation: bool = _rule(
         _bool(), True, "the container reaches no network (slimserve's own image needs none; an image of yours may)"
     )
+    download_timeout_s: int | None = _rule(
+        _int_range(*SAGEMAKER_TIMEOUT_RANGE_S),
+        None,
+        "ModelDataDownloadTimeoutInSeconds (unset: derived from the model's size)",
+    )
+    startup_timeout_s: int | None = _rule(
+        _int_range(*SAGEMAKER_TIMEOUT_RANGE_S),
+        None,
+        "ContainerStartupHealthCheckTimeoutInSeconds (unset: derived from the model's size)",
+    )
+
+    def timeouts_s(self, size_bytes: int) -> tuple[int, int]:
+        """The endpoint's download and startup timeouts for a model of `size_bytes`: the configured ones, else one
+        minute to download plus one a GiB, and two minutes to start (Python, the runtime, CUDA) plus one a GiB to
+        build the session from disk; within SageMaker's 60 to 3600 s."""
+        gib = math.ceil(size_bytes / 2**30)
+        low, high = SAGEMAKER_TIMEOUT_RANGE_S
+        derived = (min(max(60 + 60 * gib, low), high), min(max(120 + 60 * gib, low), high))
+        return (self.download_timeout_s or derived[0], self.startup_timeout_s or derived[1])
 
     @property
     def family(self) -> str:

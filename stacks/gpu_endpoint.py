@@ -176,6 +176,7 @@ class GpuEndpoint(Construct):
         capture = settings.data_capture_percent
         key_arn = props.store.key.key_arn if props.store.key else None
         volume_key = key_arn if settings.family in EBS_FAMILIES else None
+        download_s, startup_s = settings.timeouts_s(props.stored.size)
         config = sagemaker.CfnEndpointConfig(
             self,
             "Config",
@@ -186,6 +187,8 @@ class GpuEndpoint(Construct):
                     model_name=self.model.attr_model_name,
                     initial_instance_count=settings.initial_instance_count,
                     instance_type=settings.instance_type,
+                    model_data_download_timeout_in_seconds=download_s,
+                    container_startup_health_check_timeout_in_seconds=startup_s,
                 )
             ],
             data_capture_config=sagemaker.CfnEndpointConfig.DataCaptureConfigProperty(

@@ -241,3 +241,11 @@ def test_a_new_project_authenticates_with_iam(tmp_path):
     shard = build_app(config).node.find_child(config.name).shards[0]
     methods = assertions.Template.from_stack(shard).find_resources("AWS::ApiGateway::Method").values()
     assert {(m["Properties"]["AuthorizationType"], m["Properties"].get("ApiKeyRequired")) for m in methods} == {("AWS_IAM", False)}
+
+
+def test_sagemaker_timeouts_outside_sagemakers_range_are_refused(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"")
+    with pytest.raises(ConfigError) as error:
+        parse_config({"models": {"big": {"format": "onnx", "artifact": "m.onnx", "target": "sagemaker",
+                                         "sagemaker": {"startup_timeout_s": 30}}}}, tmp_path / "slimserve.toml")
+    assert str(error.value) == f"{tmp_path / 'slimserve.toml'}: models.big.sagemaker.startup_timeout_s: expected an integer between 60 and 3600, found 30"

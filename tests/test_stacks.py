@@ -600,3 +600,23 @@ def test_log_groups_take_a_key_of_their_own_when_the_config_asks(tmp_path, log_e
     (for_logs,) = [statement for statement in statements if "Service" in statement["Principal"]]
     assert for_logs["Principal"]["Service"] == {"Fn::Join": ["", ["logs.", {"Ref": "AWS::Region"}, ".amazonaws.com"]]}
     assert list(for_logs["Condition"]["ArnLike"]) == ["kms:EncryptionContext:aws:logs:arn"]
+
+
+@pytest.mark.parametrize("settings, timeouts", [
+    ({}, (120, 180)),  # a model under a GiB: one minute plus one to download, two plus one to start
+    ({"download_timeout_s": 900, "startup_timeout_s": 1800}, (900, 1800)),
+])
+def test_endpoint_timeouts_are_derived_from_the_model_size_unless_configured(tmp_path, settings, timeouts):
+    (config,) = sagemaker_template(tmp_path, {"instance_type": "ml.g5.xlarge", **settings}).find_resources(
+        "AWS::SageMaker::EndpointConfig").values()
+    (variant,) = config["Properties"]["ProductionVariants"]
+    assert (variant["ModelDataDownloadTimeoutInSeconds"], variant["ContainerStartupHealthCheckTimeoutInSeconds"]) == timeouts
+
+
+def test_the_timeout_formula_grows_a_minute_a_gib_within_sagemakers_range():
+    from slimserve.config import SageMakerSettings
+
+    settings = SageMakerSettings()
+    assert settings.timeouts_s(637) == (120, 180)
+    assert settings.timeouts_s(int(2.5 * 2**30)) == (240, 300)  # 3 GiB started: the weights of issue 16's bench model
+    assert settings.timeouts_s(200 * 2**30) == (3600, 3600)

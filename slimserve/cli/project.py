@@ -87,8 +87,12 @@ def _check(args) -> int:
     config = _loadable_config(args.config)
     print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
     for model in config.models:
-        where = model.sagemaker.instance_type if model.sagemaker else f"{model.memory_mb} MB {model.architecture}"
         size = model.artifact.stat().st_size
+        if model.sagemaker:
+            download_s, startup_s = model.sagemaker.timeouts_s(size)
+            where = f"{model.sagemaker.instance_type}, download timeout {download_s} s, startup {startup_s} s"
+        else:
+            where = f"{model.memory_mb} MB {model.architecture}"
         print(
             f"  {model.name}: {model.format} {model.artifact} (1 file, {_mib(size)}) -> {model.target} ({where}), "
             f"auth {model.auth}"
