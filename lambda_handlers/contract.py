@@ -61,6 +61,8 @@ SAGEMAKER_PORT = "SAGEMAKER_BIND_TO_PORT"
 SAGEMAKER_MODEL_DIR = "SM_MODEL_DIR"
 SERVER_HOST = "SLIMSERVE_HOST"
 MODEL_DIR = "/opt/ml/model"
+LOADING = "loading"
+"""The reason the serving program's /ping (503) and every request give while its model loads."""
 
 
 def model_environment(

@@ -39,6 +39,7 @@ from . import telemetry, wire
 from .batching import BatchingModel, FixedBatchSizes, batch_first, powers_of_two
 from .contract import (
     CUSTOM_ATTRIBUTES,
+    LOADING,
     MODEL_DIR,
     MODEL_FORMAT,
     MODEL_NAME,
@@ -168,11 +169,14 @@ def _model_path(environ) -> str:
     return found[0] if found else os.path.join(MODEL_DIR, "model.onnx")
 
 
+def _identity(environ) -> tuple[str, str]:
+    return environ.get(MODEL_NAME, "model"), environ.get(MODEL_VERSION, "1")
+
+
 def load(environ) -> ServedModel:
     """The model as the core serves it; a failure is kept as the reason /ping and every request give."""
     path = _model_path(environ)
-    name = environ.get(MODEL_NAME, "model")
-    version = environ.get(MODEL_VERSION, "1")
+    name, version = _identity(environ)
     model_format = environ.get(MODEL_FORMAT) or os.path.splitext(path)[1].lstrip(".")
     on_gpu = False
     try:
@@ -224,19 +228,25 @@ class SageMakerServer(wire.Server):
     block_on_close = True
 
     def __init__(self, model: ServedModel, host: str = "0.0.0.0", port: int = 8080):
-        self.model = model
-        self.core = InferenceCore([model])
-        self.routes = set(endpoint_routes(model.name, model.version))
-        self.batching = model.runtime if isinstance(model.runtime, BatchingModel) else None
-        self.arriving = self.batching.arriving if self.batching else contextlib.nullcontext
         self.metrics = ServingMetrics()
-        labels = (model.name, model.version)
-        if not model.ready:
-            self.metrics.load_failures.labels(*labels).inc()
-        if self.batching is not None:
-            self.metrics.queue_depth.labels(*labels).set_function(self.batching.waiting)
-            self.batching.on_runtime_call = self.metrics.batch_size.labels(*labels).observe
+        self.serve_model(model)
         super().__init__((host, port), _Handler)
+
+    def serve_model(self, model: ServedModel) -> None:
+        """Serve `model` from now on: first the placeholder that answers `loading` while the model loads, then the
+        loaded model, or the reason it did not load."""
+        batching = model.runtime if isinstance(model.runtime, BatchingModel) else None
+        labels = (model.name, model.version)
+        if not model.ready and model.failure != LOADING:
+            self.metrics.load_failures.labels(*labels).inc()
+        if batching is not None:
+            self.metrics.queue_depth.labels(*labels).set_function(batching.waiting)
+            batching.on_runtime_call = self.metrics.batch_size.labels(*labels).observe
+        self.routes = set(endpoint_routes(model.name, model.version))
+        self.batching = batching
+        self.arriving = batching.arriving if batching else contextlib.nullcontext
+        self.core = InferenceCore([model])
+        self.model = model
 
     def invoke(self, headers: dict[str, str], body: bytes) -> Response:
         """One InvokeEndpoint call: the route from the custom attribute when the API set one, else from Content-Type."""
@@ -338,8 +348,13 @@ class _Handler(wire.Handler):
 
 
 def main() -> int:
+    """Listen at once, answering /ping with 503 `loading` until the model is loaded (a large one takes minutes)."""
     port = int(os.environ.get(SAGEMAKER_PORT, "8080"))
-    server = SageMakerServer(load(os.environ), os.environ.get(SERVER_HOST, "0.0.0.0"), port)
+    server = SageMakerServer(
+        ServedModel(*_identity(os.environ), failure=LOADING), os.environ.get(SERVER_HOST, "0.0.0.0"), port
+    )
+    telemetry.log("INFO", f"listening on port {port}; the model loads")
+    threading.Thread(target=lambda: server.serve_model(load(os.environ)), name="model-loader", daemon=True).start()
 
     def stop(signum, frame):
         threading.Thread(
@@ -347,7 +362,6 @@ def main() -> int:
         ).start()  # shutdown() from the serving thread would deadlock
 
     signal.signal(signal.SIGTERM, stop)
-    telemetry.log("INFO", f"serving on port {port}", ready=server.model.ready)
     server.serve_forever()
     server.server_close()  # joins the request threads: in-flight requests finish
     telemetry.log("INFO", "stopped")

@@ -27,6 +27,7 @@ from slimserve.lambda_handlers.batching import (
 )
 from slimserve.lambda_handlers.contract import (
     CUSTOM_ATTRIBUTES,
+    LOADING,
     endpoint_routes,
     route_attribute,
 )
@@ -49,8 +50,10 @@ def start(model: str, **extra) -> tuple[subprocess.Popen, str]:
         try:
             urllib.request.urlopen(f"{url}/ping", timeout=1)
             break
-        except urllib.error.HTTPError:
-            break  # up, but not healthy: the test looks at why
+        except urllib.error.HTTPError as error:
+            if json.loads(error.read())["error"] != LOADING:
+                break  # up, but not healthy: the test looks at why
+            time.sleep(0.05)
         except OSError:
             time.sleep(0.05)
     return process, url
@@ -386,3 +389,32 @@ def test_fixed_sizes_and_two_workers_serve_concurrent_rows_right(iris, iris_test
     assert sum(stats["runtime_calls_by_batch_size"].values()) == stats["runtime_calls"]
     log = [json.loads(line) for line in process.stdout.read().splitlines() if line.startswith("{")]
     assert {"sizes": [1, 4, 16], "workers": 2} == {key: value for record in log for key, value in record.items() if key in ("sizes", "workers")}
+
+
+def test_ping_says_loading_until_the_model_is_served(iris):
+    import threading
+
+    from slimserve.lambda_handlers.sagemaker_server import SageMakerServer
+
+    server = SageMakerServer(ServedModel("iris", "1", failure=LOADING), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    body = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+    try:
+        status, _, raw = call(url, "GET", "/ping")
+        assert (status, json.loads(raw)) == (503, {"status": "unhealthy", "error": LOADING})
+        status, _, raw = call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})
+        assert (status, json.loads(raw)) == (503, {"error": "model 'iris' version 1 is not ready: loading"})
+        server.serve_model(ServedModel("iris", "1", runtime=iris))
+        assert call(url, "GET", "/ping")[0] == 200
+        assert call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_program_listens_before_it_loads_the_model():
+    with serving("iris.onnx") as (process, url):
+        assert call(url, "GET", "/ping")[0] == 200
+    messages = [json.loads(line)["message"] for line in process.stdout.read().splitlines() if line.startswith("{")]
+    assert messages.index(next(m for m in messages if m.startswith("listening on port"))) < messages.index("model loaded")

@@ -2,6 +2,7 @@
 program per SageMaker model, and a gateway in front."""
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from slimserve.assets import LAMBDA_PACKAGE, function_bundle
 from slimserve.config import AppConfig, ModelConfig
 from slimserve.lambda_handlers.contract import (
+    LOADING,
     SAGEMAKER_MODEL_DIR,
     SAGEMAKER_PORT,
     SERVER_HOST,
@@ -123,7 +125,8 @@ class LocalEndpoint:
         self._wait_until_up()
 
     def _wait_until_up(self) -> None:
-        """Up means /ping answers at all: a model that failed to load answers 503 with its reason, as on SageMaker."""
+        """Up means /ping answers other than `loading`: a model that failed to load answers 503 with its reason, as
+        on SageMaker."""
         deadline = time.monotonic() + self.START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -133,8 +136,10 @@ class LocalEndpoint:
             try:
                 urllib.request.urlopen(f"{self.url}/ping", timeout=1).close()
                 return
-            except urllib.error.HTTPError:
-                return
+            except urllib.error.HTTPError as error:
+                if json.loads(error.read() or b"{}").get("error") != LOADING:
+                    return
+                time.sleep(0.05)
             except OSError:
                 time.sleep(0.05)
         self.close()
