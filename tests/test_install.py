@@ -78,9 +78,11 @@ def test_a_users_own_project_serves_and_synthesizes_from_the_installed_wheel(ins
     config = project / "slimserve.toml"
     # the scaffold's commented SageMaker model, switched on: the same file on an endpoint beside its Lambda twin
     config.write_text(re.sub(r"^# (\[models|format|artifact|target|instance_type)", r"\1", config.read_text(), flags=re.M))
+    size = f"{(project / 'models/wine-forest.onnx').stat().st_size / 1024:.1f} KiB"
     assert _run([slimserve, "check"], project, environment).splitlines()[1:] == [
-        "  wine-forest: onnx models/wine-forest.onnx -> lambda (1024 MB x86_64), auth iam",
-        "  wine-forest-gpu: onnx models/wine-forest.onnx -> sagemaker (ml.g5.xlarge), auth iam",
+        f"  wine-forest: onnx models/wine-forest.onnx (1 file, {size}) -> lambda (1024 MB x86_64), auth iam",
+        f"  wine-forest-gpu: onnx models/wine-forest.onnx (1 file, {size}) -> sagemaker (ml.g5.xlarge, download timeout "
+        "120 s, startup 180 s), auth iam",
         "    note: models.wine-forest-gpu.sagemaker.min_instances is 1: an instance that fails is an outage until "
         "SageMaker replaces it; 2 or more spread the endpoint across Availability Zones",
     ]

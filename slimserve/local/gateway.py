@@ -32,7 +32,7 @@ from slimserve.contract.apigw import (
 from slimserve.contract.openapi import openapi_document
 from slimserve.contract.schema import JSON_MEDIA_TYPE, REFUSED, v2_request_schema
 from slimserve.lambda_handlers import wire
-from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, MODEL_VERSION, route_attribute
+from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, LOADING, MODEL_VERSION, route_attribute
 from slimserve.lambda_handlers.core import INFERENCE_TIMING, SERVER_TIMING, InferenceCore, Request, match_route
 from slimserve.lambda_handlers.errors import InferenceError, InvalidInput, PayloadTooLarge
 from slimserve.lambda_handlers.prometheus import ServingMetrics
@@ -253,6 +253,9 @@ class LocalGateway(wire.Server):
             return _json(*ENDPOINT_FAILED)
         finally:
             connection.close()
+        if response.status == 503 and _loading(answer):
+            # SageMaker routes nothing to a container whose /ping fails: InvokeEndpoint fails, as the API says
+            return _json(*ENDPOINT_FAILED)
         if response.status != 200:
             return _json_bytes(response.status, answer)
         returned = {"Content-Type": response.getheader("Content-Type", "application/json")}
@@ -285,6 +288,15 @@ def _route(method: str, path: str) -> str | None:
         return match_route(method, path)[0]
     except InferenceError:
         return None
+
+
+def _loading(body: bytes) -> bool:
+    """The serving program's answer while its model loads (a restarted program, as SageMaker replaces one)."""
+    try:
+        error = json.loads(body).get("error", "")
+    except (ValueError, AttributeError):
+        return False
+    return error == LOADING or error.endswith(f" is not ready: {LOADING}")
 
 
 def _inference_ms(headers: dict[str, str]) -> float | None:
