@@ -14,7 +14,6 @@ counted as the `ModelLoadFailures` metric.
 import contextlib
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -100,6 +99,8 @@ class ModelSource(NamedTuple):
             return
         if not (self.bucket and self.key):
             raise ModelSourceError("no file and no S3 bucket and key to read the model from")
+        import tempfile  # 5 ms of imports (shutil, random) a model from a file does without
+
         try:
             fd, copy = tempfile.mkstemp(prefix=f"{self.name}-", suffix=f".{self.model_format}", dir=folder)
         except OSError as exc:
