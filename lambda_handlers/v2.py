@@ -148,18 +148,18 @@ def _raw_request(body: bytes, signature: Signature) -> InferRequest:
             f"{where}: dimension {max(dynamic)} is dynamic, so the shape cannot be told from the byte count; "
             "send a JSON header"
         )
-    itemsize = V2_TO_NUMPY[spec.datatype].itemsize
-    row_bytes = element_count(spec.shape[1:]) * itemsize
+    dtype = V2_TO_NUMPY[spec.datatype]
+    row_bytes = element_count(spec.shape[1:]) * dtype.itemsize
     if dynamic:
         if not body or row_bytes == 0 or len(body) % row_bytes:
             raise InvalidInput(f"{where}: the body has {len(body)} bytes, not a whole number of {row_bytes}-byte rows")
         shape = (len(body) // row_bytes, *spec.shape[1:])
     else:
         shape = spec.shape
-        needed = element_count(shape) * itemsize
+        needed = element_count(shape) * dtype.itemsize
         if len(body) != needed:
             raise InvalidInput(f"{where}: the body has {len(body)} bytes but the input needs {needed}")
-    array = np.frombuffer(body, dtype=V2_TO_NUMPY[spec.datatype].newbyteorder("<")).reshape(shape)
+    array = np.frombuffer(body, dtype=dtype.newbyteorder("<")).reshape(shape)
     return InferRequest(None, {spec.name: array}, tuple(RequestedOutput(out.name, False) for out in signature.outputs))
 
 

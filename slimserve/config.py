@@ -51,9 +51,10 @@ MAX_SAGEMAKER_MODELS = 8
 # loads it from there. Memory: Python, numpy, the runtime and the handler, plus ONNX Runtime's peak while it builds a
 # session from a file (1.47x the weights on a 192 MiB MLP; from bytes it was 3.0x). /tmp: the model, with headroom.
 LAMBDA_BASE_MB = 128
-SAGEMAKER_TIMEOUT_RANGE_S = (60, 3600)  # ModelDataDownload and ContainerStartupHealthCheck timeouts
 LAMBDA_LOAD_FACTOR = 1.5
 EPHEMERAL_HEADROOM = 1.1
+LAMBDA_MAX_MB = 10240  # Lambda's most memory and ephemeral storage
+SAGEMAKER_TIMEOUT_RANGE_S = (60, 3600)  # ModelDataDownload and ContainerStartupHealthCheck timeouts
 
 
 NESTED_TABLES = ("alarms", "sagemaker")  # a model's table of one of these merges with [defaults]'s key by key
@@ -214,10 +215,10 @@ class ModelConfig:
     format: str = _rule(_choice(*FORMATS), doc="model file format")
     artifact: Path = _rule(_string(what="a path to the model file"), doc="model file, relative to the config file")
     target: str = _rule(_choice(*TARGETS), "lambda", "where the model runs")
-    memory_mb: int = _rule(_int_range(128, 10240), 1024, "Lambda memory")
+    memory_mb: int = _rule(_int_range(128, LAMBDA_MAX_MB), 1024, "Lambda memory")
     timeout_s: int = _rule(_int_range(1, API_GATEWAY_TIMEOUT_S), 10, "Lambda timeout (API Gateway stops at 29 s)")
     architecture: str = _rule(_choice(*ARCHITECTURES), "x86_64", "Lambda architecture")
-    ephemeral_storage_mb: int = _rule(_int_range(512, 10240), 512, "Lambda /tmp size")
+    ephemeral_storage_mb: int = _rule(_int_range(512, LAMBDA_MAX_MB), 512, "Lambda /tmp size")
     reserved_concurrency: int | None = _rule(_int_range(1), None, "Lambda reserved concurrency (unset: account pool)")
     provisioned_concurrency: int = _rule(_int_range(0), 0, "warm Lambda instances on the live alias")
     snapstart: bool = _rule(_bool(), False, "Lambda SnapStart on published versions")
@@ -451,7 +452,11 @@ def _check_lambda_fit(reader: _Reader, where: str, size_bytes: int, values: dict
     ):
         found = values.get(key, defaults[key])
         if found < needed:
-            fix = f"raise {key} (up to 10240) {too_big}" if needed <= 10240 else too_big.removeprefix("or ")
+            fix = (
+                f"raise {key} (up to {LAMBDA_MAX_MB}) {too_big}"
+                if needed <= LAMBDA_MAX_MB
+                else too_big.removeprefix("or ")
+            )
             reader.fail(f"{where}.{key}", f"{size}: expected at least {needed} ({why}), found {found}; {fix}")
 
 

@@ -35,9 +35,8 @@ def _api_alarms(config: AppConfig) -> Alarms:
     )
 
 
-MODELS_PER_SHARD = (
-    17  # a model takes 29 resources in its shard (5 invoke permissions, its request model); a stack may hold 500
-)
+# a model takes 29 resources in its shard (5 of them invoke permissions, 1 its request model); a stack may hold 500
+MODELS_PER_SHARD = 17
 
 
 @dataclass(frozen=True)

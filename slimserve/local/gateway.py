@@ -12,6 +12,7 @@ import re
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from slimserve.contract.apigw import (
 from slimserve.contract.openapi import openapi_document
 from slimserve.contract.schema import JSON_MEDIA_TYPE, REFUSED, v2_request_schema
 from slimserve.lambda_handlers import wire
-from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, LOADING, MODEL_VERSION, route_attribute
+from slimserve.lambda_handlers.contract import CUSTOM_ATTRIBUTES, MODEL_VERSION, route_attribute
 from slimserve.lambda_handlers.core import INFERENCE_TIMING, SERVER_TIMING, InferenceCore, Request, match_route
 from slimserve.lambda_handlers.errors import InferenceError, InvalidInput, PayloadTooLarge
 from slimserve.lambda_handlers.prometheus import ServingMetrics
@@ -86,6 +87,8 @@ class EndpointRoute:
     """The version the endpoint serves (a label of the gateway's metrics)."""
     signature: dict | None = None
     """Its signature, which the API checks V2 JSON requests against; None: no check."""
+    healthy: Callable[[], bool] = lambda: True
+    """Whether its program is up and has loaded its model: SageMaker routes nothing to a container before that."""
 
     def checked_paths(self, name: str) -> set[str]:
         """Both infer routes, unversioned and the served version's."""
@@ -237,6 +240,8 @@ class LocalGateway(wire.Server):
         container's own status and body back (InvokeEndpoint's 424 ModelError undone, see slimserve.contract.apigw)."""
         if (method, path) not in route.routes:
             return _json(*MISSING_ROUTE)
+        if not route.healthy():  # a restarted program, not up or still loading: InvokeEndpoint fails
+            return _json(*ENDPOINT_FAILED)
         content_type = headers.get("content-type", "application/json") if method == "POST" else "application/json"
         invocation = {"Content-Type": content_type, CUSTOM_ATTRIBUTES: route_attribute(method, path)}
         if "accept" in headers:
@@ -253,9 +258,6 @@ class LocalGateway(wire.Server):
             return _json(*ENDPOINT_FAILED)
         finally:
             connection.close()
-        if response.status == 503 and _loading(answer):
-            # SageMaker routes nothing to a container whose /ping fails: InvokeEndpoint fails, as the API says
-            return _json(*ENDPOINT_FAILED)
         if response.status != 200:
             return _json_bytes(response.status, answer)
         returned = {"Content-Type": response.getheader("Content-Type", "application/json")}
@@ -288,15 +290,6 @@ def _route(method: str, path: str) -> str | None:
         return match_route(method, path)[0]
     except InferenceError:
         return None
-
-
-def _loading(body: bytes) -> bool:
-    """The serving program's answer while its model loads (a restarted program, as SageMaker replaces one)."""
-    try:
-        error = json.loads(body).get("error", "")
-    except (ValueError, AttributeError):
-        return False
-    return error == LOADING or error.endswith(f" is not ready: {LOADING}")
 
 
 def _inference_ms(headers: dict[str, str]) -> float | None:

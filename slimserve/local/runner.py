@@ -27,6 +27,11 @@ from slimserve.lambda_handlers.errors import PayloadTooLarge
 from slimserve.layers.builder import find_python
 
 RUNTIME_API = "/2018-06-01/runtime"
+# what Lambda records for a function's response past its payload limit
+RESPONSE_TOO_LARGE = {
+    "errorMessage": f"Response payload size exceeded maximum allowed payload size ({MAX_BODY_BYTES} bytes).",
+    "errorType": "Function.ResponseSizeTooLarge",
+}
 
 # PR_SET_PDEATHSIG fires when the *thread* that started a child ends, not the process:
 # workers are started from this one long-lived thread, never from a request's thread.
@@ -124,15 +129,8 @@ class _RuntimeApiHandler(wire.Handler):
     def do_POST(self):
         try:
             body, too_large = self.read_body(MAX_BODY_BYTES), None
-        except PayloadTooLarge:  # what Lambda records for a response past its payload limit
-            limit = f"maximum allowed payload size ({MAX_BODY_BYTES} bytes)"
-            body, too_large = (
-                b"",
-                {
-                    "errorMessage": f"Response payload size exceeded {limit}.",
-                    "errorType": "Function.ResponseSizeTooLarge",
-                },
-            )
+        except PayloadTooLarge:
+            body, too_large = b"", dict(RESPONSE_TOO_LARGE)
         worker = self.server.worker
         if self.path == f"{RUNTIME_API}/init/error":
             worker.fail_init(_error(body))

@@ -110,11 +110,14 @@ class LocalEndpoint:
             **model_environment(name, str(version.number), version.format, version.sha256),
         }
         self.closing = threading.Event()
+        self.healthy = threading.Event()
+        """Set while the program is up and past `loading`: SageMaker routes nothing to a container before that."""
         self.restarts = 0
         self._start()
         threading.Thread(target=self._watch, name=f"{name}-watchdog", daemon=True).start()
 
     def _start(self) -> None:
+        self.healthy.clear()
         with open(self.log_path, "ab") as log_file:
             self.process = spawn(
                 [sys.executable, "-m", f"{LAMBDA_PACKAGE}.sagemaker_server", "serve"],
@@ -123,6 +126,7 @@ class LocalEndpoint:
                 log_file,
             )
         self._wait_until_up()
+        self.healthy.set()
 
     def _wait_until_up(self) -> None:
         """Up means /ping answers other than `loading`: a model that failed to load answers 503 with its reason, as
@@ -289,6 +293,7 @@ class LocalStack:
             api_key_required=model.auth == "api_key",
             version=str(registered.number),
             signature=registered.signature,
+            healthy=endpoint.healthy.is_set,
         )
 
     def serve_forever(self) -> None:
