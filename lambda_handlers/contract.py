@@ -55,6 +55,8 @@ MODEL_SHA256 = "SLIMSERVE_MODEL_SHA256"
 MODEL_BUCKET = "SLIMSERVE_MODEL_BUCKET"
 MODEL_KEY = "SLIMSERVE_MODEL_KEY"
 MODEL_PATH = "SLIMSERVE_MODEL_PATH"
+MODEL_LISTING = "SLIMSERVE_MODEL_LISTING"
+"""Set for a version of several files (digests.py): its listing's S3 key or path, beside the model file."""
 METRICS_NAMESPACE_VARIABLE = "SLIMSERVE_METRICS_NAMESPACE"
 # The SageMaker serving program's address and model folder: SageMaker's own names, and ours for the host.
 SAGEMAKER_PORT = "SAGEMAKER_BIND_TO_PORT"
@@ -74,13 +76,17 @@ def model_environment(
     bucket: str | None = None,
     key: str | None = None,
     path: str | None = None,
+    listing: str | None = None,
 ) -> dict[str, str]:
-    """What a function or container serving this model needs to find and verify it: an S3 object or a file."""
+    """What a function or container serving this model needs to find and verify it: an S3 object or a file, and
+    the listing of the version's files where it has several."""
     environment = {MODEL_NAME: name, MODEL_VERSION: version, MODEL_FORMAT: model_format, MODEL_SHA256: sha256}
     if bucket is not None and key is not None:
         environment |= {MODEL_BUCKET: bucket, MODEL_KEY: key}
     if path is not None:
         environment[MODEL_PATH] = path
+    if listing is not None:
+        environment[MODEL_LISTING] = listing
     return environment
 
 

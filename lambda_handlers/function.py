@@ -29,6 +29,7 @@ from .contract import (
     MODEL_BUCKET,
     MODEL_FORMAT,
     MODEL_KEY,
+    MODEL_LISTING,
     MODEL_LOAD_FAILURES,
     MODEL_LOAD_TIME,
     MODEL_NAME,
@@ -39,11 +40,11 @@ from .contract import (
     REQUESTS,
 )
 from .core import InferenceCore, Response, ServedModel
+from .digests import CHUNK_BYTES, LISTING, ListingError, file_sha256, read_listing, sha256_of_chunks
 from .errors import InferenceError
 from .runtimes import ModelLoadError, load_model
 
 RETRY_MAX_S = 60.0
-CHUNK_BYTES = 8 * 1024 * 1024  # what a stream or hash holds at a time
 # S3 failures end within seconds: Lambda's init phase has 10 s, and a hung fetch helps nobody
 S3_CONFIG = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 1, "read_timeout": 3}
 
@@ -62,6 +63,9 @@ class ModelSource(NamedTuple):
     bucket: str | None = None
     key: str | None = None
     path: str | None = None
+    listing: str | None = None
+    """The S3 key or path of the version's listing (digests.py) where it has several files; `sha256` is then the
+    listing's, and the listing names every file's."""
 
     @classmethod
     def from_environment(cls, environ) -> "ModelSource":
@@ -82,6 +86,7 @@ class ModelSource(NamedTuple):
             bucket=environ.get(MODEL_BUCKET),
             key=environ.get(MODEL_KEY),
             path=environ.get(MODEL_PATH),
+            listing=environ.get(MODEL_LISTING),
         )
 
     @property
@@ -90,31 +95,54 @@ class ModelSource(NamedTuple):
 
     @contextlib.contextmanager
     def verified_file(self, folder: str | None = None) -> Iterator[str]:
-        """A file of the model's bytes, checked against `sha256` when there is one (Lambda's environment always has
-        one), for the runtime to load from its path. A local file is checked where it lies. An S3 object is streamed
-        into `folder` (ephemeral storage: /tmp on Lambda) and hashed as it arrives, so memory never holds the model
-        beside the runtime's own copy; the file goes once the block ends (the runtime has read or mapped it)."""
+        """The model's file, every file of the version checked against its sha256, for the runtime to load from its
+        path (external data from beside it). Local files are checked where they lie. S3 objects are streamed into a
+        folder of their own under `folder` (ephemeral storage: /tmp on Lambda), so memory never holds the model
+        beside the runtime's own copy; the folder goes once the block ends (the runtime has read or mapped them)."""
         if self.path:
             yield self.checked_path()
             return
-        if not (self.bucket and self.key):
-            raise ModelSourceError("no file and no S3 bucket and key to read the model from")
-        import tempfile  # 5 ms of imports (shutil, random) a model from a file does without
+        import shutil  # with tempfile, 5 ms of imports a model from a file does without
+        import tempfile
 
         try:
-            fd, copy = tempfile.mkstemp(prefix=f"{self.name}-", suffix=f".{self.model_format}", dir=folder)
+            copy = tempfile.mkdtemp(prefix=f"{self.name}-", dir=folder)
         except OSError as exc:
             raise self._unwritable(folder or tempfile.gettempdir(), exc) from None
         try:
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    digest = _s3_stream(self.bucket, self.key, out)
-            except OSError as exc:  # the ephemeral storage is full (a buffered write fails at close too)
-                raise self._unwritable(copy, exc) from None
-            self._check(digest)
-            yield copy
+            yield self.download(copy)
         finally:  # verified or not, loaded or not: nothing stays in ephemeral storage
-            os.unlink(copy)
+            shutil.rmtree(copy, ignore_errors=True)
+
+    def download(self, folder: str, client=None) -> str:
+        """Stream the version's S3 objects into `folder` (its listing too, where it has one), each hashed as it
+        arrives and refused unless it has the sha256 expected of it; the model file's path. `client`: an S3 client,
+        by default one with the short timeouts a function's init phase needs."""
+        if not (self.bucket and self.key):
+            raise ModelSourceError("no file and no S3 bucket and key to read the model from")
+        client = client or _s3_client()
+        folder_key, _, model_file = self.key.rpartition("/")
+        files = {model_file: self.sha256}
+        if self.listing:
+            listing = _s3_read(client, self.bucket, self.listing)
+            files = self._listed(listing, model_file)
+            self._write(os.path.join(folder, LISTING), lambda out: out.write(listing))
+        for name, sha256 in files.items():
+            key = f"{folder_key}/{name}"
+            digest = self._write(
+                os.path.join(folder, name), lambda out, key=key: _s3_stream(client, self.bucket, key, out)
+            )
+            self._check(digest, sha256, f"s3://{self.bucket}/{key}")
+        return os.path.join(folder, model_file)
+
+    def _write(self, path: str, write):
+        """`write(file)`'s result, for a new file at `path`; a full disk is a ModelSourceError naming the file."""
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as out:
+                return write(out)
+        except OSError as exc:  # the ephemeral storage is full (a buffered write fails at close too)
+            raise self._unwritable(path, exc) from None
 
     def _unwritable(self, where: str, exc: OSError) -> ModelSourceError:
         return ModelSourceError(
@@ -123,55 +151,86 @@ class ModelSource(NamedTuple):
         )
 
     def checked_path(self) -> str:
-        """The model's local file, its sha256 checked where it lies, a chunk at a time."""
+        """The model's local file, checked where it lies a chunk at a time, and so is every other file its listing
+        names."""
         if not self.path:
             raise ModelSourceError(f"{self.location} is not a local file")
+        if not self.listing:
+            self._check(self._local_sha256(self.path), self.sha256, self.path)
+            return self.path
         try:
-            with open(self.path, "rb") as file:
-                digest = _sha256_of(iter(lambda: file.read(CHUNK_BYTES), b""))
+            with open(self.listing, "rb") as file:
+                listing = file.read()
         except OSError as exc:
-            raise ModelSourceError(f"cannot read {self.path}: {exc.strerror}") from None
-        self._check(digest)
+            raise ModelSourceError(f"cannot read {self.listing}: {exc.strerror}") from None
+        folder = os.path.dirname(self.listing)
+        files = self._listed(listing, os.path.relpath(self.path, folder))
+        for name, sha256 in files.items():
+            path = os.path.join(folder, name)
+            self._check(self._local_sha256(path), sha256, path)
         return self.path
 
-    def _check(self, digest: str) -> None:
-        if self.sha256 and digest != self.sha256:
-            raise ModelSourceError(
-                f"sha256 of {self.location} is {digest}, expected {self.sha256}; refusing to serve it"
-            )
+    @staticmethod
+    def _local_sha256(path: str) -> str:
+        try:
+            return file_sha256(path)
+        except OSError as exc:
+            raise ModelSourceError(f"cannot read {path}: {exc.strerror}") from None
+
+    def _listed(self, listing: bytes, model_file: str) -> dict[str, str]:
+        """The files a listing names, once it hashes to the version's sha256 and names the model file."""
+        where = f"{self.listing}" if self.path else f"s3://{self.bucket}/{self.listing}"
+        self._check(hashlib.sha256(listing).hexdigest(), self.sha256, where)
+        try:
+            files = read_listing(listing)
+        except ListingError as error:
+            raise ModelSourceError(f"{where}: {error}") from None
+        if model_file not in files:
+            raise ModelSourceError(f"{where} does not list the model file {model_file}")
+        return files
+
+    def _check(self, digest: str, expected: str, where: str) -> None:
+        if expected and digest != expected:
+            raise ModelSourceError(f"sha256 of {where} is {digest}, expected {expected}; refusing to serve it")
 
 
-def _sha256_of(chunks) -> str:
-    digest = hashlib.sha256()
-    for chunk in chunks:
-        digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _s3_stream(bucket: str, key: str, out) -> str:
-    """Write the object to `out` a chunk at a time; its sha256."""
+def _s3_client():
     import boto3  # part of the Lambda Python runtime; only needed when the model is in S3
     from botocore.config import Config
+
+    return boto3.client("s3", config=Config(**S3_CONFIG))
+
+
+@contextlib.contextmanager
+def _s3_errors(bucket: str, key: str) -> Iterator[None]:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    client = boto3.client("s3", config=Config(**S3_CONFIG))
-    where = f"s3://{bucket}/{key}"
+    try:
+        yield
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        raise ModelSourceError(
+            f"cannot fetch s3://{bucket}/{key}: {error.get('Code')} {error.get('Message', '')}".rstrip()
+        ) from None
+    except BotoCoreError as exc:
+        raise ModelSourceError(f"cannot fetch s3://{bucket}/{key}: {exc}") from None
+
+
+def _s3_read(client, bucket: str, key: str) -> bytes:
+    with _s3_errors(bucket, key):
+        return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _s3_stream(client, bucket: str, key: str, out) -> str:
+    """Write the object to `out` a chunk at a time; its sha256."""
 
     def written(chunks):
         for chunk in chunks:
             out.write(chunk)
             yield chunk
 
-    try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"]
-        return _sha256_of(written(body.iter_chunks(CHUNK_BYTES)))
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise ModelSourceError(
-            f"cannot fetch {where}: {error.get('Code')} {error.get('Message', '')}".rstrip()
-        ) from None
-    except BotoCoreError as exc:
-        raise ModelSourceError(f"cannot fetch {where}: {exc}") from None
+    with _s3_errors(bucket, key):
+        return sha256_of_chunks(written(client.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(CHUNK_BYTES)))
 
 
 class ModelFunction:

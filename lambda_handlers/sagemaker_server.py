@@ -18,14 +18,13 @@ request's own Inference-Header-Content-Length does not come: a binary body that 
 JSON object is a raw binary request (Inference-Header-Content-Length: 0).
 
 The model is read from /opt/ml/model (or SLIMSERVE_MODEL_PATH) and checked against
-SLIMSERVE_MODEL_SHA256 when set. ONNX models run on CUDA when a GPU is present (TensorRT
-when SLIMSERVE_TENSORRT=1), on the CPU otherwise, and say which; on a GPU, batches run
-padded to a few fixed sizes (FixedBatchSizes says why). SIGTERM finishes the requests in
-flight, then exits.
+SLIMSERVE_MODEL_SHA256 when set, with every file its listing names when it has one.
+ONNX models run on CUDA when a GPU is present (TensorRT when SLIMSERVE_TENSORRT=1), on
+the CPU otherwise, and say which; on a GPU, batches run padded to a few fixed sizes
+(FixedBatchSizes says why). SIGTERM finishes the requests in flight, then exits.
 """
 
 import contextlib
-import glob
 import json
 import os
 import re
@@ -39,6 +38,7 @@ from . import telemetry, wire
 from .batching import BatchingModel, FixedBatchSizes, batch_first, powers_of_two
 from .contract import (
     CUSTOM_ATTRIBUTES,
+    FORMATS,
     LOADING,
     MODEL_DIR,
     MODEL_FORMAT,
@@ -53,6 +53,7 @@ from .contract import (
     endpoint_routes,
 )
 from .core import InferenceCore, Request, Response, Runtime, ServedModel
+from .digests import LISTING
 from .errors import InferenceError, NotFound
 from .function import ModelSource, ModelSourceError
 from .prometheus import ServingMetrics
@@ -165,8 +166,15 @@ def _provider_name(provider: str | tuple[str, dict[str, str]]) -> str:
 def _model_path(environ) -> str:
     if environ.get(MODEL_PATH):
         return environ[MODEL_PATH]
-    found = sorted(glob.glob(os.path.join(environ.get(SAGEMAKER_MODEL_DIR, MODEL_DIR), "model.*")))
-    return found[0] if found else os.path.join(MODEL_DIR, "model.onnx")
+    folder = environ.get(SAGEMAKER_MODEL_DIR, MODEL_DIR)
+    found = [path for path in (os.path.join(folder, f"model.{suffix}") for suffix in FORMATS) if os.path.isfile(path)]
+    return found[0] if found else os.path.join(folder, "model.onnx")
+
+
+def _listing(model_path: str) -> str | None:
+    """The version's listing beside the model file, where the version has several files (digests.py)."""
+    listing = os.path.join(os.path.dirname(model_path), LISTING)
+    return listing if os.path.isfile(listing) else None
 
 
 def _identity(environ) -> tuple[str, str]:
@@ -182,7 +190,8 @@ def load(environ) -> ServedModel:
     try:
         settings = ServerSettings.from_environment(environ)
         # checked where it lies: every session below loads it from its path (external data from disk), never bytes
-        ModelSource(name, version, model_format, environ.get(MODEL_SHA256, "").lower(), path=path).checked_path()
+        sha256 = environ.get(MODEL_SHA256, "").lower()
+        ModelSource(name, version, model_format, sha256, path=path, listing=_listing(path)).checked_path()
         if model_format == "onnx":
             import onnxruntime
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
+from slimserve.modelfiles import ModelFilesError, UnreadableModel, model_file, model_files
 
 DEFAULT_CONFIG = "slimserve.toml"
 MODEL_NAME = re.compile(r"[a-z][a-z0-9-]{0,39}")
@@ -213,7 +214,11 @@ class SageMakerSettings:
 class ModelConfig:
     name: str
     format: str = _rule(_choice(*FORMATS), doc="model file format")
-    artifact: Path = _rule(_string(what="a path to the model file"), doc="model file, relative to the config file")
+    artifact: Path = _rule(
+        _string(what="a path to the model file"),
+        doc="model file (or a folder holding one), relative to the config file; an ONNX model's external data files "
+        "lie beside it",
+    )
     target: str = _rule(_choice(*TARGETS), "lambda", "where the model runs")
     memory_mb: int = _rule(_int_range(128, LAMBDA_MAX_MB), 1024, "Lambda memory")
     timeout_s: int = _rule(_int_range(1, API_GATEWAY_TIMEOUT_S), 10, "Lambda timeout (API Gateway stops at 29 s)")
@@ -390,6 +395,11 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
             reader.fail(f"{where}.{key}", "missing; every model needs a format and an artifact")
 
     artifact = reader.path.parent / values["artifact"]
+    if artifact.is_dir():
+        try:
+            artifact = model_file(artifact)
+        except ModelFilesError as error:
+            reader.fail(f"{where}.artifact", str(error))
     suffix = {"onnx": ".onnx", "tflite": ".tflite"}[values["format"]]
     if artifact.suffix != suffix:
         reader.fail(
@@ -420,7 +430,7 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
         _check_sagemaker(reader, where, values)
 
     if target == "lambda":
-        _check_lambda_fit(reader, where, artifact.stat().st_size, values)
+        _check_lambda_fit(reader, where, _model_size(reader, where, artifact), values)
     reserved = values.get("reserved_concurrency")
     provisioned = values.get("provisioned_concurrency", 0)
     if reserved is not None and provisioned > reserved:
@@ -429,6 +439,17 @@ def _model(reader: _Reader, name: str, table: dict, defaults: dict) -> ModelConf
             f"expected at most reserved_concurrency ({reserved}), found {provisioned}",
         )
     return ModelConfig(name=name, **values)
+
+
+def _model_size(reader: _Reader, where: str, artifact: Path) -> int:
+    """The model's size with its external data; a file that does not parse is left to `check` and `register` to
+    refuse, which load it."""
+    try:
+        return model_files(artifact).size
+    except UnreadableModel:
+        return artifact.stat().st_size
+    except ModelFilesError as error:
+        reader.fail(f"{where}.artifact", str(error))
 
 
 def lambda_needs_mb(size_bytes: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from slimserve.lambda_handlers.contract import MODEL_DIR, model_environment
 from slimserve.registry.store import StoredModel
 
 from .model_store import ModelStore
-from .nag import acknowledge, logical_id
+from .nag import acknowledge, arn_in_findings
 
 VARIANT = "AllTraffic"
 # Invocation metrics live in AWS/SageMaker, instance metrics (GPU, CPU, memory) in /aws/sagemaker/Endpoints
@@ -119,9 +119,7 @@ class GpuEndpoint(Construct):
             )
         else:
             props.image.repository.grant_pull(role)
-        model_objects, capture_objects = (
-            f"<{logical_id(props.store.bucket)}.Arn>/{prefix}*" for prefix in (props.stored.folder, capture_prefix)
-        )
+        capture_objects = f"{arn_in_findings(props.store.bucket, role)}/{capture_prefix}*"
         log_groups = "arn:<AWS::Partition>:logs:<AWS::Region>:<AWS::AccountId>:log-group:"
         acknowledge(
             role,
@@ -131,7 +129,6 @@ class GpuEndpoint(Construct):
                     "PutMetricData is limited to SageMaker's namespaces by condition; "
                     "an image URI from the config names a repository this app does not know"
                 ),
-                f"AwsSolutions-IAM5[Resource::{model_objects}]": "the model's folder under its sha256",
                 f"AwsSolutions-IAM5[Resource::{capture_objects}]": "this endpoint's captured requests",
                 "AwsSolutions-IAM5[Action::kms:GenerateDataKey*]": "data capture encrypts with the store's key",
                 "AwsSolutions-IAM5[Action::kms:ReEncrypt*]": "data capture encrypts with the store's key",

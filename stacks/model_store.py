@@ -14,7 +14,7 @@ from slimserve.config import ENCRYPTIONS, AppConfig
 from slimserve.registry.store import StoredModel
 
 from .keys import new_key
-from .nag import acknowledge, control, logical_id, managed_policy
+from .nag import acknowledge, arn_in_findings, control, logical_id, managed_policy
 
 # The bootstrap's asset bucket, as cdk-nag writes it into findings
 CDK_ASSETS_BUCKET = "arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>"
@@ -122,28 +122,38 @@ class ModelStore(Construct):
         )
 
     def grant_read_model(self, grantee: iam.IGrantable, stored: StoredModel) -> None:
-        """Read one model version's object, and decrypt it: all a function serving it needs (bucket.grant_read
-        would add s3:GetObject* and s3:List* on the whole bucket)."""
+        """Read one model version's object, and decrypt it: all a function serving a model of one file needs
+        (bucket.grant_read would add s3:GetObject* and s3:List* on the whole bucket). A version of several files is
+        read from its folder, which the grant names."""
+        if stored.files > 1:
+            self._grant_read_folder(grantee, stored.folder)
+            return
         grantee.grant_principal.add_to_principal_policy(
             iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(stored.key)])
         )
-        if self.key is not None:
-            self.key.grant_decrypt(grantee)
+        self._grant_decrypt(grantee)
 
     def grant_read_model_folder(self, grantee: iam.IGrantable, stored: StoredModel) -> None:
         """Read and list one model version's folder, as SageMaker mounts it."""
-        prefix = stored.folder
-        principal = grantee.grant_principal
-        principal.add_to_principal_policy(
-            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")])
-        )
-        principal.add_to_principal_policy(
+        self._grant_read_folder(grantee, stored.folder)
+        grantee.grant_principal.add_to_principal_policy(
             iam.PolicyStatement(
                 actions=["s3:ListBucket"],
                 resources=[self.bucket.bucket_arn],
-                conditions={"StringLike": {"s3:prefix": [f"{prefix}*"]}},
+                conditions={"StringLike": {"s3:prefix": [f"{stored.folder}*"]}},
             )
         )
+
+    def _grant_read_folder(self, grantee: iam.IGrantable, prefix: str) -> None:
+        grantee.grant_principal.add_to_principal_policy(
+            iam.PolicyStatement(actions=["s3:GetObject"], resources=[self.bucket.arn_for_objects(f"{prefix}*")])
+        )
+        if isinstance(grantee, Construct):
+            finding = f"AwsSolutions-IAM5[Resource::{arn_in_findings(self.bucket, grantee)}/{prefix}*]"
+            acknowledge(grantee, {finding: "one model version's folder, named by its digest: its files and listing"})
+        self._grant_decrypt(grantee)
+
+    def _grant_decrypt(self, grantee: iam.IGrantable) -> None:
         if self.key is not None:
             self.key.grant_decrypt(grantee)
 

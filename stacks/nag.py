@@ -6,7 +6,7 @@ from pathlib import Path
 
 import aws_cdk as cdk
 import jsii
-from aws_cdk import Acknowledgment, Stack, Validations
+from aws_cdk import Acknowledgment, Names, Stack, Validations
 from cdklabs.cdk_validator_cfnguard import CfnGuardValidator
 from constructs import IConstruct
 
@@ -104,3 +104,11 @@ def logical_id(construct: IConstruct) -> str:
     """The CloudFormation logical id cdk-nag writes into findings (`<ModelStoreBucket9405F36E.Arn>`)."""
     stack = Stack.of(construct)
     return stack.resolve(stack.get_logical_id(construct.node.default_child))
+
+
+def arn_in_findings(resource: IConstruct, seen_from: IConstruct) -> str:
+    """How cdk-nag writes `resource`'s ARN in a finding on `seen_from`: a GetAtt in the same stack, else the parameter
+    aws-cdk-lib passes it into a nested stack as (`reference-to-<unique id>.Arn`, sanitized)."""
+    if Stack.of(resource) is Stack.of(seen_from):
+        return f"<{logical_id(resource)}.Arn>"
+    return f"<referenceto{Names.node_unique_id(resource.node.default_child.node)}Arn>"

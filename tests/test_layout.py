@@ -71,15 +71,15 @@ def test_layer_recipes_pin_what_the_tests_run():
 # The dependency rule: each part imports only parts of a lower tier, or its own package.
 #   0 runtime    lambda_handlers: what runs in Lambda and the SageMaker image (its `contract` module holds what the
 #                deploy side must agree on, standard library only)
-#   1 contract   config, the registry and store layout, the API's events and OpenAPI document, the layer builder,
-#                package data, the error base
+#   1 contract   config, a model's files, the registry and store layout, the API's events and OpenAPI document,
+#                the layer builder, package data, the error base
 #   2 stacks | local stack | model tools: siblings, none imports another (the stacks never emulate, the local
 #                stack never synthesizes)
 #   3 CLI        the command line, the demo, and the pinned CDK CLI it drives
 TIERS = {
     "slimserve.lambda_handlers": 0,
     "slimserve.errors": 1, "slimserve.assets": 1, "slimserve.config": 1, "slimserve.contract": 1,
-    "slimserve.registry": 1, "slimserve.layers": 1,
+    "slimserve.modelfiles": 1, "slimserve.registry": 1, "slimserve.layers": 1,
     "slimserve.stacks": 2, "slimserve.local": 2, "slimserve.modeltools": 2,
     "slimserve.cli": 3, "slimserve.cdk_cli": 3, "slimserve.__main__": 3, "slimserve": 3,
 }

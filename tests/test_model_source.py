@@ -10,6 +10,7 @@ import pytest
 from support import MODELS, ROOT
 
 from slimserve.lambda_handlers import function
+from slimserve.lambda_handlers.digests import file_sha256
 from slimserve.lambda_handlers.function import ModelFunction, ModelSource, ModelSourceError
 from slimserve.registry.versions import Registry
 
@@ -28,7 +29,7 @@ def aws(monkeypatch, s3_store):
 def test_an_s3_model_is_streamed_to_a_file_that_is_gone_once_loaded(aws, stored, tmp_path):
     source = ModelSource.from_environment(stored.environment())
     with source.verified_file(str(tmp_path)) as path:
-        assert os.path.dirname(path) == str(tmp_path) and path.endswith(".onnx")
+        assert os.path.dirname(os.path.dirname(path)) == str(tmp_path) and path.endswith("/model.onnx")
         assert open(path, "rb").read() == (MODELS / "iris.onnx").read_bytes()
     assert list(tmp_path.iterdir()) == []
 
@@ -65,7 +66,7 @@ def test_the_function_loads_its_model_from_a_path_and_answers_as_the_runtime(aws
 
 
 def test_a_local_file_is_checked_where_it_lies():
-    good = ModelSource("iris", "1", "onnx", function._sha256_of([(MODELS / "iris.onnx").read_bytes()]), path=str(MODELS / "iris.onnx"))
+    good = ModelSource("iris", "1", "onnx", file_sha256(MODELS / "iris.onnx"), path=str(MODELS / "iris.onnx"))
     with good.verified_file() as path:
         assert path == str(MODELS / "iris.onnx")
     bad = good._replace(sha256="0" * 64)

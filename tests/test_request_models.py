@@ -15,12 +15,13 @@ from slimserve.config import load_config, parse_config
 from slimserve.contract.schema import BAD_REQUEST_BODY_TEMPLATE, REFUSED, v2_request_schema
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
 from slimserve.lambda_handlers.runtimes import load_model
-from slimserve.registry.store import manifest
+from slimserve.modelfiles import model_files
+from slimserve.registry.store import describe
 from slimserve.stacks.app import build_app
 
 
 def signature_of(path) -> dict:
-    return manifest(path.stem, path.suffix.lstrip("."), path.read_bytes(), path.name)["signature"]
+    return describe(model_files(path))["signature"]
 
 
 EXAMPLES = {path.stem: path for path in (MODELS / "iris.onnx", MODELS / "digits.tflite")}

@@ -66,17 +66,18 @@ def add_commands(commands) -> None:
 
 
 def _loadable_config(path: str):
-    """The config, with every model file loaded as serving would load it: what `serve` or a deploy would refuse is
-    refused here, in one line naming the config key and the file."""
+    """The config and each model's files, every model loaded as serving would load it: what `serve` or a deploy
+    would refuse is refused here, in one line naming the config key and the file."""
     from slimserve.registry.versions import RegistryError, read_model
 
     config = load_config(path)
+    files = {}
     for model in config.models:
         try:
-            read_model(model.artifact)
+            files[model.name] = read_model(model.artifact)
         except RegistryError as error:
             raise UserError(f"{config.path}: models.{model.name}.artifact: {error}") from None
-    return config
+    return config, files
 
 
 def _mib(size: int) -> str:
@@ -84,17 +85,18 @@ def _mib(size: int) -> str:
 
 
 def _check(args) -> int:
-    config = _loadable_config(args.config)
+    config, files = _loadable_config(args.config)
     print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
     for model in config.models:
-        size = model.artifact.stat().st_size
+        count, size = len(files[model.name].stored), files[model.name].size
+        described = f"{count} file{'s' * (count > 1)}, {_mib(size)}"
         if model.sagemaker:
             download_s, startup_s = model.sagemaker.timeouts_s(size)
             where = f"{model.sagemaker.instance_type}, download timeout {download_s} s, startup {startup_s} s"
         else:
             where = f"{model.memory_mb} MB {model.architecture}"
         print(
-            f"  {model.name}: {model.format} {model.artifact} (1 file, {_mib(size)}) -> {model.target} ({where}), "
+            f"  {model.name}: {model.format} {model.artifact} ({described}) -> {model.target} ({where}), "
             f"auth {model.auth}"
         )
         if model.sagemaker and model.sagemaker.min_instances == 1:
@@ -199,7 +201,7 @@ def _init(args) -> int:
 
 def _cdk_app(args) -> int:
     """The CDK app itself: what cdk.json runs, and what `synth` and the deploy commands run."""
-    config = _loadable_config(args.config)  # a config error is one line, before CDK starts
+    config, _ = _loadable_config(args.config)  # a config error is one line, before CDK starts
     from slimserve import cdk_cli
 
     cdk_cli.use_bundled_node()

@@ -4,6 +4,7 @@ program per SageMaker model, and a gateway in front."""
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -91,12 +92,10 @@ class LocalEndpoint:
 
     START_TIMEOUT_S = 60.0
 
-    def __init__(self, name: str, version: Version, data: bytes, work_dir: Path, code: Path, log=print):
-        """`code` holds the lambda_handlers package, as /opt/slimserve does in the image; `work_dir` is absolute."""
+    def __init__(self, name: str, version: Version, model_dir: Path, work_dir: Path, code: Path, log=print):
+        """`model_dir` holds the version's files as the store does; `code` holds the lambda_handlers package, as
+        /opt/slimserve does in the image; `work_dir` is absolute."""
         self.name, self.log, self.code = name, log, code
-        model_dir = work_dir / f"{name}-model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        (model_dir / f"model.{version.format}").write_bytes(data)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = work_dir / f"{name}.log"
@@ -274,10 +273,13 @@ class LocalStack:
 
     def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
         registered = self._deployed_version(model)
+        model_dir = work_dir / f"{model.name}-model"
+        shutil.rmtree(model_dir, ignore_errors=True)  # as SageMaker mounts one version's folder, nothing else
+        self.registry.download(model.name, str(registered.number), model_dir)
         endpoint = self.endpoints[model.name] = LocalEndpoint(
             model.name,
             registered,
-            self.registry.fetch(model.name, str(registered.number)),
+            model_dir,
             work_dir,
             self.task_root,
             self.log,

@@ -45,6 +45,7 @@ def write_lock(config: AppConfig, registry: Registry) -> dict[str, Version]:
             "sha256": version.sha256,
             "format": version.format,
             "size": version.size,
+            "files": version.files,
             "signature": version.signature,  # the API's request check, offline at synth
         }
     lock_path(config).write_text(
@@ -96,6 +97,7 @@ def locked_models(config: AppConfig, bucket: str) -> dict[str, StoredModel]:
             "",
             "",
             entry.get("signature"),
+            entry.get("files", 1),  # locks before external data: one file
         )
         stored[model.name] = version.stored(bucket)
     return stored

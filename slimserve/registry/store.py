@@ -1,20 +1,24 @@
 """The model store's layout: every version under its sha256, beside a manifest.
 
     models/<name>/<sha256>/model.<onnx|tflite>
+    models/<name>/<sha256>/<external data files>    an ONNX model's, under the names it gives them
+    models/<name>/<sha256>/files.sha256             where there are such files: the listing the sha256 names
     models/<name>/<sha256>/manifest.json
 
-Content addressing makes a version immutable: the key names the bytes.
+Content addressing makes a version immutable: the key names the bytes (lambda_handlers/digests.py).
 """
 
-import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from slimserve.lambda_handlers.contract import model_environment
+from slimserve.lambda_handlers.digests import LISTING, file_sha256
 from slimserve.lambda_handlers.runtimes import load_model
+from slimserve.modelfiles import MANIFEST, ModelFiles, model_files
 
 if TYPE_CHECKING:
     from slimserve.config import ModelConfig
@@ -34,28 +38,35 @@ class StoredModel:
     """The manifest's signature (`{"inputs": [...], "outputs": [...]}`), which the API checks JSON requests against;
     None where it is not known (a lock written before locks recorded it): the API then leaves every check to the
     model."""
+    files: int = 1
+    """How many files the version has: more than one, and a listing names them."""
 
     @property
     def folder(self) -> str:
         """The version's folder in the store (`models/<name>/<sha256>/`): SageMaker mounts it whole."""
         return model_folder(self.name, self.sha256)
 
+    @property
+    def listing_key(self) -> str | None:
+        return f"{self.folder}{LISTING}" if self.files > 1 else None
+
     def environment(self) -> dict[str, str]:
         """What a Lambda function serving this model needs to find and verify it."""
         return model_environment(
-            self.name, self.version, self.model_format, self.sha256, bucket=self.bucket, key=self.key
+            self.name,
+            self.version,
+            self.model_format,
+            self.sha256,
+            bucket=self.bucket,
+            key=self.key,
+            listing=self.listing_key,
         )
 
 
 def file_environment(path: Path) -> dict[str, str]:
-    """The same, for a model read from a local file (benchmarks, the SageMaker container): named by its stem."""
+    """The same, for a model read from a local file of its own (benchmarks): named by its stem."""
     path = Path(path)
-    return model_environment(
-        path.stem, "1", path.suffix.lstrip("."), hashlib.sha256(path.read_bytes()).hexdigest(), path=str(path)
-    )
-
-
-MANIFEST = "manifest.json"
+    return model_environment(path.stem, "1", path.suffix.lstrip("."), file_sha256(path), path=str(path))
 
 
 def model_folder(name: str, sha256: str) -> str:
@@ -70,21 +81,32 @@ def manifest_key(name: str, sha256: str) -> str:
     return f"{model_folder(name, sha256)}{MANIFEST}"
 
 
-def manifest(name: str, model_format: str, data: bytes, source: str, **details) -> dict:
-    """What the store says about a version's bytes; `details` (version, created, ...) come from the registry."""
-    signature = load_model(data, model_format).signature
+def describe(files: ModelFiles) -> dict:
+    """What the store says of a version's files beside the registry's details: the format, the digest, each file
+    and the signature, read from a session of the model loaded as serving loads it (from its path)."""
+    signature = load_model(files.path, files.format).signature
     return {
-        "name": name,
-        "format": model_format,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "size": len(data),
-        "source": source,
-        **details,
+        "format": files.format,
+        "sha256": files.sha256,
+        "size": files.size,
+        "files": [
+            {"name": name, "sha256": sha256, "size": files.stored[name].stat().st_size}
+            for name, sha256 in files.sha256s.items()
+        ],
         "signature": {
             "inputs": [spec.describe() for spec in signature.inputs],
             "outputs": [spec.describe() for spec in signature.outputs],
         },
     }
+
+
+def place(source: Path, target: Path) -> None:
+    """`target` as a copy of `source`: a hard link where the file system allows (a model may be gigabytes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> dict[str, StoredModel]:
@@ -94,15 +116,22 @@ def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> di
     shutil.rmtree(staging, ignore_errors=True)
     stored = {}
     for model in models:
-        data = Path(model.artifact).read_bytes()
-        sha256 = hashlib.sha256(data).hexdigest()
-        key = model_key(model.name, sha256, model.format)
-        target = staging / key
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
-        described = manifest(model.name, model.format, data, Path(model.artifact).name)
-        (target.parent / MANIFEST).write_text(json.dumps(described, indent=2))
+        files = model_files(model.artifact)
+        described = {"name": model.name, "source": files.path.name, **describe(files)}
+        folder = staging / model_folder(model.name, files.sha256)
+        for name, path in files.stored.items():
+            place(path, folder / name)
+        if files.listing:
+            (folder / LISTING).write_bytes(files.listing)
+        (folder / MANIFEST).write_text(json.dumps(described, indent=2))
         stored[model.name] = StoredModel(
-            model.name, model.format, bucket, key, sha256, len(data), signature=described["signature"]
+            model.name,
+            files.format,
+            bucket,
+            model_key(model.name, files.sha256, files.format),
+            files.sha256,
+            files.size,
+            signature=described["signature"],
+            files=len(files.stored),
         )
     return stored

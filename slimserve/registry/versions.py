@@ -1,27 +1,36 @@
 """The model registry: versions in the model store under their sha256, aliases that move between them.
 
-    models/<name>/<sha256>/model.<format>      the bytes, immutable
+    models/<name>/<sha256>/model.<format>      the model, immutable (with its external data files and their
+                                               listing, files.sha256, where it has any: store.py)
     models/<name>/<sha256>/manifest.json       what they are (version number, signature, sizes, source, ...)
     models/<name>/aliases/<alias>.json         which version an alias points at, and where it pointed before
 
-A version is served only if its bytes still hash to the key they are stored under.
+A version is served only if its files still hash to the digest they are stored under.
 """
 
-import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from slimserve.config import model_name_problem
 from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
+from slimserve.lambda_handlers.digests import LISTING
+from slimserve.lambda_handlers.function import ModelSource, ModelSourceError
 from slimserve.lambda_handlers.runtimes import ModelLoadError, load_model
-from slimserve.registry.store import MANIFEST, StoredModel, manifest, manifest_key, model_key
+from slimserve.modelfiles import ModelFiles, ModelFilesError, model_files
+from slimserve.registry.store import MANIFEST, StoredModel, describe, manifest_key, model_key
 
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".sav")
 SUFFIX_FORMATS = {f".{model_format}": model_format for model_format in FORMATS}
+MULTIPART_BYTES = 64 * 2**20
+"""Files from this size up are uploaded in parts of this size, several at once; a failed part is sent again alone."""
+
+Progress = Callable[[str, int, int], None]
+"""Called as a file uploads: (its name in the version's folder, bytes sent so far, its size)."""
 
 
 class RegistryError(UserError):
@@ -38,6 +47,7 @@ class Version:
     created: str
     source: str
     signature: dict | None = None
+    files: int = 1
 
     @property
     def key(self) -> str:
@@ -45,7 +55,15 @@ class Version:
 
     def stored(self, bucket: str) -> StoredModel:
         return StoredModel(
-            self.name, self.format, bucket, self.key, self.sha256, self.size, str(self.number), self.signature
+            self.name,
+            self.format,
+            bucket,
+            self.key,
+            self.sha256,
+            self.size,
+            str(self.number),
+            self.signature,
+            self.files,
         )
 
     def environment(self, bucket: str) -> dict[str, str]:
@@ -63,67 +81,32 @@ class Version:
             manifest["created"],
             manifest["source"],
             manifest.get("signature"),
+            len(manifest.get("files", [None])),  # manifests before external data had one file, unlisted
         )
 
 
-def read_model(path: Path) -> tuple[str, bytes]:
-    """The model's format and servable bytes, or a RegistryError naming the file and the reason."""
+def read_model(path: Path) -> ModelFiles:
+    """The artifact's files, checked to load as serving loads them, or a RegistryError naming the file and why."""
     path = Path(path)
-    if not path.is_file():
-        raise RegistryError(f"{path}: no such file")
-    data = path.read_bytes()
-    if path.suffix.lower() in PICKLE_SUFFIXES or data[:1] == b"\x80":
+    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.open("rb").read(1) == b"\x80"):
         raise RegistryError(
             f"{path}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
             "(unpickling runs arbitrary code): convert it first"
         )
-    model_format = SUFFIX_FORMATS.get(path.suffix.lower())
-    if model_format is None:
+    if not path.is_dir() and path.suffix.lower() not in SUFFIX_FORMATS:
         raise RegistryError(
             f"{path}: unknown model format {path.suffix or '(no suffix)'!r}; expected one of "
             f"{', '.join(SUFFIX_FORMATS)} ({', '.join(FORMATS)})"
         )
-    if model_format == "onnx":
-        data = _self_contained_onnx(path, data)
     try:
-        load_model(data, model_format)
+        files = model_files(path)
+    except ModelFilesError as error:
+        raise RegistryError(str(error)) from None
+    try:
+        load_model(files.path, files.format)
     except ModelLoadError as error:
-        raise RegistryError(f"{path}: not a loadable {model_format} model: {error}") from None
-    return model_format, data
-
-
-def _self_contained_onnx(path: Path, data: bytes) -> bytes:
-    """ONNX tensors may live in external files: allowed only inside the model's folder, and folded into one file."""
-    import onnx
-    from onnx.external_data_helper import (
-        load_external_data_for_model,
-        uses_external_data,
-    )
-
-    try:
-        model = onnx.load_model_from_string(data)
-    except Exception as error:  # onnx raises protobuf's DecodeError and others
-        raise RegistryError(f"{path}: not a loadable onnx model: {error}") from None
-    # onnx has no public "every tensor, subgraphs included"; its own helper is the definition that loading uses
-    external = [tensor for tensor in onnx.external_data_helper._get_all_tensors(model) if uses_external_data(tensor)]
-    if not external:
-        return data
-    folder = path.parent.resolve()
-    for tensor in external:
-        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-        target = (folder / location).resolve()
-        if Path(location).is_absolute() or folder not in target.parents:
-            raise RegistryError(
-                f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the model's "
-                f"folder {folder}; refusing to read it"
-            )
-        if not target.is_file():
-            raise RegistryError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which does not exist")
-    load_external_data_for_model(model, str(folder))
-    for tensor in external:
-        tensor.ClearField("external_data")
-        tensor.data_location = onnx.TensorProto.DEFAULT
-    return model.SerializeToString()
+        raise RegistryError(f"{files.path}: not a loadable {files.format} model: {error}") from None
+    return files
 
 
 def _git_commit(path: Path) -> str | None:
@@ -163,35 +146,66 @@ class Registry:
         )
 
     def register(
-        self, path: Path, name: str, report: dict | None = None, allow_signature_change: bool = False
+        self,
+        path: Path,
+        name: str,
+        report: dict | None = None,
+        allow_signature_change: bool = False,
+        progress: Progress | None = None,
     ) -> tuple[Version, bool]:
-        """Upload a version; the same bytes again are the same version. Returns (version, newly registered). A version
-        whose inputs differ from those of the version clients are served now (`live`, else the newest) would break
-        them when promoted: refused unless `allow_signature_change`."""
+        """Upload a version file by file; the same files again are the same version. Returns (version, newly
+        registered). A version whose inputs differ from those of the version clients are served now (`live`, else
+        the newest) would break them when promoted: refused unless `allow_signature_change`."""
         if model_name_problem(name):
             raise RegistryError(f"--name: {model_name_problem(name)}, as in the config")
-        model_format, data = read_model(path)
-        sha256 = hashlib.sha256(data).hexdigest()
+        files = read_model(path)
         versions = self.versions(name)
-        existing = next((v for v in versions if v.sha256 == sha256), None)
+        existing = next((v for v in versions if v.sha256 == files.sha256), None)
         if existing is not None:
             return existing, False
-        details = manifest(
-            name,
-            model_format,
-            data,
-            Path(path).name,
-            version=max((v.number for v in versions), default=0) + 1,
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            git_commit=_git_commit(path),
-            optimization=report,
-        )
+        details = {
+            "name": name,
+            "version": max((v.number for v in versions), default=0) + 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": files.path.name,
+            "git_commit": _git_commit(files.path),
+            "optimization": report,
+            **describe(files),
+        }
         if versions and not allow_signature_change:
             self._check_inputs_unchanged(name, versions, path, details["signature"])
-        key = model_key(name, sha256, model_format)
-        self.s3.put_object(Bucket=self.bucket, Key=key, Body=data, ChecksumAlgorithm="SHA256")
-        self._put_json(manifest_key(name, sha256), details)  # last: a version exists once it is whole
+        self._upload(name, files, progress)
+        self._put_json(manifest_key(name, files.sha256), details)  # last: a version exists once it is whole
         return Version.from_manifest(details), True
+
+    def _upload(self, name: str, files: ModelFiles, progress: Progress | None) -> None:
+        """Each file under the version's folder, in parts from MULTIPART_BYTES, with its SHA-256 checksum, which S3
+        checks on arrival; the listing after the files it names."""
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+        folder = model_key(name, files.sha256, files.format).rpartition("/")[0]
+        for stored_name, path in files.stored.items():
+            size, sent = path.stat().st_size, 0
+
+            def sent_more(count: int, stored_name=stored_name, size=size) -> None:
+                nonlocal sent
+                sent += count
+                if progress is not None:
+                    progress(stored_name, sent, size)
+
+            self.s3.upload_file(
+                str(path),
+                self.bucket,
+                f"{folder}/{stored_name}",
+                ExtraArgs={"ChecksumAlgorithm": "SHA256"},
+                Config=config,
+                Callback=sent_more,
+            )
+        if files.listing:
+            self.s3.put_object(
+                Bucket=self.bucket, Key=f"{folder}/{LISTING}", Body=files.listing, ChecksumAlgorithm="SHA256"
+            )
 
     def _check_inputs_unchanged(self, name: str, versions: list[Version], path: Path, signature: dict) -> None:
         try:
@@ -271,16 +285,21 @@ class Registry:
         )
         return current["version"], previous["version"]
 
-    def fetch(self, name: str, ref: str) -> bytes:
-        """The version's bytes, refused if they no longer hash to the sha256 they were registered under."""
+    def download(self, name: str, ref: str, folder: Path) -> Path:
+        """The version's files in `folder` as the store holds them (its listing too), each refused unless it still
+        hashes to what was registered; the model file's path."""
         version = self.version(name, ref)
-        data = self._get(version.key)
-        if data is None:
-            raise RegistryError(f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} is missing")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != version.sha256:
-            raise RegistryError(
-                f"model {name!r} version {version.number}: s3://{self.bucket}/{version.key} hashes to "
-                f"{digest}, not {version.sha256}; it was changed after registration and will not be served"
-            )
-        return data
+        stored = version.stored(self.bucket)
+        source = ModelSource(
+            name,
+            str(version.number),
+            version.format,
+            version.sha256,
+            self.bucket,
+            version.key,
+            listing=stored.listing_key,
+        )
+        try:
+            return Path(source.download(str(folder), self.s3))
+        except ModelSourceError as error:
+            raise RegistryError(f"model {name!r} version {version.number}: {error}") from None
