@@ -23,6 +23,7 @@ from slimserve.lambda_handlers.function import ModelFunction, ModelSource, Model
 from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.modelfiles import ModelFilesError, model_files
 from slimserve.registry import versions
+from slimserve.registry.lock import locked_models
 from slimserve.registry.versions import Registry, RegistryError
 from slimserve.stacks.app import build_app
 
@@ -285,3 +286,33 @@ def test_both_targets_serve_it_on_the_local_stack_as_the_runtime_answers(tmp_pat
         model_dir = tmp_path / "work" / "mlp-sm-model"
         assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()) == [
             LISTING, "model.onnx", "weights.bin", "weights/w1.bin"]
+
+
+def test_the_cli_registers_it_with_progress_locks_it_and_checks_its_size(s3_store, mlp, tmp_path, monkeypatch, capsys):
+    from slimserve.cli import main
+    from slimserve.cli import registry as cli_registry
+
+    monkeypatch.setattr(cli_registry, "MULTIPART_BYTES", 5 * 2**20)
+    monkeypatch.setattr(versions, "MULTIPART_BYTES", 5 * 2**20)
+    s3_store.client().create_bucket(Bucket="ext-cli")
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "ext-cli"]
+    files = model_files(mlp)
+    assert main(["register", str(mlp.parent), "--name", "mlp", *where]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == (f"registered mlp version 1: sha256 {files.sha256}, 3 files, 9.0 MiB, "
+                            f"models/mlp/{files.sha256}/model.onnx\n")
+    size = (mlp.parent / "weights.bin").stat().st_size
+    tenths = [int(line.split(": ")[1].split("%")[0]) for line in captured.err.splitlines()]
+    assert captured.err.splitlines()[-1] == f"uploading weights.bin: 100% of {size / 2**20:.1f} MiB"
+    assert tenths == sorted(tenths) and len(tenths) >= 2  # weights/w1.bin (2.2 MiB) is under the part size: no lines
+    config = tmp_path / "slimserve.toml"
+    config.write_text(f'[models.mlp]\nformat = "onnx"\nartifact = "{mlp}"\nversion = "1"\n')
+    assert main(["lock", "--config", str(config), *where]) == 0
+    entry = json.loads(config.with_suffix(".lock").read_text())["models"]["mlp"]
+    assert (entry["sha256"], entry["files"], entry["size"]) == (files.sha256, 3, files.size)
+    capsys.readouterr()
+    assert main(["check", "--config", str(config)]) == 0
+    assert f"  mlp: onnx {mlp} (3 files, 9.0 MiB) -> lambda (1024 MB x86_64)" in capsys.readouterr().out
+    monkeypatch.setenv("SLIMSERVE_ALLOW_LOCAL_LOCK", "1")
+    locked = locked_models(load_config(config), "deployed-store")["mlp"]
+    assert locked.environment()["SLIMSERVE_MODEL_LISTING"] == f"models/mlp/{files.sha256}/{LISTING}"

@@ -155,7 +155,7 @@ def test_cli_register_versions_alias_rollback(s3_store, tmp_path, capsys):
     assert main(["versions", "iris", *where]) == 0
     out = capsys.readouterr().out.splitlines()
     sha = load_sha(MODELS / "iris.onnx")
-    assert out[0] == f"registered iris version 1: sha256 {sha}, 637 bytes, models/iris/{sha}/model.onnx"
+    assert out[0] == f"registered iris version 1: sha256 {sha}, 1 file, 0.6 KiB, models/iris/{sha}/model.onnx"
     assert out[1] == f"iris: these bytes are already version 1 (sha256 {sha}); nothing uploaded"
     assert out[2].startswith("registered iris version 2: ")
     serves = ('  in the local store: a running local stack serves it within a second; a deployed API serves it once a '

@@ -10,7 +10,7 @@ from pathlib import Path
 from slimserve.config import DEFAULT_CONFIG, load_config
 from slimserve.errors import UserError
 
-from .common import add_config
+from .common import add_config, files_text
 
 
 def add_commands(commands) -> None:
@@ -80,16 +80,12 @@ def _loadable_config(path: str):
     return config, files
 
 
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
-
-
 def _check(args) -> int:
     config, files = _loadable_config(args.config)
     print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
     for model in config.models:
-        count, size = len(files[model.name].stored), files[model.name].size
-        described = f"{count} file{'s' * (count > 1)}, {_mib(size)}"
+        size = files[model.name].size
+        described = files_text(len(files[model.name].stored), size)
         if model.sagemaker:
             download_s, startup_s = model.sagemaker.timeouts_s(size)
             where = f"{model.sagemaker.instance_type}, download timeout {download_s} s, startup {startup_s} s"

@@ -1,15 +1,16 @@
 """Registry commands: register, versions, alias, rollback and lock, on the running local stack's store or,
 with --profile/--region, the deployed one."""
 
+import sys
 from pathlib import Path
 
 from slimserve.config import load_config
 from slimserve.errors import UserError
 from slimserve.local.s3 import DEFAULT_BUCKET
 from slimserve.local.state import running_state
-from slimserve.registry.versions import LIVE_ALIAS
+from slimserve.registry.versions import LIVE_ALIAS, MULTIPART_BYTES
 
-from .common import add_config
+from .common import add_config, files_text, size_text
 
 
 def add_commands(commands) -> None:
@@ -111,14 +112,30 @@ def _lock(args) -> int:
     return 0
 
 
+class UploadProgress:
+    """Tells on stderr how far each file of MULTIPART_BYTES or more has gone, a line every tenth: large models take
+    minutes, and a silent upload looks hung."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream, self.shown = stream, {}
+
+    def __call__(self, name: str, sent: int, size: int) -> None:
+        if size < MULTIPART_BYTES:
+            return
+        tenth = sent * 10 // size
+        if tenth > self.shown.get(name, 0):
+            self.shown[name] = tenth
+            print(f"uploading {name}: {tenth * 10}% of {size_text(size)}", file=self.stream, flush=True)
+
+
 def _register(args) -> int:
     version, new = _registry(args).register(
-        Path(args.model), args.name, allow_signature_change=args.allow_signature_change
+        Path(args.model), args.name, allow_signature_change=args.allow_signature_change, progress=UploadProgress()
     )
     if new:
         print(
-            f"registered {args.name} version {version.number}: "
-            f"sha256 {version.sha256}, {version.size} bytes, {version.key}"
+            f"registered {args.name} version {version.number}: sha256 {version.sha256}, "
+            f"{files_text(version.files, version.size)}, {version.key}"
         )
     else:
         print(
