@@ -16,6 +16,9 @@ from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
 from slimserve.lambda_handlers.digests import file_sha256, listing_bytes, name_problem
 
+EXTERNAL_DATA_BYTES = 1536 * 2**20
+"""Weights past this size are written to an external data file beside the model (protobuf caps one file at 2 GB, and
+the graph needs room too): torch.onnx's own threshold, which `convert` and `optimize` follow."""
 MANIFEST = "manifest.json"
 """What the store keeps beside a version's files: its number, signature, sizes, source."""
 

@@ -316,3 +316,58 @@ def test_the_cli_registers_it_with_progress_locks_it_and_checks_its_size(s3_stor
     monkeypatch.setenv("SLIMSERVE_ALLOW_LOCAL_LOCK", "1")
     locked = locked_models(load_config(config), "deployed-store")["mlp"]
     assert locked.environment()["SLIMSERVE_MODEL_LISTING"] == f"models/mlp/{files.sha256}/{LISTING}"
+
+
+# A PyTorch MLP of a few MB saved whole, its own predictions on the samples beside it.
+TORCH_MLP = """
+import sys, numpy as np, torch
+folder = sys.argv[1]
+torch.manual_seed(0)
+mlp = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 512), torch.nn.ReLU(),
+                          torch.nn.Linear(512, 10))
+samples = np.random.default_rng(0).random((16, 512), dtype=np.float32)
+np.save(f"{folder}/samples.npy", samples)
+torch.save(mlp, f"{folder}/mlp.pt")
+with torch.no_grad():
+    np.save(f"{folder}/expected.npy", mlp.eval()(torch.from_numpy(samples)).numpy())
+"""
+
+
+@pytest.mark.slow
+def test_torch_convert_writes_external_data_optimize_reads_it_and_both_targets_serve_it(tmp_path, monkeypatch):
+    from support import run_in_extra_venv
+
+    from slimserve.modeltools import convert, optimize
+
+    saved = run_in_extra_venv("torch", "-c", TORCH_MLP, str(tmp_path))
+    assert saved.returncode == 0, saved.stderr[-3000:]
+    out = tmp_path / "model" / "mlp.onnx"
+    converted = run_in_extra_venv("torch", "-m", "slimserve", "convert", str(tmp_path / "mlp.pt"), "--samples",
+                                  str(tmp_path / "samples.npy"), "--out", str(out), "--external-data")
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert converted.stdout.startswith(f"wrote {out} (weights in mlp.onnx.data): checked on 16 samples, max |diff| ")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mlp.onnx", "mlp.onnx.data"]  # no staging folder left
+    assert out.stat().st_size < 64 * 1024 < (out.parent / "mlp.onnx.data").stat().st_size
+    samples, expected = np.load(tmp_path / "samples.npy"), np.load(tmp_path / "expected.npy")
+    np.testing.assert_allclose(OnnxModel(out).run({"input": samples}, ["output"])["output"], expected, atol=1e-5)
+
+    size = model_files(out).size
+    for level in ("fp16", "int8", "graph"):  # below EXTERNAL_DATA_BYTES each result folds into one file
+        report = optimize.optimize(out, level, tmp_path / "samples.npy", 0.05, tmp_path / level / "mlp.onnx", force=True)
+        assert report.original.size == size and sorted(p.name for p in (tmp_path / level).iterdir()) == ["mlp.onnx"]
+        assert report.optimized.size == (tmp_path / level / "mlp.onnx").stat().st_size
+    assert report.optimized.max_abs_diff < 1e-5  # the graph level changes no arithmetic
+    monkeypatch.setattr(convert, "EXTERNAL_DATA_BYTES", 2**20)  # as if the fp16 weights passed the limit
+    report = optimize.optimize(out, "fp16", tmp_path / "samples.npy", 0.05, tmp_path / "big-fp16" / "mlp.onnx", force=True)
+    assert sorted(p.name for p in (tmp_path / "big-fp16").iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
+    assert report.optimized.size == model_files(tmp_path / "big-fp16" / "mlp.onnx").size < 0.6 * size
+    fp16 = OnnxModel(tmp_path / "big-fp16" / "mlp.onnx").run({"input": samples}, ["output"])["output"]
+    np.testing.assert_allclose(fp16, expected, atol=0.05)
+
+    with running_stack(config_file(tmp_path, out), tmp_path / "work") as stack:
+        for name in ("mlp", "mlp-sm"):
+            request = urllib.request.Request(f"{stack.gateway.url}/v1/models/{name}:predict", method="POST",
+                                             data=json.dumps({"instances": samples[:4].tolist()}).encode())
+            with urllib.request.urlopen(request, timeout=60) as response:
+                predictions = np.array(json.loads(response.read())["predictions"], np.float32)
+            np.testing.assert_array_equal(predictions, OnnxModel(out).run({"input": samples[:4]}, ["output"])["output"])

@@ -26,6 +26,11 @@ def add_commands(commands) -> None:
         default=1e-4,
         help="largest absolute output difference accepted (default: %(default)s)",
     )
+    convert.add_argument(
+        "--external-data",
+        action="store_true",
+        help="PyTorch: write the weights to <out>.data beside the model (they always are past 1.5 GiB)",
+    )
     convert.set_defaults(run=_convert)
 
     optimize = commands.add_parser(
@@ -80,6 +85,8 @@ def _convert(args) -> int:
         samples = np.load(args.samples, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UserError(f"--samples {args.samples}: not a numpy .npy file of samples: {error}") from None
+    if args.external_data and source.suffix not in (".pt", ".pth"):
+        raise UserError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
     # the user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is
     if source.suffix in (".joblib", ".pkl", ".pickle"):
         import joblib
@@ -95,7 +102,8 @@ def _convert(args) -> int:
     elif source.suffix in (".pt", ".pth"):
         import torch
 
-        result = convert_torch(torch.load(source, weights_only=False), samples, Path(args.out), args.tolerance)
+        module = torch.load(source, weights_only=False)
+        result = convert_torch(module, samples, Path(args.out), args.tolerance, external_data=args.external_data)
     elif source.suffix in KERAS_SUFFIXES:
         result = convert_keras(load_keras(source), samples, Path(args.out), args.tolerance)
     else:
@@ -104,7 +112,11 @@ def _convert(args) -> int:
             "or a Keras model (.keras, .h5)"
         )
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
-    print(f"wrote {result.path}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}{agreement}")
+    data = f" (weights in {', '.join(result.data_files)})" if result.data_files else ""
+    print(
+        f"wrote {result.path}{data}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}"
+        f"{agreement}"
+    )
     return 0
 
 

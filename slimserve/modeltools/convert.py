@@ -8,6 +8,8 @@ TensorFlow's converter, which only the optional `tensorflow` extra installs.
 import contextlib
 import io
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from slimserve.errors import UserError
 from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 
 TARGET_OPSET = 17
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.
@@ -34,17 +37,42 @@ class Conversion:
     max_abs_diff: float
     label_agreement: float | None
     samples: int
+    data_files: tuple[str, ...] = ()
+    """External data files written beside the model, as it names them."""
 
 
-def _check_and_write(
+@contextlib.contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Where to write `out`: a path in a folder of its own beside it. What is written there (the model, its external
+    data files) moves into place when the block ends without an error; otherwise nothing is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as folder:
+        yield Path(folder) / out.name
+        for path in sorted(Path(folder).iterdir()):
+            path.replace(out.parent / path.name)
+
+
+def save_onnx(model, path: Path, external: bool = False) -> None:
+    """`model` (an onnx.ModelProto) at `path`, its weights in `<name>.data` beside it where asked or where they pass
+    EXTERNAL_DATA_BYTES; below that, one self-contained file."""
+    import onnx
+
+    tensors = onnx.external_data_helper._get_all_tensors(model)  # onnx's own definition of every tensor
+    external = external or sum(len(tensor.raw_data) for tensor in tensors) > EXTERNAL_DATA_BYTES
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # a model read back from there holds its data now; a stale file must not stay
+    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
+
+
+def _check(
     model: OnnxModel | TfliteModel,
-    model_bytes: bytes,
     expected: dict[str, np.ndarray],
     samples: np.ndarray,
     out: Path,
     tolerance: float,
-) -> Conversion:
-    """`model` is `model_bytes` loaded in the runtime that will serve it, so the check is the served behaviour."""
+) -> tuple[float, float | None]:
+    """Max |diff| and label agreement of `model`, loaded in the runtime that will serve it, so the check is the
+    served behaviour; a ConvertError past the tolerance."""
     got = model.run({model.signature.inputs[0].name: samples}, list(expected))
     max_diff, agreement = 0.0, None
     for name, reference in expected.items():
@@ -60,6 +88,19 @@ def _check_and_write(
             f"{out}: not written: the {FORMAT_NAMES[model.format]} model disagrees with the original "
             f"on the samples: {found}"
         )
+    return max_diff, agreement
+
+
+def _check_and_write(
+    model: OnnxModel | TfliteModel,
+    model_bytes: bytes,
+    expected: dict[str, np.ndarray],
+    samples: np.ndarray,
+    out: Path,
+    tolerance: float,
+) -> Conversion:
+    """`model` is `model_bytes` loaded: checked, then written."""
+    max_diff, agreement = _check(model, expected, samples, out, tolerance)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model_bytes)
     return Conversion(str(out), max_diff, agreement, len(samples))
@@ -121,8 +162,10 @@ def convert_torch(
     tolerance: float = 1e-4,
     input_name: str = "input",
     output_name: str = "output",
+    external_data: bool = False,
 ) -> Conversion:
-    """An nn.Module exported with its batch dimension dynamic; checked on `samples` in eval mode."""
+    """An nn.Module exported with its batch dimension dynamic; checked on `samples` in eval mode, as loaded from the
+    files written. Weights past EXTERNAL_DATA_BYTES (or any, with `external_data`) go to `<out>.data` beside it."""
     import torch
 
     module = module.eval()
@@ -148,8 +191,13 @@ def convert_torch(
         )
     except Exception as error:  # torch raises many kinds; the module is what is at fault
         raise ConvertError(f"{out}: torch.onnx.export failed: {error}") from None
-    onnx_bytes = program.model_proto.SerializeToString()
-    return _check_and_write(OnnxModel(onnx_bytes), onnx_bytes, {output_name: expected}, samples, Path(out), tolerance)
+    out = Path(out)
+    with staged(out) as path:
+        # torch writes external data past 1536 MiB of weights by itself: EXTERNAL_DATA_BYTES is that threshold
+        program.save(path, external_data=external_data)
+        max_diff, agreement = _check(OnnxModel(path), {output_name: expected}, samples, out, tolerance)
+        data_files = model_files(path).data
+    return Conversion(str(out), max_diff, agreement, len(samples), data_files)
 
 
 def load_keras(path: Path):

@@ -10,7 +10,6 @@ never written.
 """
 
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from slimserve.errors import UserError
 from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel
 from slimserve.lambda_handlers.tensors import shape_text
+from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 from slimserve.modeltools.convert import (
     KERAS_SUFFIXES,
     TENSORFLOW_EXTRA,
@@ -28,6 +28,8 @@ from slimserve.modeltools.convert import (
     clean_opset_imports,
     keras_to_tflite,
     load_keras,
+    save_onnx,
+    staged,
 )
 
 LEVELS = ("graph", "int8", "fp16")
@@ -142,6 +144,8 @@ def _compare(reference: dict, results: dict) -> tuple[float, float, float | None
 
 
 def _transform(source: Path, level: str, target: Path) -> None:
+    """The `level` model of `source` at `target`: external data (the source's, loaded from beside it) is written to
+    `<target>.data` where the result's weights pass EXTERNAL_DATA_BYTES, and folded into one file below that."""
     import onnx
     import onnxruntime
 
@@ -150,18 +154,33 @@ def _transform(source: Path, level: str, target: Path) -> None:
         # EXTENDED, not ALL: the saved graph must not carry fusions tied to this machine's CPU
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         options.optimized_model_filepath = str(target)
+        # ONNX Runtime writes initializers into the model file unless told a data file (it refuses past 2 GB)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", f"{target.name}.data"
+        )
         onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        save_onnx(onnx.load(str(target)), target)  # read back with its data: one file where it fits
     elif level == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         model = onnx.load(str(source))
         clean_opset_imports(model)  # models from skl2onnx may import the default domain twice
-        quantize_dynamic(model, str(target), weight_type=QuantType.QInt8)
+        weights = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
+        # int8 weights are a quarter of fp32's: the quantizer writes a data file only when asked
+        quantize_dynamic(
+            model,
+            str(target),
+            weight_type=QuantType.QInt8,
+            use_external_data_format=weights // 4 > EXTERNAL_DATA_BYTES,
+        )
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        # inputs and outputs stay float32, so clients and the signature do not change
-        onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
+        # inputs and outputs stay float32, so clients and the signature do not change; shape inference serializes
+        # the model, which protobuf refuses past 2 GB, and the conversion does not need it
+        model = onnx.load(str(source))
+        large = model_files(source).size > EXTERNAL_DATA_BYTES
+        save_onnx(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large), target)
 
 
 @dataclass(frozen=True)
@@ -195,17 +214,18 @@ def optimize(
         return _optimize_keras(model_path, job)
     if model_path.suffix != ".onnx":
         raise OptimizeError(f"{model_path}: expected an .onnx model or a Keras model (.keras, .h5)")
-    with tempfile.TemporaryDirectory() as folder:
-        candidate_path = Path(folder) / out.name
+    try:
+        original = OnnxModel(model_path)
+    except ModelLoadError as error:
+        raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
+    original_size = model_files(model_path).size
+    with staged(out) as candidate_path:  # the result and its data file move into place only if the gate passes
         try:
             _transform(model_path, level, candidate_path)
         except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
             raise OptimizeError(f"{model_path}: {level} optimization failed: {error}") from None
-        try:
-            original = OnnxModel(model_path)
-        except ModelLoadError as error:
-            raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
-        return _gate(job, original, model_path.stat().st_size, OnnxModel(candidate_path), candidate_path.read_bytes())
+        report = _gate(job, original, original_size, OnnxModel(candidate_path), model_files(candidate_path).size)
+    return report
 
 
 def _optimize_keras(model_path: Path, job: _Job) -> Report:
@@ -221,12 +241,17 @@ def _optimize_keras(model_path: Path, job: _Job) -> Report:
         candidate_bytes = keras_to_tflite(keras_model, model_path, job.level)
     except ConvertError as error:
         raise OptimizeError(str(error)) from None
-    return _gate(job, TfliteModel(original_bytes), len(original_bytes), TfliteModel(candidate_bytes), candidate_bytes)
+    report = _gate(
+        job, TfliteModel(original_bytes), len(original_bytes), TfliteModel(candidate_bytes), len(candidate_bytes)
+    )
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    job.out.write_bytes(candidate_bytes)
+    return report
 
 
-def _gate(job: _Job, original, original_size: int, candidate, candidate_bytes: bytes) -> Report:
-    """Measure both models on the samples; write the candidate only if it stays within the tolerance, and, unless
-    forced, only if it is smaller or faster: a small model's fp16 copy can be larger and slower."""
+def _gate(job: _Job, original, original_size: int, candidate, candidate_size: int) -> Report:
+    """Measure both models on the samples; the report, if the candidate stays within the tolerance and, unless
+    forced, is smaller or faster (a small model's fp16 copy can be larger and slower): the caller then writes it."""
     level, tolerance, out = job.level, job.tolerance, job.out
     samples = load_samples(job.samples_path, original)
     outputs = [spec.name for spec in original.signature.outputs]
@@ -243,9 +268,7 @@ def _gate(job: _Job, original, original_size: int, candidate, candidate_bytes: b
             0.0,
             1.0 if agreement is not None else None,
         ),
-        Measurement(
-            level, len(candidate_bytes), _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement
-        ),
+        Measurement(level, candidate_size, _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
         None,
     )
     if max_diff > tolerance:
@@ -261,6 +284,4 @@ def _gate(job: _Job, original, original_size: int, candidate, candidate_bytes: b
             f"({report.optimized.median_ms:.3f} against {report.original.median_ms:.3f} ms); "
             f"--force writes it anyway\n{report.table()}"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(candidate_bytes)
     return Report(report.level, tolerance, report.original, report.optimized, str(out))
