@@ -116,8 +116,8 @@ class UploadProgress:
     """Tells on stderr how far each file of MULTIPART_BYTES or more has gone, a line every tenth: large models take
     minutes, and a silent upload looks hung."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream, self.shown = stream, {}
+    def __init__(self):
+        self.shown: dict[str, int] = {}
 
     def __call__(self, name: str, sent: int, size: int) -> None:
         if size < MULTIPART_BYTES:
@@ -125,7 +125,7 @@ class UploadProgress:
         tenth = sent * 10 // size
         if tenth > self.shown.get(name, 0):
             self.shown[name] = tenth
-            print(f"uploading {name}: {tenth * 10}% of {size_text(size)}", file=self.stream, flush=True)
+            print(f"uploading {name}: {tenth * 10}% of {size_text(size)}", file=sys.stderr, flush=True)
 
 
 def _register(args) -> int:
