@@ -248,10 +248,13 @@ def test_the_lambda_fit_counts_the_data_files(mlp):
                      mlp.parent.parent / "slimserve.toml")
 
 
-def config_file(folder, mlp) -> "os.PathLike":
+def config_file(folder, mlp, name="mlp") -> "os.PathLike":
+    """Models `name` on Lambda and `name`-sm on SageMaker. Each test names its own: the moto servers of one process
+    share their buckets."""
     config = folder / "slimserve.toml"
-    config.write_text(f'[app]\nname = "ext"\n\n[defaults]\nauth = "none"\n\n[models.mlp]\nformat = "onnx"\n'
-                      f'artifact = "{mlp.parent}"\n\n[models.mlp-sm]\nformat = "onnx"\nartifact = "{mlp}"\ntarget = "sagemaker"\n')
+    config.write_text(f'[app]\nname = "ext"\n\n[defaults]\nauth = "none"\n\n[models.{name}]\nformat = "onnx"\n'
+                      f'artifact = "{mlp.parent}"\n\n[models.{name}-sm]\nformat = "onnx"\nartifact = "{mlp}"\n'
+                      'target = "sagemaker"\n')
     return config
 
 
@@ -364,8 +367,8 @@ def test_torch_convert_writes_external_data_optimize_reads_it_and_both_targets_s
     fp16 = OnnxModel(tmp_path / "big-fp16" / "mlp.onnx").run({"input": samples}, ["output"])["output"]
     np.testing.assert_allclose(fp16, expected, atol=0.05)
 
-    with running_stack(config_file(tmp_path, out), tmp_path / "work") as stack:
-        for name in ("mlp", "mlp-sm"):
+    with running_stack(config_file(tmp_path, out, "torch-mlp"), tmp_path / "work") as stack:
+        for name in ("torch-mlp", "torch-mlp-sm"):
             request = urllib.request.Request(f"{stack.gateway.url}/v1/models/{name}:predict", method="POST",
                                              data=json.dumps({"instances": samples[:4].tolist()}).encode())
             with urllib.request.urlopen(request, timeout=60) as response:

@@ -63,7 +63,7 @@ def test_lock_resolves_the_alias_and_synth_deploys_those_bytes(registry, retrain
     assert capsys.readouterr().out == (f"iris: 'prod' is version 2 (sha256 {retrained.sha256})\n"
                                        f"wrote {tmp_path}/slimserve.lock: 1 of 1 models deploy a registered version\n")
     assert json.loads(lock_path(config).read_text()) == {"store": "local", "models": {"iris": {
-        "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size,
+        "ref": "prod", "version": 2, "sha256": retrained.sha256, "format": "onnx", "size": retrained.size, "files": 1,
         "signature": retrained.signature}}}
     assert retrained.signature["inputs"] == [{"name": "features", "datatype": "FP32", "shape": [-1, 4]}]
     environment, _ = function_environment(config)
