@@ -1,5 +1,7 @@
 """The tests' fixtures; the helpers they share are in support.py."""
 
+import hashlib
+
 import pytest
 from support import IDENTITY_TYPES, MODELS, ROOT, identity_onnx, running_stack
 
@@ -58,6 +60,17 @@ def s3_store():
 
     with local_s3() as store:
         yield store
+
+
+@pytest.fixture
+def registry(s3_store, request):
+    """A registry on a bucket of this test's own in the session's S3."""
+    from slimserve.registry.versions import Registry
+
+    bucket = f"registry-{hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]}"
+    client = s3_store.client()
+    client.create_bucket(Bucket=bucket)
+    return Registry(client, bucket)
 
 
 @pytest.fixture(scope="module")

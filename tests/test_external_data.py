@@ -24,7 +24,7 @@ from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.modelfiles import ModelFilesError, model_files
 from slimserve.registry import versions
 from slimserve.registry.lock import locked_models
-from slimserve.registry.versions import Registry, RegistryError
+from slimserve.registry.versions import RegistryError
 from slimserve.stacks.app import build_app
 
 WIDTH = 768  # three 768x768 fp32 layers: 6.75 MiB of weights
@@ -80,14 +80,6 @@ def rows():
 @pytest.fixture(scope="module")
 def expected(mlp, rows):
     return OnnxModel(mlp).run({"x": rows}, ["y"])["y"]
-
-
-@pytest.fixture
-def registry(s3_store, request):
-    bucket = f"ext-{hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:20]}"
-    client = s3_store.client()
-    client.create_bucket(Bucket=bucket)
-    return Registry(client, bucket)
 
 
 def objects(registry) -> dict[str, dict]:

@@ -9,15 +9,7 @@ import pytest
 from onnx import helper, numpy_helper
 from support import MODELS
 
-from slimserve.registry.versions import Registry, RegistryError
-
-
-@pytest.fixture
-def registry(s3_store, request):
-    bucket = f"registry-{request.node.name.replace('_', '-')[:40]}"
-    client = s3_store.client()
-    client.create_bucket(Bucket=bucket)
-    return Registry(client, bucket)
+from slimserve.registry.versions import RegistryError
 
 
 def keys(registry) -> list[str]:
