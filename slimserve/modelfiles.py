@@ -14,8 +14,9 @@ from pathlib import Path
 
 from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
-from slimserve.lambda_handlers.digests import file_sha256, listing_bytes, name_problem
+from slimserve.lambda_handlers.digests import CHUNK_BYTES, file_sha256, listing_bytes, name_problem
 
+PROTOBUF_LIMIT = 2**31 - 1  # the most bytes one protobuf message, an ONNX file, can hold
 EXTERNAL_DATA_BYTES = 1536 * 2**20
 """Weights past this size are written to an external data file beside the model (protobuf caps one file at 2 GB, and
 the graph needs room too): torch.onnx's own threshold, which `convert` and `optimize` follow."""
@@ -91,7 +92,17 @@ def model_file(path: Path) -> Path:
 
 
 def _external_data(path: Path) -> tuple[str, ...]:
-    """The files an ONNX model keeps tensors in, as it names them."""
+    """The files an ONNX model keeps tensors in, as it names them. A tensor in external data must name its file under
+    the key `location`: a model without those bytes names none, and is not parsed (a config check would otherwise
+    read a 1.9 GB model into memory to learn that)."""
+    size = path.stat().st_size
+    if size > PROTOBUF_LIMIT:
+        raise UnreadableModel(
+            f"{path}: not a loadable onnx model: {size} bytes, past protobuf's 2 GB limit for one file; weights that "
+            "large belong in external data files beside it"
+        )
+    if not _contains(path, b"location"):
+        return ()
     import onnx
     from onnx.external_data_helper import uses_external_data
 
@@ -124,3 +135,14 @@ def _external_data(path: Path) -> tuple[str, ...]:
             raise ModelFilesError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}: {problem}")
         names[name] = None
     return tuple(names)
+
+
+def _contains(path: Path, needle: bytes) -> bool:
+    """Whether the file holds `needle`, read a chunk at a time."""
+    with path.open("rb") as file:
+        tail = b""
+        while chunk := file.read(CHUNK_BYTES):
+            if needle in tail + chunk[: len(needle) - 1] or needle in chunk:
+                return True
+            tail = chunk[-(len(needle) - 1) :]
+    return False

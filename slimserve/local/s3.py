@@ -50,10 +50,11 @@ DEFAULT_BUCKET = "slimserve-models"
 
 
 def _load(store: LocalS3, folder: Path) -> None:
+    """Every file under `folder` as an object, streamed: a large model's files never sit in memory whole."""
     client = store.client()
     for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
         if path.is_file():
-            client.put_object(Bucket=store.bucket, Key=path.relative_to(folder).as_posix(), Body=path.read_bytes())
+            client.upload_file(str(path), store.bucket, path.relative_to(folder).as_posix())
 
 
 def _save(store: LocalS3, folder: Path) -> None:
@@ -65,7 +66,7 @@ def _save(store: LocalS3, folder: Path) -> None:
         for item in page.get("Contents", []):
             target = saving / item["Key"]
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(client.get_object(Bucket=store.bucket, Key=item["Key"])["Body"].read())
+            client.download_file(store.bucket, item["Key"], str(target))
     saving.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder, ignore_errors=True)
     saving.rename(folder)
