@@ -3,6 +3,7 @@ synthesizing a project of the user's own, with models this repository does not s
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -42,6 +43,7 @@ def installed(tmp_path_factory):
     work = tmp_path_factory.mktemp("install")
     yield install_wheel(build_wheel(work), work / "venv")
     assert _repository_state() == before  # nothing was written into the repository
+    shutil.rmtree(work)  # 1.3 GB of venv
 
 
 def _user_model(folder: Path) -> tuple[Path, np.ndarray]:
