@@ -1,16 +1,17 @@
 """The model store: the one bucket every model version lives in."""
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy, Size, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_deployment as s3_deployment
 from constructs import Construct
 
-from slimserve.config import ENCRYPTIONS, AppConfig
+from slimserve.config import ENCRYPTIONS, LAMBDA_MAX_MB, AppConfig, ConfigError
 from slimserve.registry.store import StoredModel
 
 from .keys import new_key
@@ -18,6 +19,9 @@ from .nag import acknowledge, arn_in_findings, control, logical_id, managed_poli
 
 # The bootstrap's asset bucket, as cdk-nag writes it into findings
 CDK_ASSETS_BUCKET = "arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-<AWS::Region>"
+
+
+UPLOAD_STORAGE_FACTOR = 2.2  # BucketDeployment's /tmp holds the asset's zip and the files unzipped, with headroom
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,25 @@ class ModelStore(Construct):
             self.key.grant_encrypt(grantee)
 
     def add_uploads(self, staging: Path) -> None:
-        """Upload a folder laid out as the store is (`stage_uploads` writes one) with the deploy."""
+        """Upload a folder laid out as the store is (`stage_uploads` writes one) with the deploy. BucketDeployment's
+        function unzips the folder's asset in its /tmp and copies it from there: it gets room for the zip and the
+        files, and a folder too large for Lambda's most /tmp is refused, naming the way large models deploy."""
+        sizes = {
+            folder.name: sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+            for folder in (staging / "models").iterdir()
+        }
+        storage_mb = max(512, math.ceil(UPLOAD_STORAGE_FACTOR * sum(sizes.values()) / 2**20))
+        if storage_mb > LAMBDA_MAX_MB:
+            largest = ", ".join(
+                f"{name} {size / 2**30:.1f} GiB" for name, size in sorted(sizes.items(), key=lambda i: -i[1])
+            )
+            most_gib = LAMBDA_MAX_MB / UPLOAD_STORAGE_FACTOR / 1024
+            raise ConfigError(
+                f"models that upload with the deploy ({largest}) are more than CDK's BucketDeployment can unzip in "
+                f"its function's /tmp (at most {LAMBDA_MAX_MB} MB: about {most_gib:.1f} "
+                "GiB of models): register the large ones (`slimserve register`) and deploy their versions (version = "
+                '"1", `slimserve lock`)'
+            )
         s3_deployment.BucketDeployment(
             self,
             "Models",
@@ -175,6 +197,7 @@ class ModelStore(Construct):
             prune=False,  # versions registered later stay
             retain_on_delete=True,
             memory_limit=512,
+            ephemeral_storage_size=Size.mebibytes(storage_mb),
         )
         self._acknowledge_upload_handler()
 

@@ -366,3 +366,30 @@ def test_torch_convert_writes_external_data_optimize_reads_it_and_both_targets_s
             with urllib.request.urlopen(request, timeout=60) as response:
                 predictions = np.array(json.loads(response.read())["predictions"], np.float32)
             np.testing.assert_array_equal(predictions, OnnxModel(out).run({"input": samples[:4]}, ["output"])["output"])
+
+
+def test_bucket_deployment_gets_room_to_unzip_the_upload_or_refuses_it_naming_the_way_large_models_deploy(tmp_path,
+                                                                                                          monkeypatch):
+    from aws_cdk import App, Stack
+
+    from slimserve.stacks import model_store
+    from slimserve.stacks.model_store import ModelStore, ModelStoreProps
+
+    staging = tmp_path / "staging" / "models"
+    (staging / "big" / "abc").mkdir(parents=True)
+    (staging / "small" / "def").mkdir(parents=True)
+    with open(staging / "big" / "abc" / "model.onnx.data", "wb") as data:
+        data.truncate(5 * 2**30)  # sparse: 5 GiB of model, no disk
+    (staging / "small" / "def" / "model.onnx").write_bytes(b"x" * 2**20)
+    store = ModelStore(Stack(App(), "s"), "Store", ModelStoreProps())
+    with pytest.raises(ConfigError, match=r"^models that upload with the deploy \(big 5\.0 GiB, small 0\.0 GiB\) are more than "
+                                          r"CDK's BucketDeployment can unzip in its function's /tmp \(at most 10240 MB: about "
+                                          r"4\.5 GiB of models\): register the large ones"):
+        store.add_uploads(tmp_path / "staging")
+    (staging / "big" / "abc" / "model.onnx.data").unlink()
+    monkeypatch.setattr(model_store, "UPLOAD_STORAGE_FACTOR", 1500)  # 2 MiB of models: as if they were 3 GB
+    stack = Stack(App(), "t")
+    ModelStore(stack, "Store", ModelStoreProps()).add_uploads(tmp_path / "staging")
+    (handler,) = [f for f in assertions.Template.from_stack(stack).find_resources("AWS::Lambda::Function").values()
+                  if "EphemeralStorage" in f["Properties"]]
+    assert handler["Properties"]["EphemeralStorage"] == {"Size": 1500}
