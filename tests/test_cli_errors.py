@@ -195,3 +195,24 @@ def test_a_result_larger_and_no_faster_is_written_only_when_forced(tmp_path, mon
     assert not out.exists()
     assert main([*arguments, "--force"]) == 0
     assert out.stat().st_size > (MODELS / "iris.onnx").stat().st_size
+
+
+def test_a_port_a_stopped_server_left_in_time_wait_is_free_to_claim():
+    """A clean stop leaves the accepted connections in TIME_WAIT; the servers bind with SO_REUSEADDR, so may we."""
+    import socket
+    import threading
+
+    from slimserve.local.s3 import claim_port, free_port
+
+    port = free_port()
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen()
+    accepted = threading.Thread(target=lambda: server.accept()[0].close())
+    accepted.start()
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted.join()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    server.close()
+    client.close()
+    claim_port("127.0.0.1", port, "--port", "pick another")

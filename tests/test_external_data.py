@@ -393,3 +393,24 @@ def test_bucket_deployment_gets_room_to_unzip_the_upload_or_refuses_it_naming_th
     (handler,) = [f for f in assertions.Template.from_stack(stack).find_resources("AWS::Lambda::Function").values()
                   if "EphemeralStorage" in f["Properties"]]
     assert handler["Properties"]["EphemeralStorage"] == {"Size": 1500}
+
+
+def test_init_copies_the_model_with_its_data_files_and_the_project_checks(tmp_path, mlp, capsys):
+    from slimserve.cli import main
+
+    assert main(["init", str(tmp_path / "proj"), "--model", str(mlp)]) == 0
+    project = tmp_path / "proj"
+    assert sorted(str(p.relative_to(project / "models")) for p in (project / "models").rglob("*") if p.is_file()) == [
+        "mlp/mlp.onnx", "mlp/weights.bin", "mlp/weights/w1.bin"]
+    assert load_config(project / "slimserve.toml").models[0].artifact == project / "models" / "mlp" / "mlp.onnx"
+    capsys.readouterr()
+    assert main(["check", "--config", str(project / "slimserve.toml")]) == 0
+    assert "(3 files, 9.0 MiB)" in capsys.readouterr().out
+
+
+def test_synth_leaves_the_users_model_as_onnx_reads_it(tmp_path, mlp):
+    """onnx refuses external data with more than one hard link (a hard-link attack): the upload staging copies."""
+    load_config(config_file(tmp_path, external_mlp(tmp_path / "own")))
+    build_app(load_config(config_file(tmp_path, tmp_path / "own" / "mlp.onnx")))
+    assert all(path.stat().st_nlink == 1 for path in (tmp_path / "own").rglob("*") if path.is_file())
+    onnx.checker.check_model(str(tmp_path / "own" / "mlp.onnx"))

@@ -19,7 +19,7 @@ def add_commands(commands) -> None:
             "register",
             _register,
             "upload a model version under its sha256 with a manifest",
-            [("model", "the .onnx or .tflite file")],
+            [("model", "the .onnx or .tflite file, or a folder holding one (with its external data)")],
         ),
         ("versions", _versions, "list a model's versions", []),
         (

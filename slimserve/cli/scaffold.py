@@ -10,6 +10,7 @@ from pathlib import Path
 from slimserve import __version__
 from slimserve.config import DEFAULT_CONFIG, MODEL_NAME
 from slimserve.errors import UserError
+from slimserve.modelfiles import model_files
 from slimserve.registry.versions import SUFFIX_FORMATS
 from slimserve.stacks.context import CDK_CONTEXT
 
@@ -110,6 +111,7 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
     """Writes the project's files into `folder` (made if missing); refuses, writing nothing, if any exists."""
     folder = Path(folder)
     app = _name(folder.resolve().name, "slimserve-app")
+    copies: dict[str, Path] = {}
     if model is not None:
         if model.suffix not in SUFFIX_FORMATS:
             raise ScaffoldError(
@@ -117,7 +119,9 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
             )
         if not model.is_file():
             raise ScaffoldError(f"{model}: model file does not exist")
-        name, format_, artifact = _name(model.stem, "model"), SUFFIX_FORMATS[model.suffix], f"models/{model.name}"
+        name, format_ = _name(model.stem, "model"), SUFFIX_FORMATS[model.suffix]
+        copies = _model_copies(model)
+        artifact = next(iter(copies))
     else:
         name = _name(folder.resolve().name, "model")
         format_, artifact = "onnx", f"models/{name}.onnx"
@@ -130,7 +134,7 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
         Path(".gitignore"): GITIGNORE,
         WORKFLOW: _workflow("runtime,cdk"),
     }
-    existing = [str(folder / path) for path in [*files, Path(artifact)] if (folder / path).exists()]
+    existing = [str(folder / path) for path in [*files, *copies] if (folder / path).exists()]
     if existing:
         raise ScaffoldError(
             f"{existing[0]} already exists; nothing written (init makes a new project: choose an empty folder)"
@@ -141,10 +145,21 @@ def init_project(folder: Path, model: Path | None = None) -> Scaffold:
         (folder / path).write_text(text)
         written.append(folder / path)
     (folder / "models").mkdir(exist_ok=True)
-    if model is not None:
-        shutil.copyfile(model, folder / artifact)
-        written.append(folder / artifact)
+    for target, source in copies.items():
+        (folder / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / target)
+        written.append(folder / target)
     return Scaffold(written, name, artifact)
+
+
+def _model_copies(model: Path) -> dict[str, Path]:
+    """{path in the project: file to copy}, the model's first: `models/<file>`, or with external data the model and
+    its data files in a folder of their own, `models/<stem>/`, named as the model names them."""
+    files = model_files(model)
+    if not files.data:
+        return {f"models/{model.name}": model}
+    folder = f"models/{model.stem}"
+    return {f"{folder}/{model.name}": model, **{f"{folder}/{name}": model.parent / name for name in files.data}}
 
 
 def _name(text: str, fallback: str) -> str:

@@ -76,6 +76,8 @@ def claim_port(host: str, port: int, flag: str, instead: str) -> None:
     """A port a server of ours is about to bind, refused in one line if another program holds it: moto's server
     would otherwise wait forever, and http.server raise a bare OSError naming neither the port nor the flag."""
     with socket.socket() as sock:
+        # as the servers bind (http.server's allow_reuse_address): a port a stopped server left in TIME_WAIT is free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as error:

@@ -9,7 +9,6 @@ Content addressing makes a version immutable: the key names the bytes (lambda_ha
 """
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +99,6 @@ def describe(files: ModelFiles) -> dict:
     }
 
 
-def place(source: Path, target: Path) -> None:
-    """`target` as a copy of `source`: a hard link where the file system allows (a model may be gigabytes)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copyfile(source, target)
-
-
 def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> dict[str, StoredModel]:
     """The models' files laid out under `staging` as the store holds them, for a deploy to upload: the keys and
     manifests the registry writes, without a creation time or version number, so that the same bytes give the same
@@ -119,8 +109,9 @@ def stage_uploads(models: "list[ModelConfig]", staging: Path, bucket: str) -> di
         files = model_files(model.artifact)
         described = {"name": model.name, "source": files.path.name, **describe(files)}
         folder = staging / model_folder(model.name, files.sha256)
-        for name, path in files.stored.items():
-            place(path, folder / name)
+        for name, path in files.stored.items():  # copies: onnx refuses external data with several hard links
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, folder / name)
         if files.listing:
             (folder / LISTING).write_bytes(files.listing)
         (folder / MANIFEST).write_text(json.dumps(described, indent=2))
