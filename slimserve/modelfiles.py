@@ -54,6 +54,15 @@ class ModelFiles:
         """Each stored file's sha256, read once."""
         return {name: file_sha256(path) for name, path in self.stored.items()}
 
+    @cached_property
+    def signature(self):
+        """The model's inputs and outputs, from a session loaded as serving loads it (from its path, external data
+        beside it) and dropped after: loading a multi-gigabyte model takes seconds, so once. A ModelLoadError says why
+        it does not load."""
+        from slimserve.lambda_handlers.runtimes import load_model  # numpy and a runtime: not for a config's load
+
+        return load_model(self.path, self.format).signature
+
     @property
     def listing(self) -> bytes | None:
         """The version's listing, where it has several files."""

@@ -226,3 +226,19 @@ def test_a_version_with_other_inputs_is_refused_unless_allowed(registry, tmp_pat
     assert [v.number for v in registry.versions("flowers")] == [1]
     version, new = registry.register(wine, "flowers", allow_signature_change=True)
     assert (version.number, new) == (2, True)
+
+
+def test_register_loads_the_model_once(registry, monkeypatch):
+    """A multi-gigabyte model takes seconds to load: the check that it loads and its signature share one session."""
+    from slimserve.lambda_handlers import runtimes
+
+    loads = []
+
+    class Counted(runtimes.OnnxModel):
+        def __init__(self, *args, **kwargs):
+            loads.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(runtimes, "OnnxModel", Counted)
+    registry.register(MODELS / "iris.onnx", "iris")
+    assert len(loads) == 1

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from slimserve.lambda_handlers.contract import model_environment
 from slimserve.lambda_handlers.digests import LISTING, file_sha256
-from slimserve.lambda_handlers.runtimes import load_model
 from slimserve.modelfiles import MANIFEST, ModelFiles, model_files
 
 if TYPE_CHECKING:
@@ -82,8 +81,8 @@ def manifest_key(name: str, sha256: str) -> str:
 
 def describe(files: ModelFiles) -> dict:
     """What the store says of a version's files beside the registry's details: the format, the digest, each file
-    and the signature, read from a session of the model loaded as serving loads it (from its path)."""
-    signature = load_model(files.path, files.format).signature
+    and the signature."""
+    signature = files.signature
     return {
         "format": files.format,
         "sha256": files.sha256,

@@ -20,7 +20,7 @@ from slimserve.errors import UserError
 from slimserve.lambda_handlers.contract import FORMATS
 from slimserve.lambda_handlers.digests import LISTING
 from slimserve.lambda_handlers.function import ModelSource, ModelSourceError
-from slimserve.lambda_handlers.runtimes import ModelLoadError, load_model
+from slimserve.lambda_handlers.runtimes import ModelLoadError
 from slimserve.modelfiles import ModelFiles, ModelFilesError, model_files
 from slimserve.registry.store import MANIFEST, StoredModel, describe, manifest_key, model_key
 
@@ -88,7 +88,7 @@ class Version:
 def read_model(path: Path) -> ModelFiles:
     """The artifact's files, checked to load as serving loads them, or a RegistryError naming the file and why."""
     path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and path.open("rb").read(1) == b"\x80"):
+    if path.suffix.lower() in PICKLE_SUFFIXES or (path.is_file() and _first_byte(path) == b"\x80"):
         raise RegistryError(
             f"{path}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
             "(unpickling runs arbitrary code): convert it first"
@@ -103,10 +103,15 @@ def read_model(path: Path) -> ModelFiles:
     except ModelFilesError as error:
         raise RegistryError(str(error)) from None
     try:
-        load_model(files.path, files.format)
+        files.signature  # loads it; `describe` reuses what it read
     except ModelLoadError as error:
         raise RegistryError(f"{files.path}: not a loadable {files.format} model: {error}") from None
     return files
+
+
+def _first_byte(path: Path) -> bytes:
+    with path.open("rb") as file:
+        return file.read(1)
 
 
 def _git_commit(path: Path) -> str | None:
