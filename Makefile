@@ -11,9 +11,14 @@ TFLITE_STAMP := $(TFLITE_VENV)/.installed
 # No bytecode up front (Python writes it for what it imports: 0.9 GB less over the venvs) and no wheel cache: a CI
 # runner's disk holds the venvs and the test run, not copies of them.
 PIP_INSTALL := --quiet --disable-pip-version-check --no-compile --no-cache-dir
-# BentoML, the serving bench's peer, pins much of its own: it gets a venv of its own.
+# The serving bench's peers pin much of their own: each gets a venv of its own (bench/peers/). MLServer 1.7.1 needs
+# uvloop 0.21 (its inference worker cannot start on 0.23: "There is no current event loop").
 BENTOML_VENV := .venv-bentoml
 BENTOML_STAMP := $(BENTOML_VENV)/.installed
+PYTRITON_VENV := .venv-pytriton
+PYTRITON_STAMP := $(PYTRITON_VENV)/.installed
+MLSERVER_VENV := .venv-mlserver
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
 # TensorFlow (Keras to TFLite in `slimserve convert`) is an optional extra too heavy for the main venv: a venv of its own.
 TENSORFLOW_VENV := .venv-tensorflow
 TENSORFLOW_STAMP := $(TENSORFLOW_VENV)/.installed
@@ -61,6 +66,12 @@ $(TFLITE_STAMP): requirements-tflite-runtime.lock
 $(BENTOML_STAMP): requirements-bentoml.lock
 	$(call venv_from_lock,$(BENTOML_VENV),requirements-bentoml.lock,bentoml onnxruntime)
 
+$(PYTRITON_STAMP): requirements-pytriton.lock
+	$(call venv_from_lock,$(PYTRITON_VENV),requirements-pytriton.lock,pytriton.triton onnxruntime)
+
+$(MLSERVER_STAMP): requirements-mlserver.lock
+	$(call venv_from_lock,$(MLSERVER_VENV),requirements-mlserver.lock,mlserver onnxruntime)
+
 $(TENSORFLOW_STAMP): pyproject.toml requirements-tensorflow.lock
 	$(call venv_from_lock,$(TENSORFLOW_VENV),requirements-tensorflow.lock,tensorflow ai_edge_litert slimserve.modeltools.convert,editable)
 
@@ -104,7 +115,7 @@ test: lint $(TEST_STAMP) $(TFLITE_STAMP) $(TENSORFLOW_STAMP) $(TORCH_STAMP) $(LO
 audit: $(TEST_STAMP)
 	$(BIN)/slimserve audit
 
-bench: $(TEST_STAMP) $(BENTOML_STAMP)
+bench: $(TEST_STAMP) $(BENTOML_STAMP) $(PYTRITON_STAMP) $(MLSERVER_STAMP)
 	$(BIN)/python -m bench
 
 synth: $(STAMP)
@@ -130,4 +141,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(TENSORFLOW_VENV) $(TORCH_VENV) $(LOCALSTACK_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out
+	rm -rf $(VENV) $(TFLITE_VENV) $(BENTOML_VENV) $(PYTRITON_VENV) $(MLSERVER_VENV) $(TENSORFLOW_VENV) $(TORCH_VENV) $(LOCALSTACK_VENV) .pytest_cache build cdk.out examples/build examples/cdk.out

@@ -1,14 +1,17 @@
-"""Throughput and latency of the SageMaker serving program under concurrent clients, beside a BentoML peer.
+"""Throughput and latency of the SageMaker serving program under concurrent clients, beside its peers: Triton
+Inference Server (through PyTriton), MLServer and BentoML, each in a venv of its own (bench/peers/).
 
-Every contender serves the same ONNX file on loopback and gets the same closed-loop load: N
-clients on persistent connections, each sending its next request when the last answer came.
-The client is kept cheap while the clock runs (pre-encoded requests, raw HTTP/1.1 on asyncio);
-answers are kept and checked against onnxruntime's own output afterwards.
+Every contender serves the same ONNX file with ONNX Runtime at the same settings (threads by the cores, no spinning)
+on loopback and gets the same closed-loop load: N clients on persistent connections, each sending its next request
+when the last answer came. The client is kept cheap while the clock runs (pre-encoded requests, raw HTTP/1.1 on
+asyncio); answers are kept and checked against onnxruntime's own output afterwards. The CPU each server's processes
+used during a run is read from /proc.
 """
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -27,34 +30,14 @@ from slimserve.registry.store import file_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
+PEERS = Path(__file__).resolve().parent / "peers"
 BENTOML_BIN = ROOT / ".venv-bentoml" / "bin"
+PYTRITON_BIN = ROOT / ".venv-pytriton" / "bin"
+MLSERVER_BIN = ROOT / ".venv-mlserver" / "bin"
 CONCURRENCIES = (1, 8, 32)
 MAX_BATCH_SIZE = 32
 DISTINCT_INPUTS = 64
 MLP_WIDTHS = (256, 2048, 2048, 2048, 2048, 10)  # ~1 ms a row alone, ~0.1 ms a row in a batch of 32, on a laptop-class core
-
-BENTOML_SERVICE = f'''
-import os
-
-import bentoml
-import numpy as np
-import onnxruntime
-
-
-@bentoml.service(workers=1, logging={{"access": {{"enabled": False}}}})
-class OnnxPeer:
-    """The bench's model as a BentoML user tuning for throughput serves it: one process like the serving program,
-    onnxruntime in the service, adaptive batching on, no access log line per request."""
-
-    def __init__(self):
-        self.session = onnxruntime.InferenceSession(os.environ["BENCH_MODEL_PATH"], providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-
-    @bentoml.api(batchable=True, batch_dim=0, max_batch_size={MAX_BATCH_SIZE})
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {{self.input_name: features.astype(np.float32)}})[0]
-'''
-
 
 def mlp_onnx(path: Path, widths: tuple[int, ...] = MLP_WIDTHS) -> Path:
     """A dense ReLU network with a dynamic batch axis: memory-bound alone, so batching pays, as it does for real models."""
@@ -105,6 +88,7 @@ class Contender:
     ready_path: str = "/ping"
     cwd: Path = ROOT
     stats: bool = False  # serves GET /stats (requests and runtime calls)
+    process_group: int = 0  # set while it runs
 
     def http_request(self, row: np.ndarray) -> bytes:
         body, headers = self.encode(row)
@@ -138,17 +122,49 @@ def slimserve_contender(name: str, model: Path, max_batch_size: int, encode=None
                      encode or v2_json_request(_onnx_input_name(model)), v2_json_output, stats=True)
 
 
-def bentoml_contender(model: Path, service_dir: Path = BUILD) -> Contender:
+def bentoml_contender(model: Path) -> Contender:
     """BentoML's current API: one service, onnxruntime inside, adaptive batching to the same batch size."""
-    service_dir.mkdir(parents=True, exist_ok=True)
-    (service_dir / "peer_service.py").write_text(BENTOML_SERVICE)
     port = free_port()
-    environment = {**os.environ, "BENCH_MODEL_PATH": str(model), "BENTOML_HOME": str(service_dir / "bentoml-home"),
-                   "BENTOML_DO_NOT_TRACK": "True"}
-    command = [str(BENTOML_BIN / "bentoml"), "serve", "peer_service:OnnxPeer", "--host", "127.0.0.1", "--port", str(port)]
+    environment = {**os.environ, "BENCH_MODEL_PATH": str(model), "BENCH_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
+                   "BENTOML_HOME": str(BUILD / "bentoml-home"), "BENTOML_DO_NOT_TRACK": "True"}
+    command = [str(BENTOML_BIN / "bentoml"), "serve", "bentoml_peer:OnnxPeer", "--host", "127.0.0.1", "--port", str(port)]
     return Contender("BentoML (adaptive batching)", command, environment, port, "/predict",
                      lambda row: (orjson.dumps({"features": row}, option=orjson.OPT_SERIALIZE_NUMPY), JSON_HEADERS),
-                     lambda body: np.asarray(orjson.loads(body), np.float32), ready_path="/readyz", cwd=service_dir)
+                     lambda body: np.asarray(orjson.loads(body), np.float32), ready_path="/readyz", cwd=PEERS)
+
+
+def pytriton_contender(model: Path) -> Contender:
+    """Triton's own server (PyTriton's wheel ships `tritonserver`) with its dynamic batcher, V2 JSON requests.
+
+    Triton's Python backend stub links the libpython of the interpreter it was built for (this machine's Debian
+    python3.11, 3.11.2) and runs the venv's standard library (3.11.7), whose resource tracker calls an RLock method
+    3.11.2 lacks. Pointing the loader at the venv interpreter's own libpython makes them one Python again.
+    """
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    library = subprocess.run([str(PYTRITON_BIN / "python"), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    environment = {**os.environ, "BENCH_MODEL_PATH": str(model), "BENCH_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
+                   "BENCH_PORT": str(port), "BENCH_GRPC_PORT": str(grpc_port), "BENCH_METRICS_PORT": str(metrics_port),
+                   "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [library, os.environ.get("LD_LIBRARY_PATH")]))}
+    return Contender("Triton via PyTriton (dynamic batching)", [str(PYTRITON_BIN / "python"), str(PEERS / "pytriton_peer.py")],
+                     environment, port, "/v2/models/mlp/infer", v2_json_request(_onnx_input_name(model)), v2_json_output,
+                     ready_path="/v2/models/mlp/ready")
+
+
+def mlserver_contender(model: Path, folder: Path = BUILD / "mlserver") -> Contender:
+    """MLServer in one process (its best setting here) with adaptive batching waiting up to 1 ms, V2 JSON requests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(PEERS / "mlserver_peer.py", folder)
+    port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    (folder / "settings.json").write_text(orjson.dumps({
+        "host": "127.0.0.1", "http_port": port, "grpc_port": grpc_port, "metrics_port": metrics_port,
+        "parallel_workers": 0, "debug": False}).decode())
+    (folder / "model-settings.json").write_text(orjson.dumps({
+        "name": "mlp", "implementation": "mlserver_peer.OnnxPeer", "max_batch_size": MAX_BATCH_SIZE,
+        "max_batch_time": 0.001, "parameters": {"uri": str(model)}}).decode())
+    return Contender("MLServer (adaptive batching)", [str(MLSERVER_BIN / "mlserver"), "start", str(folder)], dict(os.environ),
+                     port, "/v2/models/mlp/infer", v2_json_request(_onnx_input_name(model)), v2_json_output,
+                     ready_path="/v2/models/mlp/ready", cwd=folder)
 
 
 def _onnx_input_name(model: Path) -> str:
@@ -170,6 +186,7 @@ def running(contender: Contender, startup_s: float = 120) -> Iterator[Path]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(contender.command, env=contender.environment, cwd=contender.cwd, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+    contender.process_group = process.pid
     try:
         deadline = time.monotonic() + startup_s
         while True:
@@ -289,6 +306,7 @@ class Cell:
     """One contender at one concurrency, over every round."""
 
     runs: list[RunSummary] = field(default_factory=list)
+    cores: list[float] = field(default_factory=list)  # CPU seconds the server's processes used per second of run
     extras: list[float] = field(default_factory=list)  # a per-run side measure (GPU utilization), when there is one
     rows_per_call: list[float] = field(default_factory=list)  # requests per runtime call, where the server counts them
 
@@ -319,8 +337,10 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
                 cell = cells[contender.name, concurrency]
                 drive(contender.port, requests[contender.name], concurrency, min(1.0, duration_s / 4))
                 before = _runtime_counts(contender) if contender.stats else None
+                cpu_before = group_cpu_seconds(contender.process_group)
                 with during_run() as samples:
                     answers, elapsed = drive(contender.port, requests[contender.name], concurrency, duration_s)
+                cell.cores.append((group_cpu_seconds(contender.process_group) - cpu_before) / elapsed)
                 if samples is not None:
                     cell.extras.append(statistics.mean(samples) if samples else float("nan"))
                 if before:
@@ -328,6 +348,18 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
                     cell.rows_per_call.append((after[0] - before[0]) / max(1, after[1] - before[1]))
                 cell.runs.append(summarize(answers, elapsed, contender.decode, expected, tolerance))
     return cells
+
+
+def group_cpu_seconds(process_group: int) -> float:
+    """User and system CPU seconds of every live process in the group, as /proc has them."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            if int(fields[2]) == process_group:  # field 5, pgrp
+                total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
+    return total / ticks
 
 
 def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
@@ -342,8 +374,9 @@ def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
 def cell_row(contender: str, concurrency: int, cell: Cell, extra: str = "") -> tuple:
     wrong, errors = cell.failures()
     batching = f"; {statistics.median(cell.rows_per_call):.1f} rows per runtime call" if cell.rows_per_call else ""
+    cores = f"; {statistics.median(cell.cores):.2f} cores" if cell.cores else ""
     context = (f"p50 {cell.median('p50_ms'):.2f} ms, p99 {cell.median('p99_ms'):.2f} ms; "
-               f"{wrong} wrong, {errors} errors{batching}{extra}")
+               f"{wrong} wrong, {errors} errors{batching}{cores}{extra}")
     return (f"{contender}, {concurrency} clients", cell.median("throughput"), "every answer right", context,
             wrong == 0 and errors == 0, "req/s")
 
@@ -354,19 +387,35 @@ def serving_throughput(duration_s: float, rounds: int = 3) -> list[tuple]:
     expected = reference_outputs(model, inputs)
     batched = slimserve_contender("slimserve, batching on", model, MAX_BATCH_SIZE)
     unbatched = slimserve_contender("slimserve, batching off", model, 1)
-    peer = bentoml_contender(model)
-    contenders = [batched, unbatched, peer]
+    peers = [pytriton_contender(model), mlserver_contender(model), bentoml_contender(model)]
+    contenders = [batched, unbatched, *peers]
     with contextlib.ExitStack() as stack:
         for contender in contenders:
             stack.enter_context(running(contender))
         cells = measure(contenders, inputs, expected, duration_s, rounds)
     rows = [cell_row(name, concurrency, cell) for (name, concurrency), cell in cells.items()]
-    ours, theirs = cells[batched.name, CONCURRENCIES[-1]], cells[peer.name, CONCURRENCIES[-1]]
-    ratio = ours.median("throughput") / theirs.median("throughput")
-    rows.append((f"serving {CONCURRENCIES[-1]} clients: slimserve batched / BentoML throughput", ratio, ">= 1.5x",
-                 f"{ours.median('throughput'):.0f} vs {theirs.median('throughput'):.0f} req/s; MLP {MLP_WIDTHS}, "
-                 f"median of {rounds} interleaved {duration_s:g} s runs", ratio >= 1.5, "x"))
-    rows.append((f"serving {CONCURRENCIES[-1]} clients: slimserve batched p99", ours.median("p99_ms"),
-                 f"<= BentoML's {theirs.median('p99_ms'):.2f} ms", f"p50 {ours.median('p50_ms'):.2f} ms vs BentoML's "
-                 f"{theirs.median('p50_ms'):.2f} ms", ours.median("p99_ms") <= theirs.median("p99_ms"), "ms"))
-    return rows
+    return rows + peer_ratios(cells, batched.name, [peer.name for peer in peers], f"MLP {MLP_WIDTHS}, median of "
+                                                                                   f"{rounds} interleaved {duration_s:g} s runs")
+
+
+def peer_ratios(cells: dict[tuple[str, int], Cell], ours: str, peers: list[str], context: str) -> list[tuple]:
+    """The targets against the best peer: at the most clients, throughput >= 1.5x its and p99 no worse; at one
+    client, p50 no worse than the lowest peer p50. Every peer's ratio is reported too."""
+    most, fewest = CONCURRENCIES[-1], CONCURRENCIES[0]
+    ours_most, ours_fewest = cells[ours, most], cells[ours, fewest]
+    rows = [(f"serving {most} clients: slimserve batched / {peer} throughput", ours_most.median("throughput")
+             / cells[peer, most].median("throughput"), "report", f"{ours_most.median('throughput'):.0f} vs "
+             f"{cells[peer, most].median('throughput'):.0f} req/s", True, "x") for peer in peers]
+    best = max(peers, key=lambda peer: cells[peer, most].median("throughput"))
+    ratio = ours_most.median("throughput") / cells[best, most].median("throughput")
+    quickest = min(peers, key=lambda peer: cells[peer, fewest].median("p50_ms"))
+    return rows + [
+        (f"serving {most} clients: slimserve batched / best peer throughput", ratio, ">= 1.5x",
+         f"best peer {best}; {context}", ratio >= 1.5, "x"),
+        (f"serving {most} clients: slimserve batched p99", ours_most.median("p99_ms"),
+         f"<= {best}'s {cells[best, most].median('p99_ms'):.2f} ms", f"p50 {ours_most.median('p50_ms'):.2f} ms",
+         ours_most.median("p99_ms") <= cells[best, most].median("p99_ms"), "ms"),
+        (f"serving {fewest} client: slimserve batched p50", ours_fewest.median("p50_ms"),
+         f"<= {quickest}'s {cells[quickest, fewest].median('p50_ms'):.2f} ms", "the lowest peer p50 at one client",
+         ours_fewest.median("p50_ms") <= cells[quickest, fewest].median("p50_ms"), "ms"),
+    ]

@@ -1,13 +1,13 @@
 """Dynamic batching: concurrent requests for one model gathered into one runtime call.
 
 Requests wait at most `max_delay_ms` for company, up to `max_batch_size` rows, and only
-while the server holds requests that have not reached the batcher yet (`arriving`): a lone
+while the server holds requests that have not reached the batcher yet (`arrive`): a lone
 request runs at once. Inputs are concatenated along the batch dimension and each caller
 gets its own rows back. Only models whose every input has a dynamic first dimension are
-batched. With several workers one gathers the next batch while others run theirs.
+batched; other calls run one at a time on the same workers. With several workers one
+gathers the next batch while others run theirs.
 """
 
-import contextlib
 import queue
 import threading
 import time
@@ -15,15 +15,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+Done = Callable[[dict[str, np.ndarray] | None, Exception | None], None]
+"""Told a request's results, or the error its runtime call raised, on the worker's thread."""
+
 
 class _Pending:
-    __slots__ = ("inputs", "outputs", "rows", "done", "result", "error")
+    __slots__ = ("inputs", "outputs", "rows", "done")
 
-    def __init__(self, inputs, outputs, rows):
-        self.inputs, self.outputs, self.rows = inputs, outputs, rows
-        self.done = threading.Event()
-        self.result = None
-        self.error = None
+    def __init__(self, inputs, outputs, rows, done: Done):
+        self.inputs, self.outputs, self.rows, self.done = inputs, outputs, rows, done
 
 
 def batch_first(specs) -> bool:
@@ -37,7 +37,8 @@ def one_row_each(results: dict[str, np.ndarray], rows: int) -> bool:
 
 
 class BatchingModel:
-    """Wraps a runtime adapter; `run` may be called from many threads at once."""
+    """Wraps a runtime adapter: `submit` hands a request to the workers and returns at once, `run` waits for it;
+    both may be called from many threads at once."""
 
     def __init__(self, runtime, max_batch_size: int = 32, max_delay_ms: float = 2.0, workers: int = 1):
         if max_batch_size < 1 or max_delay_ms < 0 or workers < 1:
@@ -54,47 +55,49 @@ class BatchingModel:
         self.on_runtime_call: Callable[[int], None] = lambda rows: None
         """Told each runtime call's rows (the server's batch size histogram)."""
         self.in_hand = 0  # requests the server holds
-        self.reached = 0  # of those, the ones that have called run: the rest may still come
-        self._request = threading.local()
+        self.reached = 0  # of those, the ones that have been submitted: the rest may still come
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._carried: _Pending | None = None  # taken by a gatherer, too big to join its batch: the next batch's first
         self._lock = threading.Lock()
         self._gathering = threading.Lock()
-        if self.batchable:
-            for index in range(workers):
-                threading.Thread(target=self._loop, name=f"batcher-{index}", daemon=True).start()
+        for index in range(workers):
+            threading.Thread(target=self._loop, name=f"batcher-{index}", daemon=True).start()
 
-    @contextlib.contextmanager
-    def arriving(self):
+    def arrive(self) -> None:
         """The server holds a request that may come here: worth waiting for while a batch gathers."""
         with self._lock:
             self.in_hand += 1
-        self._request.reached = False
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.in_hand -= 1
-                self.reached -= self._request.reached
-            del self._request.reached
 
-    def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    def reach(self) -> None:
+        """A request the server holds is about to be submitted."""
+        with self._lock:
+            self.reached += 1
+
+    def leave(self, reached: bool) -> None:
+        """A request the server held is answered (or refused before it reached here)."""
+        with self._lock:
+            self.in_hand -= 1
+            self.reached -= reached
+
+    def submit(self, inputs: dict[str, np.ndarray], output_names: list[str], done: Done) -> None:
+        rows = next(iter(inputs.values())).shape[0] if inputs else 0
         with self._lock:
             self.requests += 1
-            if getattr(self._request, "reached", None) is False:  # the first call from inside arriving()
-                self._request.reached = True
-                self.reached += 1
-        rows = next(iter(inputs.values())).shape[0] if inputs else 0
-        if not self.batchable or rows >= self.max_batch_size:
-            with self._lock:
-                self.runtime_calls += 1
-            self.on_runtime_call(rows)
-            return self.runtime.run(inputs, output_names)
-        pending = _Pending(inputs, tuple(output_names), rows)
-        self._queue.put(pending)
-        pending.done.wait()
-        if pending.error is not None:
-            raise pending.error
-        return pending.result
+        self._queue.put(_Pending(inputs, tuple(output_names), rows, done))
+
+    def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        finished, answer = threading.Event(), []
+
+        def done(results, error):
+            answer.append((results, error))
+            finished.set()
+
+        self.submit(inputs, output_names, done)
+        finished.wait()
+        results, error = answer[0]
+        if error is not None:
+            raise error
+        return results
 
     def waiting(self) -> int:
         """Requests queued for a batch that no worker has taken yet."""
@@ -106,9 +109,14 @@ class BatchingModel:
                 batch = self._gather()
             self._run_groups(batch)
 
+    def _alone(self, item: _Pending) -> bool:
+        return not self.batchable or item.rows >= self.max_batch_size
+
     def _gather(self) -> list[_Pending]:
-        first = self._queue.get()
+        first, self._carried = self._carried or self._queue.get(), None
         batch, rows = [first], first.rows
+        if self._alone(first):
+            return batch
         deadline = time.monotonic() + self.max_delay
         while rows < self.max_batch_size and (self.in_hand > self.reached or not self._queue.empty()):
             remaining = deadline - time.monotonic()
@@ -117,6 +125,9 @@ class BatchingModel:
             try:
                 item = self._queue.get(timeout=remaining)
             except queue.Empty:
+                break
+            if self._alone(item) or rows + item.rows > self.max_batch_size:
+                self._carried = item
                 break
             batch.append(item)
             rows += item.rows
@@ -147,15 +158,17 @@ class BatchingModel:
                 for item in items:  # an output without the batch dimension cannot be split: run them one by one
                     self._run([item])
                 return
-            start = 0
-            for item in items:
-                item.result = {name: array[start : start + item.rows] for name, array in results.items()}
-                start += item.rows
         except Exception as error:  # every caller of the batch hears of it
             for item in items:
-                item.error = error
+                item.done(None, error)
+            return
+        if len(items) == 1:  # whole, whatever its outputs' shapes
+            items[0].done(results, None)
+            return
+        start = 0
         for item in items:
-            item.done.set()
+            item.done({name: array[start : start + item.rows] for name, array in results.items()}, None)
+            start += item.rows
 
 
 class FixedBatchSizes:

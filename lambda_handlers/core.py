@@ -138,24 +138,43 @@ class InferenceCore:
 
     def handle(self, request: Request) -> Response:
         """The answer, with the route that gave it and, for an inference, its time as a Server-Timing header."""
+        step = self.begin(request)
+        if isinstance(step, Response):
+            return step
+        started = time.perf_counter()
+        try:
+            results, error = step.runtime.run(step.inputs, step.output_names), None
+        except Exception as exc:  # each runtime raises its own types; finish says what it means
+            results, error = None, exc
+        return self.finish(step, results, error, (time.perf_counter() - started) * 1000)
+
+    def begin(self, request: Request) -> "Response | Inference":
+        """The answer, or for an inference what the runtime must run: a server that batches runs it where it likes,
+        then has `finish` make the answer. `handle` is both in one call."""
         route = None
         try:
             route, arguments = match_route(request.method, request.path)
-            response = ACTIONS[route](self, request, **arguments)
-        except InferenceError as error:
-            response = Response.json(error.status, {"error": error.message}, error_kind=error.kind)
-        except Exception:
-            import traceback
+            step = ACTIONS[route](self, request, **arguments)
+        except Exception as error:
+            step = error_response(error)
+        step.route = route
+        return step
 
-            response = Response.json(
-                500,
-                {"error": "internal error; see the server log"},
-                error_kind="internal",
-                detail=traceback.format_exc(),
-            )
-        response.route = route
-        if response.inference_ms is not None:
-            response.headers[SERVER_TIMING] = f"{INFERENCE_TIMING};dur={response.inference_ms:.3f}"
+    def finish(
+        self, inference: "Inference", results: dict[str, np.ndarray] | None, error: Exception | None, elapsed_ms: float
+    ) -> Response:
+        """The answer to an inference whose runtime call returned `results` or raised `error`, `elapsed_ms` after
+        it was asked for."""
+        try:
+            if results is None:
+                if isinstance(error, InferenceError):
+                    raise error
+                raise RuntimeFailure(f"model {inference.model.name!r} failed on valid input: {error}") from error
+            response = inference.answer(results, elapsed_ms)
+            response.headers[SERVER_TIMING] = f"{INFERENCE_TIMING};dur={elapsed_ms:.3f}"
+        except Exception as exc:
+            response = error_response(exc)
+        response.route = inference.route
         return response
 
     def _model(self, name: str, version: str | None) -> ServedModel:
@@ -195,17 +214,6 @@ class InferenceCore:
             raise InvalidInput(f"{encoding} body is truncated")
         return decoded
 
-    def _run(self, model: ServedModel, inputs, output_names):
-        runtime = model.require_ready()
-        started = time.perf_counter()
-        try:
-            results = runtime.run(inputs, output_names)
-        except InferenceError:
-            raise
-        except Exception as exc:  # each runtime raises its own types; the message is what matters
-            raise RuntimeFailure(f"model {model.name!r} failed on valid input: {exc}") from exc
-        return results, (time.perf_counter() - started) * 1000
-
     # V2 routes
 
     def _live(self, request):
@@ -240,9 +248,12 @@ class InferenceCore:
         runtime = model.require_ready()
         body = self._body(request)
         parsed = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), runtime.signature)
-        results, elapsed = self._run(model, parsed.inputs, [o.name for o in parsed.outputs])
-        payload, headers = v2.encode_infer(name, model.version, parsed, results, runtime.signature)
-        return Response(200, payload, headers, inference_ms=elapsed)
+
+        def answer(results, elapsed_ms):
+            payload, headers = v2.encode_infer(name, model.version, parsed, results, runtime.signature)
+            return Response(200, payload, headers, inference_ms=elapsed_ms)
+
+        return Inference(model, runtime, parsed.inputs, [output.name for output in parsed.outputs], answer)
 
     # TF Serving routes
 
@@ -260,8 +271,40 @@ class InferenceCore:
         runtime = model.require_ready()
         parsed = tfserving.parse_predict(self._body(request), runtime.signature)
         output_names = [spec.name for spec in runtime.signature.outputs]
-        results, elapsed = self._run(model, parsed.inputs, output_names)
-        return Response(200, tfserving.encode_predict(parsed, results), inference_ms=elapsed)
+
+        def answer(results, elapsed_ms):
+            return Response(200, tfserving.encode_predict(parsed, results), inference_ms=elapsed_ms)
+
+        return Inference(model, runtime, parsed.inputs, output_names, answer)
+
+
+class Inference:
+    """An inference request, parsed and checked: what its model's runtime must run, and how the answer is made of
+    what it returns (`answer(results, elapsed_ms)`, called by InferenceCore.finish)."""
+
+    __slots__ = ("model", "runtime", "inputs", "output_names", "answer", "route")
+
+    def __init__(
+        self,
+        model: ServedModel,
+        runtime: Runtime,
+        inputs: dict[str, np.ndarray],
+        output_names: list[str],
+        answer: Callable[[dict[str, np.ndarray], float], Response],
+    ):
+        self.model, self.runtime, self.answer = model, runtime, answer
+        self.inputs, self.output_names = inputs, output_names
+        self.route: str | None = None
+
+
+def error_response(error: Exception) -> Response:
+    """An InferenceError as its status and message; anything else as a 500 whose traceback stays in the log."""
+    if isinstance(error, InferenceError):
+        return Response.json(error.status, {"error": error.message}, error_kind=error.kind)
+    import traceback
+
+    detail = "".join(traceback.format_exception(error))
+    return Response.json(500, {"error": "internal error; see the server log"}, error_kind="internal", detail=detail)
 
 
 def _version_order(version: str):

@@ -24,17 +24,25 @@ the CPU otherwise, and say which; on a GPU, batches run padded to a few fixed si
 (FixedBatchSizes says why). SIGTERM finishes the requests in flight, then exits.
 """
 
-import contextlib
-import json
+import asyncio
+import collections
+import email.utils
+import functools
+import http
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from . import telemetry, wire
+import httptools
+
+from . import telemetry
 from .batching import BatchingModel, FixedBatchSizes, batch_first, powers_of_two
 from .contract import (
     CUSTOM_ATTRIBUTES,
@@ -50,11 +58,11 @@ from .contract import (
     SAGEMAKER_MODEL_DIR,
     SAGEMAKER_PORT,
     SERVER_HOST,
+    SERVER_NAME,
     endpoint_routes,
 )
-from .core import InferenceCore, Request, Response, Runtime, ServedModel
+from .core import Inference, InferenceCore, Request, Response, Runtime, ServedModel, error_response
 from .digests import LISTING
-from .errors import InferenceError, NotFound
 from .function import ModelSource, ModelSourceError
 from .prometheus import ServingMetrics
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
@@ -232,18 +240,39 @@ def load(environ) -> ServedModel:
     return ServedModel(name, version, runtime=batching)
 
 
-class SageMakerServer(wire.Server):
-    daemon_threads = False  # SIGTERM waits for the requests in flight
-    block_on_close = True
+class _Serving(NamedTuple):
+    """What the server serves now; replaced whole, so a request never sees half of a new model."""
+
+    model: ServedModel
+    core: InferenceCore
+    batching: BatchingModel | None
+    routes: frozenset[tuple[str, str]]
+
+
+class SageMakerServer:
+    """SageMaker's container contract on one asyncio event loop: HTTP/1.1 parsed by llhttp (httptools), no thread
+    per connection. The loop parses, decodes and encodes; the batch workers run the model and hand each batch's
+    answers back to the loop (measured in bench/serving.py; the README's profile says why)."""
 
     def __init__(self, model: ServedModel, host: str = "0.0.0.0", port: int = 8080):
         self.metrics = ServingMetrics()
         self.serve_model(model)
-        super().__init__((host, port), _Handler)
+        # bound now, so a port in use fails before anything loads; a backlog for bursts of new connections
+        self.socket = socket.create_server((host, port), backlog=256)
+        self.server_address = self.socket.getsockname()
+        self.in_flight = 0  # requests read but not yet answered: SIGTERM waits for them
+        self.connections: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._finished: collections.deque[Callable[[], None]] = collections.deque()  # see hand_back
+        self._drain_scheduled = False
 
     def serve_model(self, model: ServedModel) -> None:
         """Serve `model` from now on: first the placeholder that answers `loading` while the model loads, then the
-        loaded model, or the reason it did not load."""
+        loaded model, or the reason it did not load. Any thread may call it."""
+        if model.ready and not isinstance(model.runtime, BatchingModel):  # runs off the event loop all the same
+            model = model._replace(runtime=BatchingModel(model.runtime, max_batch_size=1))
         batching = model.runtime if isinstance(model.runtime, BatchingModel) else None
         labels = (model.name, model.version)
         if not model.ready and model.failure != LOADING:
@@ -251,38 +280,73 @@ class SageMakerServer(wire.Server):
         if batching is not None:
             self.metrics.queue_depth.labels(*labels).set_function(batching.waiting)
             batching.on_runtime_call = self.metrics.batch_size.labels(*labels).observe
-        self.routes = set(endpoint_routes(model.name, model.version))
-        self.batching = batching
-        self.arriving = batching.arriving if batching else contextlib.nullcontext
-        self.core = InferenceCore([model])
-        self.model = model
+        routes = frozenset(endpoint_routes(model.name, model.version))
+        self.serving = _Serving(model, InferenceCore([model]), batching, routes)
 
-    def invoke(self, headers: dict[str, str], body: bytes) -> Response:
+    def serve_forever(self) -> None:
+        """Serve on this thread until `shutdown`, then finish the requests in flight."""
+        asyncio.run(self._serve())
+
+    def shutdown(self) -> None:
+        """Stop taking connections and return once the requests in flight are answered. Any thread but the loop's."""
+        self._started.wait()
+        assert self._loop is not None and self._stop is not None
+        self._loop.call_soon_threadsafe(self._stop.set)
+        while self._loop.is_running():
+            time.sleep(0.01)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        listener = await self._loop.create_server(lambda: _Connection(self), sock=self.socket)
+        self._started.set()
+        await self._stop.wait()
+        listener.close()
+        while self.in_flight:
+            await asyncio.sleep(0.01)
+        for connection in list(self.connections):
+            connection.transport.close()
+        await asyncio.sleep(0)  # the transports close, their last answers written
+
+    def hand_back(self, finish: Callable[[], None]) -> None:
+        """From a batch worker: `finish` runs on the loop. One wake-up takes a whole batch's answers (a wake-up
+        each cost the worker a system call per request)."""
+        self._finished.append(finish)
+        if not self._drain_scheduled:
+            self._drain_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False  # first: an answer handed back from now on schedules another drain
+        while self._finished:
+            self._finished.popleft()()
+
+    def begin(self, headers: dict[str, str], body: bytes) -> "Response | Inference":
         """One InvokeEndpoint call: the route from the custom attribute when the API set one, else from Content-Type."""
-        attribute = headers.get(CUSTOM_ATTRIBUTES.lower(), "")
+        serving = self.serving
+        attribute = headers.get(CUSTOM_ATTRIBUTES_KEY, "")
         base = headers.get("content-type", "application/json").split(";")[0].strip().lower()
         if attribute.startswith(f"{ROUTE_ATTRIBUTE}="):
             method, _, path = attribute.removeprefix(f"{ROUTE_ATTRIBUTE}=").partition(" ")
-            if (method, path) not in self.routes:
+            if (method, path) not in serving.routes:
                 return Response.json(
                     404,
                     {
                         "error": f"{CUSTOM_ATTRIBUTES}: no route {method} {path!r} for model "
-                        f"{self.model.name!r} version {self.model.version}"
+                        f"{serving.model.name!r} version {serving.model.version}"
                     },
                 )
             body = body if method == "POST" else b""
         elif base == TFSERVING_CONTENT_TYPE:
-            method, path = "POST", f"/v1/models/{self.model.name}:predict"
+            method, path = "POST", f"/v1/models/{serving.model.name}:predict"
         else:
-            method, path = "POST", f"/v2/models/{self.model.name}/infer"
-        if base == "application/octet-stream" and HEADER_LENGTH not in headers:
-            headers[HEADER_LENGTH] = str(_json_header_length(body))
-        response = self.core.handle(Request(method, path, headers, body))
-        header_length = response.headers.get("Inference-Header-Content-Length")
-        if attribute and header_length is not None:  # the one response header InvokeEndpoint returns to the API
-            response.headers[CUSTOM_ATTRIBUTES] = header_length
-        return response
+            method, path = "POST", f"/v2/models/{serving.model.name}/infer"
+        if base == "application/octet-stream" and HEADER_LENGTH_KEY not in headers:
+            headers[HEADER_LENGTH_KEY] = str(_json_header_length(body))
+        return serving.core.begin(Request(method, path, headers, body))
+
+
+CUSTOM_ATTRIBUTES_KEY, HEADER_LENGTH_KEY = CUSTOM_ATTRIBUTES.lower(), HEADER_LENGTH.lower()
 
 
 _STARTS_AN_OBJECT = re.compile(rb'\s*\{\s*"')
@@ -311,49 +375,243 @@ def _json_header_length(body: bytes) -> int:
     return len(body)
 
 
-class _Handler(wire.Handler):
-    server: SageMakerServer
+class _Connection(asyncio.Protocol):
+    """One client connection: requests parsed as they come, answered one at a time and in order (a pipelined
+    request waits for the one before it)."""
 
-    def _send(self, status: int, body: bytes, headers: dict | None = None):
-        self.reply(status, body, headers or {"Content-Type": "application/json"})
+    def __init__(self, server: SageMakerServer):
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport
+        self.queued: collections.deque[_Incoming] = collections.deque()
+        self.busy = False  # a request is being answered
+        self.incoming: _Incoming | None = None  # the request being read
 
-    def do_GET(self):
-        model = self.server.model
-        if self.path == "/ping":
-            if model.ready:
-                return self._send(200, b'{"status":"healthy"}')
-            return self._send(503, json.dumps({"status": "unhealthy", "error": model.failure}).encode())
-        batching = self.server.batching
-        if self.path == "/metrics":
-            return self._send(200, *self.server.metrics.exposition())
-        if self.path == "/stats" and batching is not None:
-            stats = {"requests": batching.requests, "runtime_calls": batching.runtime_calls}
-            if isinstance(batching.runtime, FixedBatchSizes):
-                stats["runtime_calls_by_batch_size"] = batching.runtime.calls_by_size
-            return self._send(200, json.dumps(stats).encode())
-        self._send(404, json.dumps({"error": f"no route for GET {self.path}"}).encode())
+    # asyncio's side
 
-    def do_POST(self):
-        started = time.perf_counter()
-        with self.server.arriving():
+    def connection_made(self, transport) -> None:
+        self.transport = transport  # asyncio sets TCP_NODELAY on TCP transports
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.server.connections.discard(self)
+        if self.incoming is not None:  # cut off before its request was whole: it will not come
+            self._leave(self.incoming)
+            self.incoming = None
+        while self.queued:
+            self._leave(self.queued.popleft())
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(400, "protocol upgrades are not served")
+        except httptools.HttpParserError as error:
+            reason = self.incoming.refusal if self.incoming and self.incoming.refusal else None
+            self._refuse(*(reason or (400, f"malformed HTTP request: {error}")))
+
+    # llhttp's side
+
+    def on_message_begin(self) -> None:
+        self.incoming = _Incoming(self.server.serving.batching)
+        self.server.in_flight += 1
+
+    def on_url(self, url: bytes) -> None:
+        assert self.incoming is not None
+        self.incoming.add_head(len(url))
+        self.incoming.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.incoming is not None
+        self.incoming.add_head(len(name) + len(value))
+        key = name.decode("latin-1").lower()
+        if key not in self.incoming.headers:  # the first of repeated headers, as http.server took it
+            self.incoming.headers[key] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        incoming.method = self.parser.get_method().decode("latin-1")
+        incoming.limit = self.server.serving.core.max_body_bytes
+        if incoming.headers.get("expect", "").lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        assert self.incoming is not None
+        self.incoming.add_body(body)
+
+    def on_message_complete(self) -> None:
+        incoming = self.incoming
+        assert incoming is not None
+        incoming.keep_alive = self.parser.should_keep_alive()
+        self.incoming = None
+        self.queued.append(incoming)
+        if not self.busy:
+            self._next()
+
+    # answering
+
+    def _next(self) -> None:
+        while self.queued and not self.busy:
+            incoming = self.queued.popleft()
+            self.busy = True
             try:
-                body = self.read_body(self.server.core.max_body_bytes)
-                if self.path != "/invocations":
-                    raise NotFound(f"no route for POST {self.path}")
-            except InferenceError as error:
-                response = Response.json(error.status, {"error": error.message})
-            else:
-                response = self.server.invoke({key.lower(): value for key, value in self.headers.items()}, body)
-        self._send(response.status, response.body, response.headers)
-        model = self.server.model
-        self.server.metrics.request(
-            model.name,
-            model.version,
-            response.route,
-            response.status,
-            time.perf_counter() - started,
-            response.inference_ms,
-        )
+                self._answer(incoming)
+            except Exception as error:  # a fault of the server's own, never the client's: logged, and a 500
+                response = error_response(error)
+                self._reply(incoming, response)
+
+    def _answer(self, incoming: "_Incoming") -> None:
+        path = incoming.url.decode("latin-1").partition("?")[0]
+        if incoming.method == "GET":
+            return self._reply(incoming, self._get(path))
+        if incoming.method != "POST":
+            return self._reply(incoming, _error(404, f"no route for {incoming.method} {path}"))
+        if incoming.size > incoming.limit:
+            return self._reply(
+                incoming, _error(413, f"request body is {incoming.size} bytes; the limit is {incoming.limit}")
+            )
+        if path != "/invocations":
+            return self._reply(incoming, _error(404, f"no route for POST {path}"))
+        step = self.server.begin(incoming.headers, b"".join(incoming.body))
+        if isinstance(step, Response):
+            return self._reply(incoming, step)
+        batching = step.runtime
+        assert isinstance(batching, BatchingModel)
+        if incoming.batching is batching:
+            batching.reach()
+            incoming.reached = True
+        server = self.server
+
+        def done(results, error) -> None:  # on a batch worker's thread
+            elapsed_ms = (time.perf_counter() - incoming.started) * 1000
+            server.hand_back(functools.partial(self._finish, incoming, step, results, error, elapsed_ms))
+
+        batching.submit(step.inputs, step.output_names, done)
+
+    def _finish(self, incoming: "_Incoming", step: Inference, results, error, elapsed_ms: float) -> None:
+        try:
+            response = self.server.serving.core.finish(step, results, error, elapsed_ms)
+            header_length = response.headers.get("Inference-Header-Content-Length")
+            if CUSTOM_ATTRIBUTES_KEY in incoming.headers and header_length is not None:
+                response.headers[CUSTOM_ATTRIBUTES] = header_length  # the one response header InvokeEndpoint returns
+        except Exception as failure:
+            response = error_response(failure)
+        self._reply(incoming, response)
+
+    def _get(self, path: str) -> Response:
+        serving = self.server.serving
+        if path == "/ping":
+            if serving.model.ready:
+                return Response(200, b'{"status":"healthy"}')
+            return Response.json(503, {"status": "unhealthy", "error": serving.model.failure})
+        if path == "/metrics":
+            return Response(200, *self.server.metrics.exposition())
+        if path == "/stats" and serving.batching is not None:
+            batching = serving.batching
+            stats: dict = {"requests": batching.requests, "runtime_calls": batching.runtime_calls}
+            if isinstance(batching.runtime, FixedBatchSizes):
+                calls = batching.runtime.calls_by_size
+                stats["runtime_calls_by_batch_size"] = {str(size): count for size, count in calls.items()}
+            return Response.json(200, stats)
+        return _error(404, f"no route for GET {path}")
+
+    def _reply(self, incoming: "_Incoming", response: Response) -> None:
+        if response.detail:
+            telemetry.log("ERROR", "internal error", detail=response.detail)
+        if not self.transport.is_closing():
+            self.transport.write(_head(response, incoming.keep_alive) + response.body)
+            if not incoming.keep_alive:
+                self.transport.close()
+        if incoming.method == "POST":
+            serving = self.server.serving
+            model = serving.model
+            self.server.metrics.request(
+                model.name,
+                model.version,
+                response.route,
+                response.status,
+                time.perf_counter() - incoming.started,
+                response.inference_ms,
+            )
+        self._leave(incoming)
+        self.busy = False
+        self._next()
+
+    def _leave(self, incoming: "_Incoming") -> None:
+        self.server.in_flight -= 1
+        if incoming.batching is not None:
+            incoming.batching.leave(incoming.reached)
+
+    def _refuse(self, status: int, message: str) -> None:
+        """A request that cannot be read to its end: answered, and the connection closes (its next request cannot
+        be found). Requests before it on the connection are dropped with it."""
+        if self.incoming is not None:
+            self._leave(self.incoming)
+            self.incoming = None
+        response = _error(status, message)
+        self.transport.write(_head(response, keep_alive=False) + response.body)
+        self.transport.close()
+
+
+class _Incoming:
+    """A request as it is read: head, body (kept only up to the limit), and the batcher told of it."""
+
+    __slots__ = (
+        "url", "headers", "method", "body", "size", "limit", "head", "keep_alive", "started", "batching", "reached",
+        "refusal",
+    )  # fmt: skip
+
+    def __init__(self, batching: BatchingModel | None):
+        self.url, self.method = b"", ""
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.size, self.limit, self.head = 0, 0, 0
+        self.keep_alive = True
+        self.started = time.perf_counter()
+        self.batching, self.reached = batching, False
+        self.refusal: tuple[int, str] | None = None
+        if batching is not None:
+            batching.arrive()
+
+    def add_head(self, size: int) -> None:
+        self.head += size
+        if self.head > MAX_HEAD_BYTES:
+            self.refusal = (431, f"the request's head is over {MAX_HEAD_BYTES} bytes")
+            raise ValueError(self.refusal[1])  # llhttp stops: data_received answers with the refusal
+
+    def add_body(self, piece: bytes) -> None:
+        self.size += len(piece)
+        if self.size <= self.limit:  # past the limit nothing more is kept; the answer is 413
+            self.body.append(piece)
+
+
+MAX_HEAD_BYTES = 65536
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_FRAMING = ("content-length", "connection", "transfer-encoding")
+_date = (0, "")
+
+
+def _head(response: Response, keep_alive: bool) -> bytes:
+    """The status line and headers: the caller's, except framing ones (Content-Length is always the body's own)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True))
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, '')}",
+        f"Server: {SERVER_NAME}",
+        f"Date: {_date[1]}",
+    ]
+    lines += [f"{key}: {value}" for key, value in response.headers.items() if key.lower() not in _FRAMING]
+    lines.append(f"Content-Length: {len(response.body)}")
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _error(status: int, message: str) -> Response:
+    return Response.json(status, {"error": message})
 
 
 def main() -> int:
@@ -364,15 +622,8 @@ def main() -> int:
     )
     telemetry.log("INFO", f"listening on port {port}; the model loads")
     threading.Thread(target=lambda: server.serve_model(load(os.environ)), name="model-loader", daemon=True).start()
-
-    def stop(signum, frame):
-        threading.Thread(
-            target=server.shutdown, daemon=True
-        ).start()  # shutdown() from the serving thread would deadlock
-
-    signal.signal(signal.SIGTERM, stop)
-    server.serve_forever()
-    server.server_close()  # joins the request threads: in-flight requests finish
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=server.shutdown, daemon=True).start())
+    server.serve_forever()  # returns once the requests in flight are answered
     telemetry.log("INFO", "stopped")
     return 0
 

@@ -17,8 +17,9 @@ def imported_modules(path):
             yield node.module.split(".")[0]
 
 
-# Not on Lambda's path: the SageMaker serving program's and the local gateway's Prometheus metrics.
-OFF_LAMBDA = {"prometheus.py": {"prometheus_client"}}
+# Not on Lambda's path: the SageMaker serving program's and the local gateway's Prometheus metrics, and the serving
+# program's HTTP parser.
+OFF_LAMBDA = {"prometheus.py": {"prometheus_client"}, "sagemaker_server.py": {"httptools"}}
 
 
 def lambda_closure() -> set[str]:

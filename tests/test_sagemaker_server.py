@@ -213,14 +213,31 @@ def test_sigterm_lets_a_request_in_flight_finish():
     assert "stopped" in process.stdout.read()
 
 
+@contextlib.contextmanager
+def held(batching: BatchingModel):
+    """A request as the server holds it: arrived at once, reaching the batcher when it runs, gone after."""
+    batching.arrive()
+    reached = []
+
+    def run(inputs, output_names):
+        batching.reach()
+        reached.append(True)
+        return batching.run(inputs, output_names)
+
+    try:
+        yield run
+    finally:
+        batching.leave(bool(reached))
+
+
 def test_a_lone_request_does_not_wait_for_company(iris, iris_test_split):
     test_x, _ = iris_test_split
     batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)  # waiting would mean ten minutes
     answers = []
 
     def request():
-        with batching.arriving():
-            answers.append(batching.run({"features": test_x[:1]}, ["label"])["label"])
+        with held(batching) as run:
+            answers.append(run({"features": test_x[:1]}, ["label"])["label"])
 
     thread = threading.Thread(target=request, daemon=True)
     thread.start()
@@ -234,11 +251,11 @@ def test_a_batch_waits_for_the_requests_the_server_has_in_hand(iris, iris_test_s
     second_in_hand, results = threading.Event(), {}
 
     def request(index: int, hold: threading.Event | None = None):
-        with batching.arriving():
+        with held(batching) as run:
             if hold is not None:
                 second_in_hand.set()
                 hold.wait()  # still reading its body
-            results[index] = batching.run({"features": test_x[index:index + 1]}, ["label"])["label"][0]
+            results[index] = run({"features": test_x[index:index + 1]}, ["label"])["label"][0]
 
     body_read = threading.Event()
     threads = [threading.Thread(target=request, args=(1, body_read), daemon=True), threading.Thread(target=request, args=(0,), daemon=True)]
@@ -260,8 +277,8 @@ def test_a_request_still_writing_its_answer_is_not_waited_for(iris, iris_test_sp
     first_answered, writing_done, answers = threading.Event(), threading.Event(), []
 
     def request(index: int, linger: threading.Event | None = None):
-        with batching.arriving():
-            answers.append(batching.run({"features": test_x[index:index + 1]}, ["label"])["label"][0])
+        with held(batching) as run:
+            answers.append(run({"features": test_x[index:index + 1]}, ["label"])["label"][0])
             if linger is not None:
                 first_answered.set()
                 linger.wait()  # still in the server's hands, writing its response
@@ -410,7 +427,6 @@ def test_ping_says_loading_until_the_model_is_served(iris):
         assert call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})[0] == 200
     finally:
         server.shutdown()
-        server.server_close()
 
 
 def test_the_program_listens_before_it_loads_the_model():
