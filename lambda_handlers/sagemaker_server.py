@@ -386,6 +386,7 @@ class _Connection(asyncio.Protocol):
         self.queued: collections.deque[_Incoming] = collections.deque()
         self.busy = False  # a request is being answered
         self.incoming: _Incoming | None = None  # the request being read
+        self.ended = False  # the client half-closed: close once its requests are answered
 
     # asyncio's side
 
@@ -400,6 +401,11 @@ class _Connection(asyncio.Protocol):
             self.incoming = None
         while self.queued:
             self._leave(self.queued.popleft())
+
+    def eof_received(self) -> bool:
+        """The client sent all it will (a half-close): answer what it asked, then close."""
+        self.ended = True
+        return self.busy or bool(self.queued)  # True keeps the transport open to write those answers
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -537,6 +543,8 @@ class _Connection(asyncio.Protocol):
         self._leave(incoming)
         self.busy = False
         self._next()
+        if self.ended and not self.busy and not self.queued:
+            self.transport.close()
 
     def _leave(self, incoming: "_Incoming") -> None:
         self.server.in_flight -= 1

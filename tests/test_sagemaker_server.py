@@ -1,9 +1,11 @@
 """The SageMaker serving program as a plain process on loopback: contract, protocols, batching, failure, shutdown."""
 
 import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 from support import MODELS, ROOT
+from test_conformance import raw_exchange
 from test_v2 import triton_request, triton_result
 
 from slimserve.lambda_handlers.batching import (
@@ -434,3 +437,93 @@ def test_the_program_listens_before_it_loads_the_model():
         assert call(url, "GET", "/ping")[0] == 200
     messages = [json.loads(line)["message"] for line in process.stdout.read().splitlines() if line.startswith("{")]
     assert messages.index(next(m for m in messages if m.startswith("listening on port"))) < messages.index("model loaded")
+
+
+# The front end's HTTP/1.1 (llhttp, through httptools): framing, limits, order and closing, on the real program.
+
+IRIS_ROW = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}
+
+
+def invocation(body: bytes, *head: bytes) -> bytes:
+    fields = b"".join(line + b"\r\n" for line in (b"Host: x", b"Content-Type: application/json", *head))
+    return b"POST /invocations HTTP/1.1\r\n" + fields + b"\r\n" + body
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_a_chunked_invocation_with_extensions_and_trailers_answers_as_the_runtime(iris_server):
+    body = json.dumps(IRIS_ROW).encode()
+    framed = b"%x;name=value\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Checksum: 1\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:])
+    status, raw = raw_exchange(port_of(iris_server), invocation(framed, b"Transfer-Encoding: chunked"))
+    assert status == 200 and json.loads(raw)["outputs"][0]["data"] == [0]
+
+
+@pytest.mark.parametrize("request_bytes, status, message", [
+    (invocation(b"zz\r\nab\r\n0\r\n\r\n", b"Transfer-Encoding: chunked"), 400, "malformed HTTP request: Invalid character in chunk size"),
+    (invocation(b"2\r\nabcdef\r\n0\r\n\r\n", b"Transfer-Encoding: chunked"), 400, "malformed HTTP request: Expected LF after chunk data"),
+    (invocation(b"", b"Transfer-Encoding: gzip"), 400, "malformed HTTP request: Request has invalid `Transfer-Encoding`"),
+    (invocation(b"", b"Content-Length: -3"), 400, "malformed HTTP request: Invalid character in Content-Length"),
+    (b"HELLO\r\n\r\n", 400, "malformed HTTP request: Invalid method encountered"),
+    (invocation(b"z" * (6 * 2**20 + 1), b"Content-Length: 6291457"), 413, "request body is 6291457 bytes; the limit is 6291456"),
+    (invocation(b"%x\r\n%s\r\n0\r\n\r\n" % (6 * 2**20 + 1, b"z" * (6 * 2**20 + 1)), b"Transfer-Encoding: chunked"), 413,
+     "request body is 6291457 bytes; the limit is 6291456"),
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n", 431, "the request's head is over 65536 bytes"),
+    (b"PUT /ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 404, "no route for PUT /ping"),
+    (invocation(b"{}", b"Content-Length: 2").replace(b"/invocations", b"/predict"), 404, "no route for POST /predict"),
+])
+def test_bad_framing_and_limits_are_refused_by_name_and_the_server_stays_up(iris_server, request_bytes, status, message):
+    assert raw_exchange(port_of(iris_server), request_bytes) == (status, json.dumps({"error": message}, separators=(",", ":")).encode())
+    assert call(iris_server, "GET", "/ping")[0] == 200
+
+
+def test_pipelined_requests_are_answered_in_the_order_they_came(iris_server, iris, iris_test_split):
+    rows = iris_test_split[0][:6]
+    bodies = [json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row.tolist()}]}).encode()
+              for row in rows]
+    with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
+        connection.sendall(b"".join(invocation(body, b"Content-Length: %d" % len(body)) for body in bodies))
+        reader = connection.makefile("rb")
+        labels = []
+        for _ in bodies:
+            head = b"".join(iter(reader.readline, b"\r\n")).decode()
+            length = int(next(line for line in head.splitlines() if line.startswith("Content-Length:")).split(":")[1])
+            labels.append(json.loads(reader.read(length))["outputs"][0]["data"][0])
+    assert labels == iris.run({"features": rows}, ["label"])["label"].tolist()
+
+
+def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(iris_server):
+    body = json.dumps(IRIS_ROW).encode()
+    with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
+        connection.sendall(invocation(b"", b"Expect: 100-continue", b"Content-Length: %d" % len(body)))
+        assert connection.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        connection.sendall(body)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        assert response.status == 200 and json.loads(response.read())["outputs"][0]["data"] == [0]
+
+
+@pytest.mark.parametrize("request_bytes", [b"GET /ping HTTP/1.0\r\n\r\n", b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
+def test_a_connection_the_client_wants_closed_closes_after_its_answer(iris_server, request_bytes):
+    with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
+        connection.sendall(request_bytes)
+        received = b""
+        while chunk := connection.recv(65536):  # ends when the server closes
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and b"\r\nConnection: close\r\n" in received
+    assert received.endswith(b'\r\n\r\n{"status":"healthy"}')
+
+
+def test_clients_gone_mid_body_or_mid_batch_are_not_waited_for(iris_test_split):
+    body = json.dumps(IRIS_ROW).encode()
+    with serving("iris.onnx", SLIMSERVE_MAX_QUEUE_DELAY_MS="300") as (process, url):
+        port = port_of(url)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as cut_short:  # gone before its body came
+            cut_short.sendall(invocation(body[:10], b"Content-Length: %d" % len(body)))
+            time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as gone:  # gone while its batch gathers
+            gone.sendall(invocation(body, b"Content-Length: %d" % len(body)))
+        assert call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})[0] == 200
+        stopped = time.monotonic()
+    assert time.monotonic() - stopped < 10  # serving() sent SIGTERM and saw the program exit 0
