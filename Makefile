@@ -47,7 +47,7 @@ $(STAMP): pyproject.toml requirements.lock
 $(TEST_STAMP): $(STAMP) requirements-test.lock
 	$(BIN)/pip install $(PIP_INSTALL) -r requirements-test.lock
 	$(BIN)/python -c "import pytest, cfnlint, hypothesis, schemathesis, atheris, setuptools, wheel"
-	$(BIN)/ruff --version && $(BIN)/mypy --version && $(BIN)/pip-audit --version
+	$(BIN)/ruff --version && $(BIN)/mypy --version && $(BIN)/pip-audit --version && $(BIN)/py-spy --version
 	touch $@
 
 # A venv of its own for a heavy or conflicting part: $(call venv_from_lock,VENV,LOCK,MODULES[,editable]) makes it
