@@ -1,8 +1,12 @@
-"""`python -m bench.gpu`: the serving bench on a GPU machine, the serving program alone, batching on and off.
+"""`python -m bench.gpu`: the serving bench on a GPU machine: the serving program with batching on and off, and
+Triton (PyTriton) where `--pytriton-python` names a Python that has it, on two models: a ResNet-18-shaped CNN
+(large requests, where copies cost as much as the run) and a wide MLP (small requests, heavy compute: where
+batching should pay).
 
-Prints the GPU, the ONNX Runtime provider the server says it runs on, and per concurrency the
-throughput, p50/p99 and the GPU's utilization sampled by nvidia-smi during the run. Refuses
-(exit 2, one line) where there is no GPU or onnxruntime cannot run on CUDA.
+Prints the GPU, the ONNX Runtime provider the server says it runs on, and per model and concurrency the
+throughput, p50/p99 and the GPU's utilization sampled by nvidia-smi during the run, then the targets: batching
+on at least matches off at every concurrency, and on the MLP at 32 clients reaches 1.5x off and 1.5x PyTriton.
+Refuses (exit 2, one line) where there is no GPU or onnxruntime cannot run on CUDA.
 """
 
 import argparse
@@ -12,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +27,8 @@ from .__main__ import print_table
 
 IMAGE_SHAPE = (3, 224, 224)
 DISTINCT_IMAGES = 16
+# ~1.1 GB of fp32 weights read per call: a lone row keeps the GPU as busy as a batch of 32 does
+HEAVY_MLP_WIDTHS = (256, 8192, 8192, 8192, 8192, 8192, 16)
 TOLERANCE = 2e-2  # cuDNN's kernels (TF32 where allowed) against the CPU reference, relative to the logits' scale
 
 
@@ -87,12 +94,15 @@ def resnet_onnx(path: Path, widths=(64, 128, 256, 512), blocks_per_stage: int = 
     return serving.write_model(graph, path)
 
 
-def v2_binary_request(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """The image as raw bytes behind a V2 JSON header, as Triton's clients send tensors: no JSON number parsing."""
-    data = np.ascontiguousarray(row, np.float32).tobytes()
-    header = orjson.dumps({"inputs": [{"name": "image", "shape": list(row.shape), "datatype": "FP32",
-                                       "parameters": {"binary_data_size": len(data)}}]})
-    return header + data, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+def v2_binary_request(name: str):
+    """Requests carrying the input `name` as raw bytes behind a V2 JSON header, as Triton's clients send tensors: no
+    JSON number parsing."""
+    def encode(row: np.ndarray) -> tuple[bytes, dict[str, str]]:
+        data = np.ascontiguousarray(row, np.float32).tobytes()
+        header = orjson.dumps({"inputs": [{"name": name, "shape": list(row.shape), "datatype": "FP32",
+                                           "parameters": {"binary_data_size": len(data)}}]})
+        return header + data, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))}
+    return encode
 
 
 @contextlib.contextmanager
@@ -119,32 +129,83 @@ def provider_used(log_path: Path) -> str:
     return "unknown (no provider line in the server's log)"
 
 
+@dataclass
+class Workload:
+    name: str
+    model: Path
+    rows: np.ndarray
+    input_name: str
+
+
+def workloads() -> list[Workload]:
+    rng = np.random.default_rng(1)
+    return [
+        Workload("ResNet-18-shaped CNN, 0.6 MB requests", resnet_onnx(serving.BUILD / "resnet.onnx"),
+                 rng.random((DISTINCT_IMAGES, *IMAGE_SHAPE), dtype=np.float32), "image"),
+        Workload(f"MLP {'-'.join(map(str, HEAVY_MLP_WIDTHS))}, 1 KB requests",
+                 serving.mlp_onnx(serving.BUILD / "heavy-mlp.onnx", HEAVY_MLP_WIDTHS),
+                 rng.random((serving.DISTINCT_INPUTS, HEAVY_MLP_WIDTHS[0]), dtype=np.float32), "features"),
+    ]
+
+
+def measure_workload(workload: Workload, seconds: float, rounds: int, pytriton_python: str | None) -> list[tuple] | str:
+    """The workload's rows and targets, or why it could not run."""
+    encode = v2_binary_request(workload.input_name)
+    on, off = (serving.slimserve_contender(f"{workload.name}: slimserve, batching {state}", workload.model, size, encode)
+               for state, size in (("on", serving.MAX_BATCH_SIZE), ("off", 1)))
+    contenders = [on, off]
+    if pytriton_python:
+        peer = serving.pytriton_contender(workload.model, pytriton_python, providers=CUDA_PROVIDERS)
+        peer.name, peer.encode = f"{workload.name}: {peer.name}", encode
+        contenders.append(peer)
+    expected = serving.reference_outputs(workload.model, workload.rows)
+    with contextlib.ExitStack() as stack:
+        for contender in contenders:
+            log = stack.enter_context(serving.running(contender))
+            if contender.stats and (provider := provider_used(log)) != "CUDAExecutionProvider":
+                return f"bench.gpu: the serving program runs on {provider}, not CUDA; see {log}"
+        cells = serving.measure(contenders, workload.rows, expected, seconds, rounds, tolerance=TOLERANCE,
+                                during_run=gpu_utilization)
+    rows = [serving.cell_row(name, concurrency, cell, f"; GPU {np.median(cell.extras):.0f}% busy")
+            for (name, concurrency), cell in cells.items()]
+    heavy = workload.model.name == "heavy-mlp.onnx"
+    for concurrency in serving.CONCURRENCIES:
+        ratio = cells[on.name, concurrency].median("throughput") / cells[off.name, concurrency].median("throughput")
+        target = 1.5 if heavy and concurrency == serving.CONCURRENCIES[-1] else 1.0
+        rows.append((f"{workload.name}: batching on / off, {concurrency} clients", ratio, f">= {target}x",
+                     "throughput", ratio >= target, "x"))
+    if pytriton_python:
+        most = serving.CONCURRENCIES[-1]
+        ours, theirs = cells[on.name, most], cells[contenders[-1].name, most]
+        ratio = ours.median("throughput") / theirs.median("throughput")
+        rows.append((f"{workload.name}: slimserve batched / PyTriton, {most} clients", ratio, ">= 1.5x" if heavy else "report",
+                     f"{ours.median('throughput'):.0f} vs {theirs.median('throughput'):.0f} req/s; GPU "
+                     f"{np.median(ours.extras):.0f}% vs {np.median(theirs.extras):.0f}% busy", ratio >= 1.5 or not heavy, "x"))
+    return rows
+
+
+CUDA_PROVIDERS = "CUDAExecutionProvider,CPUExecutionProvider"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu")
     parser.add_argument("--seconds", type=float, default=10, help="each timed run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--pytriton-python", help="a Python with nvidia-pytriton and onnxruntime-gpu: Triton as the peer")
     args = parser.parse_args(argv)
     reason = refusal()
     if reason:
         print(reason, file=sys.stderr)
         return 2
-    model = resnet_onnx(serving.BUILD / "resnet.onnx")
-    images = np.random.default_rng(1).random((DISTINCT_IMAGES, *IMAGE_SHAPE), dtype=np.float32)
-    expected = serving.reference_outputs(model, images)
-    contenders = [serving.slimserve_contender("slimserve on GPU, batching on", model, serving.MAX_BATCH_SIZE, v2_binary_request),
-                  serving.slimserve_contender("slimserve on GPU, batching off", model, 1, v2_binary_request)]
     print(f"GPU: {gpu_name()}")
-    with contextlib.ExitStack() as stack:
-        for contender in contenders:
-            provider = provider_used(stack.enter_context(serving.running(contender)))
-            print(f"{contender.name}: ONNX Runtime provider {provider}")
-            if provider != "CUDAExecutionProvider":
-                print(f"bench.gpu: the serving program runs on {provider}, not CUDA; see {serving.BUILD}", file=sys.stderr)
-                return 2
-        cells = serving.measure(contenders, images, expected, args.seconds, args.rounds, tolerance=TOLERANCE,
-                                during_run=gpu_utilization)
-    print_table([serving.cell_row(name, concurrency, cell, f"; GPU {np.median(cell.extras):.0f}% busy")
-                 for (name, concurrency), cell in cells.items()])
+    rows: list[tuple] = []
+    for workload in workloads():
+        measured = measure_workload(workload, args.seconds, args.rounds, args.pytriton_python)
+        if isinstance(measured, str):
+            print(measured, file=sys.stderr)
+            return 2
+        rows += measured
+    print_table(rows)
     return 0
 
 

@@ -133,7 +133,8 @@ def bentoml_contender(model: Path) -> Contender:
                      lambda body: np.asarray(orjson.loads(body), np.float32), ready_path="/readyz", cwd=PEERS)
 
 
-def pytriton_contender(model: Path) -> Contender:
+def pytriton_contender(model: Path, python: str = str(PYTRITON_BIN / "python"),
+                       providers: str = "CPUExecutionProvider") -> Contender:
     """Triton's own server (PyTriton's wheel ships `tritonserver`) with its dynamic batcher, V2 JSON requests.
 
     Triton's Python backend stub links the libpython of the interpreter it was built for (this machine's Debian
@@ -141,12 +142,13 @@ def pytriton_contender(model: Path) -> Contender:
     3.11.2 lacks. Pointing the loader at the venv interpreter's own libpython makes them one Python again.
     """
     port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    library = subprocess.run([str(PYTRITON_BIN / "python"), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+    library = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
     environment = {**os.environ, "BENCH_MODEL_PATH": str(model), "BENCH_MAX_BATCH_SIZE": str(MAX_BATCH_SIZE),
                    "BENCH_PORT": str(port), "BENCH_GRPC_PORT": str(grpc_port), "BENCH_METRICS_PORT": str(metrics_port),
+                   "BENCH_PROVIDERS": providers,
                    "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [library, os.environ.get("LD_LIBRARY_PATH")]))}
-    return Contender("Triton via PyTriton (dynamic batching)", [str(PYTRITON_BIN / "python"), str(PEERS / "pytriton_peer.py")],
+    return Contender("Triton via PyTriton (dynamic batching)", [python, str(PEERS / "pytriton_peer.py")],
                      environment, port, "/v2/models/mlp/infer", v2_json_request(_onnx_input_name(model)), v2_json_output,
                      ready_path="/v2/models/mlp/ready")
 

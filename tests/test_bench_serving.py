@@ -53,7 +53,7 @@ def test_http_request_frames_the_encoded_body():
 
 def test_v2_binary_request_puts_raw_floats_behind_the_header():
     image = np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)
-    body, headers = gpu.v2_binary_request(image)
+    body, headers = gpu.v2_binary_request("image")(image)
     length = int(headers["Inference-Header-Content-Length"])
     header = orjson.loads(body[:length])
     assert header["inputs"][0]["shape"] == [1, 1, 2, 3] and header["inputs"][0]["parameters"]["binary_data_size"] == 24

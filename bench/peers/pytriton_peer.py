@@ -2,7 +2,8 @@
 and ONNX Runtime in the bound Python function, with the serving program's session settings.
 
 Run by the PyTriton venv's Python: BENCH_MODEL_PATH, BENCH_MAX_BATCH_SIZE, BENCH_PORT (HTTP), BENCH_GRPC_PORT,
-BENCH_METRICS_PORT.
+BENCH_METRICS_PORT, BENCH_PROVIDERS (ONNX Runtime's, comma-separated; on CUDA with the serving program's heuristic
+convolution search).
 """
 
 import os
@@ -15,7 +16,9 @@ from pytriton.triton import Triton, TritonConfig
 
 options = onnxruntime.SessionOptions()
 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-session = onnxruntime.InferenceSession(os.environ["BENCH_MODEL_PATH"], options, providers=["CPUExecutionProvider"])
+providers = [(name, {"cudnn_conv_algo_search": "HEURISTIC"}) if name == "CUDAExecutionProvider" else name
+             for name in os.environ["BENCH_PROVIDERS"].split(",")]
+session = onnxruntime.InferenceSession(os.environ["BENCH_MODEL_PATH"], options, providers=providers)
 (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
 
 
