@@ -384,20 +384,40 @@ def cell_row(contender: str, concurrency: int, cell: Cell, extra: str = "") -> t
 
 
 def serving_throughput(duration_s: float, rounds: int = 3) -> list[tuple]:
-    model = mlp_onnx(BUILD / "mlp.onnx")
-    inputs = np.random.default_rng(1).random((DISTINCT_INPUTS, MLP_WIDTHS[0]), dtype=np.float32)
+    """The MLP at 1, 8 and 32 clients with every contender and the targets; then a model too small to cost anything
+    at 32 clients, where what is measured is each server's own work per request."""
+    context = f"median of {rounds} interleaved {duration_s:g} s runs"
+    rows, cells, ours, peers = _serve_and_measure(MLP_WIDTHS, "mlp", duration_s, rounds, CONCURRENCIES, unbatched=True)
+    rows += peer_ratios(cells, ours, peers, f"MLP {MLP_WIDTHS}, {context}")
+    tiny_rows, cells, ours, peers = _serve_and_measure(TINY_WIDTHS, "tiny", duration_s, rounds, CONCURRENCIES[-1:])
+    most = CONCURRENCIES[-1]
+    best = max(peers, key=lambda peer: cells[peer, most].median("throughput"))
+    ratio = cells[ours, most].median("throughput") / cells[best, most].median("throughput")
+    return rows + tiny_rows + [(f"tiny model, {most} clients: slimserve batched / best peer throughput", ratio, "report",
+                                f"best peer {best}; MLP {TINY_WIDTHS}, {context}", True, "x")]
+
+
+TINY_WIDTHS = (256, 16, 10)  # microseconds a batch: the server's own work is all there is to measure
+
+
+def _serve_and_measure(widths: tuple[int, ...], label: str, duration_s: float, rounds: int, concurrencies,
+                       unbatched: bool = False) -> tuple[list[tuple], dict[tuple[str, int], Cell], str, list[str]]:
+    """Every contender serving the MLP of `widths`: the rows, the cells, our batched contender's name and the peers'."""
+    model = mlp_onnx(BUILD / f"{label}.onnx", widths)
+    inputs = np.random.default_rng(1).random((DISTINCT_INPUTS, widths[0]), dtype=np.float32)
     expected = reference_outputs(model, inputs)
-    batched = slimserve_contender("slimserve, batching on", model, MAX_BATCH_SIZE)
-    unbatched = slimserve_contender("slimserve, batching off", model, 1)
+    prefix = "" if widths == MLP_WIDTHS else f"{label} model: "
+    batched = slimserve_contender(f"{prefix}slimserve, batching on", model, MAX_BATCH_SIZE)
     peers = [pytriton_contender(model), mlserver_contender(model), bentoml_contender(model)]
-    contenders = [batched, unbatched, *peers]
+    for peer in peers:
+        peer.name = prefix + peer.name
+    contenders = [batched, *([slimserve_contender("slimserve, batching off", model, 1)] if unbatched else []), *peers]
     with contextlib.ExitStack() as stack:
         for contender in contenders:
             stack.enter_context(running(contender))
-        cells = measure(contenders, inputs, expected, duration_s, rounds)
+        cells = measure(contenders, inputs, expected, duration_s, rounds, concurrencies)
     rows = [cell_row(name, concurrency, cell) for (name, concurrency), cell in cells.items()]
-    return rows + peer_ratios(cells, batched.name, [peer.name for peer in peers], f"MLP {MLP_WIDTHS}, median of "
-                                                                                   f"{rounds} interleaved {duration_s:g} s runs")
+    return rows, cells, batched.name, [peer.name for peer in peers]
 
 
 def peer_ratios(cells: dict[tuple[str, int], Cell], ours: str, peers: list[str], context: str) -> list[tuple]:

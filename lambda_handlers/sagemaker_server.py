@@ -22,6 +22,10 @@ SLIMSERVE_MODEL_SHA256 when set, with every file its listing names when it has o
 ONNX models run on CUDA when a GPU is present (TensorRT when SLIMSERVE_TENSORRT=1), on
 the CPU otherwise, and say which; on a GPU, batches run padded to a few fixed sizes
 (FixedBatchSizes says why). SIGTERM finishes the requests in flight, then exits.
+
+One asyncio event loop serves every connection (HTTP/1.1 parsed by llhttp, through httptools): it reads, parses,
+decodes and encodes, while the batch workers run the model. With a thread per connection (http.server) the
+threads' handoffs and header parsing cost more than the model on small requests (bench/profile_serving.py).
 """
 
 import asyncio

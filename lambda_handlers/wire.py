@@ -1,4 +1,5 @@
-"""The HTTP plumbing every server here shares: the gateway, the Runtime API and the SageMaker server."""
+"""The http.server plumbing the local gateway and the Lambda runner's Runtime API share (the SageMaker serving program
+has its own front end, on llhttp)."""
 
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
