@@ -391,6 +391,8 @@ class _Connection(asyncio.Protocol):
         self.busy = False  # a request is being answered
         self.incoming: _Incoming | None = None  # the request being read
         self.ended = False  # the client half-closed: close once its requests are answered
+        self.answering = False  # _next is running: it takes the next request itself
+        self.reading_paused = self.writing_paused = False
 
     # asyncio's side
 
@@ -456,20 +458,43 @@ class _Connection(asyncio.Protocol):
         incoming.keep_alive = self.parser.should_keep_alive()
         self.incoming = None
         self.queued.append(incoming)
-        if not self.busy:
-            self._next()
+        if len(self.queued) >= MAX_QUEUED and not self.reading_paused:  # a client that pipelines and never reads
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._next()
+
+    # flow control: asyncio says when the client stops reading what is written
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._next()
 
     # answering
 
     def _next(self) -> None:
-        while self.queued and not self.busy:
-            incoming = self.queued.popleft()
-            self.busy = True
-            try:
-                self._answer(incoming)
-            except Exception as error:  # a fault of the server's own, never the client's: logged, and a 500
-                response = error_response(error)
-                self._reply(incoming, response)
+        """Answer the queued requests in order, one at a time; those answered at once in this loop, the others when
+        their batch comes back (`_finish`)."""
+        if self.answering:
+            return  # the loop below, further up the stack, goes on
+        self.answering = True
+        try:
+            while self.queued and not self.busy and not self.writing_paused:
+                incoming = self.queued.popleft()
+                if self.reading_paused and len(self.queued) < MAX_QUEUED // 2:
+                    self.reading_paused = False
+                    self.transport.resume_reading()
+                self.busy = True
+                try:
+                    self._answer(incoming)
+                except Exception as error:  # a fault of the server's own, never the client's: logged, and a 500
+                    self._reply(incoming, error_response(error))
+        finally:
+            self.answering = False
+        if self.ended and not self.busy and not self.queued:
+            self.transport.close()
 
     def _answer(self, incoming: "_Incoming") -> None:
         path = incoming.url.decode("latin-1").partition("?")[0]
@@ -547,8 +572,6 @@ class _Connection(asyncio.Protocol):
         self._leave(incoming)
         self.busy = False
         self._next()
-        if self.ended and not self.busy and not self.queued:
-            self.transport.close()
 
     def _leave(self, incoming: "_Incoming") -> None:
         self.server.in_flight -= 1
@@ -599,6 +622,7 @@ class _Incoming:
 
 
 MAX_HEAD_BYTES = 65536
+MAX_QUEUED = 32  # pipelined requests read ahead on one connection before reading pauses
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _FRAMING = ("content-length", "connection", "transfer-encoding")
 _date = (0, "")

@@ -479,18 +479,36 @@ def test_bad_framing_and_limits_are_refused_by_name_and_the_server_stays_up(iris
 
 
 def test_pipelined_requests_are_answered_in_the_order_they_came(iris_server, iris, iris_test_split):
-    rows = iris_test_split[0][:6]
+    """Hundreds at once, past the read-ahead, inferences (answered when their batch is) between pings (answered at once)."""
+    rows = iris_test_split[0][:30]
     bodies = [json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": row.tolist()}]}).encode()
               for row in rows]
+    ping = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n"
+    requests = [request for body in bodies * 5 for request in (invocation(body, b"Content-Length: %d" % len(body)), ping)]
     with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
-        connection.sendall(b"".join(invocation(body, b"Content-Length: %d" % len(body)) for body in bodies))
+        connection.sendall(b"".join(requests))
         reader = connection.makefile("rb")
-        labels = []
-        for _ in bodies:
+        answers = []
+        for _ in requests:
             head = b"".join(iter(reader.readline, b"\r\n")).decode()
             length = int(next(line for line in head.splitlines() if line.startswith("Content-Length:")).split(":")[1])
-            labels.append(json.loads(reader.read(length))["outputs"][0]["data"][0])
-    assert labels == iris.run({"features": rows}, ["label"])["label"].tolist()
+            answers.append(json.loads(reader.read(length)))
+    expected = iris.run({"features": rows}, ["label", "probabilities"])
+    assert answers[1::2] == [{"status": "healthy"}] * len(bodies) * 5
+    for index, answer in enumerate(answers[::2]):  # each inference's own row, in the order sent
+        label, probabilities = (output["data"] for output in answer["outputs"])
+        assert label == [expected["label"][index % len(rows)]]
+        np.testing.assert_allclose(probabilities, expected["probabilities"][index % len(rows)], rtol=1e-5)  # batched or not
+
+
+def test_thousands_of_pipelined_requests_waiting_behind_an_inference_are_all_answered(iris_server):
+    ping, body = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n", json.dumps(IRIS_ROW).encode()
+    with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
+        # the pings wait behind an inference, then go in one go
+        connection.sendall(invocation(body, b"Content-Length: %d" % len(body)) + ping * 3000
+                           + b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        received = b"".join(iter(lambda: connection.recv(1 << 16), b""))
+    assert received.count(b'"outputs"') == 1 and received.count(b'{"status":"healthy"}') == 3001
 
 
 def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(iris_server):
