@@ -298,14 +298,15 @@ def test_a_request_still_writing_its_answer_is_not_waited_for(iris, iris_test_sp
 
 
 class HeldRuntime:
-    """The real runtime, whose first call waits until the test lets it go."""
+    """The real runtime, whose first call waits until the test lets it go; it keeps each call's rows."""
 
     def __init__(self, runtime):
         self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
-        self.release, self.calls = threading.Event(), 0
+        self.release, self.calls, self.rows = threading.Event(), 0, []
 
     def run(self, inputs, output_names):
         self.calls += 1
+        self.rows.append(len(next(iter(inputs.values()))))
         if self.calls == 1:
             self.release.wait(timeout=60)
         return self.runtime.run(inputs, output_names)
@@ -331,6 +332,32 @@ def test_a_second_worker_gathers_and_runs_while_the_first_batch_runs(iris, iris_
     held.release.set()
     first.join(timeout=60)
     assert answers[0] == iris.run({"features": test_x[:1]}, ["label"])["label"][0]
+
+
+def test_no_batch_passes_the_largest_size_and_a_request_past_it_runs_alone(iris, iris_test_split):
+    test_x, _ = iris_test_split
+    held = HeldRuntime(iris)
+    batching = BatchingModel(held, max_batch_size=4, max_delay_ms=0)
+    requests = [(0, 1), (1, 4), (4, 7), (7, 9), (9, 15), (15, 16)]  # row ranges: 1, 3, 3, 2, 6 and 1 rows
+    answers = {}
+
+    def request(start: int, stop: int):
+        answers[start] = batching.run({"features": test_x[start:stop]}, ["label"])["label"].tolist()
+
+    first = threading.Thread(target=request, args=requests[0], daemon=True)
+    first.start()
+    while held.calls < 1:  # the first call holds the worker while the rest queue up behind it
+        time.sleep(0.001)
+    others = [threading.Thread(target=request, args=rows, daemon=True) for rows in requests[1:]]
+    for queued, thread in enumerate(others, 1):
+        thread.start()
+        while batching.waiting() < queued:  # queued in this order
+            time.sleep(0.001)
+    held.release.set()
+    for thread in [first, *others]:
+        thread.join(timeout=60)
+    assert answers == {start: iris.run({"features": test_x[start:stop]}, ["label"])["label"].tolist() for start, stop in requests}
+    assert held.rows == [1, 3, 3, 2, 6, 1]  # 3+3 and 3+2 would pass 4; 6 is past it, alone
 
 
 def test_fixed_batch_sizes_pad_each_call_to_a_size_and_answer_as_the_runtime_does(iris, iris_test_split):
