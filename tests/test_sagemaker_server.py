@@ -337,7 +337,7 @@ def test_a_second_worker_gathers_and_runs_while_the_first_batch_runs(iris, iris_
 def test_no_batch_passes_the_largest_size_and_a_request_past_it_runs_alone(iris, iris_test_split):
     test_x, _ = iris_test_split
     held = HeldRuntime(iris)
-    batching = BatchingModel(held, max_batch_size=4, max_delay_ms=0)
+    batching = BatchingModel(held, max_batch_size=4, max_delay_ms=600_000)  # only the size ends a batch
     requests = [(0, 1), (1, 4), (4, 7), (7, 9), (9, 15), (15, 16)]  # row ranges: 1, 3, 3, 2, 6 and 1 rows
     answers = {}
 
