@@ -74,7 +74,7 @@ def profile(seconds: float, concurrency: int = 32) -> list[tuple]:
     requests = [contender.http_request(row[np.newaxis]) for row in inputs]
     raw = serving.BUILD / "serving-profile.txt"
     with serving.running(contender):
-        pid = contender.process_group  # the program leads its own process group
+        pid = contender.pid
         serving.drive(contender.port, requests, concurrency, 2)  # warm
         before = thread_cpu_seconds(pid)
         recorder = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",

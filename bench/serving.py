@@ -88,7 +88,7 @@ class Contender:
     ready_path: str = "/ping"
     cwd: Path = ROOT
     stats: bool = False  # serves GET /stats (requests and runtime calls)
-    process_group: int = 0  # set while it runs
+    pid: int = 0  # the server process's, set while it runs
 
     def http_request(self, row: np.ndarray) -> bytes:
         body, headers = self.encode(row)
@@ -188,7 +188,7 @@ def running(contender: Contender, startup_s: float = 120) -> Iterator[Path]:
     with open(log_path, "w") as log:
         process = subprocess.Popen(contender.command, env=contender.environment, cwd=contender.cwd, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    contender.process_group = process.pid
+    contender.pid = process.pid
     try:
         deadline = time.monotonic() + startup_s
         while True:
@@ -339,10 +339,10 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
                 cell = cells[contender.name, concurrency]
                 drive(contender.port, requests[contender.name], concurrency, min(1.0, duration_s / 4))
                 before = _runtime_counts(contender) if contender.stats else None
-                cpu_before = group_cpu_seconds(contender.process_group)
+                cpu_before = tree_cpu_seconds(contender.pid)
                 with during_run() as samples:
                     answers, elapsed = drive(contender.port, requests[contender.name], concurrency, duration_s)
-                cell.cores.append((group_cpu_seconds(contender.process_group) - cpu_before) / elapsed)
+                cell.cores.append((tree_cpu_seconds(contender.pid) - cpu_before) / elapsed)
                 if samples is not None:
                     cell.extras.append(statistics.mean(samples) if samples else float("nan"))
                 if before:
@@ -352,16 +352,21 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
     return cells
 
 
-def group_cpu_seconds(process_group: int) -> float:
-    """User and system CPU seconds of every live process in the group, as /proc has them."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
+def tree_cpu_seconds(root: int) -> float:
+    """User and system CPU seconds of the live processes descended from `root` (itself included), as /proc has them;
+    a peer's workers may sit in sessions of their own (BentoML's do), so the tree, not the process group."""
+    ticks, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
             fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
-            if int(fields[2]) == process_group:  # field 5, pgrp
-                total += int(fields[11]) + int(fields[12])  # fields 14 and 15, utime and stime
-    return total / ticks
+            pid = int(stat.parent.name)
+            parents[pid], used[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid; utime + stime
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    return sum(used.get(pid, 0) for pid in tree) / ticks
 
 
 def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
