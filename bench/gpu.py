@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from . import serving
-from .__main__ import print_table
+from .table import print_table
 
 IMAGE_SHAPE = (3, 224, 224)
 DISTINCT_IMAGES = 16

@@ -4,8 +4,9 @@ The lent GPU machines have Python 3.12 with numpy, onnx and a CPU-only onnxrunti
 carried files a call. This installs, for CPython 3.12 on manylinux x86_64, onnxruntime-gpu (the serving image's
 pin), the serving program's other needs and PyTriton, with what they need, into one folder, packs it as tar.xz and
 splits that into parts of at most 60 MiB in `.carry/` (git ignores it).
-It prints the commands: one call per part copies it to /tmp/parts (kept while the machine stays warm), and the
-last joins the parts, checks their sha256, unpacks them and runs the bench.
+It prints the commands: one call per part copies it to /tmp/parts (kept while the machine stays warm: 30 s between
+calls), and the last joins the parts, checks their sha256, unpacks them, installs slimserve from the checkout and
+runs the bench. Checked here in a Python 3.12 venv holding only numpy 2 and onnx, as the machine does.
 """
 
 import hashlib
@@ -45,13 +46,16 @@ def main() -> int:
     parts = [data[start:start + PART_BYTES] for start in range(0, len(data), PART_BYTES)]
     for index, part in enumerate(parts):
         (CARRY / f"part-{index}").write_bytes(part)
-    print(f"{len(data) / 2**20:.0f} MiB in {len(parts)} parts under .carry/, sha256 {digest}; with `.carry` in .git/info/exclude:")
+    print(f"{len(data) / 2**20:.0f} MiB in {len(parts)} parts under .carry/, sha256 {digest}; the device calls:")
     for index in range(len(parts)):
         print(f"  run(carry=['.carry/part-{index}'], command='mkdir -p /tmp/parts && cp .carry/part-{index} /tmp/parts/')")
+    # slimserve itself installed from the checkout (its version comes from the install's metadata), and the bench run
+    # from outside the checkout, so that the installed package comes first
     print("  run(command='cd /tmp/parts && test \"$(cat part-* | sha256sum | cut -d\" \" -f1)\" = " + digest
-          + " && mkdir -p /tmp/site && cat part-* | xz -d | tar -x -C /tmp/site && cd - && "
-          "export PYTHONPATH=/tmp/site:$PWD LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu "
-          "&& PYTHONUNBUFFERED=1 python3 -m bench.gpu --seconds 4 --rounds 2 --pytriton-python python3')")
+          + " && mkdir -p /tmp/site && cat part-* | xz -d | tar -x -C /tmp/site && cd - >/dev/null && python3 -m pip "
+          "install -q --no-deps --no-build-isolation --no-index --target /tmp/slim . && export PYTHONPATH=/tmp/site:/tmp/slim:$PWD "
+          "LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu && cd /tmp && "
+          "PYTHONUNBUFFERED=1 python3 -m bench.gpu --seconds 4 --rounds 2 --pytriton-python python3', timeout_s=540)")
     return 0
 
 

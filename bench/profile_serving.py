@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from . import serving
-from .__main__ import print_table
+from .table import print_table
 
 # (stage, what a frame's function or source line looks like), tried from the deepest frame up: the first frame
 # that matches one decides the sample's stage.
