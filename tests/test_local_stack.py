@@ -400,3 +400,46 @@ def test_the_local_store_keeps_versions_and_aliases_across_restarts(tmp_path):
         while (answer := infer(port, key, "iris", flower))["model_version"] != "2" and time.monotonic() < deadline:
             time.sleep(0.2)  # the stack reads live at most once a second
         assert answer["model_version"] == "2"  # live's version, registered before the restart
+
+
+@pytest.mark.parametrize("model, target", [("drain-fn", "lambda"), ("drain-sm", "sagemaker")])
+def test_stopping_the_stack_answers_the_requests_in_flight_first(tmp_path, iris, iris_test_split, model, target):
+    """A request still uploading when the stack stops gets its answer, from a model still up; one that starts while
+    the stack drains is told it is stopping. (Each names its own model: the moto servers of one process share buckets.)"""
+    import socket
+    import threading
+
+    from support import MODELS
+
+    config = tmp_path / "slimserve.toml"
+    config.write_text(f'[app]\nname = "drain"\n\n[defaults]\nauth = "none"\n\n[models.{model}]\nformat = "onnx"\n'
+                      f'artifact = "{MODELS / "iris.onnx"}"\ntarget = "{target}"\n')
+    rows = iris_test_split[0][:3]
+    body = json.dumps({"inputs": [{"name": "features", "shape": [3, 4], "datatype": "FP32", "data": rows.ravel().tolist()}]}).encode()
+    with running_stack(config, tmp_path / "work") as stack:
+        port = int(stack.gateway.url.rsplit(":", 1)[1])
+        uploading = socket.create_connection(("127.0.0.1", port), timeout=60)
+        uploading.sendall(b"POST /v2/models/%s/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (model.encode(), len(body), body[:10]))
+        idle = socket.create_connection(("127.0.0.1", port), timeout=60)  # a keep-alive client between requests
+        time.sleep(0.3)
+        stack.gateway.shutdown()
+        stopping = threading.Thread(target=stack.close)
+        stopping.start()
+        time.sleep(0.5)
+        idle.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        late = read_response(idle)
+        uploading.sendall(body[10:])
+        answer = read_response(uploading)
+        stopping.join(timeout=60)
+    assert answer[0] == 200 and json.loads(answer[1])["outputs"][0]["data"] == iris.run({"features": rows}, ["label"])["label"].tolist()
+    assert late == (503, b'{"message": "the local stack is stopping"}')
+    assert not stopping.is_alive()
+
+
+def read_response(connection) -> tuple[int, bytes]:
+    import http.client
+
+    response = http.client.HTTPResponse(connection)
+    response.begin()
+    return response.status, response.read()

@@ -6,11 +6,13 @@ API keys) and answers failures with API Gateway's own bodies, so a client sees
 locally what it will see deployed.
 """
 
+import contextlib
 import http.client
 import json
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +50,8 @@ FORBIDDEN = GatewayAnswer(403, {"message": "Forbidden"})
 TOO_LARGE = GatewayAnswer(413, {"message": "Request Too Long"})
 BAD_GATEWAY = GatewayAnswer(502, {"message": "Internal server error"})
 TIMED_OUT = GatewayAnswer(504, {"message": "Endpoint request timed out"})
+# the local stack's own
+STOPPING = GatewayAnswer(503, {"message": "the local stack is stopping"})
 
 
 class HttpAnswer(NamedTuple):
@@ -104,6 +108,10 @@ class _Served:
 
 
 class LocalGateway(wire.Server):
+    """Request threads are daemons (a keep-alive connection's thread waits for its client's next request), so closing
+    drains instead: `server_close` waits for the requests in flight, and answers any that start meanwhile with 503,
+    before the stack stops what they call."""
+
     daemon_threads = True
     allow_reuse_address = True
 
@@ -123,6 +131,9 @@ class LocalGateway(wire.Server):
         self.server_routes = InferenceCore([])  # live and server metadata need no function
         self.executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="integration")
         self.metrics = ServingMetrics()
+        self.in_flight = 0
+        self.closing = False
+        self._idle = threading.Condition()
         self.request_checks = {
             path: Draft4Validator(v2_request_schema(name, route.signature))
             for name, route in routes.items()
@@ -284,6 +295,28 @@ class LocalGateway(wire.Server):
         super().shutdown()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
+    def server_close(self):
+        """Stop listening, then wait (up to the integration timeout) for the requests in flight to be answered."""
+        super().server_close()
+        with self._idle:
+            self.closing = True
+            self._idle.wait_for(lambda: self.in_flight == 0, timeout=self.integration_timeout_s + 1)
+
+    @contextlib.contextmanager
+    def request_in_flight(self):
+        """Counts the request while it is answered; False (to answer 503) once the gateway is closing."""
+        with self._idle:
+            if self.closing:
+                yield False
+                return
+            self.in_flight += 1
+        try:
+            yield True
+        finally:
+            with self._idle:
+                self.in_flight -= 1
+                self._idle.notify_all()
+
 
 def _route(method: str, path: str) -> str | None:
     try:
@@ -311,14 +344,18 @@ class _GatewayHandler(wire.Handler):
     server: LocalGateway
 
     def _handle(self):
-        try:
-            body = self.read_body(MAX_BODY_BYTES)
-        except PayloadTooLarge:
-            return self._send(*_json(*TOO_LARGE))
-        except InvalidInput as error:
-            return self._send(*_json(400, {"error": error.message}))
-        headers = {key.lower(): value for key, value in self.headers.items()}
-        self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
+        with self.server.request_in_flight() as open_:
+            if not open_:
+                self.close_connection = True
+                return self._send(*_json(*STOPPING))
+            try:
+                body = self.read_body(MAX_BODY_BYTES)
+            except PayloadTooLarge:
+                return self._send(*_json(*TOO_LARGE))
+            except InvalidInput as error:
+                return self._send(*_json(400, {"error": error.message}))
+            headers = {key.lower(): value for key, value in self.headers.items()}
+            self._send(*self.server.answer(self.command, self.path.split("?", 1)[0], headers, body))
 
     def _send(self, status: int, headers: dict, body: bytes):
         self.reply(status, body, headers)
