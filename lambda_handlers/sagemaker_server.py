@@ -446,6 +446,10 @@ class _Connection(asyncio.Protocol):
         incoming.method = self.parser.get_method().decode("latin-1")
         incoming.limit = self.server.serving.core.max_body_bytes
         if incoming.headers.get("expect", "").lower() == "100-continue":
+            declared = incoming.headers.get("content-length", "0")
+            if declared.isdigit() and int(declared) > incoming.limit:  # refused before the client sends it
+                incoming.refusal = (413, f"request body is {declared} bytes; the limit is {incoming.limit}")
+                raise ValueError(incoming.refusal[1])  # llhttp stops: data_received answers with the refusal
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:

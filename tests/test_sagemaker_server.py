@@ -549,6 +549,14 @@ def test_expect_100_continue_gets_its_interim_answer_before_the_body_is_sent(iri
         assert response.status == 200 and json.loads(response.read())["outputs"][0]["data"] == [0]
 
 
+def test_a_body_announced_past_the_limit_with_expect_100_continue_is_refused_before_it_is_sent(iris_server):
+    with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:
+        connection.sendall(invocation(b"", b"Expect: 100-continue", b"Content-Length: 7000000"))
+        received = b"".join(iter(lambda: connection.recv(65536), b""))  # answered and closed, nothing sent
+    assert received.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n")
+    assert received.endswith(b'\r\n\r\n{"error":"request body is 7000000 bytes; the limit is 6291456"}')
+
+
 @pytest.mark.parametrize("request_bytes", [b"GET /ping HTTP/1.0\r\n\r\n", b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"])
 def test_a_connection_the_client_wants_closed_closes_after_its_answer(iris_server, request_bytes):
     with socket.create_connection(("127.0.0.1", port_of(iris_server)), timeout=30) as connection:

@@ -82,7 +82,7 @@ def _loadable_config(path: str):
 
 def _check(args) -> int:
     config, files = _loadable_config(args.config)
-    print(f"{config.path}: app {config.name!r}, {len(config.models)} models")
+    print(f"{config.path}: app {config.name!r}, {len(config.models)} model{'' if len(config.models) == 1 else 's'}")
     for model in config.models:
         size = files[model.name].size
         described = files_text(len(files[model.name].stored), size)
