@@ -263,7 +263,7 @@ def faulty(lambda_env, tmp_path):
         pools.append(pool)
         gateway = LocalGateway({"faulty": Route(pool, api_key_required=False)}, port=0, log=lambda line: None,
                                integration_timeout_s=integration_timeout_s)
-        gateway.server_close()
+        gateway.socket.close()  # answered in-process below: no listener, the executor kept
         return pool, lambda body: gateway.answer("POST", "/v2/models/faulty/infer", {}, body)
 
     yield make

@@ -32,13 +32,12 @@ def add_commands(commands) -> None:
 
 def _serve(args) -> int:
     import signal
+    import threading
 
     from slimserve.local.stack import LocalStack
 
-    def stop(signum, frame):
-        raise KeyboardInterrupt  # SIGTERM (a process manager, a test) stops everything as Ctrl-C does
-
-    signal.signal(signal.SIGTERM, stop)
+    # while the stack starts, SIGTERM interrupts it as Ctrl-C does, and what started is closed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     config = load_config(args.config)
     with LocalStack(
         config,
@@ -53,10 +52,19 @@ def _serve(args) -> int:
         if any(route.api_key_required for route in gateway.routes.values()):
             print(f"API key (send as x-api-key): {gateway.api_key}", flush=True)
         print("ready; Ctrl-C stops everything", flush=True)
-        try:
-            stack.serve_forever()
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+
+        def stop(signum, frame):
+            """Ctrl-C or SIGTERM (a process manager, a test): the gateway stops taking requests and the stack closes
+            in order. Not an exception raised wherever the main thread is, which can leave a lock held; a second
+            signal is one, to stop at once."""
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            threading.Thread(target=gateway.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGTERM, stop)
+        stack.serve_forever()
+        print("stopping", flush=True)
     return 0
 
 

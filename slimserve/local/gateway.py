@@ -291,16 +291,13 @@ class LocalGateway(wire.Server):
             return _json(503, {"ready": False, "error": "; ".join(reasons)})
         return _json(200, {"ready": True})
 
-    def shutdown(self):
-        super().shutdown()
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
     def server_close(self):
         """Stop listening, then wait (up to the integration timeout) for the requests in flight to be answered."""
         super().server_close()
         with self._idle:
             self.closing = True
             self._idle.wait_for(lambda: self.in_flight == 0, timeout=self.integration_timeout_s + 1)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     @contextlib.contextmanager
     def request_in_flight(self):
