@@ -425,7 +425,7 @@ class _Connection(asyncio.Protocol):
     # llhttp's side
 
     def on_message_begin(self) -> None:
-        self.incoming = _Incoming(self.server.serving.batching)
+        self.incoming = _Incoming()
         self.server.in_flight += 1
 
     def on_url(self, url: bytes) -> None:
@@ -445,6 +445,8 @@ class _Connection(asyncio.Protocol):
         assert incoming is not None
         incoming.method = self.parser.get_method().decode("latin-1")
         incoming.limit = self.server.serving.core.max_body_bytes
+        if incoming.method == "POST":
+            incoming.hold(self.server.serving.batching)
         if incoming.headers.get("expect", "").lower() == "100-continue":
             declared = incoming.headers.get("content-length", "0")
             if declared.isdigit() and int(declared) > incoming.limit:  # refused before the client sends it
@@ -601,17 +603,22 @@ class _Incoming:
         "refusal",
     )  # fmt: skip
 
-    def __init__(self, batching: BatchingModel | None):
+    def __init__(self):
         self.url, self.method = b"", ""
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.size, self.limit, self.head = 0, 0, 0
         self.keep_alive = True
         self.started = time.perf_counter()
-        self.batching, self.reached = batching, False
+        self.batching: BatchingModel | None = None  # told of the request: it may come to a batch
+        self.reached = False
         self.refusal: tuple[int, str] | None = None
+
+    def hold(self, batching: BatchingModel | None) -> None:
+        """A POST, whose body is still to come: worth a batch's wait."""
         if batching is not None:
             batching.arrive()
+            self.batching = batching
 
     def add_head(self, size: int) -> None:
         self.head += size
