@@ -230,7 +230,9 @@ def load(environ) -> ServedModel:
         telemetry.log("ERROR", "model not loaded", model=name, reason=str(error))
         return ServedModel(name, version, failure=str(error))
     workers = settings.batch_workers(on_gpu)
-    batching = BatchingModel(runtime, settings.max_batch_size, settings.max_queue_delay_ms, workers)
+    # a batch past the largest fixed size would run as several calls anyway: gathering more only adds waiting
+    largest = runtime.sizes[-1] if isinstance(runtime, FixedBatchSizes) else settings.max_batch_size
+    batching = BatchingModel(runtime, min(settings.max_batch_size, largest), settings.max_queue_delay_ms, workers)
     telemetry.log(
         "INFO",
         "model loaded",
