@@ -52,14 +52,13 @@ class Response:
         body: bytes,
         headers: dict[str, str] | None = None,
         error_kind: str | None = None,
-        inference_ms: float | None = None,
         detail: str | None = None,
     ):
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else {"Content-Type": "application/json"}
         self.error_kind = error_kind
-        self.inference_ms = inference_ms
+        self.inference_ms: float | None = None  # an inference's runtime time (InferenceCore.finish)
         self.detail = detail  # a server-side failure's traceback: logged, never sent
         self.route: str | None = None  # the action of ROUTES that answered; None for a path no route matches
 
@@ -170,7 +169,8 @@ class InferenceCore:
                 if isinstance(error, InferenceError):
                     raise error
                 raise RuntimeFailure(f"model {inference.model.name!r} failed on valid input: {error}") from error
-            response = inference.answer(results, elapsed_ms)
+            response = inference.answer(results)
+            response.inference_ms = elapsed_ms
             response.headers[SERVER_TIMING] = f"{INFERENCE_TIMING};dur={elapsed_ms:.3f}"
         except Exception as exc:
             response = error_response(exc)
@@ -249,9 +249,8 @@ class InferenceCore:
         body = self._body(request)
         parsed = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), runtime.signature)
 
-        def answer(results, elapsed_ms):
-            payload, headers = v2.encode_infer(name, model.version, parsed, results, runtime.signature)
-            return Response(200, payload, headers, inference_ms=elapsed_ms)
+        def answer(results):
+            return Response(200, *v2.encode_infer(name, model.version, parsed, results, runtime.signature))
 
         return Inference(model, runtime, parsed.inputs, [output.name for output in parsed.outputs], answer)
 
@@ -272,15 +271,15 @@ class InferenceCore:
         parsed = tfserving.parse_predict(self._body(request), runtime.signature)
         output_names = [spec.name for spec in runtime.signature.outputs]
 
-        def answer(results, elapsed_ms):
-            return Response(200, tfserving.encode_predict(parsed, results), inference_ms=elapsed_ms)
+        def answer(results):
+            return Response(200, tfserving.encode_predict(parsed, results))
 
         return Inference(model, runtime, parsed.inputs, output_names, answer)
 
 
 class Inference:
     """An inference request, parsed and checked: what its model's runtime must run, and how the answer is made of
-    what it returns (`answer(results, elapsed_ms)`, called by InferenceCore.finish)."""
+    what it returns (`answer(results)`, called by InferenceCore.finish, which adds the time)."""
 
     __slots__ = ("model", "runtime", "inputs", "output_names", "answer", "route")
 
@@ -290,7 +289,7 @@ class Inference:
         runtime: Runtime,
         inputs: dict[str, np.ndarray],
         output_names: list[str],
-        answer: Callable[[dict[str, np.ndarray], float], Response],
+        answer: Callable[[dict[str, np.ndarray]], Response],
     ):
         self.model, self.runtime, self.answer = model, runtime, answer
         self.inputs, self.output_names = inputs, output_names
