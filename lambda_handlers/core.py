@@ -193,7 +193,7 @@ class InferenceCore:
     def _body(self, request: Request) -> bytes:
         body = request.body
         if len(body) > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {len(body)} bytes; the limit is {self.max_body_bytes}")
+            raise PayloadTooLarge.body(len(body), self.max_body_bytes)
         encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
         if encoding not in CONTENT_ENCODINGS:
             raise InvalidInput(

@@ -34,6 +34,11 @@ class PayloadTooLarge(InferenceError):
     status = 413
     kind = "payload_too_large"
 
+    @classmethod
+    def body(cls, size: int | str, limit: int) -> "PayloadTooLarge":
+        """A request body past its limit, in the one message every front door gives."""
+        return cls(f"request body is {size} bytes; the limit is {limit}")
+
 
 class ModelNotReady(InferenceError):
     status = 503

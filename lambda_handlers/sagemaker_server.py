@@ -67,12 +67,15 @@ from .contract import (
 )
 from .core import Inference, InferenceCore, Request, Response, Runtime, ServedModel, error_response
 from .digests import LISTING
+from .errors import PayloadTooLarge
 from .function import ModelSource, ModelSourceError
 from .prometheus import ServingMetrics
 from .runtimes import ModelLoadError, OnnxModel, TfliteModel
 from .v2 import HEADER_LENGTH
+from .wire import FRAMING
 
 TFSERVING_CONTENT_TYPE = "application/vnd.tfserving+json"
+CUSTOM_ATTRIBUTES_KEY, HEADER_LENGTH_KEY = CUSTOM_ATTRIBUTES.lower(), HEADER_LENGTH.lower()  # as headers arrive
 CONV_ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 
 
@@ -270,7 +273,7 @@ class SageMakerServer:
         self.connections: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._started = threading.Event()
+        self._started, self._stopped = threading.Event(), threading.Event()
         self._finished: collections.deque[Callable[[], None]] = collections.deque()  # see hand_back
         self._drain_scheduled = False
 
@@ -291,15 +294,17 @@ class SageMakerServer:
 
     def serve_forever(self) -> None:
         """Serve on this thread until `shutdown`, then finish the requests in flight."""
-        asyncio.run(self._serve())
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._stopped.set()
 
     def shutdown(self) -> None:
         """Stop taking connections and return once the requests in flight are answered. Any thread but the loop's."""
         self._started.wait()
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
-        while self._loop.is_running():
-            time.sleep(0.01)
+        self._stopped.wait()
 
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
@@ -350,9 +355,6 @@ class SageMakerServer:
         if base == "application/octet-stream" and HEADER_LENGTH_KEY not in headers:
             headers[HEADER_LENGTH_KEY] = str(_json_header_length(body))
         return serving.core.begin(Request(method, path, headers, body))
-
-
-CUSTOM_ATTRIBUTES_KEY, HEADER_LENGTH_KEY = CUSTOM_ATTRIBUTES.lower(), HEADER_LENGTH.lower()
 
 
 _STARTS_AN_OBJECT = re.compile(rb'\s*\{\s*"')
@@ -452,8 +454,9 @@ class _Connection(asyncio.Protocol):
         if incoming.headers.get("expect", "").lower() == "100-continue":
             declared = incoming.headers.get("content-length", "0")
             if declared.isdigit() and int(declared) > incoming.limit:  # refused before the client sends it
-                incoming.refusal = (413, f"request body is {declared} bytes; the limit is {incoming.limit}")
-                raise ValueError(incoming.refusal[1])  # llhttp stops: data_received answers with the refusal
+                too_large = PayloadTooLarge.body(declared, incoming.limit)
+                incoming.refusal = (too_large.status, too_large.message)
+                raise too_large  # llhttp stops: data_received answers with the refusal
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -511,9 +514,7 @@ class _Connection(asyncio.Protocol):
         if incoming.method != "POST":
             return self._reply(incoming, _error(404, f"no route for {incoming.method} {path}"))
         if incoming.size > incoming.limit:
-            return self._reply(
-                incoming, _error(413, f"request body is {incoming.size} bytes; the limit is {incoming.limit}")
-            )
+            return self._reply(incoming, error_response(PayloadTooLarge.body(incoming.size, incoming.limit)))
         if path != "/invocations":
             return self._reply(incoming, _error(404, f"no route for POST {path}"))
         step = self.server.begin(incoming.headers, b"".join(incoming.body))
@@ -637,7 +638,6 @@ class _Incoming:
 MAX_HEAD_BYTES = 65536
 MAX_QUEUED = 32  # pipelined requests read ahead on one connection before reading pauses
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
-_FRAMING = ("content-length", "connection", "transfer-encoding")
 _date = (0, "")
 
 
@@ -652,7 +652,7 @@ def _head(response: Response, keep_alive: bool) -> bytes:
         f"Server: {SERVER_NAME}",
         f"Date: {_date[1]}",
     ]
-    lines += [f"{key}: {value}" for key, value in response.headers.items() if key.lower() not in _FRAMING]
+    lines += [f"{key}: {value}" for key, value in response.headers.items() if key.lower() not in FRAMING]
     lines.append(f"Content-Length: {len(response.body)}")
     if not keep_alive:
         lines.append("Connection: close")

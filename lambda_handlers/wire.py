@@ -57,7 +57,7 @@ class Handler(BaseHTTPRequestHandler):
             raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}") from None
         if length > limit:
             self._discard(length)
-            raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+            raise PayloadTooLarge.body(declared, limit)
         return self.rfile.read(length)
 
     def _discard(self, length: int) -> bool:
@@ -94,5 +94,5 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise InvalidInput(f"malformed chunked body: a chunk of {chunk_size} bytes is cut short or overlong")
         if size > limit:
-            raise PayloadTooLarge(f"request body is {size} bytes; the limit is {limit}")
+            raise PayloadTooLarge.body(size, limit)
         return b"".join(chunks)
