@@ -15,6 +15,11 @@ def size_text(size: int) -> str:
     return f"{size / 2**10:.1f} KiB"
 
 
+def counted(count: int, noun: str) -> str:
+    """`1 model`, `3 models`."""
+    return f"{count} {noun}{'s' * (count != 1)}"
+
+
 def files_text(count: int, size: int) -> str:
     """`3 files, 2.4 GiB`: what a model version holds."""
-    return f"{count} file{'s' * (count > 1)}, {size_text(size)}"
+    return f"{counted(count, 'file')}, {size_text(size)}"

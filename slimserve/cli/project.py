@@ -10,7 +10,7 @@ from pathlib import Path
 from slimserve.config import DEFAULT_CONFIG, load_config
 from slimserve.errors import UserError
 
-from .common import add_config, files_text
+from .common import add_config, counted, files_text
 
 
 def add_commands(commands) -> None:
@@ -82,7 +82,7 @@ def _loadable_config(path: str):
 
 def _check(args) -> int:
     config, files = _loadable_config(args.config)
-    print(f"{config.path}: app {config.name!r}, {len(config.models)} model{'' if len(config.models) == 1 else 's'}")
+    print(f"{config.path}: app {config.name!r}, {counted(len(config.models), 'model')}")
     for model in config.models:
         size = files[model.name].size
         described = files_text(len(files[model.name].stored), size)

@@ -302,11 +302,12 @@ class LocalGateway(wire.Server):
     @contextlib.contextmanager
     def request_in_flight(self):
         """Counts the request while it is answered; False (to answer 503) once the gateway is closing."""
-        with self._idle:
-            if self.closing:
-                yield False
-                return
-            self.in_flight += 1
+        with self._idle:  # decided under the lock, answered outside it: a slow client holds up no one
+            admitted = not self.closing
+            self.in_flight += admitted
+        if not admitted:
+            yield False
+            return
         try:
             yield True
         finally:
