@@ -8,7 +8,6 @@ py-spy (the test extra) and, on Linux, ptrace rights over a child process (root,
 
 import argparse
 import collections
-import contextlib
 import linecache
 import os
 import re
@@ -55,13 +54,7 @@ def stage_of(frames: list[str]) -> str:
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """Each thread's user and system CPU seconds so far, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    seconds = {}
-    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rpartition(")")[2].split()
-            seconds[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / ticks
-    return seconds
+    return {thread: seconds for thread, (_, seconds) in serving.proc_stats(f"{pid}/task/*/stat").items()}
 
 
 def profile(seconds: float, concurrency: int = 32) -> list[tuple]:

@@ -352,21 +352,27 @@ def measure(contenders: list[Contender], inputs: np.ndarray, expected: list[np.n
     return cells
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """User and system CPU seconds of the live processes descended from `root` (itself included), as /proc has them;
-    a peer's workers may sit in sessions of their own (BentoML's do), so the tree, not the process group."""
-    ticks, parents, used = os.sysconf("SC_CLK_TCK"), {}, {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
+def proc_stats(pattern: str) -> dict[int, tuple[int, float]]:
+    """For each /proc stat file the glob `pattern` finds (processes, or one process's threads), by its id: the
+    parent's id and the user and system CPU seconds so far."""
+    ticks, stats = os.sysconf("SC_CLK_TCK"), {}
+    for stat in Path("/proc").glob(pattern):
+        with contextlib.suppress(OSError):  # gone since the glob
             fields = stat.read_text().rpartition(")")[2].split()  # after the command name, which may hold spaces
-            pid = int(stat.parent.name)
-            parents[pid], used[pid] = int(fields[1]), int(fields[11]) + int(fields[12])  # ppid; utime + stime
+            stats[int(stat.parent.name)] = int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+    return stats
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds of the live processes descended from `root` (itself included); a peer's workers may sit in
+    sessions of their own (BentoML's do), so the tree, not the process group."""
+    stats = proc_stats("[0-9]*/stat")
     tree, frontier = {root}, [root]
     while frontier:
-        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        children = [pid for pid, (parent, _) in stats.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    return sum(used.get(pid, 0) for pid in tree) / ticks
+    return sum(stats[pid][1] for pid in tree if pid in stats)
 
 
 def reference_outputs(model: Path, inputs: np.ndarray) -> list[np.ndarray]:
@@ -396,7 +402,7 @@ def serving_throughput(duration_s: float, rounds: int = 3) -> list[tuple]:
     rows += peer_ratios(cells, ours, peers, f"MLP {MLP_WIDTHS}, {context}")
     tiny_rows, cells, ours, peers = _serve_and_measure(TINY_WIDTHS, "tiny", duration_s, rounds, CONCURRENCIES[-1:])
     most = CONCURRENCIES[-1]
-    best = max(peers, key=lambda peer: cells[peer, most].median("throughput"))
+    best = best_peer(cells, peers, most)
     ratio = cells[ours, most].median("throughput") / cells[best, most].median("throughput")
     return rows + tiny_rows + [(f"tiny model, {most} clients: slimserve batched / best peer throughput", ratio, "report",
                                 f"best peer {best}; MLP {TINY_WIDTHS}, {context}", True, "x")]
@@ -425,6 +431,11 @@ def _serve_and_measure(widths: tuple[int, ...], label: str, duration_s: float, r
     return rows, cells, batched.name, [peer.name for peer in peers]
 
 
+def best_peer(cells: dict[tuple[str, int], Cell], peers: list[str], concurrency: int) -> str:
+    """The peer with the most throughput at `concurrency`."""
+    return max(peers, key=lambda peer: cells[peer, concurrency].median("throughput"))
+
+
 def peer_ratios(cells: dict[tuple[str, int], Cell], ours: str, peers: list[str], context: str) -> list[tuple]:
     """The targets against the best peer: at the most clients, throughput >= 1.5x its and p99 no worse; at one
     client, p50 no worse than the lowest peer p50. Every peer's ratio is reported too."""
@@ -433,7 +444,7 @@ def peer_ratios(cells: dict[tuple[str, int], Cell], ours: str, peers: list[str],
     rows = [(f"serving {most} clients: slimserve batched / {peer} throughput", ours_most.median("throughput")
              / cells[peer, most].median("throughput"), "report", f"{ours_most.median('throughput'):.0f} vs "
              f"{cells[peer, most].median('throughput'):.0f} req/s", True, "x") for peer in peers]
-    best = max(peers, key=lambda peer: cells[peer, most].median("throughput"))
+    best = best_peer(cells, peers, most)
     ratio = ours_most.median("throughput") / cells[best, most].median("throughput")
     quickest = min(peers, key=lambda peer: cells[peer, fewest].median("p50_ms"))
     return rows + [
