@@ -1,17 +1,19 @@
 """Dynamic batching: concurrent requests for one model gathered into one runtime call.
 
 Requests wait at most `max_delay_ms` for company, up to `max_batch_size` rows, and only
-while the server holds requests that have not reached the batcher yet (`arrive`): a lone
-request runs at once. Inputs are concatenated along the batch dimension and each caller
-gets its own rows back. Only models whose every input has a dynamic first dimension are
-batched; other calls run one at a time on the same workers. With several workers one
-gathers the next batch while others run theirs.
+while more is likely to come: the server holds requests that have not reached the batcher
+yet (`arrive`), or a client it just answered came back within the delay last time
+(`answered`). So a lone request runs at once, and clients that send their next request as
+soon as answered make full batches. Inputs are concatenated along the batch dimension and
+each caller gets its own rows back. Only models whose every input has a dynamic first
+dimension are batched; other calls run one at a time on the same workers. With several
+workers one gathers the next batch while others run theirs.
 """
 
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -24,6 +26,42 @@ class _Pending:
 
     def __init__(self, inputs, outputs, rows, done: Done):
         self.inputs, self.outputs, self.rows, self.done = inputs, outputs, rows, done
+
+
+class _Client:
+    """What the batcher knows of one client: when its last answer was ready, and how soon it came back before."""
+
+    __slots__ = ("answered", "gap")
+
+    def __init__(self):
+        self.answered: float | None = None
+        self.gap: float | None = None
+
+
+class CallCost:
+    """A runtime call's seconds as a fixed part plus a part per row: a least-squares line through recent calls
+    (each call's weight decays by `decay` per later call)."""
+
+    def __init__(self, decay: float = 0.98):
+        self.decay = decay
+        self._sums = [0.0] * 5  # weights, rows, seconds, rows², rows x seconds
+
+    def add(self, rows: int, seconds: float) -> None:
+        for index, value in enumerate((1.0, rows, seconds, rows * rows, rows * seconds)):
+            self._sums[index] = self._sums[index] * self.decay + value
+
+    def fixed(self) -> float:
+        """The fixed part, what a call costs whatever its rows: the whole call while every call had the same rows
+        (no line to fit), 0 before any call."""
+        weight, rows, seconds, squares, products = self._sums
+        if not weight:
+            return 0.0
+        mean_rows, mean_seconds = rows / weight, seconds / weight
+        spread = squares / weight - mean_rows**2
+        if spread < 0.01:
+            return mean_seconds
+        per_row = (products / weight - mean_rows * mean_seconds) / spread
+        return min(max(mean_seconds - per_row * mean_rows, 0.0), mean_seconds)
 
 
 def batch_first(specs) -> bool:
@@ -57,16 +95,27 @@ class BatchingModel:
         self.in_hand = 0  # requests the server holds
         self.reached = 0  # of those, the ones that have been submitted: the rest may still come
         self._queue: "queue.Queue[_Pending]" = queue.Queue()
+        self._call_cost = CallCost()
+        self._clients: dict[Hashable, _Client] = {}  # those the server told of, until they are gone
+        self._expected: dict[Hashable, float] = {}  # of those, the ones a gathering batch waits for, and until when
         self._carried: _Pending | None = None  # taken by a gatherer, too big to join its batch: the next batch's first
         self._lock = threading.Lock()
         self._gathering = threading.Lock()
         for index in range(workers):
             threading.Thread(target=self._loop, name=f"batcher-{index}", daemon=True).start()
 
-    def arrive(self) -> None:
-        """The server holds a request that may come here: worth waiting for while a batch gathers."""
+    def arrive(self, client: Hashable = None) -> None:
+        """The server holds a request that may come here (from `client`, when the server knows them apart): worth
+        waiting for while a batch gathers."""
+        now = time.monotonic()
         with self._lock:
             self.in_hand += 1
+            if client is None:
+                return
+            known = self._clients.setdefault(client, _Client())
+            if known.answered is not None:
+                known.gap, known.answered = now - known.answered, None
+            self._expected.pop(client, None)
 
     def reach(self) -> None:
         """A request the server holds is about to be submitted."""
@@ -78,6 +127,31 @@ class BatchingModel:
         with self._lock:
             self.in_hand -= 1
             self.reached -= reached
+
+    def answered(self, client: Hashable) -> None:
+        """`client`'s answer is ready. One whose last request came within the delay of its answer is likely to come
+        back as soon again: a gathering batch waits for it, up to twice that gap."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._clients.get(client)
+            if known is None:  # gone already
+                return
+            known.answered = now
+            if known.gap is not None and known.gap <= self.max_delay:
+                self._expected[client] = now + min(self.max_delay, 2 * known.gap)
+
+    def gone(self, client: Hashable) -> None:
+        """`client` will send nothing more."""
+        with self._lock:
+            self._clients.pop(client, None)
+            self._expected.pop(client, None)
+
+    def _awaited(self) -> tuple[int, float]:
+        """How many clients expected back are still waited for, and until when the last of them is."""
+        now = time.monotonic()
+        with self._lock:
+            waited = [until for until in self._expected.values() if until > now]
+        return len(waited), max(waited, default=0.0)
 
     def submit(self, inputs: dict[str, np.ndarray], output_names: list[str], done: Done) -> None:
         rows = next(iter(inputs.values())).shape[0] if inputs else 0
@@ -117,9 +191,14 @@ class BatchingModel:
         batch, rows = [first], first.rows
         if self._alone(first):
             return batch
-        deadline = time.monotonic() + self.max_delay
-        while rows < self.max_batch_size and (self.in_hand > self.reached or not self._queue.empty()):
-            remaining = deadline - time.monotonic()
+        started = time.monotonic()
+        deadline = started + self.max_delay
+        while rows < self.max_batch_size:
+            if self.in_hand > self.reached or not self._queue.empty():
+                until = deadline
+            else:
+                until = min(deadline, self._worth_waiting_until(started, len(batch)))
+            remaining = until - time.monotonic()
             if remaining <= 0:
                 break
             try:
@@ -132,6 +211,15 @@ class BatchingModel:
             batch.append(item)
             rows += item.rows
         return batch
+
+    def _worth_waiting_until(self, started: float, requests: int) -> float:
+        """Until when clients expected back are worth the runtime's idle wait: with k of them expected, each bringing
+        as many rows as a request in hand, n requests in hand, and a call costing `fixed` plus a part per row, the
+        batch's rows per second of runtime come out ahead exactly while the time waited is under fixed * k / n. So
+        a model whose calls cost much the same at any size (a GPU's) waits for them; one whose cost is all rows
+        does not."""
+        expected, last = self._awaited()
+        return min(last, started + self._call_cost.fixed() * expected / requests)
 
     def _run_groups(self, batch: list[_Pending]) -> None:
         """Requests batch together when they ask for the same outputs and agree on every non-batch dimension."""
@@ -153,7 +241,10 @@ class BatchingModel:
                 self.runtime_calls += 1
             total = sum(item.rows for item in items)
             self.on_runtime_call(total)
+            started = time.monotonic()
             results = self.runtime.run(inputs, list(items[0].outputs))
+            with self._lock:
+                self._call_cost.add(total, time.monotonic() - started)
             if len(items) > 1 and not one_row_each(results, total):
                 for item in items:  # an output without the batch dimension cannot be split: run them one by one
                     self._run([item])

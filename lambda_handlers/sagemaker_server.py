@@ -405,6 +405,8 @@ class _Connection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def connection_lost(self, exc) -> None:
+        if self.server.serving.batching is not None:
+            self.server.serving.batching.gone(self)
         self.server.connections.discard(self)
         if self.incoming is not None:  # cut off before its request was whole: it will not come
             self._leave(self.incoming)
@@ -450,7 +452,7 @@ class _Connection(asyncio.Protocol):
         incoming.method = self.parser.get_method().decode("latin-1")
         incoming.limit = self.server.serving.core.max_body_bytes
         if incoming.method == "POST":
-            incoming.hold(self.server.serving.batching)
+            incoming.hold(self.server.serving.batching, self)
         if incoming.headers.get("expect", "").lower() == "100-continue":
             declared = incoming.headers.get("content-length", "0")
             if declared.isdigit() and int(declared) > incoming.limit:  # refused before the client sends it
@@ -528,6 +530,8 @@ class _Connection(asyncio.Protocol):
         server = self.server
 
         def done(results, error) -> None:  # on a batch worker's thread
+            if incoming.keep_alive and not self.queued:  # the client's next request comes once this is answered
+                batching.answered(self)
             elapsed_ms = (time.perf_counter() - incoming.started) * 1000
             server.hand_back(functools.partial(self._finish, incoming, step, results, error, elapsed_ms))
 
@@ -617,10 +621,10 @@ class _Incoming:
         self.reached = False
         self.refusal: tuple[int, str] | None = None
 
-    def hold(self, batching: BatchingModel | None) -> None:
+    def hold(self, batching: BatchingModel | None, connection: "_Connection") -> None:
         """A POST, whose body is still to come: worth a batch's wait."""
         if batching is not None:
-            batching.arrive()
+            batching.arrive(connection)
             self.batching = batching
 
     def add_head(self, size: int) -> None:

@@ -23,8 +23,10 @@ from support import MODELS, ROOT
 from test_conformance import raw_exchange
 from test_v2 import triton_request, triton_result
 
+from slimserve.lambda_handlers import batching as batching_module
 from slimserve.lambda_handlers.batching import (
     BatchingModel,
+    CallCost,
     FixedBatchSizes,
     powers_of_two,
 )
@@ -217,9 +219,9 @@ def test_sigterm_lets_a_request_in_flight_finish():
 
 
 @contextlib.contextmanager
-def held(batching: BatchingModel):
+def held(batching: BatchingModel, client: object = None):
     """A request as the server holds it: arrived at once, reaching the batcher when it runs, gone after."""
-    batching.arrive()
+    batching.arrive(client)
     reached = []
 
     def run(inputs, output_names):
@@ -295,6 +297,107 @@ def test_a_request_still_writing_its_answer_is_not_waited_for(iris, iris_test_sp
     writing_done.set()
     writer.join(timeout=60)
     assert answers == iris.run({"features": test_x[:2]}, ["label"])["label"].tolist() and batching.runtime_calls == 2
+
+
+class FrozenClock:
+    """Stands for `time` in the batcher: the time it says moves only when a test moves it, so a client's gap, a
+    call's cost and the wait they earn are set by the test (in real time, waiting would last that long)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class ClockedRuntime:
+    """The real runtime, each call moving the frozen clock on by `fixed` seconds plus `per_row` a row."""
+
+    def __init__(self, runtime, clock: FrozenClock, fixed: float, per_row: float):
+        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        self.clock, self.fixed, self.per_row = clock, fixed, per_row
+
+    def run(self, inputs, output_names):
+        self.clock.now += self.fixed + self.per_row * len(next(iter(inputs.values())))
+        return self.runtime.run(inputs, output_names)
+
+
+def came_back_before(batching: BatchingModel, clock: FrozenClock, client: object, gap_s: float, rows: np.ndarray) -> None:
+    """`client` sent one row and was answered, sent three more `gap_s` later, and that answer is ready now: two
+    calls of different sizes, so the batcher can tell a call's fixed cost from its cost per row."""
+    with held(batching, client) as run:
+        run({"features": rows[:1]}, ["label"])
+    batching.answered(client)
+    clock.now += gap_s
+    with held(batching, client) as run:
+        run({"features": rows[1:4]}, ["label"])
+    batching.answered(client)
+
+
+def test_a_client_that_came_back_promptly_is_waited_for_when_a_call_costs_more_than_its_rows(iris, iris_test_split, monkeypatch):
+    test_x, _ = iris_test_split
+    clock = FrozenClock()
+    monkeypatch.setattr(batching_module, "time", clock)
+    batching = BatchingModel(ClockedRuntime(iris, clock, fixed=1000, per_row=0), max_batch_size=32, max_delay_ms=600_000)
+    returning, answers = object(), {}
+    came_back_before(batching, clock, returning, 100, test_x)  # expected back within 200 s, worth 1000 s of wait
+    calls = batching.runtime_calls
+
+    def request(index: int, client: object = None):
+        with held(batching, client) as run:
+            answers[index] = run({"features": test_x[index:index + 1]}, ["label"])["label"][0]
+
+    lone = threading.Thread(target=request, args=(0,), daemon=True)
+    lone.start()
+    while batching.requests < 3:
+        time.sleep(0.001)
+    request(1, returning)  # the lone request waited for it: one call
+    lone.join(timeout=60)
+    assert [answers[0], answers[1]] == iris.run({"features": test_x[:2]}, ["label"])["label"].tolist()
+    assert batching.runtime_calls - calls == 1
+
+
+@pytest.mark.parametrize("history", ["never came back", "slower than the delay", "gone", "calls cost only their rows"])
+def test_a_lone_request_does_not_wait_for_a_client_unlikely_to_come_or_not_worth_it(iris, iris_test_split, monkeypatch, history):
+    test_x, _ = iris_test_split
+    clock = FrozenClock()
+    monkeypatch.setattr(batching_module, "time", clock)
+    fixed, per_row = (0, 1000) if history == "calls cost only their rows" else (1000, 0)
+    # waiting would mean ten minutes
+    batching = BatchingModel(ClockedRuntime(iris, clock, fixed, per_row), max_batch_size=32, max_delay_ms=600_000)
+    client = object()
+    if history == "never came back":
+        with held(batching, client):
+            pass
+        batching.answered(client)
+    else:
+        came_back_before(batching, clock, client, 700 if history == "slower than the delay" else 100, test_x)
+    if history == "gone":
+        batching.gone(client)
+    calls, answers = batching.runtime_calls, []
+
+    def request():
+        with held(batching) as run:
+            answers.append(run({"features": test_x[:1]}, ["label"])["label"])
+
+    thread = threading.Thread(target=request, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert answers == [iris.run({"features": test_x[:1]}, ["label"])["label"]] and batching.runtime_calls - calls == 1
+
+
+def test_a_call_s_cost_is_split_into_a_fixed_part_and_a_part_per_row():
+    cost = CallCost()
+    assert cost.fixed() == 0  # nothing known
+    cost.add(4, 0.5)
+    assert cost.fixed() == 0.5  # one size only: the whole call
+    for rows, seconds in [(1, 0.2), (8, 0.9), (16, 1.7), (32, 3.3)]:
+        cost.add(rows, seconds)
+    assert cost.fixed() == pytest.approx(0.1)  # 0.1 s a call and 0.1 s a row
+    for _ in range(400):  # old calls fade: now the rows cost nothing
+        cost.add(1, 2.0)
+        cost.add(32, 2.0)
+    assert cost.fixed() == pytest.approx(2.0, rel=1e-3)
 
 
 class HeldRuntime:
@@ -582,3 +685,48 @@ def test_clients_gone_mid_body_or_mid_batch_are_not_waited_for(iris_test_split):
         assert call(url, "POST", "/invocations", body, {"Content-Type": "application/json"})[0] == 200
         stopped = time.monotonic()
     assert time.monotonic() - stopped < 10  # serving() sent SIGTERM and saw the program exit 0
+
+
+class FixedCostRuntime:
+    """The real runtime, each call taking `seconds` more whatever its rows, as a call on a GPU costs much the same at
+    any size."""
+
+    def __init__(self, runtime, seconds: float):
+        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        self.seconds = seconds
+
+    def run(self, inputs, output_names):
+        time.sleep(self.seconds)
+        return self.runtime.run(inputs, output_names)
+
+
+def test_a_keep_alive_client_that_came_back_promptly_is_batched_with_a_lone_request(iris):
+    from slimserve.lambda_handlers.sagemaker_server import SageMakerServer
+
+    batching = BatchingModel(FixedCostRuntime(iris, 1.0), max_batch_size=32, max_delay_ms=600_000)
+    server = SageMakerServer(ServedModel("iris", "1", runtime=batching), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    body, headers = json.dumps(IRIS_ROW).encode(), {"Content-Type": "application/json"}
+    returning = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+
+    def ask() -> int:
+        returning.request("POST", "/invocations", body, headers)
+        answer = returning.getresponse()
+        answer.read()
+        return answer.status
+
+    try:
+        assert ask() == 200  # the first answer: nothing known of this client yet
+        time.sleep(0.5)
+        assert ask() == 200  # back half a second after its answer: expected within a second of this one
+        lone = threading.Thread(target=call, args=(url, "POST", "/invocations", body, headers), daemon=True)
+        lone.start()
+        while batching.requests < 3:  # at the batcher, which waits for the client expected back: a call costs 1 s
+            time.sleep(0.01)
+        assert ask() == 200
+        lone.join(timeout=60)
+    finally:
+        returning.close()
+        server.shutdown()
+    assert (batching.requests, batching.runtime_calls) == (4, 3)
