@@ -235,21 +235,6 @@ def held(batching: BatchingModel, client: object = None):
         batching.leave(bool(reached))
 
 
-def test_a_lone_request_does_not_wait_for_company(iris, iris_test_split):
-    test_x, _ = iris_test_split
-    batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)  # waiting would mean ten minutes
-    answers = []
-
-    def request():
-        with held(batching) as run:
-            answers.append(run({"features": test_x[:1]}, ["label"])["label"])
-
-    thread = threading.Thread(target=request, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    assert answers == [iris.run({"features": test_x[:1]}, ["label"])["label"]] and batching.runtime_calls == 1
-
-
 def test_a_batch_waits_for_the_requests_the_server_has_in_hand(iris, iris_test_split):
     test_x, _ = iris_test_split
     batching = BatchingModel(iris, max_batch_size=32, max_delay_ms=600_000)
@@ -357,8 +342,9 @@ def test_a_client_that_came_back_promptly_is_waited_for_when_a_call_costs_more_t
     assert batching.runtime_calls - calls == 1
 
 
-@pytest.mark.parametrize("history", ["never came back", "slower than the delay", "gone", "calls cost only their rows"])
-def test_a_lone_request_does_not_wait_for_a_client_unlikely_to_come_or_not_worth_it(iris, iris_test_split, monkeypatch, history):
+@pytest.mark.parametrize(
+    "history", ["no other client", "never came back", "slower than the delay", "gone", "calls cost only their rows"])
+def test_a_lone_request_does_not_wait_for_company_unlikely_to_come_or_not_worth_it(iris, iris_test_split, monkeypatch, history):
     test_x, _ = iris_test_split
     clock = FrozenClock()
     monkeypatch.setattr(batching_module, "time", clock)
@@ -370,7 +356,7 @@ def test_a_lone_request_does_not_wait_for_a_client_unlikely_to_come_or_not_worth
         with held(batching, client):
             pass
         batching.answered(client)
-    else:
+    elif history != "no other client":
         came_back_before(batching, clock, client, 700 if history == "slower than the delay" else 100, test_x)
     if history == "gone":
         batching.gone(client)
