@@ -146,13 +146,6 @@ class BatchingModel:
             self._clients.pop(client, None)
             self._expected.pop(client, None)
 
-    def _awaited(self) -> tuple[int, float]:
-        """How many clients expected back are still waited for, and until when the last of them is."""
-        now = time.monotonic()
-        with self._lock:
-            waited = [until for until in self._expected.values() if until > now]
-        return len(waited), max(waited, default=0.0)
-
     def submit(self, inputs: dict[str, np.ndarray], output_names: list[str], done: Done) -> None:
         rows = next(iter(inputs.values())).shape[0] if inputs else 0
         with self._lock:
@@ -218,8 +211,11 @@ class BatchingModel:
         batch's rows per second of runtime come out ahead exactly while the time waited is under fixed * k / n. So
         a model whose calls cost much the same at any size (a GPU's) waits for them; one whose cost is all rows
         does not."""
-        expected, last = self._awaited()
-        return min(last, started + self._call_cost.fixed() * expected / requests)
+        now = time.monotonic()
+        with self._lock:
+            expected = [until for until in self._expected.values() if until > now]
+            fixed = self._call_cost.fixed()
+        return min(max(expected, default=0.0), started + fixed * len(expected) / requests)
 
     def _run_groups(self, batch: list[_Pending]) -> None:
         """Requests batch together when they ask for the same outputs and agree on every non-batch dimension."""
