@@ -295,16 +295,26 @@ class FrozenClock:
         return self.now
 
 
-class ClockedRuntime:
+class WrappedRuntime:
+    """The real runtime behind a test double: the batcher sees its signature, platform and format, and its run."""
+
+    def __init__(self, runtime):
+        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+
+    def run(self, inputs, output_names):
+        return self.runtime.run(inputs, output_names)
+
+
+class ClockedRuntime(WrappedRuntime):
     """The real runtime, each call moving the frozen clock on by `fixed` seconds plus `per_row` a row."""
 
     def __init__(self, runtime, clock: FrozenClock, fixed: float, per_row: float):
-        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        super().__init__(runtime)
         self.clock, self.fixed, self.per_row = clock, fixed, per_row
 
     def run(self, inputs, output_names):
         self.clock.now += self.fixed + self.per_row * len(next(iter(inputs.values())))
-        return self.runtime.run(inputs, output_names)
+        return super().run(inputs, output_names)
 
 
 def came_back_before(batching: BatchingModel, clock: FrozenClock, client: object, gap_s: float, rows: np.ndarray) -> None:
@@ -386,11 +396,11 @@ def test_a_call_s_cost_is_split_into_a_fixed_part_and_a_part_per_row():
     assert cost.fixed() == pytest.approx(2.0, rel=1e-3)
 
 
-class HeldRuntime:
+class HeldRuntime(WrappedRuntime):
     """The real runtime, whose first call waits until the test lets it go; it keeps each call's rows."""
 
     def __init__(self, runtime):
-        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        super().__init__(runtime)
         self.release, self.calls, self.rows = threading.Event(), 0, []
 
     def run(self, inputs, output_names):
@@ -398,7 +408,7 @@ class HeldRuntime:
         self.rows.append(len(next(iter(inputs.values()))))
         if self.calls == 1:
             self.release.wait(timeout=60)
-        return self.runtime.run(inputs, output_names)
+        return super().run(inputs, output_names)
 
 
 def test_a_second_worker_gathers_and_runs_while_the_first_batch_runs(iris, iris_test_split):
@@ -673,17 +683,17 @@ def test_clients_gone_mid_body_or_mid_batch_are_not_waited_for(iris_test_split):
     assert time.monotonic() - stopped < 10  # serving() sent SIGTERM and saw the program exit 0
 
 
-class FixedCostRuntime:
+class FixedCostRuntime(WrappedRuntime):
     """The real runtime, each call taking `seconds` more whatever its rows, as a call on a GPU costs much the same at
     any size."""
 
     def __init__(self, runtime, seconds: float):
-        self.runtime, self.signature, self.platform, self.format = runtime, runtime.signature, runtime.platform, runtime.format
+        super().__init__(runtime)
         self.seconds = seconds
 
     def run(self, inputs, output_names):
         time.sleep(self.seconds)
-        return self.runtime.run(inputs, output_names)
+        return super().run(inputs, output_names)
 
 
 def test_a_keep_alive_client_that_came_back_promptly_is_batched_with_a_lone_request(iris):
