@@ -72,7 +72,9 @@ def test_unconvertible_estimator_is_refused_and_nothing_written(iris_data, tmp_p
             return np.ones((len(x), 3)) / 3
 
     train_x, test_x, train_y, _ = iris_data
-    with pytest.raises(ConvertError, match=rf"^{tmp_path}/custom.onnx: skl2onnx cannot convert Custom: "):
+    with pytest.raises(ConvertError, match=rf"^{tmp_path}/custom.onnx: skl2onnx \d+\.\d+\.\d+ cannot convert Custom: it has no "
+                                           "converter for it; replace it with a step skl2onnx supports, or convert it "
+                                           "yourself and give convert the .onnx$"):
         convert_sklearn(Custom().fit(train_x, train_y), test_x, tmp_path / "custom.onnx")
     assert not (tmp_path / "custom.onnx").exists()
 
@@ -121,5 +123,7 @@ def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "model.joblib"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "m.onnx")]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'm.onnx'}: checked on 45 samples, max |diff| ")
     assert main(["convert", str(tmp_path / "samples.npy"), "--samples", str(tmp_path / "samples.npy"), "--out", str(tmp_path / "x.onnx")]) == 2
-    assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn model (.joblib, .pkl), "
-                                       "a saved PyTorch module (.pt, .pth) or a Keras model (.keras, .h5)\n")
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn, XGBoost, LightGBM or "
+                                       "CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) or "
+                                       "CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth) or a Keras model "
+                                       "(.keras, .h5)\n")

@@ -6,6 +6,7 @@ from support import MODELS
 
 from slimserve.lambda_handlers.runtimes import OnnxModel
 from slimserve.modeltools.optimize import OptimizeError, optimize
+from slimserve.modeltools.samples import SamplesError
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_tflite_and_bad_samples_are_refused_with_the_reason(digits_onnx, tmp_pat
         "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, optimize "
         "its Keras source (.keras, .h5) with the tensorflow extra: pip install 'slimserve[tensorflow]'")
     (tmp_path / "samples.npy").write_bytes(b"not numpy")
-    with pytest.raises(OptimizeError, match=rf"^{tmp_path}/samples.npy: not a numpy .npy/.npz file of samples: "):
+    with pytest.raises(SamplesError, match=rf"^{tmp_path}/samples.npy: not a numpy .npy file: "):
         optimize(folder / "digits.onnx", "int8", tmp_path / "samples.npy", 0.01, tmp_path / "x.onnx")
     with pytest.raises(OptimizeError, match=r"^unknown level 'int4': expected one of graph, int8, fp16$"):
         optimize(folder / "digits.onnx", "int4", folder / "samples.npy", 0.01, tmp_path / "x.onnx")

@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-from slimserve.errors import UserError
-
 
 def add_commands(commands) -> None:
     examples = commands.add_parser("examples", help="train the example models and write them")
@@ -11,20 +9,26 @@ def add_commands(commands) -> None:
     examples.set_defaults(run=_examples)
 
     convert = commands.add_parser(
-        "convert", help="a scikit-learn or PyTorch model to ONNX, or Keras to TFLite, checked on samples first"
+        "convert",
+        help="a scikit-learn, XGBoost, LightGBM, CatBoost or PyTorch model to ONNX, or Keras to TFLite, "
+        "checked on samples first",
     )
     convert.add_argument(
         "model",
-        help="scikit-learn (.joblib, .pkl), PyTorch module (.pt, .pth, saved whole) "
-        "or Keras (.keras, .h5; needs the tensorflow extra)",
+        help="scikit-learn, XGBoost, LightGBM or CatBoost (.joblib, .pkl), XGBoost (.json, .ubj), LightGBM (.txt), "
+        "CatBoost (.cbm), PyTorch module (.pt, .pth, saved whole) or Keras (.keras, .h5; needs the tensorflow extra)",
     )
-    convert.add_argument("--samples", required=True, help=".npy of representative inputs")
+    convert.add_argument(
+        "--samples",
+        required=True,
+        help="representative inputs: .npy (numbers or strings), .npz (named arrays) or .csv (a header of column names)",
+    )
     convert.add_argument("--out", required=True, help="the .onnx file to write (.tflite for Keras)")
     convert.add_argument(
         "--tolerance",
         type=float,
         default=1e-4,
-        help="largest absolute output difference accepted (default: %(default)s)",
+        help="largest output difference accepted, relative to the value where it is past 1 (default: %(default)s)",
     )
     convert.add_argument(
         "--external-data",
@@ -69,48 +73,9 @@ def _examples(args) -> int:
 
 
 def _convert(args) -> int:
-    import numpy as np
+    from slimserve.modeltools.convert import convert_file
 
-    from slimserve.modeltools.convert import (
-        KERAS_SUFFIXES,
-        ConvertError,
-        convert_keras,
-        convert_sklearn,
-        convert_torch,
-        load_keras,
-    )
-
-    source = Path(args.model)
-    try:
-        samples = np.load(args.samples, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise UserError(f"--samples {args.samples}: not a numpy .npy file of samples: {error}") from None
-    if args.external_data and source.suffix not in (".pt", ".pth"):
-        raise UserError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
-    # the user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is
-    if source.suffix in (".joblib", ".pkl", ".pickle"):
-        import joblib
-
-        estimator = joblib.load(source)
-        width = getattr(estimator, "n_features_in_", None)
-        if width is not None and (samples.ndim != 2 or samples.shape[1] != width):
-            raise UserError(
-                f"--samples {args.samples}: expected rows of {width} features, as {source} was fitted on, "
-                f"found an array of shape {samples.shape}"
-            )
-        result = convert_sklearn(estimator, samples, Path(args.out), args.tolerance)
-    elif source.suffix in (".pt", ".pth"):
-        import torch
-
-        module = torch.load(source, weights_only=False)
-        result = convert_torch(module, samples, Path(args.out), args.tolerance, external_data=args.external_data)
-    elif source.suffix in KERAS_SUFFIXES:
-        result = convert_keras(load_keras(source), samples, Path(args.out), args.tolerance)
-    else:
-        raise ConvertError(
-            f"{source}: expected a scikit-learn model (.joblib, .pkl), a saved PyTorch module (.pt, .pth) "
-            "or a Keras model (.keras, .h5)"
-        )
+    result = convert_file(Path(args.model), Path(args.samples), Path(args.out), args.tolerance, args.external_data)
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
     data = f" (weights in {', '.join(result.data_files)})" if result.data_files else ""
     print(

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.errors import UserError
-from slimserve.lambda_handlers.runtimes import OnnxModel, TfliteModel
+from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel
 from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 
 TARGET_OPSET = 17
@@ -64,26 +64,55 @@ def save_onnx(model, path: Path, external: bool = False) -> None:
     onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True, location=data.name)
 
 
+@dataclass(frozen=True)
+class OnnxResult:
+    """A converter's graph, the feeds that check it (the samples as its inputs take them) and what the original
+    framework answered on the same samples, by output name."""
+
+    model: object
+    feeds: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+
+
+def converter_failed(source, what: str, converter: str, error: Exception) -> ConvertError:
+    """One line for a converter's refusal: the file, the estimator or operator, the converter and its version."""
+    from importlib import metadata
+
+    if type(error).__name__ in ("MissingShapeCalculator", "MissingConverter"):
+        reason = "it has no converter for it"
+    else:  # the first sentence of what the converter said, on one line
+        reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
+        reason = reason if len(reason) <= 300 else f"{reason[:300]}…"
+    return ConvertError(
+        f"{source}: {converter} {metadata.version(converter)} cannot convert {what}: {reason}; "
+        f"replace it with a step {converter} supports, or convert it yourself and give convert the .onnx"
+    )
+
+
 def _check(
     model: OnnxModel | TfliteModel,
+    feeds: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
-    samples: np.ndarray,
     out: Path,
     tolerance: float,
 ) -> tuple[float, float | None]:
     """Max |diff| and label agreement of `model`, loaded in the runtime that will serve it, so the check is the
-    served behaviour; a ConvertError past the tolerance."""
-    got = model.run({model.signature.inputs[0].name: samples}, list(expected))
-    max_diff, agreement = 0.0, None
+    served behaviour; a ConvertError past the tolerance (relative to the value where its size is past 1)."""
+    got = model.run(feeds, list(expected))
+    max_diff, max_relative, agreement = 0.0, 0.0, None
     for name, reference in expected.items():
+        reference = np.asarray(reference)
+        answer = got[name].reshape(reference.shape)
         if reference.dtype.kind == "f":
-            max_diff = max(max_diff, float(np.abs(got[name].astype(np.float64) - reference).max()))
-        else:
-            agreement = float((got[name] == reference).mean())
-    if max_diff > tolerance or (agreement is not None and agreement < 1.0):
-        found = f"max |diff| {max_diff:.3g} (tolerance {tolerance:g})" + (
-            f", labels agree on {agreement:.2%}" if agreement is not None else ""
-        )
+            diff = np.abs(answer.astype(np.float64) - reference)
+            max_diff = max(max_diff, float(diff.max()))
+            max_relative = max(max_relative, float((diff / np.maximum(1.0, np.abs(reference))).max()))
+        else:  # labels: numbers, booleans (skl2onnx writes them as 0 and 1) or strings, as the client reads them
+            answer, reference = (a.astype(np.int64) if a.dtype == bool else a for a in (answer, reference))
+            agreement = float((answer.astype(str) == reference.astype(str)).mean())
+    if max_relative > tolerance or (agreement is not None and agreement < 1.0):
+        found = f"max |diff| {max_diff:.3g}" + (f" ({max_relative:.3g} relative)" if max_relative != max_diff else "")
+        found += f" (tolerance {tolerance:g})" + (f", labels agree on {agreement:.2%}" if agreement is not None else "")
         raise ConvertError(
             f"{out}: not written: the {FORMAT_NAMES[model.format]} model disagrees with the original "
             f"on the samples: {found}"
@@ -94,40 +123,53 @@ def _check(
 def _check_and_write(
     model: OnnxModel | TfliteModel,
     model_bytes: bytes,
+    feeds: dict[str, np.ndarray],
     expected: dict[str, np.ndarray],
-    samples: np.ndarray,
     out: Path,
     tolerance: float,
 ) -> Conversion:
     """`model` is `model_bytes` loaded: checked, then written."""
-    max_diff, agreement = _check(model, expected, samples, out, tolerance)
+    max_diff, agreement = _check(model, feeds, expected, out, tolerance)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(model_bytes)
-    return Conversion(str(out), max_diff, agreement, len(samples))
+    return Conversion(str(out), max_diff, agreement, len(next(iter(feeds.values()))))
 
 
-def convert_sklearn(estimator, samples: np.ndarray, out: Path, tolerance: float = 1e-4) -> Conversion:
-    """A fitted estimator or pipeline; classifiers give `label` and `probabilities` tensors."""
-    from skl2onnx import to_onnx
-    from skl2onnx.common.exceptions import MissingShapeCalculator
-
-    samples = np.asarray(samples, dtype=np.float32)
-    classifier = hasattr(estimator, "predict_proba")
-    final = estimator.steps[-1][1] if hasattr(estimator, "steps") else estimator
-    options = {id(final): {"zipmap": False}} if classifier else None
+def check_and_save_onnx(result: OnnxResult, out: Path, tolerance: float) -> Conversion:
+    """A converter's graph, tidied (one opset per domain, a dynamic batch on every output), checked in ONNX
+    Runtime on the samples and written to `out`."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise ConvertError(f"{out}: this model converts to ONNX: expected an output path ending in .onnx")
+    clean_opset_imports(result.model)
+    _dynamic_batch_outputs(result.model)
+    onnx_bytes = result.model.SerializeToString()
     try:
-        model = to_onnx(estimator, samples[:1], options=options, target_opset=TARGET_OPSET)
-    except MissingShapeCalculator as error:
-        raise ConvertError(f"{out}: skl2onnx cannot convert {type(final).__name__}: {error}") from None
-    names = {"X": "features", "output_label": "label", "output_probability": "probabilities", "variable": "predictions"}
-    _rename(model, names)
-    clean_opset_imports(model)
-    if classifier:
-        expected = {"label": estimator.predict(samples), "probabilities": estimator.predict_proba(samples)}
-    else:
-        expected = {"predictions": np.asarray(estimator.predict(samples)).reshape(len(samples), -1)}
-    onnx_bytes = model.SerializeToString()
-    return _check_and_write(OnnxModel(onnx_bytes), onnx_bytes, expected, samples, Path(out), tolerance)
+        model = OnnxModel(onnx_bytes)
+    except ModelLoadError as error:
+        raise ConvertError(f"{out}: not written: the converted model does not load: {error}") from None
+    return _check_and_write(model, onnx_bytes, result.feeds, result.expected, out, tolerance)
+
+
+def _dynamic_batch_outputs(model) -> None:
+    """Outputs whose first dimension a converter fixed (LightGBM's label at 1): ONNX Runtime would warn on every
+    batch of another size, so the first dimension is the batch's, as the inputs have it."""
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        if dims and dims[0].HasField("dim_value"):
+            dims[0].dim_param = "N"
+
+
+def convert_sklearn(estimator, samples, out: Path, tolerance: float = 1e-4, source: str | None = None) -> Conversion:
+    """A fitted estimator or pipeline; `samples` a Samples or an array of rows. Classifiers give `label` and
+    `probabilities` tensors, regressors `predictions`."""
+    from slimserve.modeltools.samples import Samples
+    from slimserve.modeltools.sklearn_models import sklearn_to_onnx
+
+    if not isinstance(samples, Samples):
+        samples = Samples(Path("the samples"), {"": np.asarray(samples)})
+    result = sklearn_to_onnx(estimator, samples, source or str(out))
+    return check_and_save_onnx(result, out, tolerance)
 
 
 def clean_opset_imports(model) -> None:
@@ -143,7 +185,7 @@ def clean_opset_imports(model) -> None:
     model.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in newest.items())
 
 
-def _rename(model, names: dict[str, str]) -> None:
+def rename_io(model, names: dict[str, str]) -> None:
     """Give the graph's inputs and outputs names a client can guess; inner names stay."""
     graph = model.graph
     io_names = {value.name for value in [*graph.input, *graph.output]}
@@ -195,7 +237,7 @@ def convert_torch(
     with staged(out) as path:
         # torch writes external data past 1536 MiB of weights by itself: EXTERNAL_DATA_BYTES is that threshold
         program.save(path, external_data=external_data)
-        max_diff, agreement = _check(OnnxModel(path), {output_name: expected}, samples, out, tolerance)
+        max_diff, agreement = _check(OnnxModel(path), {input_name: samples}, {output_name: expected}, out, tolerance)
         data_files = model_files(path).data
     return Conversion(str(out), max_diff, agreement, len(samples), data_files)
 
@@ -258,4 +300,106 @@ def convert_keras(model, samples: np.ndarray, out: Path, tolerance: float = 1e-4
     expected = np.asarray(model.predict(samples, verbose=0))
     tflite_bytes = keras_to_tflite(model, out)
     tflite = TfliteModel(tflite_bytes)
-    return _check_and_write(tflite, tflite_bytes, {tflite.signature.outputs[0].name: expected}, samples, out, tolerance)
+    feeds = {tflite.signature.inputs[0].name: samples}
+    return _check_and_write(tflite, tflite_bytes, feeds, {tflite.signature.outputs[0].name: expected}, out, tolerance)
+
+
+# What each model file is, by its name; a Hugging Face checkpoint is a folder.
+FILE_KINDS = {
+    ".joblib": "pickle",
+    ".pkl": "pickle",
+    ".pickle": "pickle",
+    ".pt": "torch",
+    ".pth": "torch",
+    ".keras": "keras",
+    ".h5": "keras",
+    ".json": "xgboost",
+    ".ubj": "xgboost",
+    ".txt": "lightgbm",
+    ".cbm": "catboost",
+}
+EXPECTED_FILES = (
+    "a scikit-learn, XGBoost, LightGBM or CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) "
+    "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth) or a Keras model (.keras, .h5)"
+)
+
+
+def convert_file(
+    source: Path, samples_path: Path, out: Path, tolerance: float = 1e-4, external_data: bool = False
+) -> Conversion:
+    """The user's model file, converted by the converter of its kind and checked on the samples."""
+    from slimserve.modeltools.samples import read_samples
+
+    source, out = Path(source), Path(out)
+    kind = FILE_KINDS.get(source.suffix.lower())
+    if kind is None:
+        raise ConvertError(f"{source}: expected {EXPECTED_FILES}")
+    if not source.is_file():
+        raise ConvertError(f"{source}: no such model file")
+    if external_data and kind != "torch":
+        raise ConvertError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
+    samples = read_samples(samples_path)
+    if kind == "keras":
+        return convert_keras(load_keras(source), _float_rows(samples), out, tolerance)
+    if kind == "torch":
+        return convert_torch(_load_torch(source), _float_rows(samples), out, tolerance, external_data=external_data)
+    if out.suffix == ".tflite":
+        raise ConvertError(f"{out}: a {source.suffix} model converts to ONNX: expected an output path ending in .onnx")
+    return check_and_save_onnx(_to_onnx(kind, source, samples), out, tolerance)
+
+
+def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
+    from slimserve.modeltools import boosting
+    from slimserve.modeltools.sklearn_models import sklearn_to_onnx
+
+    model = _load_pickle(source) if kind == "pickle" else source
+    library = type(model).__module__.split(".")[0] if kind == "pickle" else kind
+    booster = kind != "pickle" or type(model).__name__ == "Booster"  # a native file is a booster's
+    if library == "catboost":
+        return boosting.catboost_to_onnx(model, samples, source)
+    if library == "lightgbm" and booster:
+        return boosting.lightgbm_to_onnx(model, samples, source)
+    if library == "xgboost" and booster:
+        model = boosting.xgboost_estimator(model, source)
+    if not hasattr(model, "predict"):
+        raise ConvertError(f"{source}: holds a {type(model).__name__}, not a fitted model: expected {EXPECTED_FILES}")
+    return sklearn_to_onnx(model, samples, str(source))
+
+
+def _load_pickle(source: Path):
+    """The user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is."""
+    try:
+        import joblib
+    except ImportError:
+        raise ConvertError(
+            f"{source}: reading a pickled model needs joblib: pip install 'slimserve[examples]'"
+        ) from None
+    try:
+        return joblib.load(source)
+    except ModuleNotFoundError as error:
+        raise ConvertError(
+            f"{source}: the model needs the module {error.name!r}, which is not installed: install the library "
+            "it was trained with"
+        ) from None
+    except Exception as error:  # unpickling raises whatever the pickled classes raise
+        raise ConvertError(f"{source}: cannot load it with joblib: {error}") from None
+
+
+def _load_torch(source: Path):
+    try:
+        import torch
+    except ImportError:
+        raise ConvertError(
+            f"{source}: converting a PyTorch module needs PyTorch: pip install 'slimserve[torch]'"
+        ) from None
+    try:
+        return torch.load(source, weights_only=False)  # the user's own module: theirs to trust, never served as is
+    except Exception as error:  # torch raises many kinds for a damaged or foreign file
+        raise ConvertError(f"{source}: PyTorch cannot load it: {error}") from None
+
+
+def _float_rows(samples) -> np.ndarray:
+    rows = samples.matrix()
+    if rows.dtype.kind not in "biuf":
+        raise ConvertError(f"{samples.path}: expected numbers for a tensor model, found {rows.dtype} values")
+    return rows.astype(np.float32)

@@ -31,6 +31,7 @@ from slimserve.modeltools.convert import (
     save_onnx,
     staged,
 )
+from slimserve.modeltools.samples import read_samples
 
 LEVELS = ("graph", "int8", "fp16")
 KERAS_LEVELS = ("int8", "fp16")
@@ -81,30 +82,26 @@ class Report:
 
 
 def load_samples(path: Path, model: OnnxModel | TfliteModel) -> dict[str, np.ndarray]:
-    """A .npy feeds the model's only input; a .npz names each input."""
-    path = Path(path)
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise OptimizeError(f"{path}: not a numpy .npy/.npz file of samples: {error}") from None
+    """A .npy feeds the model's only input; a .npz or .csv names each input."""
+    samples = read_samples(path)
     specs = model.signature.inputs
-    if isinstance(loaded, np.ndarray):
+    if not samples.named:
         if len(specs) != 1:
             raise OptimizeError(
                 f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name"
             )
-        return {specs[0].name: _fit(path, specs[0], loaded)}
-    samples = {name: loaded[name] for name in loaded.files}
-    missing = [s.name for s in specs if s.name not in samples]
+        return {specs[0].name: _fit(path, specs[0], samples.arrays[""])}
+    missing = [s.name for s in specs if s.name not in samples.arrays]
     if missing:
-        raise OptimizeError(
-            f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples) or 'nothing'}"
-        )
-    return {spec.name: _fit(path, spec, samples[spec.name]) for spec in specs}
+        raise OptimizeError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples.arrays)}")
+    return {spec.name: _fit(path, spec, samples.arrays[spec.name]) for spec in specs}
 
 
 def _fit(path: Path, spec, array: np.ndarray) -> np.ndarray:
-    """The samples for one input, checked against its shape and cast to its datatype where no value changes kind."""
+    """The samples for one input, checked against its shape and cast to its datatype where no value changes kind;
+    a column (of a .csv) feeds an input of one value per row."""
+    if array.ndim == 1 and len(spec.shape) == 2 and spec.shape[1] in (1, -1):
+        array = array.reshape(-1, 1)
     if not spec.shape_matches(array.shape):
         raise OptimizeError(
             f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
