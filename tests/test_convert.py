@@ -109,6 +109,14 @@ def test_small_pytorch_cnn_round_trips_through_the_cli_with_a_dynamic_batch(tmp_
     samples, expected = np.load(tmp_path / "samples.npy"), np.load(tmp_path / "expected.npy")
     for batch in (1, 5, 12):
         np.testing.assert_allclose(model.run({"input": samples[:batch]}, ["output"])["output"], expected[:batch], atol=1e-5)
+    digits = [f"digit {n}" for n in range(10)]
+    (tmp_path / "labels.txt").write_text("\n".join(digits))
+    labelled = run_in_extra_venv("torch", "-m", "slimserve", "convert", str(tmp_path / "cnn.pt"), "--samples",
+                                 str(tmp_path / "samples.npy"), "--out", str(tmp_path / "named.onnx"),
+                                 "--labels", str(tmp_path / "labels.txt"))
+    assert labelled.returncode == 0, labelled.stderr[-3000:]
+    names = OnnxModel(tmp_path / "named.onnx").run({"input": samples}, ["class_name"])["class_name"]
+    assert names.ravel().tolist() == [digits[n] for n in expected.argmax(axis=1)]  # the module's softmax, as it is
 
 
 def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from slimserve.errors import UserError
+
 
 def add_commands(commands) -> None:
     examples = commands.add_parser("examples", help="train the example models and write them")
@@ -34,6 +36,14 @@ def add_commands(commands) -> None:
         "--external-data",
         action="store_true",
         help="PyTorch: write the weights to <out>.data beside the model (they always are past 1.5 GiB)",
+    )
+    convert.add_argument(
+        "--labels",
+        help="a text file of class names, one per line in the order of the model's classes: the outputs add "
+        "class_name and class_score",
+    )
+    convert.add_argument(
+        "--top-k", type=int, default=1, help="with --labels: how many of the best classes to name (default: 1)"
     )
     convert.set_defaults(run=_convert)
 
@@ -73,9 +83,13 @@ def _examples(args) -> int:
 
 
 def _convert(args) -> int:
-    from slimserve.modeltools.convert import convert_file
+    from slimserve.modeltools.convert import Processing, convert_file
 
-    result = convert_file(Path(args.model), Path(args.samples), Path(args.out), args.tolerance, args.external_data)
+    if args.top_k != 1 and not args.labels:
+        raise UserError("--top-k: names the best classes of --labels, which is not given")
+    processing = Processing(Path(args.labels) if args.labels else None, args.top_k)
+    source, samples, out = Path(args.model), Path(args.samples), Path(args.out)
+    result = convert_file(source, samples, out, args.tolerance, args.external_data, processing)
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
     data = f" (weights in {', '.join(result.data_files)})" if result.data_files else ""
     print(

@@ -317,17 +317,43 @@ FILE_KINDS = {
     ".ubj": "xgboost",
     ".txt": "lightgbm",
     ".cbm": "catboost",
+    ".onnx": "onnx",
 }
 EXPECTED_FILES = (
     "a scikit-learn, XGBoost, LightGBM or CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) "
-    "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth) or a Keras model (.keras, .h5)"
+    "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth), a Keras model (.keras, .h5) or an ONNX model to "
+    "add --labels to"
 )
 
 
+@dataclass(frozen=True)
+class Processing:
+    """What to compose onto the converted graph (`--labels`, `--top-k`); none by default."""
+
+    labels: Path | None = None
+    top_k: int = 1
+
+    def __bool__(self) -> bool:
+        return self.labels is not None
+
+    def apply(self, result: OnnxResult) -> OnnxResult:
+        from slimserve.modeltools.processing import read_labels, with_labels
+
+        if self.labels is None:
+            return result
+        return with_labels(result, read_labels(self.labels), self.top_k, self.labels)
+
+
 def convert_file(
-    source: Path, samples_path: Path, out: Path, tolerance: float = 1e-4, external_data: bool = False
+    source: Path,
+    samples_path: Path,
+    out: Path,
+    tolerance: float = 1e-4,
+    external_data: bool = False,
+    processing: Processing = Processing(),
 ) -> Conversion:
-    """The user's model file, converted by the converter of its kind and checked on the samples."""
+    """The user's model file, converted by the converter of its kind, with `processing` composed onto it, and
+    checked on the samples against the original."""
     from slimserve.modeltools.samples import read_samples
 
     source, out = Path(source), Path(out)
@@ -338,20 +364,32 @@ def convert_file(
         raise ConvertError(f"{source}: no such model file")
     if external_data and kind != "torch":
         raise ConvertError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
+    if kind == "onnx" and not processing:
+        raise ConvertError(f"{source}: already an ONNX model: give --labels to add its class names to its outputs")
     samples = read_samples(samples_path)
     if kind == "keras":
+        if processing:
+            raise ConvertError(f"--labels: {source} converts to TFLite; labels in the graph are for ONNX models")
         return convert_keras(load_keras(source), _float_rows(samples), out, tolerance)
     if kind == "torch":
-        return convert_torch(_load_torch(source), _float_rows(samples), out, tolerance, external_data=external_data)
+        module = _load_torch(source)
+        if not processing:
+            return convert_torch(module, _float_rows(samples), out, tolerance, external_data=external_data)
+        with tempfile.TemporaryDirectory() as folder:  # the module's ONNX, checked against it, then processed
+            exported = Path(folder) / out.name
+            convert_torch(module, _float_rows(samples), exported, tolerance)
+            return check_and_save_onnx(processing.apply(_existing_onnx(exported, samples)), out, tolerance)
     if out.suffix == ".tflite":
         raise ConvertError(f"{out}: a {source.suffix} model converts to ONNX: expected an output path ending in .onnx")
-    return check_and_save_onnx(_to_onnx(kind, source, samples), out, tolerance)
+    return check_and_save_onnx(processing.apply(_to_onnx(kind, source, samples)), out, tolerance)
 
 
 def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     from slimserve.modeltools import boosting
     from slimserve.modeltools.sklearn_models import sklearn_to_onnx
 
+    if kind == "onnx":
+        return _existing_onnx(source, samples)
     model = _load_pickle(source) if kind == "pickle" else source
     library = type(model).__module__.split(".")[0] if kind == "pickle" else kind
     booster = kind != "pickle" or type(model).__name__ == "Booster"  # a native file is a booster's
@@ -364,6 +402,21 @@ def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     if not hasattr(model, "predict"):
         raise ConvertError(f"{source}: holds a {type(model).__name__}, not a fitted model: expected {EXPECTED_FILES}")
     return sklearn_to_onnx(model, samples, str(source))
+
+
+def _existing_onnx(source: Path, samples) -> OnnxResult:
+    """An ONNX model as it is, with its own answers on the samples as what processing must keep."""
+    import onnx
+
+    from slimserve.modeltools.samples import model_feeds
+
+    try:
+        runtime = OnnxModel(source)
+    except ModelLoadError as error:
+        raise ConvertError(f"{source}: {error}") from None
+    feeds = model_feeds(samples.path, runtime.signature)
+    outputs = [spec.name for spec in runtime.signature.outputs]
+    return OnnxResult(onnx.load(str(source)), feeds, runtime.run(feeds, outputs))
 
 
 def _load_pickle(source: Path):

@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.errors import UserError
-from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
 from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, TfliteModel
-from slimserve.lambda_handlers.tensors import shape_text
 from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 from slimserve.modeltools.convert import (
     KERAS_SUFFIXES,
@@ -31,7 +29,7 @@ from slimserve.modeltools.convert import (
     save_onnx,
     staged,
 )
-from slimserve.modeltools.samples import read_samples
+from slimserve.modeltools.samples import model_feeds
 
 LEVELS = ("graph", "int8", "fp16")
 KERAS_LEVELS = ("int8", "fp16")
@@ -79,40 +77,6 @@ class Report:
             )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
-
-
-def load_samples(path: Path, model: OnnxModel | TfliteModel) -> dict[str, np.ndarray]:
-    """A .npy feeds the model's only input; a .npz or .csv names each input."""
-    samples = read_samples(path)
-    specs = model.signature.inputs
-    if not samples.named:
-        if len(specs) != 1:
-            raise OptimizeError(
-                f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name"
-            )
-        return {specs[0].name: _fit(path, specs[0], samples.arrays[""])}
-    missing = [s.name for s in specs if s.name not in samples.arrays]
-    if missing:
-        raise OptimizeError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples.arrays)}")
-    return {spec.name: _fit(path, spec, samples.arrays[spec.name]) for spec in specs}
-
-
-def _fit(path: Path, spec, array: np.ndarray) -> np.ndarray:
-    """The samples for one input, checked against its shape and cast to its datatype where no value changes kind;
-    a column (of a .csv) feeds an input of one value per row."""
-    if array.ndim == 1 and len(spec.shape) == 2 and spec.shape[1] in (1, -1):
-        array = array.reshape(-1, 1)
-    if not spec.shape_matches(array.shape):
-        raise OptimizeError(
-            f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
-            f"size), found shape {shape_text(array.shape)}"
-        )
-    dtype = V2_TO_NUMPY[spec.datatype]
-    if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
-        raise OptimizeError(
-            f"{path}: expected samples for input {spec.name!r} of datatype {spec.datatype}, found {array.dtype}"
-        )
-    return array.astype(dtype, copy=False)
 
 
 def _median_ms(model: OnnxModel | TfliteModel, samples: dict, outputs: list[str]) -> float:
@@ -250,7 +214,7 @@ def _gate(job: _Job, original, original_size: int, candidate, candidate_size: in
     """Measure both models on the samples; the report, if the candidate stays within the tolerance and, unless
     forced, is smaller or faster (a small model's fp16 copy can be larger and slower): the caller then writes it."""
     level, tolerance, out = job.level, job.tolerance, job.out
-    samples = load_samples(job.samples_path, original)
+    samples = model_feeds(job.samples_path, original.signature)
     outputs = [spec.name for spec in original.signature.outputs]
     reference = original.run(samples, outputs)
     max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))

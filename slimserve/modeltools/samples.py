@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from slimserve.errors import UserError
+from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
+from slimserve.lambda_handlers.tensors import shape_text
 
 SUFFIXES = (".npy", ".npz", ".csv")
 
@@ -137,3 +139,38 @@ def _column(values: list[str]) -> np.ndarray:
         return np.array([float(value) for value in values])
     except ValueError:
         return np.array(values, dtype=str)
+
+
+def model_feeds(path: Path, signature) -> dict[str, np.ndarray]:
+    """The samples in `path` as a model of `signature` takes them: a .npy feeds its only input; a .npz or .csv
+    names each input."""
+    samples = read_samples(path)
+    specs = signature.inputs
+    if not samples.named:
+        if len(specs) != 1:
+            raise SamplesError(
+                f"{path}: the model takes {len(specs)} inputs; give a .npz with one array per input name"
+            )
+        return {specs[0].name: _fit(path, specs[0], samples.arrays[""])}
+    missing = [s.name for s in specs if s.name not in samples.arrays]
+    if missing:
+        raise SamplesError(f"{path}: no samples for input {missing[0]!r}; the file has {', '.join(samples.arrays)}")
+    return {spec.name: _fit(path, spec, samples.arrays[spec.name]) for spec in specs}
+
+
+def _fit(path: Path, spec, array: np.ndarray) -> np.ndarray:
+    """The samples for one input, checked against its shape and cast to its datatype where no value changes kind;
+    a column (of a .csv) feeds an input of one value per row."""
+    if array.ndim == 1 and len(spec.shape) == 2 and spec.shape[1] in (1, -1):
+        array = array.reshape(-1, 1)
+    if not spec.shape_matches(array.shape):
+        raise SamplesError(
+            f"{path}: expected samples for input {spec.name!r} of shape {shape_text(spec.shape)} (-1 is any "
+            f"size), found shape {shape_text(array.shape)}"
+        )
+    dtype = V2_TO_NUMPY[spec.datatype]
+    if array.dtype != dtype and not np.can_cast(array.dtype, dtype, "same_kind"):
+        raise SamplesError(
+            f"{path}: expected samples for input {spec.name!r} of datatype {spec.datatype}, found {array.dtype}"
+        )
+    return array.astype(dtype, copy=False)
