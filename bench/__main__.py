@@ -25,7 +25,7 @@ def main() -> int:
     args = parser.parse_args()
     print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}", file=sys.stderr)
     rows = (handler.warm_overhead(args.rounds) + handler.cold_init(args.cold_runs) + large_model.load_peaks(args.large_runs)
-            + local_stack.layer_sizes()
+            + local_stack.layer_sizes() + local_stack.extensions_cold_init(args.cold_runs)
             + local_stack.cold_and_warm(args.runner_cold_runs, args.warm_requests) + synth.synth_times(args.synth_runs)
             + serving.serving_throughput(args.serving_seconds) + project.project_times(args.project_runs))
     print_table(rows)

@@ -7,6 +7,7 @@ runtime answers.
 
 import os
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +30,10 @@ _ONNX_TYPES = {
     "tensor(double)": "FP64",
     "tensor(string)": "BYTES",
 }
+
+
+# The operator domain of onnxruntime-extensions: tokenizers, image decoding and the like, as ONNX operators.
+EXTENSIONS_DOMAIN = "ai.onnx.contrib"
 
 
 class ModelLoadError(Exception):
@@ -57,14 +62,20 @@ class OnnxModel:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model = os.fspath(source) if isinstance(source, os.PathLike) else source
+        providers = providers or ["CPUExecutionProvider"]
         try:
-            self.session = onnxruntime.InferenceSession(
-                os.fspath(source) if isinstance(source, os.PathLike) else source,
-                sess_options=options,
-                providers=providers or ["CPUExecutionProvider"],
-            )
+            self.session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
-            raise ModelLoadError(f"ONNX Runtime cannot load {_source_label(source)}: {exc}") from None
+            if EXTENSIONS_DOMAIN not in str(exc):
+                raise ModelLoadError(f"ONNX Runtime cannot load {_source_label(source)}: {exc}") from None
+            # pre- or post-processing in the graph (a tokenizer, image decoding): onnxruntime-extensions' operators,
+            # loaded only for the models that use them, so every other model starts as fast as before
+            options.register_custom_ops_library(_extensions_library(source))
+            try:
+                self.session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
+            except Exception as exc:  # onnxruntime raises its own unexported exception types
+                raise ModelLoadError(f"ONNX Runtime cannot load {_source_label(source)}: {exc}") from None
         self.signature = Signature(
             inputs=tuple(self._spec(arg) for arg in self.session.get_inputs()),
             outputs=tuple(self._spec(arg) for arg in self.session.get_outputs()),
@@ -84,6 +95,22 @@ class OnnxModel:
         feeds = {name: _as_text(name, a) if a.dtype == object else a for name, a in inputs.items()}
         results = self.session.run(output_names, feeds)
         return dict(zip(output_names, results))
+
+
+def _extensions_library(source) -> str:
+    """The operator library's path, found without importing onnxruntime_extensions: its package imports onnx
+    (half a second, and not in the Lambda layer) to give the same path."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_extensions")
+    folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+    libraries = sorted(folder.glob("_extensions_pydll*")) if folder is not None else []
+    if not libraries:
+        raise ModelLoadError(
+            f"{_source_label(source)} uses operators of {EXTENSIONS_DOMAIN} (pre- or post-processing in the graph), "
+            "and onnxruntime-extensions is not installed"
+        )
+    return str(libraries[0])
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:

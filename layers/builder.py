@@ -86,8 +86,15 @@ RECIPES = {
             "flatbuffers-*",
             "packaging",
             "packaging-*",
+            # onnxruntime-extensions' Python tools (they import onnx, which the layer lacks): the runtime registers
+            # its operator library by path
+            "onnxruntime_extensions/tools",
+            "onnxruntime_extensions/onnxprocess",
+            "onnxruntime_extensions/pnp",
         ),
-        smoke="import numpy, onnxruntime; onnxruntime.InferenceSession",
+        smoke="import numpy, onnxruntime, importlib.util, pathlib; "
+        "folder = pathlib.Path(importlib.util.find_spec('onnxruntime_extensions').origin).parent; "
+        "onnxruntime.SessionOptions().register_custom_ops_library(str(next(folder.glob('_extensions_pydll*'))))",
     ),
     "tflite": Recipe(
         "tflite.txt",

@@ -99,3 +99,13 @@ def running_stack(config: Path, work_dir: Path):
         running.lines, running.work_dir = lines, work_dir
         yield running
         running.gateway.shutdown()
+
+
+def convert_error(capsys, *args) -> str:
+    """`slimserve convert ARGS`, which must refuse in one line on stderr with exit status 2; that line."""
+    from slimserve.cli import main
+
+    assert main(["convert", *map(str, args)]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1, printed.err
+    return printed.err

@@ -7,7 +7,7 @@ import csv
 import joblib
 import numpy as np
 import pytest
-from support import call
+from support import call, convert_error
 
 from slimserve.cli import main
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
@@ -229,13 +229,6 @@ def saved_forest(tmp_path_factory, cancer):
     joblib.dump(RandomForestClassifier(n_estimators=5, random_state=0).fit(features, labels), folder / "forest.joblib")
     np.save(folder / "samples.npy", features[:20])
     return folder
-
-
-def convert_error(capsys, *args) -> str:
-    assert main(["convert", *map(str, args)]) == 2
-    printed = capsys.readouterr()
-    assert printed.out == "" and printed.err.count("\n") == 1, printed.err
-    return printed.err
 
 
 def test_each_mistake_is_one_line_naming_the_file(saved_forest, tmp_path, capsys):

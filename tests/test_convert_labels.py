@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from support import call
+from support import call, convert_error
 
 from slimserve.cli import main
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
@@ -80,13 +80,6 @@ def test_an_existing_onnx_of_logits_gets_their_softmax(tmp_path, capsys):
     np.testing.assert_allclose(got["class_score"].ravel(), softmax.max(axis=1), rtol=1e-5)
 
 
-def convert_error(capsys, *args) -> str:
-    assert main(["convert", *map(str, args)]) == 2
-    printed = capsys.readouterr()
-    assert printed.out == "" and printed.err.count("\n") == 1, printed.err
-    return printed.err
-
-
 def test_labels_that_do_not_fit_the_model_are_one_line(iris_model, tmp_path, capsys):
     folder, _, _ = iris_model
     convert = [folder / "iris.joblib", "--samples", folder / "iris.npy", "--out", tmp_path / "m.onnx"]
@@ -111,4 +104,4 @@ def test_an_onnx_model_without_labels_is_refused(tmp_path, capsys):
     logits_onnx(tmp_path / "linear.onnx", np.eye(2, dtype=np.float32))
     np.save(tmp_path / "rows.npy", np.eye(2, dtype=np.float32))
     assert convert_error(capsys, tmp_path / "linear.onnx", "--samples", tmp_path / "rows.npy", "--out", tmp_path / "x.onnx") == (
-        f"error: {tmp_path}/linear.onnx: already an ONNX model: give --labels to add its class names to its outputs\n")
+        f"error: {tmp_path}/linear.onnx: already an ONNX model: give --labels or --tokenizer to add processing to its graph\n")

@@ -45,6 +45,13 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "--top-k", type=int, default=1, help="with --labels: how many of the best classes to name (default: 1)"
     )
+    convert.add_argument(
+        "--tokenizer",
+        help="a Hugging Face tokenizer.json (WordPiece, BERT's family): the model takes text, tokenized in the graph",
+    )
+    convert.add_argument(
+        "--max-length", type=int, default=512, help="with --tokenizer: tokens kept of each text (default: %(default)s)"
+    )
     convert.set_defaults(run=_convert)
 
     optimize = commands.add_parser(
@@ -87,7 +94,8 @@ def _convert(args) -> int:
 
     if args.top_k != 1 and not args.labels:
         raise UserError("--top-k: names the best classes of --labels, which is not given")
-    processing = Processing(Path(args.labels) if args.labels else None, args.top_k)
+    labels, tokenizer = (Path(path) if path else None for path in (args.labels, args.tokenizer))
+    processing = Processing(labels, args.top_k, tokenizer, args.max_length)
     source, samples, out = Path(args.model), Path(args.samples), Path(args.out)
     result = convert_file(source, samples, out, args.tolerance, args.external_data, processing)
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""

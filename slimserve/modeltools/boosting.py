@@ -31,45 +31,42 @@ def _require(module: str, source, family: str):
         ) from None
 
 
+# The boosting estimators skl2onnx converts with onnxmltools' converters: (library, estimator, skl2onnx alias).
+SKLEARN_ESTIMATORS = (
+    ("xgboost", "XGBClassifier", "XGBoostXGBClassifier"),
+    ("xgboost", "XGBRegressor", "XGBoostXGBRegressor"),
+    ("lightgbm", "LGBMClassifier", "LightGbmLGBMClassifier"),
+    ("lightgbm", "LGBMRegressor", "LightGbmLGBMRegressor"),
+)
+
+
 def register_sklearn_converters() -> None:
     """onnxmltools' XGBoost and LightGBM converters, registered with skl2onnx for the libraries installed."""
+    import importlib
+
     from skl2onnx import update_registered_converter
     from skl2onnx.common.shape_calculator import (
         calculate_linear_classifier_output_shapes,
         calculate_linear_regressor_output_shapes,
     )
 
-    classifier_options = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
     try:
         from onnxmltools.convert.lightgbm.operator_converters.LightGbm import convert_lightgbm
         from onnxmltools.convert.xgboost.operator_converters.XGBoost import convert_xgboost
     except ImportError:
         return  # no onnxmltools: a boosting estimator then gets skl2onnx's refusal, which names it
-    try:
-        import xgboost
-    except ImportError:
-        pass
-    else:
-        update_registered_converter(
-            xgboost.XGBClassifier, "XGBoostXGBClassifier", calculate_linear_classifier_output_shapes,
-            convert_xgboost, options=classifier_options,
-        )  # fmt: skip
-        update_registered_converter(
-            xgboost.XGBRegressor, "XGBoostXGBRegressor", calculate_linear_regressor_output_shapes, convert_xgboost
-        )
-    try:
-        import lightgbm
-    except ImportError:
-        pass
-    else:
-        update_registered_converter(
-            lightgbm.LGBMClassifier, "LightGbmLGBMClassifier", calculate_linear_classifier_output_shapes,
-            convert_lightgbm, options=classifier_options,
-        )  # fmt: skip
-        update_registered_converter(
-            lightgbm.LGBMRegressor, "LightGbmLGBMRegressor", calculate_linear_regressor_output_shapes,
-            convert_lightgbm, options={"split": None},
-        )  # fmt: skip
+    converters = {"xgboost": convert_xgboost, "lightgbm": convert_lightgbm}
+    for library, estimator, alias in SKLEARN_ESTIMATORS:
+        try:
+            estimator_class = getattr(importlib.import_module(library), estimator)
+        except ImportError:
+            continue
+        if estimator.endswith("Classifier"):
+            shapes = calculate_linear_classifier_output_shapes
+            options = {"nocl": [True, False], "zipmap": [True, False, "columns"]}
+        else:
+            shapes, options = calculate_linear_regressor_output_shapes, {"split": None}
+        update_registered_converter(estimator_class, alias, shapes, converters[library], options=options)
 
 
 def xgboost_estimator(model, source):

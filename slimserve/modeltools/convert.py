@@ -109,7 +109,8 @@ def _check(
             max_relative = max(max_relative, float((diff / np.maximum(1.0, np.abs(reference))).max()))
         else:  # labels: numbers, booleans (skl2onnx writes them as 0 and 1) or strings, as the client reads them
             answer, reference = (a.astype(np.int64) if a.dtype == bool else a for a in (answer, reference))
-            agreement = float((answer.astype(str) == reference.astype(str)).mean())
+            same = float((answer.astype(str) == reference.astype(str)).mean())
+            agreement = same if agreement is None else min(agreement, same)
     if max_relative > tolerance or (agreement is not None and agreement < 1.0):
         found = f"max |diff| {max_diff:.3g}" + (f" ({max_relative:.3g} relative)" if max_relative != max_diff else "")
         found += f" (tolerance {tolerance:g})" + (f", labels agree on {agreement:.2%}" if agreement is not None else "")
@@ -192,9 +193,17 @@ def rename_io(model, names: dict[str, str]) -> None:
     names = {old: new for old, new in names.items() if old in io_names}
     for value in [*graph.input, *graph.output]:
         value.name = names.get(value.name, value.name)
+    _rename_in_nodes(graph, names)
+
+
+def _rename_in_nodes(graph, names: dict[str, str]) -> None:
+    """Every use of the renamed values, in subgraphs (a Loop's body reads the outer graph's inputs) too."""
     for node in graph.node:
         node.input[:] = [names.get(n, n) for n in node.input]
         node.output[:] = [names.get(n, n) for n in node.output]
+        for attribute in node.attribute:
+            for subgraph in [attribute.g, *attribute.graphs] if attribute.HasField("g") else attribute.graphs:
+                _rename_in_nodes(subgraph, names)
 
 
 def convert_torch(
@@ -322,26 +331,36 @@ FILE_KINDS = {
 EXPECTED_FILES = (
     "a scikit-learn, XGBoost, LightGBM or CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) "
     "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth), a Keras model (.keras, .h5) or an ONNX model to "
-    "add --labels to"
+    "process (.onnx)"
 )
 
 
 @dataclass(frozen=True)
 class Processing:
-    """What to compose onto the converted graph (`--labels`, `--top-k`); none by default."""
+    """What to compose onto the converted graph (`--tokenizer`, `--labels`); nothing by default."""
 
     labels: Path | None = None
     top_k: int = 1
+    tokenizer: Path | None = None
+    max_length: int = 512
 
     def __bool__(self) -> bool:
-        return self.labels is not None
+        return self.labels is not None or self.tokenizer is not None
 
-    def apply(self, result: OnnxResult) -> OnnxResult:
-        from slimserve.modeltools.processing import read_labels, with_labels
+    def text_tokenizer(self):
+        from slimserve.modeltools.processing import WordPieceTokenizer
 
-        if self.labels is None:
-            return result
-        return with_labels(result, read_labels(self.labels), self.top_k, self.labels)
+        return WordPieceTokenizer(self.tokenizer, self.max_length) if self.tokenizer else None
+
+    def apply(self, result: OnnxResult, samples, source) -> OnnxResult:
+        from slimserve.modeltools import processing
+
+        tokenizer = self.text_tokenizer()
+        if tokenizer is not None:
+            result = processing.with_tokenizer(result, tokenizer, samples.matrix(), source)
+        if self.labels is not None:
+            result = processing.with_labels(result, processing.read_labels(self.labels), self.top_k, self.labels)
+        return result
 
 
 def convert_file(
@@ -365,7 +384,14 @@ def convert_file(
     if external_data and kind != "torch":
         raise ConvertError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
     if kind == "onnx" and not processing:
-        raise ConvertError(f"{source}: already an ONNX model: give --labels to add its class names to its outputs")
+        raise ConvertError(
+            f"{source}: already an ONNX model: give --labels or --tokenizer to add processing to its graph"
+        )
+    if processing.tokenizer and kind not in ("onnx", "torch"):
+        raise ConvertError(
+            f"--tokenizer: {source} takes its input as it was fitted; a tokenizer in the graph is for a model that "
+            "takes token ids (an .onnx)"
+        )
     samples = read_samples(samples_path)
     if kind == "keras":
         if processing:
@@ -378,18 +404,18 @@ def convert_file(
         with tempfile.TemporaryDirectory() as folder:  # the module's ONNX, checked against it, then processed
             exported = Path(folder) / out.name
             convert_torch(module, _float_rows(samples), exported, tolerance)
-            return check_and_save_onnx(processing.apply(_existing_onnx(exported, samples)), out, tolerance)
+            result = _existing_onnx(exported, samples, processing)
+            return check_and_save_onnx(processing.apply(result, samples, source), out, tolerance)
     if out.suffix == ".tflite":
         raise ConvertError(f"{out}: a {source.suffix} model converts to ONNX: expected an output path ending in .onnx")
-    return check_and_save_onnx(processing.apply(_to_onnx(kind, source, samples)), out, tolerance)
+    result = _existing_onnx(source, samples, processing) if kind == "onnx" else _to_onnx(kind, source, samples)
+    return check_and_save_onnx(processing.apply(result, samples, source), out, tolerance)
 
 
 def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     from slimserve.modeltools import boosting
     from slimserve.modeltools.sklearn_models import sklearn_to_onnx
 
-    if kind == "onnx":
-        return _existing_onnx(source, samples)
     model = _load_pickle(source) if kind == "pickle" else source
     library = type(model).__module__.split(".")[0] if kind == "pickle" else kind
     booster = kind != "pickle" or type(model).__name__ == "Booster"  # a native file is a booster's
@@ -404,8 +430,9 @@ def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     return sklearn_to_onnx(model, samples, str(source))
 
 
-def _existing_onnx(source: Path, samples) -> OnnxResult:
-    """An ONNX model as it is, with its own answers on the samples as what processing must keep."""
+def _existing_onnx(source: Path, samples, processing: Processing) -> OnnxResult:
+    """An ONNX model as it is, with its own answers on the samples (texts tokenized by the tokenizer itself where
+    it takes token ids) as what processing must keep."""
     import onnx
 
     from slimserve.modeltools.samples import model_feeds
@@ -414,7 +441,11 @@ def _existing_onnx(source: Path, samples) -> OnnxResult:
         runtime = OnnxModel(source)
     except ModelLoadError as error:
         raise ConvertError(f"{source}: {error}") from None
-    feeds = model_feeds(samples.path, runtime.signature)
+    tokenizer = processing.text_tokenizer()
+    if tokenizer is None:
+        feeds = model_feeds(samples.path, runtime.signature)
+    else:
+        feeds = tokenizer.model_feeds(samples.matrix(), runtime.signature, source)
     outputs = [spec.name for spec in runtime.signature.outputs]
     return OnnxResult(onnx.load(str(source)), feeds, runtime.run(feeds, outputs))
 

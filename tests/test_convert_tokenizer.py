@@ -1,0 +1,212 @@
+"""--tokenizer: a model that takes token ids takes text instead, tokenized inside the graph by onnxruntime-extensions
+from the user's Hugging Face tokenizer.json. The ids equal the `tokenizers` library's own, special tokens, truncation
+and padding included, and a batch of n texts gives n answers through every protocol."""
+
+import base64
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from support import call
+
+from slimserve.cli import main
+from slimserve.lambda_handlers.core import InferenceCore, ServedModel
+from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel
+
+CORPUS = ["the film was a delight from start to finish", "an awful, boring and far too long film",
+          "Café crème et croissants: très bon!", "ΣΟΦΙΑ και γνώση", "άλφα, ужасный фильм", "unbelievably wonderful acting",
+          "tokenization splits unknown words into pieces", "HELLO there, General Kenobi"]
+# Beside the corpus: nothing, one letter, words made of known letters, accents of several alphabets (BERT strips them
+# all when it lower-cases), İ (its lower case is two code points) and half-width katakana.
+TEXTS = CORPUS + ["", "a", "never seen these wordz qqqq", "Ünïcödé ÀÉÎÕÜ", "УЖАСНЫЙ ΆΛΦΑ γνώση", "İstanbul", "ﾊﾝｶｸ"]
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def train_wordpiece(path, lowercase=True):
+    """A BERT-style WordPiece tokenizer trained here, saved as a Hugging Face tokenizer.json."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(CORPUS * 10, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")),
+                                                 ("[SEP]", tokenizer.token_to_id("[SEP]"))])
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+def echo_onnx(path, inputs=TOKEN_INPUTS, elem_type=TensorProto.INT64):
+    """A model that answers with the token inputs it was given: its outputs are the graph's tokenization."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [name], [f"{name}_seen"]) for name in inputs], "echo",
+        [helper.make_tensor_value_info(name, elem_type, ["N", "T"]) for name in inputs],
+        [helper.make_tensor_value_info(f"{name}_seen", elem_type, ["N", "T"]) for name in inputs])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def text_classifier_onnx(path, vocab_size: int, classes: int = 2):
+    """A bag-of-embeddings classifier over token ids: mean of the unmasked tokens' embeddings, then logits."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Gather", ["embeddings", "input_ids"], ["embedded"]),
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mask", "last"], ["mask3"]),
+        helper.make_node("Mul", ["embedded", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "one"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["mask3", "one"], ["counted"], keepdims=0),
+        helper.make_node("Div", ["summed", "counted"], ["mean"]),
+        helper.make_node("MatMul", ["mean", "head"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "bag", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "T"]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "T"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        [numpy_helper.from_array(rng.normal(size=(vocab_size, 8)).astype(np.float32), "embeddings"),
+         numpy_helper.from_array(rng.normal(size=(8, classes)).astype(np.float32), "head"),
+         numpy_helper.from_array(np.array([-1], np.int64), "last"), numpy_helper.from_array(np.array([1], np.int64), "one")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def convert(capsys, *args) -> tuple[int, str, str]:
+    status = main(["convert", *map(str, args)])
+    printed = capsys.readouterr()
+    return status, printed.out, printed.err
+
+
+@pytest.mark.parametrize("lowercase", [True, False], ids=["uncased", "cased"])
+def test_the_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, lowercase):
+    tokenizer = train_wordpiece(tmp_path / "tokenizer.json", lowercase)
+    echo_onnx(tmp_path / "echo.onnx")
+    np.save(tmp_path / "texts.npy", np.array(TEXTS))
+    status, out, err = convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                               tmp_path / "tokenizer.json", "--max-length", 9, "--out", tmp_path / "text.onnx")
+    assert status == 0, err
+    model = OnnxModel(tmp_path / "text.onnx")
+    assert [(spec.name, spec.datatype, spec.shape) for spec in model.signature.inputs] == [("text", "BYTES", (-1,))]
+    tokenizer.enable_truncation(9)
+    tokenizer.enable_padding()
+    for batch in (TEXTS, TEXTS[:1], TEXTS[7:9]):  # one text, or several padded to the longest
+        expected = tokenizer.encode_batch(batch)
+        got = model.run({"text": np.array(batch, dtype=object)}, [f"{name}_seen" for name in TOKEN_INPUTS])
+        assert got["input_ids_seen"].tolist() == [e.ids for e in expected]
+        assert got["attention_mask_seen"].tolist() == [e.attention_mask for e in expected]
+        assert got["token_type_ids_seen"].tolist() == [e.type_ids for e in expected]
+
+
+def test_a_word_with_a_letter_the_vocabulary_lacks_is_refused_where_the_graph_would_differ(tmp_path, capsys):
+    """tokenizers makes such a word one [UNK]; BertTokenizer keeps the pieces before the letter. The check on the
+    samples says so before anything is written."""
+    train_wordpiece(tmp_path / "tokenizer.json")
+    echo_onnx(tmp_path / "echo.onnx")
+    np.save(tmp_path / "texts.npy", np.array(["a film", "filmщ"]))  # no щ in the corpus
+    status, _, err = convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                             tmp_path / "tokenizer.json", "--out", tmp_path / "text.onnx")
+    assert status == 2 and err.startswith(f"error: {tmp_path}/text.onnx: not written: the ONNX model disagrees with the "
+                                          "original on the samples: ")
+    assert not (tmp_path / "text.onnx").exists()
+
+
+def test_int32_token_inputs_get_int32_ids(tmp_path, capsys):
+    tokenizer = train_wordpiece(tmp_path / "tokenizer.json")
+    echo_onnx(tmp_path / "echo.onnx", ("input_ids",), TensorProto.INT32)
+    np.save(tmp_path / "texts.npy", np.array(CORPUS))
+    assert convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                   tmp_path / "tokenizer.json", "--out", tmp_path / "text.onnx")[0] == 0
+    got = OnnxModel(tmp_path / "text.onnx").run({"text": np.array(CORPUS[:1], dtype=object)}, ["input_ids_seen"])
+    assert got["input_ids_seen"].dtype == np.int32 and got["input_ids_seen"].tolist() == [tokenizer.encode(CORPUS[0]).ids]
+
+
+def test_a_text_classifier_takes_text_through_v2_and_tf_serving_and_names_its_labels(tmp_path, capsys):
+    tokenizer = train_wordpiece(tmp_path / "tokenizer.json")
+    text_classifier_onnx(tmp_path / "bag.onnx", tokenizer.get_vocab_size())
+    np.save(tmp_path / "texts.npy", np.array(TEXTS[:9]))
+    (tmp_path / "labels.txt").write_text("negative\npositive\n")
+    status, out, err = convert(capsys, tmp_path / "bag.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                               tmp_path / "tokenizer.json", "--labels", tmp_path / "labels.txt", "--out",
+                               tmp_path / "sentiment.onnx")
+    assert status == 0 and out.startswith(f"wrote {tmp_path / 'sentiment.onnx'}: checked on 9 samples, "), err
+    bare = OnnxModel(tmp_path / "bag.onnx")
+    tokenizer.enable_padding()
+    encoded = tokenizer.encode_batch(TEXTS)
+    logits = bare.run({"input_ids": np.array([e.ids for e in encoded]),
+                       "attention_mask": np.array([e.attention_mask for e in encoded])}, ["logits"])["logits"]
+    names = np.array(["negative", "positive"])[logits.argmax(axis=1)].tolist()
+    core = InferenceCore([ServedModel("sentiment", "1", runtime=OnnxModel(tmp_path / "sentiment.onnx"))])
+    body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
+    status, answer, _ = call(core, "POST", "/v2/models/sentiment/infer", body)
+    assert status == 200, answer
+    outputs = {output["name"]: output for output in answer["outputs"]}
+    assert outputs["class_name"]["data"] == names
+    np.testing.assert_allclose(np.reshape(outputs["logits"]["data"], logits.shape), logits, rtol=1e-5, atol=1e-6)
+    instances = [{"text": {"b64": base64.b64encode(text.encode()).decode()}} for text in TEXTS[:3]]
+    status, answer, _ = call(core, "POST", "/v1/models/sentiment:predict", {"instances": instances})
+    assert status == 200, answer
+    assert [row["class_name"] for row in answer["predictions"]] == [[name] for name in names[:3]]
+
+
+def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    train_wordpiece(tmp_path / "tokenizer.json")
+    echo_onnx(tmp_path / "echo.onnx")
+    np.save(tmp_path / "texts.npy", np.array(CORPUS))
+    common = ["--samples", tmp_path / "texts.npy", "--out", tmp_path / "x.onnx"]
+    bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
+    bpe.save(str(tmp_path / "bpe.json"))
+    (tmp_path / "broken.json").write_text("{not json")
+    echo_onnx(tmp_path / "floats.onnx", ("features",), TensorProto.FLOAT)
+    cases = {
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "bpe.json"):
+            f"--tokenizer {tmp_path}/bpe.json: expected a WordPiece tokenizer of the BERT family (BertNormalizer), "
+            "found a BPE model with no normalizer; BPE and Unigram tokenizers are not in the graph yet",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "nope.json"): f"--tokenizer {tmp_path}/nope.json: no such file",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "tokenizer.json", "--max-length", 1):
+            "--max-length 1: expected at least 2, room for [CLS] and [SEP]",
+        (tmp_path / "floats.onnx", "--tokenizer", tmp_path / "tokenizer.json"):
+            f"--tokenizer {tmp_path}/tokenizer.json: expected a model that takes input_ids and any of attention_mask, "
+            f"token_type_ids; {tmp_path}/floats.onnx takes features",
+    }
+    for args, message in cases.items():
+        status, out, err = convert(capsys, *args, *common)
+        assert (status, out, err) == (2, "", f"error: {message}\n")
+    status, _, err = convert(capsys, tmp_path / "echo.onnx", "--tokenizer", tmp_path / "broken.json", *common)
+    assert status == 2 and err.startswith(f"error: --tokenizer {tmp_path}/broken.json: not a Hugging Face tokenizer.json: ")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_pipeline_takes_text_as_it_was_fitted_and_refuses_a_tokenizer(tmp_path, capsys):
+    import joblib
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    train_wordpiece(tmp_path / "tokenizer.json")
+    joblib.dump(make_pipeline(TfidfVectorizer(), LogisticRegression()).fit(CORPUS, [0, 1] * 4), tmp_path / "p.joblib")
+    np.save(tmp_path / "texts.npy", np.array(CORPUS))
+    status, _, err = convert(capsys, tmp_path / "p.joblib", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                             tmp_path / "tokenizer.json", "--out", tmp_path / "x.onnx")
+    assert (status, err) == (2, f"error: --tokenizer: {tmp_path}/p.joblib takes its input as it was fitted; a tokenizer "
+                                "in the graph is for a model that takes token ids (an .onnx)\n")
+
+
+def test_the_runtime_loads_the_extensions_only_for_a_model_that_uses_them(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    train_wordpiece(tmp_path / "tokenizer.json")
+    echo_onnx(tmp_path / "echo.onnx")
+    np.save(tmp_path / "texts.npy", np.array(CORPUS))
+    assert convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                   tmp_path / "tokenizer.json", "--out", tmp_path / "text.onnx")[0] == 0
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "onnxruntime_extensions" else find_spec(name, *rest))
+    OnnxModel(tmp_path / "echo.onnx")  # a plain model never looks for them
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/text.onnx uses operators of ai.onnx.contrib \(pre- or "
+                                             r"post-processing in the graph\), and onnxruntime-extensions is not installed$"):
+        OnnxModel(tmp_path / "text.onnx")
