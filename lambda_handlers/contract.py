@@ -27,6 +27,11 @@ ROUTES = [
 ]
 
 
+# A body of this type to POST /v2/models/{model}/infer is itself the value of the model's one BYTES input: a client
+# with a text posts it as it is, with no JSON around it.
+RAW_TEXT_MEDIA_TYPE = "text/plain"
+
+
 def model_routes(name: str, version: str | None = None) -> list[tuple[str, str]]:
     """A model's (method, path) pairs, unversioned or for one version."""
     model = name if version is None else f"{name}/versions/{version}"

@@ -247,7 +247,9 @@ class InferenceCore:
         model = self._model(name, version)
         runtime = model.require_ready()
         body = self._body(request)
-        parsed = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), runtime.signature)
+        parsed = v2.parse_infer(
+            body, request.headers.get(v2.HEADER_LENGTH), runtime.signature, request.headers.get("content-type")
+        )
 
         def answer(results):
             return Response(200, *v2.encode_infer(name, model.version, parsed, results, runtime.signature))

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import jsoncodec
+from .contract import RAW_TEXT_MEDIA_TYPE
 from .datatypes import V2_TO_NUMPY, Signature, TensorSpec
 from .errors import InvalidInput
 from .tensors import (
@@ -72,7 +73,11 @@ def _shape(tensor: dict, where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def parse_infer(body: bytes, header_length: str | None, signature: Signature) -> InferRequest:
+def parse_infer(
+    body: bytes, header_length: str | None, signature: Signature, content_type: str | None = None
+) -> InferRequest:
+    if content_type is not None and content_type.split(";")[0].strip().lower() == RAW_TEXT_MEDIA_TYPE:
+        return _text_request(body, signature)
     header, binary = body, b""
     if header_length is not None:
         length = _header_length(header_length, body)
@@ -126,6 +131,27 @@ def parse_infer(body: bytes, header_length: str | None, signature: Signature) ->
         spec = missing[0]
         raise InvalidInput(f"missing input {spec.name!r} ({spec.datatype} {shape_text(spec.shape)})")
     return InferRequest(request_id, inputs, _requested_outputs(request, signature, binary_output_default))
+
+
+def _text_request(body: bytes, signature: Signature) -> InferRequest:
+    """A text/plain body: one text for the model's one BYTES input, a batch of one. The answer holds every output,
+    as JSON."""
+    texts = [spec for spec in signature.inputs if spec.datatype == "BYTES"]
+    if len(signature.inputs) != 1 or not texts:
+        found = ", ".join(f"{spec.name!r} ({spec.datatype})" for spec in signature.inputs)
+        raise InvalidInput(
+            f"a {RAW_TEXT_MEDIA_TYPE} body is the text of a model's one BYTES input; this model takes {found}: "
+            "send a JSON request"
+        )
+    spec = texts[0]
+    if any(size not in (-1, 1) for size in spec.shape):
+        raise InvalidInput(
+            f"a {RAW_TEXT_MEDIA_TYPE} body is one text; input {spec.name!r} takes {shape_text(spec.shape)}: "
+            "send a JSON request"
+        )
+    array = np.empty((1,) * len(spec.shape), dtype=object)
+    array.reshape(-1)[0] = body
+    return InferRequest(None, {spec.name: array}, tuple(RequestedOutput(out.name, False) for out in signature.outputs))
 
 
 def _raw_request(body: bytes, signature: Signature) -> InferRequest:

@@ -210,3 +210,45 @@ def test_the_runtime_loads_the_extensions_only_for_a_model_that_uses_them(tmp_pa
     with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/text.onnx uses operators of ai.onnx.contrib \(pre- or "
                                              r"post-processing in the graph\), and onnxruntime-extensions is not installed$"):
         OnnxModel(tmp_path / "text.onnx")
+
+
+@pytest.mark.slow
+def test_a_text_model_answers_text_through_the_local_stack_on_lambda_and_sagemaker(tmp_path, capsys):
+    """The Lambda-faithful workers run it from the built layer, the SageMaker program from its own environment; the
+    clients send JSON strings, tritonclient's binary BYTES and a text/plain body, and all get the same answer."""
+    import json
+    import urllib.request
+
+    import tritonclient.http as triton
+    from support import running_stack
+
+    tokenizer = train_wordpiece(tmp_path / "tokenizer.json")
+    text_classifier_onnx(tmp_path / "bag.onnx", tokenizer.get_vocab_size())
+    np.save(tmp_path / "texts.npy", np.array(TEXTS[:9]))
+    (tmp_path / "labels.txt").write_text("negative\npositive\n")
+    assert convert(capsys, tmp_path / "bag.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                   tmp_path / "tokenizer.json", "--labels", tmp_path / "labels.txt", "--out", tmp_path / "sentiment.onnx")[0] == 0
+    expected = OnnxModel(tmp_path / "sentiment.onnx").run({"text": np.array(CORPUS, dtype=object)}, ["class_name"])
+    expected_names = [name for name in expected["class_name"].ravel()]
+    config = tmp_path / "slimserve.toml"
+    config.write_text('[app]\nname = "text"\n\n[defaults]\nauth = "none"\n\n'
+                      '[models.sentiment]\nformat = "onnx"\nartifact = "sentiment.onnx"\n\n'
+                      '[models.sentiment-gpu]\nformat = "onnx"\nartifact = "sentiment.onnx"\ntarget = "sagemaker"\n')
+    with running_stack(config, tmp_path / "work") as stack:
+        client = triton.InferenceServerClient(stack.gateway.url.removeprefix("http://"), network_timeout=60)
+        for name in ("sentiment", "sentiment-gpu"):
+            metadata = client.get_model_metadata(name)
+            assert metadata["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+            for binary in (False, True):
+                text = triton.InferInput("text", [len(CORPUS)], "BYTES")
+                text.set_data_from_numpy(np.array(CORPUS, dtype=object), binary_data=binary)
+                headers = {"Content-Type": "application/octet-stream"} if binary else {}
+                answer = client.infer(name, [text], outputs=[triton.InferRequestedOutput("class_name", binary_data=False)],
+                                      headers=headers)
+                assert [item.decode() if isinstance(item, bytes) else item
+                        for item in answer.as_numpy("class_name").ravel()] == expected_names
+            request = urllib.request.Request(f"{stack.gateway.url}/v2/models/{name}/infer", data=CORPUS[0].encode(),
+                                             method="POST", headers={"Content-Type": "text/plain; charset=utf-8"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                outputs = {output["name"]: output for output in json.loads(response.read())["outputs"]}
+            assert outputs["class_name"]["data"] == expected_names[:1]

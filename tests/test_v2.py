@@ -6,7 +6,7 @@ import zlib
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from support import IDENTITY_TYPES, call, sample
+from support import IDENTITY_TYPES, call, identity_onnx, sample
 
 from slimserve.lambda_handlers.core import InferenceCore, Request, ServedModel
 
@@ -151,3 +151,22 @@ def test_compressed_request_bodies(core, iris, iris_test_split, encoding, compre
     # tritonclient counts the JSON header before compression, as the extension specifies
     result = infer(core, "iris", compress(body), {**headers, "Content-Encoding": encoding})
     np.testing.assert_array_equal(result.as_numpy("label"), iris.run({"features": test_x[:5]}, ["label"])["label"])
+
+
+def test_a_text_plain_body_is_the_one_bytes_input_and_other_models_say_to_send_json():
+    from onnx import TensorProto
+
+    from slimserve.lambda_handlers.runtimes import OnnxModel
+
+    texts = InferenceCore([ServedModel("echo", "1", runtime=OnnxModel(identity_onnx({"BYTES": TensorProto.STRING}, shape=("batch",))))])
+    status, body, _ = call(texts, "POST", "/v2/models/echo/infer", "héllo wörld".encode(), {"Content-Type": "text/plain; charset=utf-8"})
+    assert status == 200 and body["outputs"] == [{"name": "out_bytes", "datatype": "BYTES", "shape": [1], "data": ["héllo wörld"]}]
+    numbers = InferenceCore([ServedModel("numbers", "1", runtime=OnnxModel(identity_onnx({"FP32": TensorProto.FLOAT})))])
+    status, body, _ = call(numbers, "POST", "/v2/models/numbers/infer", b"1 2 3", {"Content-Type": "text/plain"})
+    assert (status, body) == (400, {"error": "a text/plain body is the text of a model's one BYTES input; this model "
+                                             "takes 'in_fp32' (FP32): send a JSON request"})
+    wide = InferenceCore([ServedModel("wide", "1", runtime=OnnxModel(identity_onnx({"BYTES": TensorProto.STRING})))])
+    status, body, _ = call(wide, "POST", "/v2/models/wide/infer", b"x", {"Content-Type": "text/plain"})
+    assert (status, body) == (400, {"error": "a text/plain body is one text; input 'in_bytes' takes [-1, 3]: send a JSON request"})
+    status, body, _ = call(texts, "POST", "/v2/models/echo/infer", b"\xff\xfe", {"Content-Type": "text/plain"})
+    assert status == 400 and body["error"].startswith("input 'in_bytes': ONNX string tensors hold UTF-8 text")

@@ -9,6 +9,7 @@ tests hold the stacks' Lambda routes to it too). The local gateway serves it at
 from slimserve.contract.apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
 from slimserve.lambda_handlers.contract import (
     MAX_BODY_BYTES,
+    RAW_TEXT_MEDIA_TYPE,
     ROUTES,
     SERVER_NAME,
     SERVER_VERSION,
@@ -233,6 +234,9 @@ def _operation(method: str, action: str, versioned: bool, models: list[str] | No
                     "description": "a JSON header, then the tensors' bytes; or, with Inference-Header-Content-Length "
                     "0, the bytes of a one-input model's input alone (a raw binary request)",
                 }
+            }
+            content[RAW_TEXT_MEDIA_TYPE] = {
+                "schema": {"type": "string", "description": "the one text of a model whose one input is BYTES"}
             }
             operation["parameters"] = operation["parameters"] + [
                 {
