@@ -261,8 +261,13 @@ def test_a_missing_boosting_library_names_what_to_install(saved_forest, tmp_path
     monkeypatch.setitem(sys.modules, "catboost", None)  # as if not installed: importing it raises ImportError
     assert convert_error(capsys, tmp_path / "model.cbm", "--samples", saved_forest / "samples.npy",
                          "--out", tmp_path / "m.onnx") == (
-        f"error: {tmp_path}/model.cbm: converting a CatBoost model needs CatBoost, which is not installed: "
+        f"error: {tmp_path}/model.cbm: converting a CatBoost model needs catboost, which is not installed: "
         "pip install catboost 'slimserve[boosting]'\n")
+    monkeypatch.setitem(sys.modules, "skl2onnx", None)
+    assert convert_error(capsys, saved_forest / "forest.joblib", "--samples", saved_forest / "samples.npy",
+                         "--out", tmp_path / "m.onnx") == (
+        f"error: {saved_forest}/forest.joblib: converting a scikit-learn model needs skl2onnx, which is not installed: "
+        "pip install 'slimserve[examples]'\n")
 
 
 def test_a_damaged_native_file_is_one_line(saved_forest, tmp_path, capsys):

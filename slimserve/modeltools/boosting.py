@@ -11,24 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from slimserve.modeltools.convert import ConvertError, OnnxResult, converter_failed, rename_io
+from slimserve.modeltools.convert import ConvertError, OnnxResult, converter_failed, rename_io, require
 from slimserve.modeltools.samples import Samples
 
 # onnxmltools' own converters write ai.onnx up to opset 15 (it refuses a higher target).
 ONNXMLTOOLS_OPSET = 15
-
-
-def _require(module: str, source, family: str):
-    """The user's own boosting library, which reads their model file; convert names what to install."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConvertError(
-            f"{source}: converting a {family} model needs {family}, which is not installed: "
-            f"pip install {module} 'slimserve[boosting]'"
-        ) from None
 
 
 # The boosting estimators skl2onnx converts with onnxmltools' converters: (library, estimator, skl2onnx alias).
@@ -73,7 +60,7 @@ def xgboost_estimator(model, source):
     """An XGBoost booster or native file (.json, .ubj) as the scikit-learn estimator its objective makes it."""
     import json
 
-    xgboost = _require("xgboost", source, "XGBoost")
+    xgboost = require("xgboost", source, "converting a XGBoost model", "xgboost 'slimserve[boosting]'")
     booster = model if isinstance(model, xgboost.Booster) else xgboost.Booster()
     if booster is not model:
         try:
@@ -94,10 +81,12 @@ def xgboost_estimator(model, source):
 
 def lightgbm_to_onnx(model, samples: Samples, source) -> OnnxResult:
     """A LightGBM booster or its native text file: `label` and `probabilities`, or `predictions`."""
-    from onnxmltools.convert import convert_lightgbm
+    convert_lightgbm = require(
+        "onnxmltools", source, "converting a LightGBM booster", "'slimserve[boosting]'"
+    ).convert_lightgbm
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    lightgbm = _require("lightgbm", source, "LightGBM")
+    lightgbm = require("lightgbm", source, "converting a LightGBM model", "lightgbm 'slimserve[boosting]'")
     if isinstance(model, lightgbm.Booster):
         booster = model
     else:
@@ -130,7 +119,7 @@ def catboost_to_onnx(model, samples: Samples, source) -> OnnxResult:
     """A CatBoost model (estimator or native .cbm file), exported by CatBoost itself."""
     import onnx
 
-    catboost = _require("catboost", source, "CatBoost")
+    catboost = require("catboost", source, "converting a CatBoost model", "catboost 'slimserve[boosting]'")
     if not isinstance(model, catboost.CatBoost):
         path, model = model, catboost.CatBoost()
         try:

@@ -450,14 +450,22 @@ def _existing_onnx(source: Path, samples, processing: Processing) -> OnnxResult:
     return OnnxResult(onnx.load(str(source)), feeds, runtime.run(feeds, outputs))
 
 
-def _load_pickle(source: Path):
-    """The user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is."""
+def require(module: str, source, needs: str, install: str):
+    """`module` imported, or a ConvertError naming what to install: an optional part of slimserve, or the user's own
+    library that reads their file."""
+    import importlib
+
     try:
-        import joblib
+        return importlib.import_module(module)
     except ImportError:
         raise ConvertError(
-            f"{source}: reading a pickled model needs joblib: pip install 'slimserve[examples]'"
+            f"{source}: {needs} needs {module.split('.')[0]}, which is not installed: pip install {install}"
         ) from None
+
+
+def _load_pickle(source: Path):
+    """The user's own trained model, on their own machine: loading it is theirs to trust; it is never served as is."""
+    joblib = require("joblib", source, "reading a pickled model", "'slimserve[examples]'")
     try:
         return joblib.load(source)
     except ModuleNotFoundError as error:
@@ -470,12 +478,7 @@ def _load_pickle(source: Path):
 
 
 def _load_torch(source: Path):
-    try:
-        import torch
-    except ImportError:
-        raise ConvertError(
-            f"{source}: converting a PyTorch module needs PyTorch: pip install 'slimserve[torch]'"
-        ) from None
+    torch = require("torch", source, "converting a PyTorch module", "'slimserve[torch]'")
     try:
         return torch.load(source, weights_only=False)  # the user's own module: theirs to trust, never served as is
     except Exception as error:  # torch raises many kinds for a damaged or foreign file

@@ -11,7 +11,7 @@ The graph's inputs follow what the model was fitted on:
 
 import numpy as np
 
-from slimserve.modeltools.convert import ConvertError, OnnxResult, converter_failed, rename_io
+from slimserve.modeltools.convert import ConvertError, OnnxResult, converter_failed, rename_io, require
 from slimserve.modeltools.samples import Samples
 
 # ONNX Runtime's StringNormalizer (lower-casing in a text vectorizer) constructs the locale the graph names, and
@@ -27,9 +27,9 @@ TARGET_OPSET = {"": 17, "ai.onnx.ml": 3}
 
 def sklearn_to_onnx(estimator, samples: Samples, source: str) -> OnnxResult:
     """`estimator` (fitted, read from `source`) as ONNX, with what the original predicts on `samples`."""
-    from skl2onnx import to_onnx
-
     from slimserve.modeltools import boosting
+
+    to_onnx = require("skl2onnx", source, "converting a scikit-learn model", "'slimserve[examples]'").to_onnx
 
     boosting.register_sklearn_converters()
     initial_types, feeds, original_input = _inputs(estimator, samples, source)
