@@ -14,6 +14,7 @@ import numpy as np
 from .contract import FORMATS
 from .datatypes import Signature, TensorSpec, v2_datatype
 from .errors import InvalidInput
+from .images import LENGTH_SUFFIX, image_inputs, pack
 
 _ONNX_TYPES = {
     "tensor(bool)": "BOOL",
@@ -32,8 +33,9 @@ _ONNX_TYPES = {
 }
 
 
-# The operator domain of onnxruntime-extensions: tokenizers, image decoding and the like, as ONNX operators.
+# The operator domains of onnxruntime-extensions: tokenizers and the like, and (in its second domain) image decoding.
 EXTENSIONS_DOMAIN = "ai.onnx.contrib"
+EXTENSIONS_IMAGE_DOMAIN = "com.microsoft.extensions"
 
 
 class ModelLoadError(Exception):
@@ -67,7 +69,7 @@ class OnnxModel:
         try:
             self.session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own unexported exception types
-            if EXTENSIONS_DOMAIN not in str(exc):
+            if EXTENSIONS_DOMAIN not in str(exc) and EXTENSIONS_IMAGE_DOMAIN not in str(exc):
                 raise ModelLoadError(f"ONNX Runtime cannot load {_source_label(source)}: {exc}") from None
             # pre- or post-processing in the graph (a tokenizer, image decoding): onnxruntime-extensions' operators,
             # loaded only for the models that use them, so every other model starts as fast as before
@@ -76,8 +78,15 @@ class OnnxModel:
                 self.session = onnxruntime.InferenceSession(model, sess_options=options, providers=providers)
             except Exception as exc:  # onnxruntime raises its own unexported exception types
                 raise ModelLoadError(f"ONNX Runtime cannot load {_source_label(source)}: {exc}") from None
+        # images decoded in the graph: each is one BYTES input to clients, the padded bytes and lengths to the graph
+        self.images = image_inputs(self.session.get_modelmeta().custom_metadata_map)
+        hidden = {f"{name}{LENGTH_SUFFIX}" for name in self.images}
         self.signature = Signature(
-            inputs=tuple(self._spec(arg) for arg in self.session.get_inputs()),
+            inputs=tuple(
+                TensorSpec(arg.name, "BYTES", (-1,)) if arg.name in self.images else self._spec(arg)
+                for arg in self.session.get_inputs()
+                if arg.name not in hidden
+            ),
             outputs=tuple(self._spec(arg) for arg in self.session.get_outputs()),
         )
 
@@ -92,7 +101,12 @@ class OnnxModel:
         return TensorSpec(arg.name, _ONNX_TYPES[arg.type], shape)
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        feeds = {name: _as_text(name, a) if a.dtype == object else a for name, a in inputs.items()}
+        feeds = {}
+        for name, array in inputs.items():
+            if name in self.images:
+                feeds |= pack(name, array)
+            else:
+                feeds[name] = _as_text(name, array) if array.dtype == object else array
         results = self.session.run(output_names, feeds)
         return dict(zip(output_names, results))
 
@@ -107,7 +121,7 @@ def _extensions_library(source) -> str:
     libraries = sorted(folder.glob("_extensions_pydll*")) if folder is not None else []
     if not libraries:
         raise ModelLoadError(
-            f"{_source_label(source)} uses operators of {EXTENSIONS_DOMAIN} (pre- or post-processing in the graph), "
+            f"{_source_label(source)} uses operators of onnxruntime-extensions (pre- or post-processing in the graph), "
             "and onnxruntime-extensions is not installed"
         )
     return str(libraries[0])

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from slimserve.errors import UserError
+from slimserve.modeltools.convert import DEFAULT_TOLERANCE, IMAGE_TOLERANCE
 
 
 def add_commands(commands) -> None:
@@ -29,8 +30,8 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "--tolerance",
         type=float,
-        default=1e-4,
-        help="largest output difference accepted, relative to the value where it is past 1 (default: %(default)s)",
+        help="largest output difference accepted, relative to the value where it is past 1 (default: "
+        f"{DEFAULT_TOLERANCE:g}; {IMAGE_TOLERANCE:g} with --image, whose pixels differ from Pillow's by rounding)",
     )
     convert.add_argument(
         "--external-data",
@@ -51,6 +52,18 @@ def add_commands(commands) -> None:
     )
     convert.add_argument(
         "--max-length", type=int, default=512, help="with --tokenizer: tokens kept of each text (default: %(default)s)"
+    )
+    convert.add_argument(
+        "--image",
+        metavar="HxW",
+        help="the model takes encoded JPEG or PNG images, decoded to RGB, resized to HxW and normalized in the graph; "
+        "--samples is then an image or a folder of them",
+    )
+    convert.add_argument(
+        "--mean", metavar="R,G,B", help="with --image: subtracted from pixels scaled to [0, 1] (default: 0,0,0)"
+    )
+    convert.add_argument(
+        "--std", metavar="R,G,B", help="with --image: what pixels are divided by after (default: 1,1,1)"
     )
     convert.set_defaults(run=_convert)
 
@@ -94,8 +107,11 @@ def _convert(args) -> int:
 
     if args.top_k != 1 and not args.labels:
         raise UserError("--top-k: names the best classes of --labels, which is not given")
+    for option, value in (("--mean", args.mean), ("--std", args.std)):
+        if value is not None and not args.image:
+            raise UserError(f"{option}: normalizes the images of --image, which is not given")
     labels, tokenizer = (Path(path) if path else None for path in (args.labels, args.tokenizer))
-    processing = Processing(labels, args.top_k, tokenizer, args.max_length)
+    processing = Processing(labels, args.top_k, tokenizer, args.max_length, args.image, args.mean, args.std)
     source, samples, out = Path(args.model), Path(args.samples), Path(args.out)
     result = convert_file(source, samples, out, args.tolerance, args.external_data, processing)
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""

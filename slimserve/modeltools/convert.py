@@ -20,6 +20,10 @@ from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, Tflite
 from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 
 TARGET_OPSET = 17
+DEFAULT_TOLERANCE = 1e-4
+# With --image the graph's pixels are not Pillow's to the bit: Resize rounds a level the other way on about 1-2% of
+# values, and JPEG's 4:2:0 colour is upsampled differently at colour edges (measured in the README's limits).
+IMAGE_TOLERANCE = 0.05
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.
 KERAS_MAGIC = {".keras": b"PK\x03\x04", ".h5": b"\x89HDF\r\n\x1a\n"}
 KERAS_SUFFIXES = tuple(KERAS_MAGIC)
@@ -161,7 +165,9 @@ def _dynamic_batch_outputs(model) -> None:
             dims[0].dim_param = "N"
 
 
-def convert_sklearn(estimator, samples, out: Path, tolerance: float = 1e-4, source: str | None = None) -> Conversion:
+def convert_sklearn(
+    estimator, samples, out: Path, tolerance: float = DEFAULT_TOLERANCE, source: str | None = None
+) -> Conversion:
     """A fitted estimator or pipeline; `samples` a Samples or an array of rows. Classifiers give `label` and
     `probabilities` tensors, regressors `predictions`."""
     from slimserve.modeltools.samples import Samples
@@ -210,7 +216,7 @@ def convert_torch(
     module,
     samples: np.ndarray,
     out: Path,
-    tolerance: float = 1e-4,
+    tolerance: float = DEFAULT_TOLERANCE,
     input_name: str = "input",
     output_name: str = "output",
     external_data: bool = False,
@@ -300,7 +306,7 @@ def keras_to_tflite(model, named: Path, quantization: str | None = None) -> byte
         raise ConvertError(f"{named}: TensorFlow's TFLite converter failed: {error}") from None
 
 
-def convert_keras(model, samples: np.ndarray, out: Path, tolerance: float = 1e-4) -> Conversion:
+def convert_keras(model, samples: np.ndarray, out: Path, tolerance: float = DEFAULT_TOLERANCE) -> Conversion:
     """A Keras model (from `load_keras`) to TFLite, checked with LiteRT, the runtime that serves it."""
     out = Path(out)
     if out.suffix != ".tflite":
@@ -337,27 +343,37 @@ EXPECTED_FILES = (
 
 @dataclass(frozen=True)
 class Processing:
-    """What to compose onto the converted graph (`--tokenizer`, `--labels`); nothing by default."""
+    """What to compose onto the converted graph (`--image`, `--tokenizer`, `--labels`); nothing by default."""
 
     labels: Path | None = None
     top_k: int = 1
     tokenizer: Path | None = None
     max_length: int = 512
+    image: str | None = None
+    mean: str | None = None
+    std: str | None = None
 
     def __bool__(self) -> bool:
-        return self.labels is not None or self.tokenizer is not None
+        return any(option is not None for option in (self.labels, self.tokenizer, self.image))
 
     def text_tokenizer(self):
         from slimserve.modeltools.processing import WordPieceTokenizer
 
         return WordPieceTokenizer(self.tokenizer, self.max_length) if self.tokenizer else None
 
+    def image_input(self):
+        from slimserve.modeltools.processing import ImageInput
+
+        return ImageInput(self.image, self.mean, self.std) if self.image else None
+
     def apply(self, result: OnnxResult, samples, source) -> OnnxResult:
         from slimserve.modeltools import processing
 
-        tokenizer = self.text_tokenizer()
+        tokenizer, image = self.text_tokenizer(), self.image_input()
         if tokenizer is not None:
             result = processing.with_tokenizer(result, tokenizer, samples.matrix(), source)
+        if image is not None:
+            result = processing.with_image(result, image, samples, source)
         if self.labels is not None:
             result = processing.with_labels(result, processing.read_labels(self.labels), self.top_k, self.labels)
         return result
@@ -367,12 +383,13 @@ def convert_file(
     source: Path,
     samples_path: Path,
     out: Path,
-    tolerance: float = 1e-4,
+    tolerance: float | None = None,
     external_data: bool = False,
     processing: Processing = Processing(),
 ) -> Conversion:
     """The user's model file, converted by the converter of its kind, with `processing` composed onto it, and
     checked on the samples against the original."""
+    from slimserve.modeltools.processing import read_images
     from slimserve.modeltools.samples import read_samples
 
     source, out = Path(source), Path(out)
@@ -385,25 +402,32 @@ def convert_file(
         raise ConvertError(f"--external-data: {source} is not a PyTorch module; only their weights can be that large")
     if kind == "onnx" and not processing:
         raise ConvertError(
-            f"{source}: already an ONNX model: give --labels or --tokenizer to add processing to its graph"
+            f"{source}: already an ONNX model: give --image, --tokenizer or --labels to add processing to its graph"
         )
-    if processing.tokenizer and kind not in ("onnx", "torch"):
+    raw_input = "--image" if processing.image else "--tokenizer" if processing.tokenizer else None
+    if processing.image and processing.tokenizer:
+        raise ConvertError("--image, --tokenizer: a model takes one kind of raw input; give one of them")
+    if raw_input and kind not in ("onnx", "torch"):
         raise ConvertError(
-            f"--tokenizer: {source} takes its input as it was fitted; a tokenizer in the graph is for a model that "
-            "takes token ids (an .onnx)"
+            f"{raw_input}: {source} takes its input as it was fitted; decoding or tokenizing in the graph is for a "
+            "model that takes tensors (an .onnx, or a PyTorch module)"
         )
-    samples = read_samples(samples_path)
+    image = processing.image_input()
+    if tolerance is None:
+        tolerance = DEFAULT_TOLERANCE if image is None else IMAGE_TOLERANCE
+    samples = read_samples(samples_path) if image is None else read_images(samples_path)
     if kind == "keras":
         if processing:
             raise ConvertError(f"--labels: {source} converts to TFLite; labels in the graph are for ONNX models")
         return convert_keras(load_keras(source), _float_rows(samples), out, tolerance)
     if kind == "torch":
         module = _load_torch(source)
+        rows = _float_rows(samples) if image is None else image.pixels(samples, "NCHW")  # PyTorch's own layout
         if not processing:
-            return convert_torch(module, _float_rows(samples), out, tolerance, external_data=external_data)
+            return convert_torch(module, rows, out, tolerance, external_data=external_data)
         with tempfile.TemporaryDirectory() as folder:  # the module's ONNX, checked against it, then processed
             exported = Path(folder) / out.name
-            convert_torch(module, _float_rows(samples), exported, tolerance)
+            convert_torch(module, rows, exported, tolerance)
             result = _existing_onnx(exported, samples, processing)
             return check_and_save_onnx(processing.apply(result, samples, source), out, tolerance)
     if out.suffix == ".tflite":
@@ -441,11 +465,13 @@ def _existing_onnx(source: Path, samples, processing: Processing) -> OnnxResult:
         runtime = OnnxModel(source)
     except ModelLoadError as error:
         raise ConvertError(f"{source}: {error}") from None
-    tokenizer = processing.text_tokenizer()
-    if tokenizer is None:
-        feeds = model_feeds(samples.path, runtime.signature)
-    else:
+    tokenizer, image = processing.text_tokenizer(), processing.image_input()
+    if tokenizer is not None:
         feeds = tokenizer.model_feeds(samples.matrix(), runtime.signature, source)
+    elif image is not None:
+        feeds = image.model_feeds(samples, runtime.signature, source)
+    else:
+        feeds = model_feeds(samples.path, runtime.signature)
     outputs = [spec.name for spec in runtime.signature.outputs]
     return OnnxResult(onnx.load(str(source)), feeds, runtime.run(feeds, outputs))
 

@@ -7,11 +7,13 @@ output where it already holds probabilities (rows of values in [0, 1] summing to
 `probabilities`), and its softmax where it holds logits.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from slimserve.lambda_handlers.runtimes import EXTENSIONS_DOMAIN
+from slimserve.lambda_handlers.runtimes import EXTENSIONS_DOMAIN, EXTENSIONS_IMAGE_DOMAIN
+from slimserve.lambda_handlers.tensors import shape_text
 from slimserve.modeltools.convert import ConvertError, OnnxResult, rename_io
 from slimserve.modeltools.sklearn_models import TEXT_LOCALE
 
@@ -347,3 +349,234 @@ def _merge_opsets(merged, model) -> None:
     merged.opset_import.extend(
         helper.make_opsetid(opset.domain, opset.version) for opset in model.opset_import if opset.domain not in present
     )
+
+
+IMAGE_INPUT = "image"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The float datatypes an image model's input may have, as ONNX numbers them (FLOAT, FLOAT16, DOUBLE).
+FLOAT_INPUTS = (1, 10, 11)
+# Resize's antialiasing and its axes attribute came in opset 18.
+IMAGE_OPSET = 18
+
+
+class ImageInput:
+    """`--image HxW --mean R,G,B --std R,G,B`: encoded JPEG or PNG bytes in, decoded to RGB in the graph, resized
+    to HxW (linear, antialiased: Pillow's BILINEAR), scaled to [0, 1], normalized and laid out as the model takes
+    them; Pillow doing the same on the samples gives the reference."""
+
+    def __init__(self, size: str, mean: str | None = None, std: str | None = None):
+        try:
+            height, width = (int(side) for side in size.lower().split("x"))
+        except ValueError:
+            raise ConvertError(f"--image {size}: expected HEIGHTxWIDTH in pixels, such as 224x224") from None
+        if height < 1 or width < 1:
+            raise ConvertError(f"--image {size}: expected sides of at least 1 pixel")
+        self.height, self.width = height, width
+        self.mean = _channels("--mean", mean, 0.0)
+        self.std = _channels("--std", std, 1.0)
+        if (self.std == 0).any():
+            raise ConvertError(f"--std {std}: a channel's standard deviation cannot be 0")
+
+    def layout(self, shape, source) -> str:
+        """NCHW or NHWC, from the model's one image input of shape `shape`, whose sides must be ours or free."""
+        channels_first = len(shape) == 4 and shape[1] == 3
+        channels_last = len(shape) == 4 and shape[3] == 3
+        if channels_first == channels_last:
+            raise ConvertError(
+                f"--image: expected a model whose one input is a batch of RGB images, [N, 3, H, W] or [N, H, W, 3]; "
+                f"{source} takes {shape_text(shape)}"
+            )
+        sides = tuple(shape[2:4] if channels_first else shape[1:3])
+        if any(side not in (-1, wanted) for side, wanted in zip(sides, (self.height, self.width))):
+            raise ConvertError(
+                f"--image {self.height}x{self.width}: {source} takes images of {sides[0]}x{sides[1]} "
+                f"({shape_text(shape)})"
+            )
+        return "NCHW" if channels_first else "NHWC"
+
+    def model_feeds(self, samples: "ImageSamples", signature, source) -> dict[str, np.ndarray]:
+        """What the bare model takes for the sample images: Pillow's pixels, in its layout and datatype."""
+        from slimserve.lambda_handlers.datatypes import V2_TO_NUMPY
+
+        if len(signature.inputs) != 1 or signature.inputs[0].datatype not in ("FP16", "FP32", "FP64"):
+            found = ", ".join(f"{spec.name} ({spec.datatype})" for spec in signature.inputs)
+            raise ConvertError(f"--image: expected a model of one float image input; {source} takes {found}")
+        spec = signature.inputs[0]
+        pixels = self.pixels(samples, self.layout(spec.shape, source))
+        return {spec.name: pixels.astype(V2_TO_NUMPY[spec.datatype])}
+
+    def pixels(self, samples: "ImageSamples", layout: str) -> np.ndarray:
+        """What the bare model takes for the sample images, as Pillow decodes and resizes them."""
+        import io
+
+        from slimserve.modeltools.convert import require
+
+        image_module = require("PIL.Image", samples.paths[0], "checking --image", "'slimserve[image]'")
+        rows = []
+        for data, path in zip(samples.images, samples.paths):
+            try:
+                image = image_module.open(io.BytesIO(data)).convert("RGB")
+            except (OSError, ValueError) as error:
+                raise ConvertError(f"--samples {path}: Pillow cannot read it as an image: {error}") from None
+            resized = image.resize((self.width, self.height), image_module.Resampling.BILINEAR)
+            rows.append((np.asarray(resized, dtype=np.float32) / 255 - self.mean) / self.std)
+        batch = np.stack(rows)
+        return batch.transpose(0, 3, 1, 2) if layout == "NCHW" else batch
+
+    def graph(self, layout: str, elem_type: int, opset: int):
+        """image [N, longest] and image_length [N] -> the model's input [N, 3, H, W] or [N, H, W, 3]: each image
+        through DecodeImage, Resize and the normalization in a Loop (DecodeImage takes one image a call)."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        constant = _constants(helper, TensorProto)
+        shape = [3, self.height, self.width] if layout == "NCHW" else [self.height, self.width, 3]
+        nodes = [
+            helper.make_node("Unsqueeze", ["iteration", "zero"], ["start"]),
+            helper.make_node("Add", ["start", "one"], ["end"]),
+            helper.make_node("Slice", [IMAGE_INPUT, "start", "end"], ["row"]),
+            helper.make_node("Slice", [f"{IMAGE_INPUT}_length", "start", "end"], ["length"]),
+            helper.make_node("Reshape", ["row", "flat"], ["padded"]),
+            helper.make_node("Slice", ["padded", "zero", "length"], ["encoded"]),
+            helper.make_node("DecodeImage", ["encoded"], ["rgb"], domain=EXTENSIONS_IMAGE_DOMAIN, color_space="rgb"),
+            helper.make_node(
+                "Resize",
+                ["rgb", "", "", "sides"],
+                ["resized"],
+                mode="linear",
+                antialias=1,
+                axes=[0, 1],
+                coordinate_transformation_mode="half_pixel",
+            ),
+            helper.make_node("Cast", ["resized"], ["levels"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["levels", "full_scale"], ["scaled"]),
+            helper.make_node("Sub", ["scaled", "mean"], ["centred"]),
+            helper.make_node("Div", ["centred", "std"], ["normalized"]),
+        ]
+        last = "normalized"
+        if layout == "NCHW":
+            nodes.append(helper.make_node("Transpose", [last], ["channels_first"], perm=[2, 0, 1]))
+            last = "channels_first"
+        if elem_type != TensorProto.FLOAT:
+            nodes.append(helper.make_node("Cast", [last], ["typed"], to=elem_type))
+            last = "typed"
+        nodes.append(helper.make_node("Identity", [last], ["one_image"]))
+        nodes.append(helper.make_node("Identity", ["condition"], ["condition_out"]))
+        body = helper.make_graph(
+            nodes,
+            "decode_one",
+            [
+                helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+                helper.make_tensor_value_info("condition", TensorProto.BOOL, []),
+            ],
+            [
+                helper.make_tensor_value_info("condition_out", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("one_image", elem_type, shape),
+            ],
+            [
+                constant("zero", [0]),
+                constant("one", [1]),
+                constant("flat", [-1]),
+                constant("sides", [self.height, self.width]),
+                numpy_helper.from_array(np.array(255, dtype=np.float32), "full_scale"),
+                numpy_helper.from_array(self.mean, "mean"),
+                numpy_helper.from_array(self.std, "std"),
+            ],
+        )
+        graph = helper.make_graph(
+            [
+                helper.make_node("Size", [f"{IMAGE_INPUT}_length"], ["images"]),
+                helper.make_node("Loop", ["images", "true"], [IMAGE_INPUT_PIXELS], body=body),
+            ],
+            "image_decoder",
+            [
+                helper.make_tensor_value_info(IMAGE_INPUT, TensorProto.UINT8, ["N", "bytes"]),
+                helper.make_tensor_value_info(f"{IMAGE_INPUT}_length", TensorProto.INT64, ["N"]),
+            ],
+            [helper.make_tensor_value_info(IMAGE_INPUT_PIXELS, elem_type, ["N", *shape])],
+            [constant("true", True, TensorProto.BOOL)],
+        )
+        return helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(EXTENSIONS_IMAGE_DOMAIN, 1)]
+        )
+
+
+IMAGE_INPUT_PIXELS = "pixels"
+IMAGE_PREFIX = "image_decoder_"
+
+
+def _channels(option: str, text: str | None, default: float) -> np.ndarray:
+    if text is None:
+        return np.full(3, default, dtype=np.float32)
+    try:
+        values = [float(value) for value in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise ConvertError(f"{option} {text}: expected three numbers R,G,B, such as 0.485,0.456,0.406")
+    return np.array(values, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ImageSamples:
+    images: list[bytes]
+    paths: list[Path]
+
+
+def read_images(path: Path) -> ImageSamples:
+    """`--samples` for an image model: one JPEG or PNG file, or a folder of them (in name order)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(child for child in path.iterdir() if child.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ConvertError(
+                f"--samples {path}: expected JPEG or PNG images (.jpg, .jpeg, .png); the folder has none"
+            )
+    elif path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+        files = [path]
+    elif path.suffix.lower() in IMAGE_SUFFIXES:
+        raise ConvertError(f"--samples {path}: no such image file")
+    else:
+        raise ConvertError(
+            f"--samples {path}: with --image, expected a JPEG or PNG image or a folder of them, found "
+            f"{'no such folder' if not path.suffix else f'a {path.suffix} file'}"
+        )
+    return ImageSamples([file.read_bytes() for file in files], files)
+
+
+def with_image(result: OnnxResult, image: ImageInput, samples: ImageSamples, source) -> OnnxResult:
+    """`result` (an ONNX model taking one batch of images as floats, its answers on `image.pixels(images)`) behind
+    the image decoder: inputs `image` and `image_length`, which the runtime shows clients as one BYTES input."""
+    from onnx import compose, helper, version_converter
+
+    from slimserve.lambda_handlers.images import IMAGE_INPUTS, image_problem
+
+    for data, path in zip(samples.images, samples.paths):
+        problem = image_problem(data)
+        if problem:
+            raise ConvertError(f"--samples {path}: {problem}")
+    model = result.model
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    inputs = [value for value in model.graph.input if value.name not in initializers]
+    elem_type = inputs[0].type.tensor_type.elem_type
+    if len(inputs) != 1 or elem_type not in FLOAT_INPUTS:
+        found = ", ".join(value.name for value in inputs)
+        raise ConvertError(f"--image: expected a model of one float image input; {source} takes {found}")
+    shape = [dim.dim_value if dim.HasField("dim_value") else -1 for dim in inputs[0].type.tensor_type.shape.dim]
+    layout = image.layout(shape, source)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < IMAGE_OPSET:
+        try:
+            model = version_converter.convert_version(model, IMAGE_OPSET)
+        except Exception as error:  # onnx's converter raises its own unexported kinds
+            raise ConvertError(
+                f"{source}: the image decoder needs ONNX opset {IMAGE_OPSET}; onnx cannot raise the model's opset "
+                f"{opset} to it: {error}"
+            ) from None
+    front = image.graph(layout, elem_type, IMAGE_OPSET if opset < IMAGE_OPSET else opset)
+    front.ir_version = model.ir_version
+    merged = compose.merge_models(front, model, io_map=[(IMAGE_INPUT_PIXELS, inputs[0].name)], prefix1=IMAGE_PREFIX)
+    _merge_opsets(merged, model)
+    rename_io(merged, {f"{IMAGE_PREFIX}{name}": name for name in (IMAGE_INPUT, f"{IMAGE_INPUT}_length")})
+    helper.set_model_props(merged, {**{p.key: p.value for p in merged.metadata_props}, IMAGE_INPUTS: IMAGE_INPUT})
+    feeds = {IMAGE_INPUT: np.array(samples.images, dtype=object)}
+    return OnnxResult(merged, feeds, result.expected)
