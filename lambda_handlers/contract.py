@@ -27,9 +27,11 @@ ROUTES = [
 ]
 
 
-# A body of this type to POST /v2/models/{model}/infer is itself the value of the model's one BYTES input: a client
-# with a text posts it as it is, with no JSON around it.
+# A body of one of these types to POST /v2/models/{model}/infer is itself the value of the model's one BYTES input: a
+# client with a text or an image posts it as it is, with no JSON around it. Each type names what its body is.
 RAW_TEXT_MEDIA_TYPE = "text/plain"
+RAW_IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png")
+RAW_MEDIA_TYPES = {RAW_TEXT_MEDIA_TYPE: "text", **dict.fromkeys(RAW_IMAGE_MEDIA_TYPES, "image")}
 
 
 def model_routes(name: str, version: str | None = None) -> list[tuple[str, str]]:

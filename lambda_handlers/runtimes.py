@@ -107,7 +107,13 @@ class OnnxModel:
                 feeds |= pack(name, array)
             else:
                 feeds[name] = _as_text(name, array) if array.dtype == object else array
-        results = self.session.run(output_names, feeds)
+        try:
+            results = self.session.run(output_names, feeds)
+        except Exception as exc:  # onnxruntime raises its own unexported exception types
+            if self.images and "[ImageDecoder]" in str(exc):  # libpng's refusal of a damaged PNG
+                reason = str(exc).rsplit("[ImageDecoder]: ", 1)[-1].rstrip(".")
+                raise InvalidInput(f"input {self.images[0]!r}: an image the model cannot decode: {reason}") from None
+            raise
         return dict(zip(output_names, results))
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import jsoncodec
-from .contract import RAW_TEXT_MEDIA_TYPE
+from .contract import RAW_MEDIA_TYPES
 from .datatypes import V2_TO_NUMPY, Signature, TensorSpec
 from .errors import InvalidInput
 from .tensors import (
@@ -76,8 +76,9 @@ def _shape(tensor: dict, where: str) -> tuple[int, ...]:
 def parse_infer(
     body: bytes, header_length: str | None, signature: Signature, content_type: str | None = None
 ) -> InferRequest:
-    if content_type is not None and content_type.split(";")[0].strip().lower() == RAW_TEXT_MEDIA_TYPE:
-        return _text_request(body, signature)
+    media_type = content_type.split(";")[0].strip().lower() if content_type is not None else None
+    if media_type in RAW_MEDIA_TYPES:
+        return _raw_value_request(body, signature, media_type)
     header, binary = body, b""
     if header_length is not None:
         length = _header_length(header_length, body)
@@ -133,20 +134,21 @@ def parse_infer(
     return InferRequest(request_id, inputs, _requested_outputs(request, signature, binary_output_default))
 
 
-def _text_request(body: bytes, signature: Signature) -> InferRequest:
-    """A text/plain body: one text for the model's one BYTES input, a batch of one. The answer holds every output,
-    as JSON."""
-    texts = [spec for spec in signature.inputs if spec.datatype == "BYTES"]
-    if len(signature.inputs) != 1 or not texts:
+def _raw_value_request(body: bytes, signature: Signature, media_type: str) -> InferRequest:
+    """A text/plain, image/jpeg or image/png body: one value (a text, an image) for the model's one BYTES input, a
+    batch of one. The answer holds every output, as JSON."""
+    what = RAW_MEDIA_TYPES[media_type]
+    values = [spec for spec in signature.inputs if spec.datatype == "BYTES"]
+    if len(signature.inputs) != 1 or not values:
         found = ", ".join(f"{spec.name!r} ({spec.datatype})" for spec in signature.inputs)
         raise InvalidInput(
-            f"a {RAW_TEXT_MEDIA_TYPE} body is the text of a model's one BYTES input; this model takes {found}: "
+            f"a {media_type} body is the {what} of a model's one BYTES input; this model takes {found}: "
             "send a JSON request"
         )
-    spec = texts[0]
+    spec = values[0]
     if any(size not in (-1, 1) for size in spec.shape):
         raise InvalidInput(
-            f"a {RAW_TEXT_MEDIA_TYPE} body is one text; input {spec.name!r} takes {shape_text(spec.shape)}: "
+            f"a {media_type} body is one {what}; input {spec.name!r} takes {shape_text(spec.shape)}: "
             "send a JSON request"
         )
     array = np.empty((1,) * len(spec.shape), dtype=object)

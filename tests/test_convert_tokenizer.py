@@ -191,8 +191,9 @@ def test_a_pipeline_takes_text_as_it_was_fitted_and_refuses_a_tokenizer(tmp_path
     np.save(tmp_path / "texts.npy", np.array(CORPUS))
     status, _, err = convert(capsys, tmp_path / "p.joblib", "--samples", tmp_path / "texts.npy", "--tokenizer",
                              tmp_path / "tokenizer.json", "--out", tmp_path / "x.onnx")
-    assert (status, err) == (2, f"error: --tokenizer: {tmp_path}/p.joblib takes its input as it was fitted; a tokenizer "
-                                "in the graph is for a model that takes token ids (an .onnx)\n")
+    assert (status, err) == (2, f"error: --tokenizer: {tmp_path}/p.joblib takes its input as it was fitted; decoding "
+                                "or tokenizing in the graph is for a model that takes tensors (an .onnx, or a PyTorch "
+                                "module)\n")
 
 
 def test_the_runtime_loads_the_extensions_only_for_a_model_that_uses_them(tmp_path, capsys, monkeypatch):
@@ -207,7 +208,7 @@ def test_the_runtime_loads_the_extensions_only_for_a_model_that_uses_them(tmp_pa
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *rest: None if name == "onnxruntime_extensions" else find_spec(name, *rest))
     OnnxModel(tmp_path / "echo.onnx")  # a plain model never looks for them
-    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/text.onnx uses operators of ai.onnx.contrib \(pre- or "
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/text.onnx uses operators of onnxruntime-extensions \(pre- or "
                                              r"post-processing in the graph\), and onnxruntime-extensions is not installed$"):
         OnnxModel(tmp_path / "text.onnx")
 

@@ -30,7 +30,7 @@ def test_the_document_is_valid_openapi_and_covers_every_route_of_the_core():
     validate(document)
     assert len(operations(document, "m", "1")) == len(ROUTES) + sum("{model}" in template for _, template, _ in ROUTES)
     assert document["paths"]["/v2/models/{model_name}/versions/{model_version}/infer"]["post"]["requestBody"]["content"].keys() == {
-        "application/json", "application/octet-stream", "text/plain"}
+        "application/json", "application/octet-stream", "text/plain", "image/jpeg", "image/png"}
 
 
 def test_every_documented_operation_reaches_its_route_in_the_core(iris):

@@ -276,7 +276,7 @@ def test_api_routes_are_the_local_gateways(template, shard):
 
 def test_api_key_models_require_the_key_and_pass_binary_through(template, shard):
     template.has_resource_properties("AWS::ApiGateway::RestApi", {
-        "BinaryMediaTypes": ["application/octet-stream", "application/vnd.slimserve.binary"],
+        "BinaryMediaTypes": ["application/octet-stream", "application/vnd.slimserve.binary", "image/jpeg", "image/png"],
         "EndpointConfiguration": {"Types": ["REGIONAL"]}})
     methods = shard.find_resources("AWS::ApiGateway::Method", {"Properties": {"Integration": {"Type": "AWS_PROXY"}}})
     assert len(methods) == 12 and all(m["Properties"]["ApiKeyRequired"] is True for m in methods.values())

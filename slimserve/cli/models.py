@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from slimserve.errors import UserError
-from slimserve.modeltools.convert import DEFAULT_TOLERANCE, IMAGE_TOLERANCE
+from slimserve.modeltools.convert import DEFAULT_TOLERANCE
 
 
 def add_commands(commands) -> None:
@@ -30,8 +30,8 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "--tolerance",
         type=float,
-        help="largest output difference accepted, relative to the value where it is past 1 (default: "
-        f"{DEFAULT_TOLERANCE:g}; {IMAGE_TOLERANCE:g} with --image, whose pixels differ from Pillow's by rounding)",
+        default=DEFAULT_TOLERANCE,
+        help="largest output difference accepted, relative to the value where it is past 1 (default: %(default)s)",
     )
     convert.add_argument(
         "--external-data",
@@ -120,6 +120,8 @@ def _convert(args) -> int:
         f"wrote {result.path}{data}: checked on {result.samples} samples, max |diff| {result.max_abs_diff:.3g}"
         f"{agreement}"
     )
+    for note in result.notes:
+        print(f"  {note}")
     return 0
 
 

@@ -15,7 +15,9 @@ import time
 import uuid
 from typing import NamedTuple
 
-BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary")
+from slimserve.lambda_handlers.contract import RAW_IMAGE_MEDIA_TYPES
+
+BINARY_MEDIA_TYPES = ("application/octet-stream", "application/vnd.slimserve.binary", *RAW_IMAGE_MEDIA_TYPES)
 MAX_BODY_BYTES = 10 * 1024 * 1024  # API Gateway's payload limit
 
 

@@ -9,6 +9,7 @@ tests hold the stacks' Lambda routes to it too). The local gateway serves it at
 from slimserve.contract.apigw import MAX_BODY_BYTES as GATEWAY_MAX_BODY_BYTES
 from slimserve.lambda_handlers.contract import (
     MAX_BODY_BYTES,
+    RAW_IMAGE_MEDIA_TYPES,
     RAW_TEXT_MEDIA_TYPE,
     ROUTES,
     SERVER_NAME,
@@ -238,6 +239,14 @@ def _operation(method: str, action: str, versioned: bool, models: list[str] | No
             content[RAW_TEXT_MEDIA_TYPE] = {
                 "schema": {"type": "string", "description": "the one text of a model whose one input is BYTES"}
             }
+            for media_type in RAW_IMAGE_MEDIA_TYPES:
+                content[media_type] = {
+                    "schema": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "the one image of a model converted with --image (its one input is BYTES)",
+                    }
+                }
             operation["parameters"] = operation["parameters"] + [
                 {
                     "name": "Inference-Header-Content-Length",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimserve.lambda_handlers.runtimes import EXTENSIONS_DOMAIN, EXTENSIONS_IMAGE_DOMAIN
+from slimserve.lambda_handlers.runtimes import EXTENSIONS_DOMAIN, EXTENSIONS_IMAGE_DOMAIN, OnnxModel
 from slimserve.lambda_handlers.tensors import shape_text
 from slimserve.modeltools.convert import ConvertError, OnnxResult, rename_io
 from slimserve.modeltools.sklearn_models import TEXT_LOCALE
@@ -78,7 +78,7 @@ def with_labels(result: OnnxResult, labels: list[str], top_k: int, labels_path: 
         CLASS_NAME: np.asarray(labels, dtype=object)[best],
         CLASS_SCORE: np.take_along_axis(reference, best, axis=1),
     }
-    return OnnxResult(result.model, result.feeds, expected)
+    return OnnxResult(result.model, result.feeds, expected, result.notes)
 
 
 def _class_output(result: OnnxResult, classes: int, labels_path: Path) -> str:
@@ -578,5 +578,31 @@ def with_image(result: OnnxResult, image: ImageInput, samples: ImageSamples, sou
     _merge_opsets(merged, model)
     rename_io(merged, {f"{IMAGE_PREFIX}{name}": name for name in (IMAGE_INPUT, f"{IMAGE_INPUT}_length")})
     helper.set_model_props(merged, {**{p.key: p.value for p in merged.metadata_props}, IMAGE_INPUTS: IMAGE_INPUT})
-    feeds = {IMAGE_INPUT: np.array(samples.images, dtype=object)}
-    return OnnxResult(merged, feeds, result.expected)
+    encoded = np.array(samples.images, dtype=object)
+    expected, notes = _on_the_graphs_pixels(result, front, image, encoded, inputs[0].name, layout)
+    return OnnxResult(merged, {IMAGE_INPUT: encoded}, expected, notes)
+
+
+def _on_the_graphs_pixels(result: OnnxResult, front, image: ImageInput, encoded, name: str, layout: str):
+    """What the model answers on the pixels the decoder graph makes (the composed graph must answer the same), and
+    how those pixels and answers compare with Pillow's: decoders and resizers round differently, so they are
+    measured, in levels of 255, not gated on."""
+    from slimserve.lambda_handlers.images import pack
+
+    pixels = OnnxModel(front.SerializeToString()).session.run(None, pack(IMAGE_INPUT, encoded))[0]
+    pillow = result.feeds[name]
+    bare = OnnxModel(result.model.SerializeToString())
+    expected = bare.run({name: pixels.astype(pillow.dtype)}, list(result.expected))
+    spread = image.std.reshape((1, 3, 1, 1) if layout == "NCHW" else (1, 1, 1, 3))
+    levels = np.abs(pixels.astype(np.float64) - pillow) * spread * 255
+    notes = [
+        f"pixels against Pillow's (RGB, BILINEAR): max {levels.max():.2f} levels of 255, "
+        f"{(levels >= 0.5).mean():.2%} of values a level or more apart"
+    ]
+    for output, reference in result.expected.items():
+        reference, answer = np.asarray(reference), np.asarray(expected[output])
+        if reference.dtype.kind == "f" and reference.ndim == 2 and reference.shape[1] > 1:
+            same = (reference.argmax(axis=1) == answer.argmax(axis=1)).mean()
+            diff = np.abs(answer.astype(np.float64) - reference).max()
+            notes.append(f"{output} on Pillow's pixels: top class agrees on {same:.2%}, max |diff| {diff:.3g}")
+    return expected, tuple(notes)
