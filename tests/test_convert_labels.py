@@ -104,4 +104,4 @@ def test_an_onnx_model_without_labels_is_refused(tmp_path, capsys):
     logits_onnx(tmp_path / "linear.onnx", np.eye(2, dtype=np.float32))
     np.save(tmp_path / "rows.npy", np.eye(2, dtype=np.float32))
     assert convert_error(capsys, tmp_path / "linear.onnx", "--samples", tmp_path / "rows.npy", "--out", tmp_path / "x.onnx") == (
-        f"error: {tmp_path}/linear.onnx: already an ONNX model: give --labels or --tokenizer to add processing to its graph\n")
+        f"error: {tmp_path}/linear.onnx: already an ONNX model: give --image, --tokenizer or --labels to add processing to its graph\n")
