@@ -196,9 +196,9 @@ class _JpegWalk:
         start, end, approximation = segment[1 + 2 * count], segment[2 + 2 * count], segment[3 + 2 * count]
         high, low = approximation >> 4, approximation & 0x0F
         identifiers = [segment[1 + 2 * i] for i in range(count)]
-        members = [self.components.get(identifier) for identifier in identifiers]
-        if None in members or len(set(identifiers)) != count:
+        if any(identifier not in self.components for identifier in identifiers) or len(set(identifiers)) != count:
             return "a scan names a component its frame does not have, or one twice"
+        members = [self.components[identifier] for identifier in identifiers]
         if count > 1 and sum(h * v for h, v, _ in members) > MAX_BLOCKS_IN_MCU:
             return f"a scan's sampling needs more than {MAX_BLOCKS_IN_MCU} blocks a unit"
         missing = [f"quantization table {table}" for _, _, table in members if ("quant", table) not in self.tables]

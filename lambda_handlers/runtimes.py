@@ -101,7 +101,7 @@ class OnnxModel:
         return TensorSpec(arg.name, _ONNX_TYPES[arg.type], shape)
 
     def run(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        feeds = {}
+        feeds: dict[str, np.ndarray] = {}
         for name, array in inputs.items():
             if name in self.images:
                 feeds |= pack(name, array)
