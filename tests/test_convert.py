@@ -134,4 +134,5 @@ def test_cli_converts_a_saved_pipeline(iris_data, tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: {tmp_path / 'samples.npy'}: expected a scikit-learn, XGBoost, LightGBM or "
                                        "CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) or "
                                        "CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth), a Keras model "
-                                       "(.keras, .h5) or an ONNX model to process (.onnx)\n")
+                                       "(.keras, .h5), an ONNX model to process (.onnx) or a Hugging Face checkpoint "
+                                       "folder (with --task)\n")

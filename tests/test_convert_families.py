@@ -205,14 +205,14 @@ def test_catboost_from_its_cbm_file_and_joblib(diabetes, tmp_path, capsys):
     from sklearn.datasets import load_iris
 
     features, labels = load_iris(return_X_y=True)
-    classifier = catboost.CatBoostClassifier(iterations=30, verbose=0, random_seed=0).fit(features, labels)
+    classifier = catboost.CatBoostClassifier(iterations=30, verbose=0, random_seed=0, allow_writing_files=False).fit(features, labels)
     classifier.save_model(str(tmp_path / "iris.cbm"))
     np.save(tmp_path / "iris.npy", features)
     model = converted(tmp_path, tmp_path / "iris.cbm", tmp_path / "iris.npy", capsys)
     rows = features.astype(np.float32)
     assert_classifies_as(model, {"features": rows}, classifier.predict(rows).reshape(-1), classifier.predict_proba(rows))
     inputs, targets = diabetes
-    regressor = catboost.CatBoostRegressor(iterations=30, verbose=0, random_seed=0).fit(inputs, targets)
+    regressor = catboost.CatBoostRegressor(iterations=30, verbose=0, random_seed=0, allow_writing_files=False).fit(inputs, targets)
     joblib.dump(regressor, tmp_path / "regressor.joblib")
     np.save(tmp_path / "diabetes.npy", inputs[:40])
     model = converted(tmp_path, tmp_path / "regressor.joblib", tmp_path / "diabetes.npy", capsys)
@@ -287,7 +287,7 @@ def test_an_estimator_no_converter_takes_names_it_the_converter_and_its_version(
     from sklearn.preprocessing import StandardScaler
 
     features, labels = cancer
-    pipeline = make_pipeline(StandardScaler(), catboost.CatBoostClassifier(iterations=3, verbose=0)).fit(features, labels)
+    pipeline = make_pipeline(StandardScaler(), catboost.CatBoostClassifier(iterations=3, verbose=0, allow_writing_files=False)).fit(features, labels)
     joblib.dump(pipeline, tmp_path / "pipeline.joblib")
     np.save(tmp_path / "samples.npy", features[:10])
     assert convert_error(capsys, tmp_path / "pipeline.joblib", "--samples", tmp_path / "samples.npy",

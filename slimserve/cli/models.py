@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from slimserve.errors import UserError
-from slimserve.modeltools.convert import DEFAULT_TOLERANCE
+from slimserve.modeltools.convert import DEFAULT_MAX_LENGTH, DEFAULT_TOLERANCE
+from slimserve.modeltools.huggingface import TASKS
 
 
 def add_commands(commands) -> None:
@@ -19,7 +20,14 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "model",
         help="scikit-learn, XGBoost, LightGBM or CatBoost (.joblib, .pkl), XGBoost (.json, .ubj), LightGBM (.txt), "
-        "CatBoost (.cbm), PyTorch module (.pt, .pth, saved whole) or Keras (.keras, .h5; needs the tensorflow extra)",
+        "CatBoost (.cbm), PyTorch module (.pt, .pth, saved whole), Keras (.keras, .h5; needs the tensorflow extra), "
+        "an .onnx to add processing to, or a Hugging Face checkpoint folder (with --task; needs the huggingface extra)",
+    )
+    convert.add_argument(
+        "--task",
+        choices=TASKS,
+        help="what a Hugging Face checkpoint's model is for: it takes text (with its tokenizer.json in the graph) or "
+        "images (with its preprocessor_config.json's size, mean and std), and classifiers name their classes",
     )
     convert.add_argument(
         "--samples",
@@ -51,7 +59,10 @@ def add_commands(commands) -> None:
         help="a Hugging Face tokenizer.json (WordPiece, BERT's family): the model takes text, tokenized in the graph",
     )
     convert.add_argument(
-        "--max-length", type=int, default=512, help="with --tokenizer: tokens kept of each text (default: %(default)s)"
+        "--max-length",
+        type=int,
+        help=f"with --tokenizer: tokens kept of each text (default: {DEFAULT_MAX_LENGTH}, or a checkpoint's "
+        "max_position_embeddings where less)",
     )
     convert.add_argument(
         "--image",
@@ -113,7 +124,7 @@ def _convert(args) -> int:
     labels, tokenizer = (Path(path) if path else None for path in (args.labels, args.tokenizer))
     processing = Processing(labels, args.top_k, tokenizer, args.max_length, args.image, args.mean, args.std)
     source, samples, out = Path(args.model), Path(args.samples), Path(args.out)
-    result = convert_file(source, samples, out, args.tolerance, args.external_data, processing)
+    result = convert_file(source, samples, out, args.tolerance, args.external_data, processing, args.task)
     agreement = f", labels agree on {result.label_agreement:.2%}" if result.label_agreement is not None else ""
     data = f" (weights in {', '.join(result.data_files)})" if result.data_files else ""
     print(

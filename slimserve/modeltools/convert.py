@@ -7,6 +7,7 @@ TensorFlow's converter, which only the optional `tensorflow` extra installs.
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import os
 import tempfile
@@ -22,6 +23,8 @@ from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 
 TARGET_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
+# The longest text a tokenizer in the graph keeps where neither --max-length nor a checkpoint's positions say less.
+DEFAULT_MAX_LENGTH = 512
 # What each saved Keras format starts with: a .keras file is a zip archive, an .h5 file HDF5.
 KERAS_MAGIC = {".keras": b"PK\x03\x04", ".h5": b"\x89HDF\r\n\x1a\n"}
 KERAS_SUFFIXES = tuple(KERAS_MAGIC)
@@ -215,35 +218,52 @@ def _rename_in_nodes(graph, names: dict[str, str]) -> None:
 
 
 def convert_torch(
+    module, samples: np.ndarray, out: Path, tolerance: float = DEFAULT_TOLERANCE, external_data: bool = False
+) -> Conversion:
+    """An nn.Module of one float input, exported with its batch dimension dynamic (see export_torch)."""
+    return export_torch(
+        module, {"input": np.asarray(samples, dtype=np.float32)}, ("output",), out, tolerance, external_data
+    )
+
+
+def export_torch(
     module,
-    samples: np.ndarray,
+    feeds: dict[str, np.ndarray],
+    output_names: tuple[str, ...],
     out: Path,
     tolerance: float = DEFAULT_TOLERANCE,
-    input_name: str = "input",
-    output_name: str = "output",
     external_data: bool = False,
+    sequence_inputs: tuple[str, ...] = (),
 ) -> Conversion:
-    """An nn.Module exported with its batch dimension dynamic; checked on `samples` in eval mode, as loaded from the
-    files written. Weights past EXTERNAL_DATA_BYTES (or any, with `external_data`) go to `<out>.data` beside it."""
+    """An nn.Module taking `feeds` in their order, exported with the batch dimension of every input dynamic (and
+    the second one of `sequence_inputs`, token ids); checked on the feeds in eval mode, as loaded from the files
+    written. Weights past EXTERNAL_DATA_BYTES (or any, with `external_data`) go to `<out>.data` beside it."""
     import torch
 
     module = module.eval()
-    samples = np.asarray(samples, dtype=np.float32)
-    tensor = torch.from_numpy(samples)
+    tensors = [torch.from_numpy(values) for values in feeds.values()]
+    shapes = ", ".join(f"{name} {values.shape}" for name, values in feeds.items())
     try:
         with torch.no_grad():
-            expected = module(tensor).numpy()
+            answers = module(*tensors)
     except Exception as error:  # torch raises many kinds; the samples (or the module) are what is at fault
-        raise ConvertError(f"{out}: the module cannot run on the samples of shape {samples.shape}: {error}") from None
-    batch = torch.export.Dim("batch", min=1)
-    example = tensor[:2] if len(tensor) >= 2 else torch.cat([tensor[:1]] * 2)  # a batch of 1 would be specialized away
+        raise ConvertError(f"{out}: the module cannot run on the samples ({shapes}): {error}") from None
+    answers = answers if isinstance(answers, tuple) else (answers,)
+    expected = {name: answer.numpy() for name, answer in zip(output_names, answers)}
+    batch, sequence = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
+    # a batch (or a sequence) of 1 would be specialized away: the example has two of each
+    example = tuple(torch.cat([tensor[:2]] * 2)[:2] for tensor in tensors)
+    dynamic = tuple({0: batch, 1: sequence} if name in sequence_inputs else {0: batch} for name in feeds)
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(parameter.kind == parameter.VAR_POSITIONAL for parameter in parameters):
+        dynamic = (dynamic,)  # torch.export gives a forward(*tensors) the shapes of all as one parameter's
     try:
         program = torch.onnx.export(
             module,
-            (example,),
-            input_names=[input_name],
-            output_names=[output_name],
-            dynamic_shapes=({0: batch},),
+            example,
+            input_names=list(feeds),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic,
             opset_version=TARGET_OPSET,
             dynamo=True,
             verbose=False,
@@ -254,9 +274,9 @@ def convert_torch(
     with staged(out) as path:
         # torch writes external data past 1536 MiB of weights by itself: EXTERNAL_DATA_BYTES is that threshold
         program.save(path, external_data=external_data)
-        max_diff, agreement = _check(OnnxModel(path), {input_name: samples}, {output_name: expected}, out, tolerance)
+        max_diff, agreement = _check(OnnxModel(path), feeds, expected, out, tolerance)
         data_files = model_files(path).data
-    return Conversion(str(out), max_diff, agreement, len(samples), data_files)
+    return Conversion(str(out), max_diff, agreement, len(tensors[0]), data_files)
 
 
 def load_keras(path: Path):
@@ -338,8 +358,8 @@ FILE_KINDS = {
 }
 EXPECTED_FILES = (
     "a scikit-learn, XGBoost, LightGBM or CatBoost model (.joblib, .pkl), an XGBoost (.json, .ubj), LightGBM (.txt) "
-    "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth), a Keras model (.keras, .h5) or an ONNX model to "
-    "process (.onnx)"
+    "or CatBoost (.cbm) file, a saved PyTorch module (.pt, .pth), a Keras model (.keras, .h5), an ONNX model to "
+    "process (.onnx) or a Hugging Face checkpoint folder (with --task)"
 )
 
 
@@ -350,18 +370,22 @@ class Processing:
     labels: Path | None = None
     top_k: int = 1
     tokenizer: Path | None = None
-    max_length: int = 512
+    max_length: int | None = None
+    """Tokens kept of each text; None: DEFAULT_MAX_LENGTH, or a checkpoint's max_position_embeddings where less."""
     image: str | None = None
     mean: str | None = None
     std: str | None = None
+    class_names: tuple[str, ...] = ()
+    """The classes' names where no --labels file gives them (a Hugging Face checkpoint's id2label)."""
 
     def __bool__(self) -> bool:
-        return any(option is not None for option in (self.labels, self.tokenizer, self.image))
+        return any(option is not None for option in (self.labels, self.tokenizer, self.image)) or bool(self.class_names)
 
     def text_tokenizer(self):
         from slimserve.modeltools.processing import WordPieceTokenizer
 
-        return WordPieceTokenizer(self.tokenizer, self.max_length) if self.tokenizer else None
+        max_length = self.max_length or DEFAULT_MAX_LENGTH
+        return WordPieceTokenizer(self.tokenizer, max_length) if self.tokenizer else None
 
     def image_input(self):
         from slimserve.modeltools.processing import ImageInput
@@ -378,6 +402,8 @@ class Processing:
             result = processing.with_image(result, image, samples, source)
         if self.labels is not None:
             result = processing.with_labels(result, processing.read_labels(self.labels), self.top_k, self.labels)
+        elif self.class_names:
+            result = processing.with_labels(result, list(self.class_names), self.top_k, f"{source}/config.json")
         return result
 
 
@@ -388,13 +414,24 @@ def convert_file(
     tolerance: float = DEFAULT_TOLERANCE,
     external_data: bool = False,
     processing: Processing = Processing(),
+    task: str | None = None,
 ) -> Conversion:
-    """The user's model file, converted by the converter of its kind, with `processing` composed onto it, and
-    checked on the samples against the original."""
+    """The user's model file (or Hugging Face checkpoint folder, for `task`), converted by the converter of its
+    kind, with `processing` composed onto it, and checked on the samples against the original."""
+    from slimserve.modeltools import huggingface
     from slimserve.modeltools.processing import read_images
     from slimserve.modeltools.samples import read_samples
 
     source, out = Path(source), Path(out)
+    if external_data and (processing or source.is_dir()):
+        raise ConvertError(
+            "--external-data: a model with its processing in the graph (--image, --tokenizer, --labels, a "
+            "checkpoint's tokenizer) is written as one file"
+        )
+    if source.is_dir():
+        return huggingface.convert_checkpoint(source, task, Path(samples_path), out, tolerance, processing)
+    if task is not None:
+        raise ConvertError(f"--task {task}: is for a Hugging Face checkpoint folder; {source} is a file")
     kind = FILE_KINDS.get(source.suffix.lower())
     if kind is None:
         raise ConvertError(f"{source}: expected {EXPECTED_FILES}")
@@ -428,11 +465,11 @@ def convert_file(
         with tempfile.TemporaryDirectory() as folder:  # the module's ONNX, checked against it, then processed
             exported = Path(folder) / out.name
             convert_torch(module, rows, exported, tolerance)
-            result = _existing_onnx(exported, samples, processing)
+            result = existing_onnx(exported, samples, processing)
             return check_and_save_onnx(processing.apply(result, samples, source), out, tolerance)
     if out.suffix == ".tflite":
         raise ConvertError(f"{out}: a {source.suffix} model converts to ONNX: expected an output path ending in .onnx")
-    result = _existing_onnx(source, samples, processing) if kind == "onnx" else _to_onnx(kind, source, samples)
+    result = existing_onnx(source, samples, processing) if kind == "onnx" else _to_onnx(kind, source, samples)
     return check_and_save_onnx(processing.apply(result, samples, source), out, tolerance)
 
 
@@ -454,7 +491,7 @@ def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     return sklearn_to_onnx(model, samples, str(source))
 
 
-def _existing_onnx(source: Path, samples, processing: Processing) -> OnnxResult:
+def existing_onnx(source: Path, samples, processing: Processing) -> OnnxResult:
     """An ONNX model as it is, with its own answers on the samples (texts tokenized by the tokenizer itself where
     it takes token ids) as what processing must keep."""
     import onnx
