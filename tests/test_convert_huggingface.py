@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from support import call, convert_error, run_in_extra_venv
-from test_convert_tokenizer import CORPUS, TEXTS, train_wordpiece
+from test_convert_tokenizer import CORPUS, TEXTS, train_byte_level_bpe, train_wordpiece
 
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
 from slimserve.lambda_handlers.runtimes import OnnxModel
@@ -40,10 +40,24 @@ bert = dict(vocab_size=tokenizer.get_vocab_size(), hidden_size=32, num_hidden_la
 torch.manual_seed(0)
 config = transformers.BertConfig(**bert, num_labels=3, id2label={int(k): v for k, v in sentiments.items()})
 classifier = transformers.BertForSequenceClassification(config).eval()
-classifier.save_pretrained(folder / "sentiment")
-(folder / "sentiment" / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
+classifier.save_pretrained(folder / "bert-sentiment")
+(folder / "bert-sentiment" / "tokenizer.json").write_bytes((folder / "tokenizer.json").read_bytes())
 with torch.no_grad():
-    np.save(folder / "sentiment-logits.npy", classifier(input_ids=ids, attention_mask=mask).logits.numpy())
+    np.save(folder / "bert-sentiment-logits.npy", classifier(input_ids=ids, attention_mask=mask).logits.numpy())
+
+roberta_tokenizer = Tokenizer.from_file(str(folder / "bpe-tokenizer.json"))
+roberta_tokenizer.enable_padding(pad_id=roberta_tokenizer.token_to_id("<pad>"))
+encoded = roberta_tokenizer.encode_batch(texts)
+torch.manual_seed(3)
+config = transformers.RobertaConfig(**{**bert, "vocab_size": roberta_tokenizer.get_vocab_size(), "pad_token_id": 1,
+                                       "max_position_embeddings": 66}, num_labels=3,
+                                    id2label={int(k): v for k, v in sentiments.items()})
+roberta = transformers.RobertaForSequenceClassification(config).eval()
+roberta.save_pretrained(folder / "roberta-sentiment")
+(folder / "roberta-sentiment" / "tokenizer.json").write_bytes((folder / "bpe-tokenizer.json").read_bytes())
+with torch.no_grad():
+    np.save(folder / "roberta-sentiment-logits.npy", roberta(input_ids=torch.tensor([e.ids for e in encoded]),
+            attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
 
 torch.manual_seed(1)
 encoder = transformers.BertModel(transformers.BertConfig(**bert)).eval()
@@ -85,6 +99,7 @@ def checkpoints(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("checkpoints")
     train_wordpiece(folder / "tokenizer.json")
+    train_byte_level_bpe(folder / "bpe-tokenizer.json", specials_around=True)
     (folder / "texts.txt").write_text("\n".join(TEXTS))
     np.save(folder / "texts.npy", np.array(TEXTS))
     (folder / "images").mkdir()
@@ -104,9 +119,12 @@ def convert_in_torch_venv(*args) -> str:
 
 
 @pytest.mark.slow
-def test_a_text_classifier_checkpoint_takes_text_and_names_its_classes(checkpoints, tmp_path):
+@pytest.mark.parametrize("checkpoint", ["bert-sentiment", "roberta-sentiment"])
+def test_a_text_classifier_checkpoint_takes_text_and_names_its_classes(checkpoints, tmp_path, checkpoint):
+    """BERT with its WordPiece tokenizer; RoBERTa with its byte-level BPE (<s> text </s>, padded with <pad>, the
+    id RoBERTa's positions count from)."""
     out = convert_in_torch_venv(
-        checkpoints / "sentiment",
+        checkpoints / checkpoint,
         "--task",
         "text-classification",
         "--samples",
@@ -115,7 +133,7 @@ def test_a_text_classifier_checkpoint_takes_text_and_names_its_classes(checkpoin
         tmp_path / "sentiment.onnx",
     )
     assert out.startswith(f"wrote {tmp_path / 'sentiment.onnx'}: checked on {len(TEXTS)} samples, max |diff| ")
-    logits = np.load(checkpoints / "sentiment-logits.npy")
+    logits = np.load(checkpoints / f"{checkpoint}-logits.npy")
     model = OnnxModel(tmp_path / "sentiment.onnx")
     assert [(spec.name, spec.datatype, spec.shape) for spec in model.signature.inputs] == [("text", "BYTES", (-1,))]
     core = InferenceCore([ServedModel("sentiment", "1", runtime=model)])
@@ -174,7 +192,7 @@ def test_an_image_classifier_checkpoint_takes_images_with_its_processors_size_me
 
 
 def test_checkpoint_mistakes_are_one_line(checkpoints, tmp_path, capsys):
-    sentiment, texts, out = checkpoints / "sentiment", checkpoints / "texts.npy", tmp_path / "m.onnx"
+    sentiment, texts, out = checkpoints / "bert-sentiment", checkpoints / "texts.npy", tmp_path / "m.onnx"
     assert convert_error(capsys, tmp_path, "--task", "text-classification", "--samples", texts, "--out", out) == (
         f"error: {tmp_path}: a folder, but not a Hugging Face checkpoint: expected config.json in it\n"
     )
@@ -239,7 +257,7 @@ def test_a_checkpoint_without_transformers_names_the_extra(checkpoints, tmp_path
     monkeypatch.setitem(sys.modules, "torch", None)
     assert convert_error(
         capsys,
-        checkpoints / "sentiment",
+        checkpoints / "bert-sentiment",
         "--task",
         "text-classification",
         "--samples",
@@ -247,6 +265,6 @@ def test_a_checkpoint_without_transformers_names_the_extra(checkpoints, tmp_path
         "--out",
         tmp_path / "m.onnx",
     ) == (
-        f"error: {checkpoints}/sentiment: converting a Hugging Face checkpoint needs torch, which is not installed: "
+        f"error: {checkpoints}/bert-sentiment: converting a Hugging Face checkpoint needs torch, which is not installed: "
         "pip install 'slimserve[huggingface]'\n"
     )

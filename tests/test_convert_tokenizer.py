@@ -3,6 +3,7 @@ from the user's Hugging Face tokenizer.json. The ids equal the `tokenizers` libr
 and padding included, and a batch of n texts gives n answers through every protocol."""
 
 import base64
+import json
 
 import numpy as np
 import onnx
@@ -97,6 +98,48 @@ def test_the_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, lowercase):
         assert got["token_type_ids_seen"].tolist() == [e.type_ids for e in expected]
 
 
+def train_byte_level_bpe(path, specials_around: bool):
+    """A byte-level BPE tokenizer trained here: RoBERTa's (<s> text </s>) or GPT-2's (nothing around the text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<s>", "<pad>", "</s>", "<unk>"] if specials_around else ["<|endoftext|>"]
+    tokenizer.train_from_iterator(CORPUS * 10, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if specials_around:
+        tokenizer.post_processor = processors.RobertaProcessing(("</s>", tokenizer.token_to_id("</s>")),
+                                                                ("<s>", tokenizer.token_to_id("<s>")))
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+# Byte-level BPE sees bytes: whitespace runs, tabs and newlines, contractions, emoji and a special token's own text.
+BPE_TEXTS = TEXTS + ["  two  spaces\tand\nnewline ", "don't I'll we're", "emoji 🙂 漢字", "<s> literal </s>"]
+
+
+@pytest.mark.parametrize("specials_around", [True, False], ids=["roberta", "gpt2"])
+def test_a_byte_level_bpe_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, specials_around):
+    tokenizer = train_byte_level_bpe(tmp_path / "tokenizer.json", specials_around)
+    echo_onnx(tmp_path / "echo.onnx")
+    np.save(tmp_path / "texts.npy", np.array(BPE_TEXTS))
+    status, out, err = convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                               tmp_path / "tokenizer.json", "--max-length", 12, "--out", tmp_path / "text.onnx")
+    assert status == 0, err
+    model = OnnxModel(tmp_path / "text.onnx")
+    pad_id = tokenizer.token_to_id("<pad>") or 0
+    tokenizer.enable_truncation(12)  # long texts are cut, keeping RoBERTa's </s>
+    tokenizer.enable_padding(pad_id=pad_id)
+    for batch in (BPE_TEXTS, BPE_TEXTS[:1], BPE_TEXTS[-4:]):
+        expected = tokenizer.encode_batch(batch)
+        got = model.run({"text": np.array(batch, dtype=object)}, [f"{name}_seen" for name in TOKEN_INPUTS])
+        assert got["input_ids_seen"].tolist() == [e.ids for e in expected]
+        assert got["attention_mask_seen"].tolist() == [e.attention_mask for e in expected]
+        assert got["token_type_ids_seen"].tolist() == [e.type_ids for e in expected]
+    assert any(len(tokenizer.encode(text).ids) == 12 and tokenizer.encode(text).overflowing for text in BPE_TEXTS)
+
+
 def test_a_word_with_a_letter_the_vocabulary_lacks_is_refused_where_the_graph_would_differ(tmp_path, capsys):
     """tokenizers makes such a word one [UNK]; BertTokenizer keeps the pieces before the letter. The check on the
     samples says so before anything is written."""
@@ -159,12 +202,29 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
     bpe.save(str(tmp_path / "bpe.json"))
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=150, special_tokens=["<unk>"], unk_token="<unk>"))
+    unigram.save(str(tmp_path / "unigram.json"))
+    train_byte_level_bpe(tmp_path / "roberta.json", True)
+    prefixed = json.loads((tmp_path / "roberta.json").read_text())
+    prefixed["pre_tokenizer"]["add_prefix_space"] = True
+    (tmp_path / "prefixed.json").write_text(json.dumps(prefixed))
     (tmp_path / "broken.json").write_text("{not json")
     echo_onnx(tmp_path / "floats.onnx", ("features",), TensorProto.FLOAT)
     cases = {
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "bpe.json"):
-            f"--tokenizer {tmp_path}/bpe.json: expected a WordPiece tokenizer of the BERT family (BertNormalizer), "
-            "found a BPE model with no normalizer; BPE and Unigram tokenizers are not in the graph yet",
+            f"--tokenizer {tmp_path}/bpe.json: expected a byte-level BPE tokenizer of the GPT-2 family (a ByteLevel "
+            "pre-tokenizer with GPT-2's regex, no normalizer); this one has a Whitespace pre-tokenizer",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "unigram.json"):
+            f"--tokenizer {tmp_path}/unigram.json: expected a WordPiece (BERT's family) or byte-level BPE (GPT-2's "
+            "family) tokenizer, found a Unigram model; Unigram (SentencePiece) tokenizers are not in the graph yet: "
+            "onnxruntime-extensions' HfJsonTokenizer answers them unlike tokenizers does",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "prefixed.json"):
+            f"--tokenizer {tmp_path}/prefixed.json: its ByteLevel pre-tokenizer adds a prefix space, which "
+            "onnxruntime-extensions' HfJsonTokenizer does not",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "roberta.json", "--max-length", 2):
+            "--max-length 2: expected room for the special tokens and one more",
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "nope.json"): f"--tokenizer {tmp_path}/nope.json: no such file",
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "tokenizer.json", "--max-length", 1):
             "--max-length 1: expected at least 2, room for [CLS] and [SEP]",

@@ -382,10 +382,10 @@ class Processing:
         return any(option is not None for option in (self.labels, self.tokenizer, self.image)) or bool(self.class_names)
 
     def text_tokenizer(self):
-        from slimserve.modeltools.processing import WordPieceTokenizer
+        from slimserve.modeltools.processing import graph_tokenizer
 
         max_length = self.max_length or DEFAULT_MAX_LENGTH
-        return WordPieceTokenizer(self.tokenizer, max_length) if self.tokenizer else None
+        return graph_tokenizer(self.tokenizer, max_length) if self.tokenizer else None
 
     def image_input(self):
         from slimserve.modeltools.processing import ImageInput

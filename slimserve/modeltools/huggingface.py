@@ -33,7 +33,11 @@ SENTENCE_EMBEDDINGS = "sentence-embeddings"
 IMAGE_CLASSIFICATION = "image-classification"
 TASKS = (TEXT_CLASSIFICATION, SENTENCE_EMBEDDINGS, IMAGE_CLASSIFICATION)
 # What each task's graph answers (beside class_name and class_score, for the classifiers).
-TASK_OUTPUTS = {TEXT_CLASSIFICATION: "logits", SENTENCE_EMBEDDINGS: "sentence_embedding", IMAGE_CLASSIFICATION: "logits"}
+TASK_OUTPUTS = {
+    TEXT_CLASSIFICATION: "logits",
+    SENTENCE_EMBEDDINGS: "sentence_embedding",
+    IMAGE_CLASSIFICATION: "logits",
+}
 # transformers' class that loads each task's model from the checkpoint.
 TASK_MODELS = {
     TEXT_CLASSIFICATION: "AutoModelForSequenceClassification",

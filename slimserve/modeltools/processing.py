@@ -114,40 +114,48 @@ TEXT_INPUT = "text"
 TOKENIZER_PREFIX = "tokenizer_"
 
 
-class WordPieceTokenizer:
-    """A Hugging Face tokenizer.json of the BERT family (WordPiece with BERT's normalizer and pre-tokenizer) as an
-    onnxruntime-extensions BertTokenizer in the graph, and as `tokenizers` itself for the reference ids."""
+def graph_tokenizer(path: Path, max_length: int) -> "GraphTokenizer":
+    """The tokenizer.json at `path` as the graph can run it: WordPiece of the BERT family, or byte-level BPE of the
+    GPT-2 family (GPT-2, RoBERTa, BART)."""
+    spec = _read_tokenizer_json(Path(path))
+    kind = spec["model"].get("type")
+    if kind == "BPE":
+        return BpeTokenizer(Path(path), spec, max_length)
+    if kind == "WordPiece":
+        return WordPieceTokenizer(Path(path), spec, max_length)
+    raise ConvertError(
+        f"--tokenizer {path}: expected a WordPiece (BERT's family) or byte-level BPE (GPT-2's family) tokenizer, "
+        f"found a {kind or 'tokenizer of no known'} model; Unigram (SentencePiece) tokenizers are not in the graph "
+        "yet: onnxruntime-extensions' HfJsonTokenizer answers them unlike tokenizers does"
+    )
 
-    def __init__(self, path: Path, max_length: int):
-        import json
 
-        self.path, self.max_length = Path(path), max_length
-        try:
-            spec = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConvertError(f"--tokenizer {path}: no such file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise ConvertError(f"--tokenizer {path}: not a Hugging Face tokenizer.json: {error}") from None
-        model = spec.get("model") if isinstance(spec, dict) else None
-        kind = model.get("type") if isinstance(model, dict) else None
-        normalizer = spec.get("normalizer") or {}
-        if kind != "WordPiece" or normalizer.get("type") not in (None, "BertNormalizer"):
-            raise ConvertError(
-                f"--tokenizer {path}: expected a WordPiece tokenizer of the BERT family (BertNormalizer), found a "
-                f"{kind or 'tokenizer of no known'} model with {normalizer.get('type') or 'no'} normalizer; "
-                "BPE and Unigram tokenizers are not in the graph yet"
-            )
-        if max_length < 2:
-            raise ConvertError(f"--max-length {max_length}: expected at least 2, room for [CLS] and [SEP]")
-        self.vocab: dict[str, int] = model["vocab"]
-        self.lowercase = bool(normalizer.get("lowercase", False))
-        strip_accents = normalizer.get("strip_accents")
-        self.strip_accents = self.lowercase if strip_accents is None else bool(strip_accents)  # BERT's rule
+def _read_tokenizer_json(path: Path) -> dict:
+    import json
+
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError(f"--tokenizer {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConvertError(f"--tokenizer {path}: not a Hugging Face tokenizer.json: {error}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise ConvertError(f"--tokenizer {path}: not a Hugging Face tokenizer.json: it has no model")
+    return spec
+
+
+class GraphTokenizer:
+    """A Hugging Face tokenizer.json as onnxruntime-extensions' operators in the graph, and as `tokenizers` itself
+    for the reference ids. Each text goes through the subclass's operator in a Loop (they take one text a call),
+    padded to max_length, then the batch is cut to its longest text."""
+
+    def __init__(self, path: Path, spec: dict, max_length: int):
+        self.path, self.spec, self.max_length = path, spec, max_length
+        self.vocab: dict[str, int] = spec["model"].get("vocab") or {}
         padding = spec.get("padding") or {}
-        self.pad_id = int(padding.get("pad_id", self.vocab.get("[PAD]", 0)))
-        missing = [token for token in ("[CLS]", "[SEP]", "[UNK]", "[MASK]") if token not in self.vocab]
-        if missing:
-            raise ConvertError(f"--tokenizer {path}: a BERT vocabulary has {missing[0]}; this one has none")
+        self.pad_id = int(padding.get("pad_id", self.vocab.get(self.pad_token, 0)))
+
+    pad_token = "[PAD]"
 
     def check_inputs(self, names: list[str], source) -> None:
         if "input_ids" not in names or set(names) - set(TOKEN_INPUTS):
@@ -182,28 +190,27 @@ class WordPieceTokenizer:
             "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64),
         }
 
+    def tokenize_one(self, helper, constant) -> tuple[list, list]:
+        """The Loop body's nodes and constants from `one_text` [1] to `ids`, `type_ids` and `mask`, each of at
+        most max_length tokens."""
+        raise NotImplementedError
+
+    def normalize(self, helper, tensor_proto, nodes: list, initializers: list) -> str:
+        """Nodes before the Loop that prepare every text at once; the name of what they answer."""
+        return TEXT_INPUT
+
     def graph(self, input_types: dict[str, int], opset: int):
-        """text [N] -> the model's token inputs [N, longest]: each text through BertTokenizer in a Loop (it takes
-        one text a call), padded to max_length, then cut to the longest in the batch."""
+        """text [N] -> the model's token inputs [N, longest]."""
         from onnx import TensorProto, helper
 
-        vocab = "\n".join(token for token, _ in sorted(self.vocab.items(), key=lambda item: item[1]))
         constant = _constants(helper, TensorProto)
+        tokenize, body_constants = self.tokenize_one(helper, constant)
         body = helper.make_graph(
             [
                 helper.make_node("Unsqueeze", ["iteration", "zero_axis"], ["start"]),
                 helper.make_node("Add", ["start", "one"], ["end"]),
                 helper.make_node("Slice", ["normalized_text", "start", "end"], ["one_text"]),
-                helper.make_node(
-                    "BertTokenizer",
-                    ["one_text"],
-                    ["ids", "type_ids", "mask"],
-                    domain=EXTENSIONS_DOMAIN,
-                    vocab_file=vocab,
-                    do_lower_case=int(self.lowercase),
-                    strip_accents=int(self.strip_accents),
-                    max_length=self.max_length,
-                ),
+                *tokenize,
                 helper.make_node("Shape", ["ids"], ["length"]),
                 helper.make_node("Sub", ["max_length", "length"], ["missing"]),
                 helper.make_node("Concat", ["zero", "missing"], ["pads"], axis=0),
@@ -231,32 +238,12 @@ class WordPieceTokenizer:
                 constant("zero_scalar", 0),
                 constant("pad_id", self.pad_id),
                 constant("max_length", [self.max_length]),
+                *body_constants,
             ],
         )
         nodes = [helper.make_node("Size", [TEXT_INPUT], ["texts"])]
         initializers = [constant("true", True, TensorProto.BOOL), constant("row_axis", [1]), constant("zero", [0])]
-        text = TEXT_INPUT
-        # BertTokenizer lower-cases and strips the accents of Latin letters only: the whole of Unicode is done here
-        if self.lowercase:
-            nodes.append(
-                helper.make_node(
-                    "StringNormalizer", [text], ["lowercase_text"], case_change_action="LOWER", locale=TEXT_LOCALE
-                )
-            )
-            text = "lowercase_text"
-        if self.strip_accents:
-            for index, (pattern, rewrite) in enumerate(_accent_rewrites()):
-                initializers += [_string(helper, TensorProto, f"accents_{index}", pattern),
-                                 _string(helper, TensorProto, f"unaccented_{index}", rewrite)]  # fmt: skip
-                nodes.append(
-                    helper.make_node(
-                        "StringRegexReplace",
-                        [text, f"accents_{index}", f"unaccented_{index}"],
-                        [f"unaccented_text_{index}"],
-                        domain=EXTENSIONS_DOMAIN,
-                    )
-                )
-                text = f"unaccented_text_{index}"
+        text = self.normalize(helper, TensorProto, nodes, initializers)
         nodes.append(helper.make_node("Identity", [text], ["normalized_text"]))
         nodes += [
             helper.make_node("Loop", ["texts", "true"], ["all_ids", "all_type_ids", "all_mask"], body=body),
@@ -282,6 +269,163 @@ class WordPieceTokenizer:
             graph,
             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(EXTENSIONS_DOMAIN, 1)],
         )
+
+
+class WordPieceTokenizer(GraphTokenizer):
+    """WordPiece with BERT's normalizer and pre-tokenizer, as onnxruntime-extensions' BertTokenizer; lower-casing
+    and accent stripping are done before it for the whole of Unicode (BertTokenizer does Latin only)."""
+
+    def __init__(self, path: Path, spec: dict, max_length: int):
+        super().__init__(path, spec, max_length)
+        normalizer = spec.get("normalizer") or {}
+        if normalizer.get("type") not in (None, "BertNormalizer"):
+            raise ConvertError(
+                f"--tokenizer {path}: expected a WordPiece tokenizer of the BERT family (BertNormalizer), found one "
+                f"with a {normalizer.get('type')} normalizer"
+            )
+        if max_length < 2:
+            raise ConvertError(f"--max-length {max_length}: expected at least 2, room for [CLS] and [SEP]")
+        self.lowercase = bool(normalizer.get("lowercase", False))
+        strip_accents = normalizer.get("strip_accents")
+        self.strip_accents = self.lowercase if strip_accents is None else bool(strip_accents)  # BERT's rule
+        missing = [token for token in ("[CLS]", "[SEP]", "[UNK]", "[MASK]") if token not in self.vocab]
+        if missing:
+            raise ConvertError(f"--tokenizer {path}: a BERT vocabulary has {missing[0]}; this one has none")
+
+    def tokenize_one(self, helper, constant) -> tuple[list, list]:
+        vocab = "\n".join(token for token, _ in sorted(self.vocab.items(), key=lambda item: item[1]))
+        node = helper.make_node(
+            "BertTokenizer",
+            ["one_text"],
+            ["ids", "type_ids", "mask"],
+            domain=EXTENSIONS_DOMAIN,
+            vocab_file=vocab,
+            do_lower_case=int(self.lowercase),
+            strip_accents=int(self.strip_accents),
+            max_length=self.max_length,
+        )
+        return [node], []
+
+    def normalize(self, helper, tensor_proto, nodes: list, initializers: list) -> str:
+        text = TEXT_INPUT
+        if self.lowercase:
+            nodes.append(
+                helper.make_node(
+                    "StringNormalizer", [text], ["lowercase_text"], case_change_action="LOWER", locale=TEXT_LOCALE
+                )
+            )
+            text = "lowercase_text"
+        if self.strip_accents:
+            for index, (pattern, rewrite) in enumerate(_accent_rewrites()):
+                initializers += [_string(helper, tensor_proto, f"accents_{index}", pattern),
+                                 _string(helper, tensor_proto, f"unaccented_{index}", rewrite)]  # fmt: skip
+                nodes.append(
+                    helper.make_node(
+                        "StringRegexReplace",
+                        [text, f"accents_{index}", f"unaccented_{index}"],
+                        [f"unaccented_text_{index}"],
+                        domain=EXTENSIONS_DOMAIN,
+                    )
+                )
+                text = f"unaccented_text_{index}"
+        return text
+
+
+class BpeTokenizer(GraphTokenizer):
+    """Byte-level BPE of the GPT-2 family (GPT-2's pre-tokenizing regex, no normalizer; GPT-2, RoBERTa, BART) as
+    onnxruntime-extensions' HfJsonTokenizer, which reads the tokenizer.json itself. The special tokens the
+    post-processor puts around the text (RoBERTa's <s> and </s>) are its bos and eos; truncation keeps the eos, as
+    tokenizers does."""
+
+    pad_token = "<pad>"
+
+    def __init__(self, path: Path, spec: dict, max_length: int):
+        super().__init__(path, spec, max_length)
+        pre_tokenizer = spec.get("pre_tokenizer") or {}
+        if (
+            spec.get("normalizer")
+            or pre_tokenizer.get("type") != "ByteLevel"
+            or not pre_tokenizer.get("use_regex", True)
+        ):
+            found = (spec.get("normalizer") or {}).get("type") or pre_tokenizer.get("type") or "no"
+            raise ConvertError(
+                f"--tokenizer {path}: expected a byte-level BPE tokenizer of the GPT-2 family (a ByteLevel "
+                f"pre-tokenizer with GPT-2's regex, no normalizer); this one has a {found} "
+                f"{'normalizer' if spec.get('normalizer') else 'pre-tokenizer'}"
+            )
+        if pre_tokenizer.get("add_prefix_space"):
+            raise ConvertError(
+                f"--tokenizer {path}: its ByteLevel pre-tokenizer adds a prefix space, which onnxruntime-extensions' "
+                "HfJsonTokenizer does not"
+            )
+        self.bos, self.eos = _specials_around_the_text(path, spec.get("post_processor"))
+        if max_length < 1 + len(self.bos) + len(self.eos):
+            raise ConvertError(f"--max-length {max_length}: expected room for the special tokens and one more")
+
+    def tokenize_one(self, helper, constant) -> tuple[list, list]:
+        import json
+
+        config = {
+            "tokenizer_class": "GPT2Tokenizer",
+            "add_bos_token": bool(self.bos),
+            "add_eos_token": bool(self.eos),
+            **({"bos_token": self.bos[0]} if self.bos else {}),
+            **({"eos_token": self.eos[0]} if self.eos else {}),
+        }
+        kept = self.max_length - len(self.eos)
+        nodes = [
+            helper.make_node(
+                "HfJsonTokenizer",
+                ["one_text"],
+                ["text_ids"],
+                domain=EXTENSIONS_DOMAIN,
+                tokenizer_vocab=self.path.read_text(encoding="utf-8"),
+                tokenizer_config=json.dumps(config),
+            ),
+            helper.make_node("Reshape", ["text_ids", "flat"], ["all_text_ids"]),
+            # truncated as tokenizers does: the first max_length - len(eos) ids, then the eos (the last id) again
+            helper.make_node("Shape", ["all_text_ids"], ["text_length"]),
+            helper.make_node("Min", ["text_length", "kept"], ["head_end"]),
+            helper.make_node("Sub", ["head_end", "eos_count"], ["head_cut"]),
+            helper.make_node("Max", ["head_cut", "zero"], ["head_stop"]),
+            helper.make_node("Slice", ["all_text_ids", "zero", "head_stop"], ["head"]),
+            helper.make_node("Sub", ["text_length", "eos_count"], ["tail_start"]),
+            helper.make_node("Slice", ["all_text_ids", "tail_start", "text_length"], ["tail"]),
+            helper.make_node("Concat", ["head", "tail"], ["ids"], axis=0),
+            helper.make_node("Shape", ["ids"], ["ids_length"]),
+            helper.make_node("ConstantOfShape", ["ids_length"], ["type_ids"], value=constant("zero_value", [0])),
+            helper.make_node("ConstantOfShape", ["ids_length"], ["mask"], value=constant("one_value", [1])),
+        ]
+        constants = [constant("flat", [-1]), constant("kept", [kept + len(self.eos)]),
+                     constant("eos_count", [len(self.eos)])]  # fmt: skip
+        return nodes, constants
+
+
+def _specials_around_the_text(path: Path, post_processor) -> tuple[list[str], list[str]]:
+    """The special tokens a tokenizer.json's post-processor puts before and after a single text (at most one
+    each): RobertaProcessing's, BertProcessing's or a TemplateProcessing's; none for ByteLevel or no processor."""
+    processors = (post_processor or {}).get("processors", [post_processor]) if post_processor else []
+    before: list[str] = []
+    after: list[str] = []
+    for processor in processors:
+        kind = processor.get("type")
+        if kind in ("RobertaProcessing", "BertProcessing"):
+            before, after = [processor["cls"][0]], [processor["sep"][0]]
+        elif kind == "TemplateProcessing":
+            pieces = processor.get("single", [])
+            sequence = next((i for i, piece in enumerate(pieces) if "Sequence" in piece), None)
+            if sequence is None:
+                raise ConvertError(f"--tokenizer {path}: its TemplateProcessing has no place for the text")
+            before = [piece["SpecialToken"]["id"] for piece in pieces[:sequence]]
+            after = [piece["SpecialToken"]["id"] for piece in pieces[sequence + 1 :]]
+        elif kind != "ByteLevel":
+            raise ConvertError(f"--tokenizer {path}: its {kind} post-processor is not in the graph yet")
+    if len(before) > 1 or len(after) > 1:
+        raise ConvertError(
+            f"--tokenizer {path}: its post-processor puts {before + after} around the text; the graph puts at most "
+            "one special token before it and one after"
+        )
+    return before, after
 
 
 def _accent_rewrites() -> list[tuple[str, str]]:
@@ -314,7 +458,7 @@ def _constants(helper, tensor_proto):
     return constant
 
 
-def with_tokenizer(result: OnnxResult, tokenizer: WordPieceTokenizer, texts: np.ndarray, source) -> OnnxResult:
+def with_tokenizer(result: OnnxResult, tokenizer: GraphTokenizer, texts: np.ndarray, source) -> OnnxResult:
     """`result` (an ONNX model taking token ids, its answers on `tokenizer.encode(texts)`) behind the tokenizer:
     one input `text` of shape [-1], the same outputs."""
     from onnx import compose
