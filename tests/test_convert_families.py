@@ -279,19 +279,44 @@ def test_a_damaged_native_file_is_one_line(saved_forest, tmp_path, capsys):
     assert err.startswith(f"error: {tmp_path}/model.txt: LightGBM cannot load it: ")
 
 
+def test_catboost_at_the_end_of_a_pipeline_is_one_graph(cancer, diabetes, tmp_path, capsys):
+    """skl2onnx has no converter for CatBoost: the steps before it go through skl2onnx, CatBoost exports itself."""
+    import catboost
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = cancer
+    classifier = make_pipeline(StandardScaler(), PCA(8), catboost.CatBoostClassifier(
+        iterations=30, verbose=0, random_seed=0, allow_writing_files=False)).fit(features, labels)
+    joblib.dump(classifier, tmp_path / "classifier.joblib")
+    np.save(tmp_path / "cancer.npy", features)
+    model = converted(tmp_path, tmp_path / "classifier.joblib", tmp_path / "cancer.npy", capsys)
+    assert_classifies_as(model, {"features": features.astype(np.float32)}, classifier.predict(features).reshape(-1),
+                         classifier.predict_proba(features))
+    inputs, targets = diabetes
+    regressor = make_pipeline(StandardScaler(), catboost.CatBoostRegressor(
+        iterations=30, verbose=0, random_seed=0, allow_writing_files=False)).fit(inputs, targets)
+    joblib.dump(regressor, tmp_path / "regressor.joblib")
+    np.save(tmp_path / "diabetes.npy", inputs)
+    model = converted(tmp_path, tmp_path / "regressor.joblib", tmp_path / "diabetes.npy", capsys)
+    assert_predicts_as(model, {"features": inputs.astype(np.float32)}, regressor.predict(inputs))
+
+
 def test_an_estimator_no_converter_takes_names_it_the_converter_and_its_version(cancer, tmp_path, capsys):
     from importlib import metadata
 
     import catboost
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import SplineTransformer
 
     features, labels = cancer
-    pipeline = make_pipeline(StandardScaler(), catboost.CatBoostClassifier(iterations=3, verbose=0, allow_writing_files=False)).fit(features, labels)
+    pipeline = make_pipeline(SplineTransformer(), catboost.CatBoostClassifier(
+        iterations=3, verbose=0, allow_writing_files=False)).fit(features, labels)
     joblib.dump(pipeline, tmp_path / "pipeline.joblib")
     np.save(tmp_path / "samples.npy", features[:10])
     assert convert_error(capsys, tmp_path / "pipeline.joblib", "--samples", tmp_path / "samples.npy",
                          "--out", tmp_path / "m.onnx") == (
         f"error: {tmp_path}/pipeline.joblib: skl2onnx {metadata.version('skl2onnx')} cannot convert "
-        "CatBoostClassifier: it has no converter for it; replace it with a step skl2onnx supports, or convert it "
+        "SplineTransformer: it has no converter for it; replace it with a step skl2onnx supports, or convert it "
         "yourself and give convert the .onnx\n")

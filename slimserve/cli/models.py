@@ -56,8 +56,8 @@ def add_commands(commands) -> None:
     )
     convert.add_argument(
         "--tokenizer",
-        help="a Hugging Face tokenizer.json (WordPiece of BERT's family, or byte-level BPE of GPT-2's): the model takes "
-        "text, tokenized in the graph",
+        help="a Hugging Face tokenizer.json (WordPiece of BERT's family, or byte-level BPE of GPT-2's): the model "
+        "takes text, tokenized in the graph",
     )
     convert.add_argument(
         "--max-length",

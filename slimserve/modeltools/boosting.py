@@ -3,7 +3,8 @@ their boosters, and their native files (.json/.ubj, .txt, .cbm).
 
 XGBoost's and LightGBM's estimators convert through skl2onnx with onnxmltools' converters registered for them, so
 a pipeline around them is one graph; a LightGBM booster goes through onnxmltools directly. CatBoost exports ONNX
-itself (its own converter, numeric features only).
+itself (its own converter, numeric features only); at the end of a Pipeline, the steps before it go through
+skl2onnx and the two graphs are joined.
 """
 
 import tempfile
@@ -16,6 +17,8 @@ from slimserve.modeltools.samples import Samples
 
 # onnxmltools' own converters write ai.onnx up to opset 15 (it refuses a higher target).
 ONNXMLTOOLS_OPSET = 15
+# A Pipeline ending in CatBoost: skl2onnx's opset for the steps before it (CatBoost's export names ai.onnx.ml only).
+CATBOOST_PIPELINE_OPSET = 17
 
 
 # The boosting estimators skl2onnx converts with onnxmltools' converters: (library, estimator, skl2onnx alias).
@@ -151,6 +154,37 @@ def catboost_to_onnx(model, samples: Samples, source) -> OnnxResult:
         _declare_output(model_proto, "predictions", ["N", 1])  # CatBoost declares [N], and answers [N, 1]
         expected = {"predictions": np.asarray(model.predict(features)).reshape(len(features), -1)}
     return OnnxResult(model_proto, {"features": features}, expected)
+
+
+def ends_in_catboost(model) -> bool:
+    steps = getattr(model, "steps", None)
+    return bool(steps) and type(steps[-1][1]).__module__.split(".")[0] == "catboost"
+
+
+def catboost_pipeline_to_onnx(pipeline, samples: Samples, source) -> OnnxResult:
+    """A scikit-learn Pipeline ending in a CatBoost estimator, which skl2onnx has no converter for: the steps
+    before it through skl2onnx, the estimator through CatBoost's own export on what they answer, joined into one
+    graph that answers what the pipeline itself predicts."""
+    from onnx import compose, helper
+
+    from slimserve.modeltools.sklearn_models import sklearn_inputs, sklearn_to_onnx
+
+    front = sklearn_to_onnx(pipeline[:-1], samples, str(source))
+    transformed = Samples(samples.path, {"": np.asarray(front.expected["transformed"], dtype=np.float32)})
+    final = catboost_to_onnx(pipeline.steps[-1][1], transformed, source)
+    opsets = [helper.make_opsetid("", CATBOOST_PIPELINE_OPSET), helper.make_opsetid("ai.onnx.ml", 3)]
+    for part in (front.model, final.model):  # the same ops in every opset up to these: one set for both
+        del part.opset_import[:]
+        part.opset_import.extend(opsets)
+        part.ir_version = max(front.model.ir_version, final.model.ir_version)
+    merged = compose.merge_models(front.model, final.model, io_map=[("transformed", "features")], prefix2="catboost_")
+    rename_io(merged, {f"catboost_{name}": name for name in final.expected})
+    original = sklearn_inputs(pipeline, samples, str(source))[2]
+    if "label" in final.expected:
+        expected = {"label": pipeline.predict(original).reshape(-1), "probabilities": pipeline.predict_proba(original)}
+    else:
+        expected = {"predictions": np.asarray(pipeline.predict(original)).reshape(samples.rows, -1)}
+    return OnnxResult(merged, front.feeds, expected)
 
 
 def _drop_zipmap(model) -> None:

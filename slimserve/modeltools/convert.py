@@ -482,6 +482,8 @@ def _to_onnx(kind: str, source: Path, samples) -> OnnxResult:
     booster = kind != "pickle" or type(model).__name__ == "Booster"  # a native file is a booster's
     if library == "catboost":
         return boosting.catboost_to_onnx(model, samples, source)
+    if boosting.ends_in_catboost(model):
+        return boosting.catboost_pipeline_to_onnx(model, samples, source)
     if library == "lightgbm" and booster:
         return boosting.lightgbm_to_onnx(model, samples, source)
     if library == "xgboost" and booster:

@@ -32,15 +32,20 @@ def sklearn_to_onnx(estimator, samples: Samples, source: str) -> OnnxResult:
     to_onnx = require("skl2onnx", source, "converting a scikit-learn model", "'slimserve[examples]'").to_onnx
 
     boosting.register_sklearn_converters()
-    initial_types, feeds, original_input = _inputs(estimator, samples, source)
+    initial_types, feeds, original_input = sklearn_inputs(estimator, samples, source)
     classifier = hasattr(estimator, "predict_proba")
     try:
         model = to_onnx(estimator, initial_types=initial_types, options=_options(estimator), target_opset=TARGET_OPSET)
     except Exception as error:  # skl2onnx raises many kinds; the estimator (or a step of it) is what it refuses
         raise converter_failed(source, _failing_step(estimator, error), "skl2onnx", error) from None
-    rename_io(model, {"output_label": "label", "output_probability": "probabilities", "variable": "predictions"})
+    transformer = not hasattr(estimator, "predict")  # the steps before an estimator converted on its own
+    output = "transformed" if transformer else "predictions"
+    rename_io(model, {"output_label": "label", "output_probability": "probabilities", "variable": output})
     try:
-        if classifier:
+        if transformer:
+            transformed = estimator.transform(original_input)
+            expected = {"transformed": transformed.toarray() if hasattr(transformed, "toarray") else transformed}
+        elif classifier:
             expected = {
                 "label": estimator.predict(original_input),
                 "probabilities": estimator.predict_proba(original_input),
@@ -55,7 +60,7 @@ def sklearn_to_onnx(estimator, samples: Samples, source: str) -> OnnxResult:
     return OnnxResult(model, feeds, expected)
 
 
-def _inputs(estimator, samples: Samples, source: str):
+def sklearn_inputs(estimator, samples: Samples, source: str):
     """skl2onnx's initial types, the ONNX feeds, and the input the estimator itself predicts on."""
     from skl2onnx.common.data_types import FloatTensorType, StringTensorType
 
