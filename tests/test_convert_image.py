@@ -319,7 +319,7 @@ def test_the_converted_model_names_its_image_input_in_its_metadata(classifier):
         (["--image", "32x32", "--mean", "0.5,0.5"], "--mean 0.5,0.5: expected three numbers R,G,B, such as "
                                                      "0.485,0.456,0.406"),
         (["--image", "32x32", "--std", "1,0,1"], "--std 1,0,1: a channel's standard deviation cannot be 0"),
-        (["--mean", MEAN], "--mean: normalizes the images of --image, which is not given"),
+        (["--mean", MEAN], "--mean: normalizes the images of --image (or of an image checkpoint), none is given"),
         (["--image", "64x64"], "--image 64x64: {cnn} takes images of 32x32 ([-1, 3, 32, 32])"),
     ],
 )

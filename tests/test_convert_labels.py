@@ -96,7 +96,7 @@ def test_labels_that_do_not_fit_the_model_are_one_line(iris_model, tmp_path, cap
     assert convert_error(capsys, *convert, "--labels", folder / "labels.txt", "--top-k", "4") == (
         f"error: --top-k 4: expected 1 to 3, the number of labels in {folder}/labels.txt\n")
     assert convert_error(capsys, *convert, "--top-k", "2") == (
-        "error: --top-k: names the best classes of --labels, which is not given\n")
+        "error: --top-k: names the best classes of --labels (or of a classifier checkpoint), none is given\n")
     assert not (tmp_path / "m.onnx").exists()
 
 

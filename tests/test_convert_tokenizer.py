@@ -141,15 +141,22 @@ def test_a_byte_level_bpe_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, s
 
 
 def test_a_word_with_a_letter_the_vocabulary_lacks_is_refused_where_the_graph_would_differ(tmp_path, capsys):
-    """tokenizers makes such a word one [UNK]; BertTokenizer keeps the pieces before the letter. The check on the
-    samples says so before anything is written."""
-    train_wordpiece(tmp_path / "tokenizer.json")
+    """tokenizers makes such a word one [UNK], and a special token typed in a text one id; BertTokenizer keeps the
+    pieces before the letter, and splits the special token's text. The graph's ids are checked against tokenizers'
+    on the samples before anything is written, whatever the model answers."""
+    tokenizer = train_wordpiece(tmp_path / "tokenizer.json")
     echo_onnx(tmp_path / "echo.onnx")
-    np.save(tmp_path / "texts.npy", np.array(["a film", "filmщ"]))  # no щ in the corpus
-    status, _, err = convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
-                             tmp_path / "tokenizer.json", "--out", tmp_path / "text.onnx")
-    assert status == 2 and err.startswith(f"error: {tmp_path}/text.onnx: not written: the ONNX model disagrees with the "
-                                          "original on the samples: ")
+    tokenizer.enable_padding()
+    for texts, row in ((["a film", "filmщ"], 1), (["a [MASK] film"], 0)):
+        ids = tokenizer.encode_batch(texts)[row].ids  # padded to the longest of the samples
+        np.save(tmp_path / "texts.npy", np.array(texts))
+        status, _, err = convert(capsys, tmp_path / "echo.onnx", "--samples", tmp_path / "texts.npy", "--tokenizer",
+                                 tmp_path / "tokenizer.json", "--out", tmp_path / "text.onnx")
+        assert status == 2 and err.startswith(
+            f"error: --tokenizer {tmp_path}/tokenizer.json: the graph tokenizes sample {row} ({texts[row]!r}) unlike "
+            "tokenizers: input_ids ["), err
+        assert err.endswith(f" against {ids}; a sample's text the graph cannot take (a letter its vocabulary lacks, a "
+                            "special token typed in it) is refused rather than served\n")
     assert not (tmp_path / "text.onnx").exists()
 
 

@@ -134,19 +134,26 @@ def test_torch_lock_agrees_with_the_main_venv():
 
 
 def top_level_requirements(in_file) -> list[Requirement]:
-    """The .in file's requirements, `-e .[extras]` expanded from pyproject.toml."""
+    """The .in file's requirements, `-e .[extras]` expanded from pyproject.toml (and an extra that names others,
+    `slimserve[torch,text]`, expanded in turn)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def expanded(extras) -> list[Requirement]:
+        requirements = []
+        for extra in extras:
+            for requirement in map(Requirement, project["optional-dependencies"][extra]):
+                requirements += expanded(requirement.extras) if requirement.name == project["name"] else [requirement]
+        return requirements
+
     requirements = []
     for line in lock_lines(in_file):
         editable = re.fullmatch(r"-e\s+\.(?:\[([\w,\s-]*)\])?", line)
         if editable:
             extras = [extra.strip() for extra in (editable[1] or "").split(",") if extra.strip()]
-            requirements += project["dependencies"]
-            for extra in extras:
-                requirements += project["optional-dependencies"][extra]
+            requirements += [Requirement(text) for text in project["dependencies"]] + expanded(extras)
         else:
-            requirements.append(line)
-    return [Requirement(text) for text in requirements]
+            requirements.append(Requirement(line))
+    return requirements
 
 
 @pytest.mark.parametrize("in_file", sorted(IN_FILES), ids=str)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from slimserve.errors import UserError
 from slimserve.modeltools.convert import DEFAULT_MAX_LENGTH, DEFAULT_TOLERANCE
-from slimserve.modeltools.huggingface import TASKS
+from slimserve.modeltools.huggingface import CLASSIFICATION_TASKS, IMAGE_CLASSIFICATION, TASKS
 
 
 def add_commands(commands) -> None:
@@ -32,7 +32,8 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "--samples",
         required=True,
-        help="representative inputs: .npy (numbers or strings), .npz (named arrays) or .csv (a header of column names)",
+        help="representative inputs: .npy (numbers or strings), .npz (named arrays) or .csv (a header of column "
+        "names); for a model that takes images, a JPEG or PNG image or a folder of them",
     )
     convert.add_argument("--out", required=True, help="the .onnx file to write (.tflite for Keras)")
     convert.add_argument(
@@ -62,8 +63,8 @@ def add_commands(commands) -> None:
     convert.add_argument(
         "--max-length",
         type=int,
-        help=f"with --tokenizer: tokens kept of each text (default: {DEFAULT_MAX_LENGTH}, or a checkpoint's "
-        "max_position_embeddings where less)",
+        help=f"with --tokenizer or a text checkpoint: tokens kept of each text (default: {DEFAULT_MAX_LENGTH}, or "
+        "the checkpoint's positions where fewer, or its sentence-transformers max_seq_length)",
     )
     convert.add_argument(
         "--image",
@@ -72,10 +73,16 @@ def add_commands(commands) -> None:
         "--samples is then an image or a folder of them",
     )
     convert.add_argument(
-        "--mean", metavar="R,G,B", help="with --image: subtracted from pixels scaled to [0, 1] (default: 0,0,0)"
+        "--mean",
+        metavar="R,G,B",
+        help="with --image or an image checkpoint: subtracted from pixels scaled to [0, 1] (default: the "
+        "checkpoint processor's image_mean, else 0,0,0)",
     )
     convert.add_argument(
-        "--std", metavar="R,G,B", help="with --image: what pixels are divided by after (default: 1,1,1)"
+        "--std",
+        metavar="R,G,B",
+        help="with --image or an image checkpoint: what pixels are divided by after (default: the checkpoint "
+        "processor's image_std, else 1,1,1)",
     )
     convert.set_defaults(run=_convert)
 
@@ -117,11 +124,11 @@ def _examples(args) -> int:
 def _convert(args) -> int:
     from slimserve.modeltools.convert import Processing, convert_file
 
-    if args.top_k != 1 and not args.labels:
-        raise UserError("--top-k: names the best classes of --labels, which is not given")
+    if args.top_k != 1 and not args.labels and args.task not in CLASSIFICATION_TASKS:
+        raise UserError("--top-k: names the best classes of --labels (or of a classifier checkpoint), none is given")
     for option, value in (("--mean", args.mean), ("--std", args.std)):
-        if value is not None and not args.image:
-            raise UserError(f"{option}: normalizes the images of --image, which is not given")
+        if value is not None and not args.image and args.task != IMAGE_CLASSIFICATION:
+            raise UserError(f"{option}: normalizes the images of --image (or of an image checkpoint), none is given")
     labels, tokenizer = (Path(path) if path else None for path in (args.labels, args.tokenizer))
     processing = Processing(labels, args.top_k, tokenizer, args.max_length, args.image, args.mean, args.std)
     source, samples, out = Path(args.model), Path(args.samples), Path(args.out)

@@ -22,6 +22,8 @@ from slimserve.lambda_handlers.runtimes import ModelLoadError, OnnxModel, Tflite
 from slimserve.modelfiles import EXTERNAL_DATA_BYTES, model_files
 
 TARGET_OPSET = 17
+# torch.onnx's dynamo exporter writes opset 18; asked for less, it converts down and logs where it cannot.
+TORCH_OPSET = 18
 DEFAULT_TOLERANCE = 1e-4
 # The longest text a tokenizer in the graph keeps where neither --max-length nor a checkpoint's positions say less.
 DEFAULT_MAX_LENGTH = 512
@@ -234,11 +236,15 @@ def export_torch(
     tolerance: float = DEFAULT_TOLERANCE,
     external_data: bool = False,
     sequence_inputs: tuple[str, ...] = (),
+    source=None,
 ) -> Conversion:
     """An nn.Module taking `feeds` in their order, exported with the batch dimension of every input dynamic (and
     the second one of `sequence_inputs`, token ids); checked on the feeds in eval mode, as loaded from the files
-    written. Weights past EXTERNAL_DATA_BYTES (or any, with `external_data`) go to `<out>.data` beside it."""
+    written. Weights past EXTERNAL_DATA_BYTES (or any, with `external_data`) go to `<out>.data` beside it. What
+    fails names `source` (the user's checkpoint, where `out` is a scratch file), else `out`."""
     import torch
+
+    source = source or out
 
     module = module.eval()
     tensors = [torch.from_numpy(values) for values in feeds.values()]
@@ -247,7 +253,7 @@ def export_torch(
         with torch.no_grad():
             answers = module(*tensors)
     except Exception as error:  # torch raises many kinds; the samples (or the module) are what is at fault
-        raise ConvertError(f"{out}: the module cannot run on the samples ({shapes}): {error}") from None
+        raise ConvertError(f"{source}: the module cannot run on the samples ({shapes}): {error}") from None
     answers = answers if isinstance(answers, tuple) else (answers,)
     expected = {name: answer.numpy() for name, answer in zip(output_names, answers)}
     batch, sequence = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=1)
@@ -258,25 +264,44 @@ def export_torch(
     if any(parameter.kind == parameter.VAR_POSITIONAL for parameter in parameters):
         dynamic = (dynamic,)  # torch.export gives a forward(*tensors) the shapes of all as one parameter's
     try:
-        program = torch.onnx.export(
-            module,
-            example,
-            input_names=list(feeds),
-            output_names=list(output_names),
-            dynamic_shapes=dynamic,
-            opset_version=TARGET_OPSET,
-            dynamo=True,
-            verbose=False,
-        )
+        with _exporter_quiet():
+            program = torch.onnx.export(
+                module,
+                example,
+                input_names=list(feeds),
+                output_names=list(output_names),
+                dynamic_shapes=dynamic,
+                opset_version=TORCH_OPSET,
+                dynamo=True,
+                verbose=False,
+            )
     except Exception as error:  # torch raises many kinds; the module is what is at fault
-        raise ConvertError(f"{out}: torch.onnx.export failed: {error}") from None
+        raise ConvertError(f"{source}: torch.onnx.export failed: {error}") from None
     out = Path(out)
     with staged(out) as path:
         # torch writes external data past 1536 MiB of weights by itself: EXTERNAL_DATA_BYTES is that threshold
         program.save(path, external_data=external_data)
-        max_diff, agreement = _check(OnnxModel(path), feeds, expected, out, tolerance)
+        max_diff, agreement = _check(OnnxModel(path), feeds, expected, source, tolerance)
         data_files = model_files(path).data
     return Conversion(str(out), max_diff, agreement, len(tensors[0]), data_files)
+
+
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """torch.onnx's exporter logs and warns about its own workings (optional torchvision operators, deprecations):
+    nothing a user can act on, a dozen lines each export. What fails is raised, and said in one line."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_keras(path: Path):
@@ -431,7 +456,8 @@ def convert_file(
     if source.is_dir():
         return huggingface.convert_checkpoint(source, task, Path(samples_path), out, tolerance, processing)
     if task is not None:
-        raise ConvertError(f"--task {task}: is for a Hugging Face checkpoint folder; {source} is a file")
+        found = "a file" if source.exists() else "not there"
+        raise ConvertError(f"--task {task}: is for a Hugging Face checkpoint folder; {source} is {found}")
     kind = FILE_KINDS.get(source.suffix.lower())
     if kind is None:
         raise ConvertError(f"{source}: expected {EXPECTED_FILES}")

@@ -32,6 +32,7 @@ TEXT_CLASSIFICATION = "text-classification"
 SENTENCE_EMBEDDINGS = "sentence-embeddings"
 IMAGE_CLASSIFICATION = "image-classification"
 TASKS = (TEXT_CLASSIFICATION, SENTENCE_EMBEDDINGS, IMAGE_CLASSIFICATION)
+CLASSIFICATION_TASKS = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
 # What each task's graph answers (beside class_name and class_score, for the classifiers).
 TASK_OUTPUTS = {
     TEXT_CLASSIFICATION: "logits",
@@ -48,6 +49,7 @@ HUGGINGFACE_EXTRA = "'slimserve[huggingface]'"
 # Pixels as transformers' image processors rescale them (do_rescale), and the resampling the graph's Resize matches.
 RESCALE_FACTOR = 1 / 255
 PILLOW_BILINEAR = 2
+PILLOW_FILTERS = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
 
 
 def read_config(folder: Path) -> dict:
@@ -64,77 +66,98 @@ def read_config(folder: Path) -> dict:
 
 
 def checkpoint_processing(folder: Path, task: str | None, config: dict, processing: Processing) -> Processing:
-    """The processing the checkpoint brings for `task` (its tokenizer.json, its image preprocessing, its class
-    names), each replaced by the user's own option where one is given."""
+    """The processing the checkpoint brings for `task` (its tokenizer.json, its image preprocessing), each replaced
+    by the user's own option where one is given; the class names come from the model once it is loaded."""
     if task not in TASKS:
         found = f"found {task!r}" if task else "none is given"
         raise ConvertError(
             f"--task: {folder} is a Hugging Face checkpoint: expected one of {', '.join(TASKS)}; {found}"
         )
-    if task == IMAGE_CLASSIFICATION:
+    takes_images = task == IMAGE_CLASSIFICATION
+    # a text model's config has a vocabulary; an image model's, channels or an image size
+    text_model = "vocab_size" in config or "text_config" in config
+    image_model = "num_channels" in config or "image_size" in config or "vision_config" in config
+    if (takes_images and text_model and not image_model) or (not takes_images and image_model and not text_model):
+        raise ConvertError(
+            f"--task {task}: {folder} holds a {config['model_type']} model, which takes "
+            f"{'text' if text_model else 'images'}; {task} is for one that takes {'images' if takes_images else 'text'}"
+        )
+    if task == SENTENCE_EMBEDDINGS and processing.labels:
+        raise ConvertError(f"--labels: the task {task} answers embeddings, which have no classes to name")
+    if takes_images:
         if processing.tokenizer:
             raise ConvertError(f"--tokenizer: the task {task} takes images, not text")
-        processing = _image_processing(folder, processing)
-    else:
-        if processing.image:
-            raise ConvertError(f"--image: the task {task} takes text, not images")
-        processing = _text_processing(folder, config, processing)
-    if task == SENTENCE_EMBEDDINGS:
-        if processing.labels:
-            raise ConvertError(f"--labels: the task {task} answers embeddings, which have no classes to name")
-        return processing
-    if processing.labels is None:
-        processing = dataclasses.replace(processing, class_names=_class_names(folder, config))
-    return processing
+        return _image_processing(folder, processing)
+    if processing.image:
+        raise ConvertError(f"--image: the task {task} takes text, not images")
+    return _text_processing(folder, task, config, processing)
 
 
-def _text_processing(folder: Path, config: dict, processing: Processing) -> Processing:
+def _text_processing(folder: Path, task: str, config: dict, processing: Processing) -> Processing:
+    """The checkpoint's tokenizer.json, keeping at most what the model has positions for (and, for embeddings,
+    sentence-transformers' max_seq_length)."""
     tokenizer = processing.tokenizer or folder / "tokenizer.json"
     if not Path(tokenizer).is_file():
         raise ConvertError(f"{folder}: has no tokenizer.json: give the model's own with --tokenizer")
-    positions = config.get("max_position_embeddings")
+    positions = config.get("max_position_embeddings") or config.get("n_positions")  # GPT-2 calls it n_positions
     limit = int(positions) if isinstance(positions, int) and positions > 0 else None
-    max_length = processing.max_length or min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    default = min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
+    if task == SENTENCE_EMBEDDINGS:
+        default = int(_read_json(folder / "sentence_bert_config.json", {}).get("max_seq_length") or default)
+    max_length = processing.max_length or default
     if limit is not None and max_length > limit:
-        raise ConvertError(
-            f"--max-length {max_length}: {folder} takes at most {limit} tokens (max_position_embeddings)"
-        )
+        raise ConvertError(f"--max-length {max_length}: {folder} takes at most {limit} tokens (its positions)")
     return dataclasses.replace(processing, tokenizer=Path(tokenizer), max_length=max_length)
 
 
 def _image_processing(folder: Path, processing: Processing) -> Processing:
-    """--image, --mean and --std from preprocessor_config.json where not given; a processor the graph cannot
-    reproduce (a crop, a size by the shortest edge) needs --image given."""
+    """The size, mean and std of preprocessor_config.json, each where not given. A processor the graph cannot
+    reproduce (a size by the shortest edge, a crop, a resampling other than bilinear) needs --image given; pixels
+    are always scaled by 1/255."""
     path = folder / "preprocessor_config.json"
-    if processing.image:
-        return processing
-    if not path.is_file():
+    if not path.is_file() and not processing.image:
         raise ConvertError(f"{folder}: has no preprocessor_config.json: give the model's image size with --image HxW")
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConvertError(f"{path}: not an image processor's config: {error}") from None
-    size = spec.get("size") if isinstance(spec, dict) else None
-    if not isinstance(size, dict) or not {"height", "width"} <= set(size) or spec.get("do_center_crop"):
-        raise ConvertError(
-            f"{path}: its processor resizes by {size!r}{' and crops' if spec.get('do_center_crop') else ''}; the "
-            "graph resizes to one size: give it with --image HxW (and --mean, --std)"
-        )
-    if spec.get("do_rescale", True) and not np.isclose(spec.get("rescale_factor", RESCALE_FACTOR), RESCALE_FACTOR):
-        raise ConvertError(f"{path}: rescale_factor {spec['rescale_factor']}: the graph scales pixels by 1/255")
+    spec = _read_json(path, {})
+    rescaled, factor = spec.get("do_rescale", True) is not False, spec.get("rescale_factor", RESCALE_FACTOR)
+    if not rescaled or not np.isclose(factor, RESCALE_FACTOR):
+        found = f"rescale_factor {factor}" if rescaled else "do_rescale false"
+        raise ConvertError(f"{path}: {found}: the graph scales pixels by 1/255")
     mean, std = processing.mean, processing.std
     if spec.get("do_normalize", True):
         mean = mean or ",".join(str(value) for value in spec.get("image_mean", (0, 0, 0)))
         std = std or ",".join(str(value) for value in spec.get("image_std", (1, 1, 1)))
-    return dataclasses.replace(processing, image=f"{size['height']}x{size['width']}", mean=mean, std=std)
+    if processing.image:
+        return dataclasses.replace(processing, mean=mean, std=std)
+    size = spec.get("size")
+    resample = spec.get("resample", PILLOW_BILINEAR)
+    if not isinstance(size, dict) or not {"height", "width"} <= set(size) or spec.get("do_center_crop"):
+        found = f"resizes by {size!r}{' and crops' if spec.get('do_center_crop') else ''}"
+    elif resample != PILLOW_BILINEAR:
+        found = f"resamples with resample={resample} (Pillow's {PILLOW_FILTERS.get(resample, 'unknown filter')})"
+    else:
+        return dataclasses.replace(processing, image=f"{size['height']}x{size['width']}", mean=mean, std=std)
+    raise ConvertError(
+        f"{path}: its processor {found}; the graph resizes to one size, bilinearly: give the size with --image HxW "
+        "to accept that (the mean and std stay the processor's)"
+    )
 
 
-def _class_names(folder: Path, config: dict) -> tuple[str, ...]:
-    id2label = config.get("id2label") or {}
+def _read_json(path: Path, default: dict) -> dict:
+    if not path.is_file():
+        return default
     try:
-        names = {int(index): str(name) for index, name in id2label.items()}
-    except (AttributeError, ValueError):
-        names = {}
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConvertError(f"{path}: cannot read it as JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: expected a JSON object, found a {type(value).__name__}")
+    return value
+
+
+def _class_names(folder: Path, model) -> tuple[str, ...]:
+    """The model's id2label, as transformers reads it (LABEL_0 ... where config.json names none)."""
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = {int(index): str(name) for index, name in id2label.items()}
     if not names or sorted(names) != list(range(len(names))):
         raise ConvertError(
             f"{folder}/config.json: id2label does not name the classes 0 to n-1: give their names with --labels"
@@ -166,6 +189,8 @@ def convert_checkpoint(
     torch = require("torch", folder, "converting a Hugging Face checkpoint", HUGGINGFACE_EXTRA)
     transformers = require("transformers", folder, "converting a Hugging Face checkpoint", HUGGINGFACE_EXTRA)
     model = _load(transformers, folder, task)
+    if task in CLASSIFICATION_TASKS and processing.labels is None:
+        processing = dataclasses.replace(processing, class_names=_class_names(folder, model))
     if image:
         feeds = {"pixel_values": image.pixels(samples, "NCHW")}
         module = _task_module(torch, model, task, list(feeds))
@@ -180,7 +205,7 @@ def convert_checkpoint(
     with tempfile.TemporaryDirectory() as scratch:  # the model's ONNX, checked against it, then processed
         exported = Path(scratch) / out.name
         sequence_inputs = () if image else tuple(feeds)
-        export_torch(module, feeds, (TASK_OUTPUTS[task],), exported, tolerance, sequence_inputs=sequence_inputs)
+        export_torch(module, feeds, (TASK_OUTPUTS[task],), exported, tolerance, False, sequence_inputs, folder)
         result = existing_onnx(exported, samples, processing)
         return check_and_save_onnx(processing.apply(result, samples, folder), out, tolerance)
 
@@ -189,14 +214,16 @@ def _load(transformers, folder: Path, task: str):
     from importlib import metadata
 
     os.environ["HF_HUB_OFFLINE"] = "1"  # the folder is the whole checkpoint: nothing is looked up on the hub
+    transformers.logging.set_verbosity_error()  # its load reports; what fails is raised, and said in one line
+    transformers.logging.disable_progress_bar()
     loader = getattr(transformers, TASK_MODELS[task])
     try:
         return loader.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as error:  # transformers raises many kinds for a checkpoint it cannot read
-        reason = " ".join(str(error).split())
+        reason = " ".join(str(error).split()).split(". ")[0]
         raise ConvertError(
             f"{folder}: transformers {metadata.version('transformers')} cannot load it for {task} "
-            f"({TASK_MODELS[task]}): {reason[:300]}"
+            f"({TASK_MODELS[task]}): {reason if len(reason) <= 300 else f'{reason[:300]}…'}"
         ) from None
 
 

@@ -474,6 +474,7 @@ def with_tokenizer(result: OnnxResult, tokenizer: GraphTokenizer, texts: np.ndar
     ordered = {name: inputs[name] for name in TOKEN_INPUTS if name in inputs}
     front = tokenizer.graph(ordered, opset)
     front.ir_version = model.ir_version
+    _check_tokens(tokenizer, front, texts)
     merged = compose.merge_models(
         front,
         model,
@@ -483,6 +484,25 @@ def with_tokenizer(result: OnnxResult, tokenizer: GraphTokenizer, texts: np.ndar
     _merge_opsets(merged, model)
     rename_io(merged, {f"{TOKENIZER_PREFIX}{TEXT_INPUT}": TEXT_INPUT})
     return OnnxResult(merged, {TEXT_INPUT: np.asarray(texts, dtype=object).reshape(-1)}, result.expected)
+
+
+def _check_tokens(tokenizer: GraphTokenizer, front, texts: np.ndarray) -> None:
+    """The graph's tokens for each sample equal `tokenizers`' own, or a ConvertError naming the first that differs:
+    a model's answers alone may hide a different token (a near-uniform model, an unused one)."""
+    texts = np.asarray(texts, dtype=object).reshape(-1)
+    graph = OnnxModel(front.SerializeToString())
+    names = [spec.name for spec in graph.signature.outputs]
+    got = graph.run({TEXT_INPUT: texts}, names)
+    expected = tokenizer.encode(texts)
+    for row, text in enumerate(texts):
+        for name in names:
+            mine, theirs = (np.asarray(tokens[name])[row].astype(np.int64).tolist() for tokens in (got, expected))
+            if mine != theirs:
+                raise ConvertError(
+                    f"--tokenizer {tokenizer.path}: the graph tokenizes sample {row} ({str(text)[:60]!r}) unlike "
+                    f"tokenizers: {name} {mine[:16]} against {theirs[:16]}; a sample's text the graph cannot take "
+                    "(a letter its vocabulary lacks, a special token typed in it) is refused rather than served"
+                )
 
 
 def _merge_opsets(merged, model) -> None:

@@ -72,7 +72,8 @@ def _kind(array: np.ndarray) -> str:
 def read_samples(path: Path) -> Samples:
     path = Path(path)
     if path.suffix not in SUFFIXES:
-        raise SamplesError(f"{path}: expected samples in a .npy, .npz or .csv file, found a {path.suffix or 'file'}")
+        found = "folder" if path.is_dir() else path.suffix or "file"
+        raise SamplesError(f"{path}: expected samples in a .npy, .npz or .csv file, found a {found}")
     if not path.is_file():
         raise SamplesError(f"{path}: no such samples file")
     arrays = _read_csv(path) if path.suffix == ".csv" else _read_numpy(path)
