@@ -116,7 +116,11 @@ def test_the_text_vectorizer_lower_cases_in_a_locale_lambda_has():
     onnx.checker.check_model(result.model)
 
 
-def test_a_column_transformer_of_numeric_categorical_and_text_columns_from_csv(tmp_path, capsys):
+@pytest.mark.parametrize("final", ["logistic", "catboost"])
+def test_a_column_transformer_of_numeric_categorical_and_text_columns_from_csv(tmp_path, capsys, final):
+    """The same columns into a LogisticRegression (one skl2onnx graph) or a CatBoostClassifier (joined with
+    CatBoost's own export)."""
+    import catboost
     import pandas as pd
     from sklearn.compose import ColumnTransformer
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -131,7 +135,9 @@ def test_a_column_transformer_of_numeric_categorical_and_text_columns_from_csv(t
     churned = ((table.age > 45) ^ (table.city == "Nîmes")).astype(int)
     columns = ColumnTransformer([("age", StandardScaler(), ["age"]), ("city", OneHotEncoder(handle_unknown="ignore"), ["city"]),
                                  ("review", TfidfVectorizer(), "review")])
-    pipeline = make_pipeline(columns, LogisticRegression()).fit(table, churned)
+    estimator = (LogisticRegression() if final == "logistic"
+                 else catboost.CatBoostClassifier(iterations=30, verbose=0, random_seed=0, allow_writing_files=False))
+    pipeline = make_pipeline(columns, estimator).fit(table, churned)
     joblib.dump(pipeline, tmp_path / "churn.joblib")
     table.to_csv(tmp_path / "customers.csv", index=False, quoting=csv.QUOTE_NONNUMERIC)
     model = converted(tmp_path, tmp_path / "churn.joblib", tmp_path / "customers.csv", capsys)

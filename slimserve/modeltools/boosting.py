@@ -172,11 +172,17 @@ def catboost_pipeline_to_onnx(pipeline, samples: Samples, source) -> OnnxResult:
     front = sklearn_to_onnx(pipeline[:-1], samples, str(source))
     transformed = Samples(samples.path, {"": np.asarray(front.expected["transformed"], dtype=np.float32)})
     final = catboost_to_onnx(pipeline.steps[-1][1], transformed, source)
-    opsets = [helper.make_opsetid("", CATBOOST_PIPELINE_OPSET), helper.make_opsetid("ai.onnx.ml", 3)]
-    for part in (front.model, final.model):  # the same ops in every opset up to these: one set for both
+    # one set of opsets for both: every domain either uses (com.microsoft's text tokenizer too), at the highest
+    # version; CatBoost's ops are the same up to ai.onnx.ml 3, and it names no ai.onnx version
+    versions = {"": CATBOOST_PIPELINE_OPSET, "ai.onnx.ml": 3}
+    for part in (front.model, final.model):
+        for opset in part.opset_import:
+            versions[opset.domain] = max(versions.get(opset.domain, 0), opset.version)
+    ir_version = max(front.model.ir_version, final.model.ir_version)
+    for part in (front.model, final.model):
         del part.opset_import[:]
-        part.opset_import.extend(opsets)
-        part.ir_version = max(front.model.ir_version, final.model.ir_version)
+        part.opset_import.extend(helper.make_opsetid(domain, version) for domain, version in versions.items())
+        part.ir_version = ir_version
     merged = compose.merge_models(front.model, final.model, io_map=[("transformed", "features")], prefix2="catboost_")
     rename_io(merged, {f"catboost_{name}": name for name in final.expected})
     original = sklearn_inputs(pipeline, samples, str(source))[2]

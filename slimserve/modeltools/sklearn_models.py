@@ -39,8 +39,9 @@ def sklearn_to_onnx(estimator, samples: Samples, source: str) -> OnnxResult:
     except Exception as error:  # skl2onnx raises many kinds; the estimator (or a step of it) is what it refuses
         raise converter_failed(source, _failing_step(estimator, error), "skl2onnx", error) from None
     transformer = not hasattr(estimator, "predict")  # the steps before an estimator converted on its own
-    output = "transformed" if transformer else "predictions"
-    rename_io(model, {"output_label": "label", "output_probability": "probabilities", "variable": output})
+    if transformer:  # skl2onnx names a transformer's one output by its last step ("variable", "transformed_column")
+        rename_io(model, {model.graph.output[0].name: "transformed"})
+    rename_io(model, {"output_label": "label", "output_probability": "probabilities", "variable": "predictions"})
     try:
         if transformer:
             transformed = estimator.transform(original_input)
