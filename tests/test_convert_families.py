@@ -148,6 +148,23 @@ def test_a_column_transformer_of_numeric_categorical_and_text_columns_from_csv(t
     assert_classifies_as(model, feeds, pipeline.predict(table), pipeline.predict_proba(table))
 
 
+def test_a_pipeline_fitted_on_a_dataframe_takes_a_csvs_columns_by_name(cancer, tmp_path, capsys):
+    """The .csv's columns may come in any order: they reach the graph's `features` in the order of the fit."""
+    import pandas as pd
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    features, labels = cancer
+    table = pd.DataFrame(features[:, :4], columns=["radius", "texture", "perimeter", "area"])
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression()).fit(table, labels)
+    joblib.dump(pipeline, tmp_path / "named.joblib")
+    table[["area", "radius", "perimeter", "texture"]].to_csv(tmp_path / "shuffled.csv", index=False)
+    model = converted(tmp_path, tmp_path / "named.joblib", tmp_path / "shuffled.csv", capsys)
+    assert_classifies_as(model, {"features": table.to_numpy(np.float32)}, pipeline.predict(table),
+                         pipeline.predict_proba(table))
+
+
 def test_xgboost_from_joblib_json_and_ubj(cancer, diabetes, tmp_path, capsys):
     import xgboost
 

@@ -16,6 +16,7 @@ from slimserve.lambda_handlers.runtimes import OnnxModel
 
 PIL = pytest.importorskip("PIL.Image")
 SENTIMENTS = {0: "negative", 1: "neutral", 2: "positive"}
+NONEMPTY_TEXTS = [text for text in TEXTS if text]
 
 # Run in .venv-torch: each checkpoint saved as transformers saves one, and transformers' own answers beside it (the
 # tokenizer's ids through the model; the image processor's pixels through the model).
@@ -58,6 +59,22 @@ with torch.no_grad():
     np.save(folder / "roberta-sentiment-logits.npy", roberta(input_ids=torch.tensor([e.ids for e in encoded]),
             attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
 
+# GPT-2: its BPE puts nothing around a text, so an empty one has no tokens to attend to (README: Limits); its
+# tokenizer gives no token_type_ids, and GPT-2 gets none
+gpt2_tokenizer = Tokenizer.from_file(str(folder / "gpt2-tokenizer.json"))
+gpt2_tokenizer.enable_padding(pad_id=0)
+encoded = gpt2_tokenizer.encode_batch([text for text in texts if text])
+torch.manual_seed(4)
+config = transformers.GPT2Config(vocab_size=gpt2_tokenizer.get_vocab_size(), n_embd=32, n_layer=2, n_head=2,
+                                 n_positions=64, pad_token_id=0, num_labels=3,
+                                 id2label={int(k): v for k, v in sentiments.items()})
+gpt2 = transformers.GPT2ForSequenceClassification(config).eval()
+gpt2.save_pretrained(folder / "gpt2-sentiment")
+(folder / "gpt2-sentiment" / "tokenizer.json").write_bytes((folder / "gpt2-tokenizer.json").read_bytes())
+with torch.no_grad():
+    np.save(folder / "gpt2-sentiment-logits.npy", gpt2(input_ids=torch.tensor([e.ids for e in encoded]),
+            attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
+
 torch.manual_seed(1)
 encoder = transformers.BertModel(transformers.BertConfig(**bert)).eval()
 encoder.save_pretrained(folder / "embedder")
@@ -96,15 +113,17 @@ with torch.no_grad():
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """The three checkpoints, and what transformers answers on the samples (texts; 32x32 PNGs, which decode
+    """The checkpoints, and what transformers answers on the samples (texts; 32x32 PNGs, which decode
     exactly and are not resized, so the graph's pixels are the processor's)."""
     from test_convert_image import encoded, picture
 
     folder = tmp_path_factory.mktemp("checkpoints")
     train_wordpiece(folder / "tokenizer.json")
     train_byte_level_bpe(folder / "bpe-tokenizer.json", specials_around=True)
+    train_byte_level_bpe(folder / "gpt2-tokenizer.json", specials_around=False)
     (folder / "texts.txt").write_text("\n".join(TEXTS))
     np.save(folder / "texts.npy", np.array(TEXTS))
+    np.save(folder / "texts-nonempty.npy", np.array(NONEMPTY_TEXTS))
     (folder / "images").mkdir()
     for index in range(6):
         (folder / "images" / f"{index}.png").write_bytes(encoded(picture(index, (32, 32)), "PNG"))
@@ -122,32 +141,33 @@ def convert_in_torch_venv(*args) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint", ["bert-sentiment", "roberta-sentiment"])
+@pytest.mark.parametrize("checkpoint", ["bert-sentiment", "roberta-sentiment", "gpt2-sentiment"])
 def test_a_text_classifier_checkpoint_takes_text_and_names_its_classes(checkpoints, tmp_path, checkpoint):
     """BERT with its WordPiece tokenizer; RoBERTa with its byte-level BPE (<s> text </s>, padded with <pad>, the
-    id RoBERTa's positions count from)."""
+    id RoBERTa's positions count from); GPT-2 with its byte-level BPE (nothing around the text, no token types)."""
+    texts = NONEMPTY_TEXTS if checkpoint == "gpt2-sentiment" else TEXTS
     out = convert_in_torch_venv(
         checkpoints / checkpoint,
         "--task",
         "text-classification",
         "--samples",
-        checkpoints / "texts.npy",
+        checkpoints / ("texts-nonempty.npy" if checkpoint == "gpt2-sentiment" else "texts.npy"),
         "--out",
         tmp_path / "sentiment.onnx",
     )
-    assert out.startswith(f"wrote {tmp_path / 'sentiment.onnx'}: checked on {len(TEXTS)} samples, max |diff| ")
+    assert out.startswith(f"wrote {tmp_path / 'sentiment.onnx'}: checked on {len(texts)} samples, max |diff| ")
     logits = np.load(checkpoints / f"{checkpoint}-logits.npy")
     model = OnnxModel(tmp_path / "sentiment.onnx")
     assert [(spec.name, spec.datatype, spec.shape) for spec in model.signature.inputs] == [("text", "BYTES", (-1,))]
     core = InferenceCore([ServedModel("sentiment", "1", runtime=model)])
-    body = {"inputs": [{"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS}]}
+    body = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES", "data": texts}]}
     status, answer, _ = call(core, "POST", "/v2/models/sentiment/infer", body)
     assert status == 200, answer
     outputs = {output["name"]: output for output in answer["outputs"]}
     np.testing.assert_allclose(np.reshape(outputs["logits"]["data"], logits.shape), logits, rtol=1e-4, atol=1e-5)
     assert outputs["class_name"]["data"] == [SENTIMENTS[index] for index in logits.argmax(axis=1)]
     status, answer, _ = call(
-        core, "POST", "/v2/models/sentiment/infer", TEXTS[3].encode(), {"Content-Type": "text/plain"}
+        core, "POST", "/v2/models/sentiment/infer", texts[3].encode(), {"Content-Type": "text/plain"}
     )
     assert status == 200, answer
     assert {o["name"]: o["data"] for o in answer["outputs"]}["class_name"] == [SENTIMENTS[logits[3].argmax()]]
@@ -229,6 +249,9 @@ def test_checkpoint_mistakes_are_one_line(checkpoints, tmp_path, capsys):
     assert convert_error(
         capsys, sentiment, "--task", "text-classification", "--max-length", "100", "--samples", texts, "--out", out
     ) == (f"error: --max-length 100: {sentiment} takes at most 64 tokens (its positions)\n")
+    roberta = checkpoints / "roberta-sentiment"  # 66 positions, counted from pad_token_id + 1
+    assert convert_error(capsys, roberta, "--task", "text-classification", "--max-length", "65", "--samples", texts,
+                         "--out", out) == f"error: --max-length 65: {roberta} takes at most 64 tokens (its positions)\n"
     assert convert_error(
         capsys, sentiment, "--task", "text-classification", "--samples", texts, "--out", tmp_path / "m.tflite"
     ) == (

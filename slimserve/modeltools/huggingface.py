@@ -33,6 +33,8 @@ SENTENCE_EMBEDDINGS = "sentence-embeddings"
 IMAGE_CLASSIFICATION = "image-classification"
 TASKS = (TEXT_CLASSIFICATION, SENTENCE_EMBEDDINGS, IMAGE_CLASSIFICATION)
 CLASSIFICATION_TASKS = (TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION)
+# Models whose positions count from pad_token_id + 1 (RoBERTa's family): that many fewer tokens fit.
+POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert", "longformer", "mpnet", "data2vec-text")
 # What each task's graph answers (beside class_name and class_score, for the classifiers).
 TASK_OUTPUTS = {
     TEXT_CLASSIFICATION: "logits",
@@ -100,6 +102,8 @@ def _text_processing(folder: Path, task: str, config: dict, processing: Processi
     if not Path(tokenizer).is_file():
         raise ConvertError(f"{folder}: has no tokenizer.json: give the model's own with --tokenizer")
     positions = config.get("max_position_embeddings") or config.get("n_positions")  # GPT-2 calls it n_positions
+    if config.get("model_type") in POSITIONS_AFTER_PADDING and isinstance(positions, int):
+        positions -= int(config.get("pad_token_id") or 0) + 1
     limit = int(positions) if isinstance(positions, int) and positions > 0 else None
     default = min(DEFAULT_MAX_LENGTH, limit or DEFAULT_MAX_LENGTH)
     if task == SENTENCE_EMBEDDINGS:
@@ -195,7 +199,7 @@ def convert_checkpoint(
         feeds = {"pixel_values": image.pixels(samples, "NCHW")}
         module = _task_module(torch, model, task, list(feeds))
     else:
-        taken = _token_inputs(model)
+        taken = _token_inputs(model, config)
         tokens = processing.text_tokenizer().encode(samples.matrix())
         feeds = {name: ids for name, ids in tokens.items() if name in taken}
         if task == SENTENCE_EMBEDDINGS and "attention_mask" not in feeds:
@@ -227,10 +231,13 @@ def _load(transformers, folder: Path, task: str):
         ) from None
 
 
-def _token_inputs(model) -> set[str]:
+def _token_inputs(model, config: dict) -> set[str]:
+    """What the model's forward takes of the tokenizer's outputs: token_type_ids only for a model with token types
+    (GPT-2's forward takes them too, but looks them up among its words, and its tokenizer never gives them)."""
     import inspect
 
-    return set(inspect.signature(model.forward).parameters)
+    taken = set(inspect.signature(model.forward).parameters)
+    return taken if "type_vocab_size" in config else taken - {"token_type_ids"}
 
 
 def _pooling(folder: Path) -> tuple[str, bool]:

@@ -92,7 +92,10 @@ def sklearn_inputs(estimator, samples: Samples, source: str):
         features = array.astype(np.float32)
     except ValueError as error:
         raise ConvertError(f"{samples.path}: expected numbers for {source}'s features: {error}") from None
-    original = samples.frame([str(name) for name in columns]) if columns is not None else array
+    original = array
+    if columns is not None:  # fitted on a DataFrame: its columns by name where the file names them, in the fit's order
+        original = samples.frame([str(name) for name in columns])
+        features = original.to_numpy(dtype=np.float32)
     return [("features", FloatTensorType([None, array.shape[1]]))], {"features": features}, original
 
 
