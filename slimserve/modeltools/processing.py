@@ -150,7 +150,7 @@ class GraphTokenizer:
     padded to max_length, then the batch is cut to its longest text."""
 
     def __init__(self, path: Path, spec: dict, max_length: int):
-        self.path, self.spec, self.max_length = path, spec, max_length
+        self.path, self.max_length = path, max_length
         self.vocab: dict[str, int] = spec["model"].get("vocab") or {}
         padding = spec.get("padding") or {}
         self.pad_id = int(padding.get("pad_id", self.vocab.get(self.pad_token, 0)))
