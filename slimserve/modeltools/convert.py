@@ -84,15 +84,21 @@ class OnnxResult:
     notes: tuple[str, ...] = ()
 
 
+def first_sentence(error: Exception, limit: int = 300) -> str:
+    """The first sentence of what a library said, on one line and at most `limit` characters (its type's name where
+    it said nothing): converters and loaders write pages."""
+    reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
+    return reason if len(reason) <= limit else f"{reason[:limit]}…"
+
+
 def converter_failed(source, what: str, converter: str, error: Exception) -> ConvertError:
     """One line for a converter's refusal: the file, the estimator or operator, the converter and its version."""
     from importlib import metadata
 
     if type(error).__name__ in ("MissingShapeCalculator", "MissingConverter"):
         reason = "it has no converter for it"
-    else:  # the first sentence of what the converter said, on one line
-        reason = " ".join(str(error).split()).split(". ")[0] or type(error).__name__
-        reason = reason if len(reason) <= 300 else f"{reason[:300]}…"
+    else:
+        reason = first_sentence(error)
     return ConvertError(
         f"{source}: {converter} {metadata.version(converter)} cannot convert {what}: {reason}; "
         f"replace it with a step {converter} supports, or convert it yourself and give convert the .onnx"

@@ -25,6 +25,7 @@ from slimserve.modeltools.convert import (
     check_and_save_onnx,
     existing_onnx,
     export_torch,
+    first_sentence,
     require,
 )
 
@@ -224,10 +225,9 @@ def _load(transformers, folder: Path, task: str):
     try:
         return loader.from_pretrained(str(folder), local_files_only=True).eval()
     except Exception as error:  # transformers raises many kinds for a checkpoint it cannot read
-        reason = " ".join(str(error).split()).split(". ")[0]
         raise ConvertError(
             f"{folder}: transformers {metadata.version('transformers')} cannot load it for {task} "
-            f"({TASK_MODELS[task]}): {reason if len(reason) <= 300 else f'{reason[:300]}…'}"
+            f"({TASK_MODELS[task]}): {first_sentence(error)}"
         ) from None
 
 
@@ -247,10 +247,9 @@ def _pooling(folder: Path) -> tuple[str, bool]:
     modules_path = folder / "modules.json"
     try:
         modules = json.loads(modules_path.read_text(encoding="utf-8")) if modules_path.is_file() else []
-        config_path = folder / "1_Pooling" / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConvertError(f"{folder}: cannot read its sentence-transformers modules: {error}") from None
+        raise ConvertError(f"{modules_path}: cannot read it as JSON: {error}") from None
+    config = _read_json(folder / "1_Pooling" / "config.json", {})
     types = [str(module.get("type", "")) for module in modules if isinstance(module, dict)]
     normalize = any(kind.endswith(".Normalize") for kind in types)
     modes = [key for key, on in config.items() if key.startswith("pooling_mode_") and on is True]
