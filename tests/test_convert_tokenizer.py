@@ -132,6 +132,49 @@ def test_a_byte_level_bpe_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, s
     assert_the_graph_tokenizes_as(tokenizer, tmp_path, capsys, BPE_TEXTS, 12, tokenizer.token_to_id("<pad>") or 0)
 
 
+UNIGRAM = ("expected a Unigram tokenizer of SentencePiece's families (Precompiled, Replace and Strip normalizers; a "
+           "Metaspace pre-tokenizer, after a WhitespaceSplit or alone); this one has")
+UNIGRAM_TEXTS = [*BPE_TEXTS[:-1], "hello   ", "\thello\n", "   ", "▁lead", "x  ▁ y", " 　x​ "]
+
+
+def train_unigram(path, byte_fallback=False, pre_tokenizer=None):
+    """A Unigram tokenizer trained here as SentencePiece's families have it: a Metaspace pre-tokenizer and the text
+    followed by </s> (T5's), or a WhitespaceSplit before it, as transformers writes XLM-R's and T5's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.Unigram(byte_fallback=byte_fallback))
+    tokenizer.pre_tokenizer = pre_tokenizer or pre_tokenizers.Metaspace()
+    alphabet = [f"<0x{byte:02X}>" for byte in range(256)] if byte_fallback else []
+    tokenizer.train_from_iterator(CORPUS * 10, trainers.UnigramTrainer(
+        vocab_size=150 + len(alphabet), special_tokens=["<pad>", "</s>", "<unk>", *alphabet], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
+                                                             special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+    tokenizer.save(str(path))
+    return tokenizer
+
+
+@pytest.mark.parametrize("form", ["metaspace", "whitespace-split", "byte-fallback"])
+def test_a_unigram_graph_tokenizes_as_tokenizers_does(tmp_path, capsys, form):
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace()])
+    tokenizer = train_unigram(tmp_path / "tokenizer.json", form == "byte-fallback", split if form == "whitespace-split" else None)
+    assert any(len(tokenizer.encode(text).ids) > 12 for text in UNIGRAM_TEXTS)  # long texts are cut, keeping the </s>
+    assert_the_graph_tokenizes_as(tokenizer, tmp_path, capsys, UNIGRAM_TEXTS, 12, tokenizer.token_to_id("<pad>"))
+
+
+def test_a_unigram_graph_runs_the_normalizers_steps_in_tokenizers_order(tmp_path, capsys):
+    """The steps SentencePiece's converters write (Strip, then runs of spaces made one U+2581; a Replace of a string
+    before them) run as tokenizers runs them, whitespace edge cases included."""
+    from tokenizers import Regex, normalizers
+
+    tokenizer = train_unigram(tmp_path / "tokenizer.json")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.Strip(left=False, right=True),
+                                                 normalizers.Replace(Regex(" {2,}"), "▁")])
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert_the_graph_tokenizes_as(tokenizer, tmp_path, capsys, [*UNIGRAM_TEXTS, "``quoted'' text"], 12, 0)
+
+
 def test_a_word_with_a_letter_the_vocabulary_lacks_is_refused_where_the_graph_would_differ(tmp_path, capsys):
     """tokenizers makes such a word one [UNK], and a special token typed in a text one id; BertTokenizer keeps the
     pieces before the letter, and splits the special token's text. The graph's ids are checked against tokenizers'
@@ -191,7 +234,7 @@ def test_a_text_classifier_takes_text_through_v2_and_tf_serving_and_names_its_la
 
 
 def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     train_wordpiece(tmp_path / "tokenizer.json")
     echo_onnx(tmp_path / "echo.onnx")
@@ -201,10 +244,21 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=100, special_tokens=["[UNK]"]))
     bpe.save(str(tmp_path / "bpe.json"))
-    unigram = Tokenizer(models.Unigram())
+    wordlevel = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordlevel.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    wordlevel.save(str(tmp_path / "wordlevel.json"))
+    unigram = train_unigram(tmp_path / "unigram.json")
+    unigram.normalizer = normalizers.NFKC()
+    unigram.save(str(tmp_path / "nfkc.json"))
+    unigram.normalizer, unigram.pre_tokenizer = None, pre_tokenizers.Whitespace()
+    unigram.save(str(tmp_path / "whitespace.json"))
+    unigram.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Metaspace(prepend_scheme="first")])
+    unigram.save(str(tmp_path / "first.json"))
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
-    unigram.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=150, special_tokens=["<unk>"], unk_token="<unk>"))
-    unigram.save(str(tmp_path / "unigram.json"))
+    unigram.add_tokens(["film"])
+    unigram.save(str(tmp_path / "added.json"))
     train_byte_level_bpe(tmp_path / "roberta.json", True)
     prefixed = json.loads((tmp_path / "roberta.json").read_text())
     prefixed["pre_tokenizer"]["add_prefix_space"] = True
@@ -215,10 +269,19 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "bpe.json"):
             f"--tokenizer {tmp_path}/bpe.json: expected a byte-level BPE tokenizer of the GPT-2 family (a ByteLevel "
             "pre-tokenizer with GPT-2's regex, no normalizer); this one has a Whitespace pre-tokenizer",
-        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "unigram.json"):
-            f"--tokenizer {tmp_path}/unigram.json: expected a WordPiece (BERT's family) or byte-level BPE (GPT-2's "
-            "family) tokenizer, found a Unigram model; Unigram (SentencePiece) tokenizers are not in the graph yet: "
-            "onnxruntime-extensions' HfJsonTokenizer answers them unlike tokenizers does",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "wordlevel.json"):
+            f"--tokenizer {tmp_path}/wordlevel.json: expected a WordPiece (BERT's family), byte-level BPE (GPT-2's "
+            "family) or Unigram (SentencePiece's families) tokenizer, found a WordLevel model",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "nfkc.json"): f"--tokenizer {tmp_path}/nfkc.json: {UNIGRAM} a NFKC normalizer",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "whitespace.json"):
+            f"--tokenizer {tmp_path}/whitespace.json: {UNIGRAM} a Whitespace pre-tokenizer",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "first.json"):
+            f"--tokenizer {tmp_path}/first.json: {UNIGRAM} a Metaspace of '\u2581', prepending first",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "added.json"):
+            f"--tokenizer {tmp_path}/added.json: its added token 'film' is not special; the graph's SentencePiece "
+            "takes special added tokens only",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "unigram.json", "--max-length", 1):
+            "--max-length 1: expected room for the special tokens and one more",
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "prefixed.json"):
             f"--tokenizer {tmp_path}/prefixed.json: its ByteLevel pre-tokenizer adds a prefix space, which "
             "onnxruntime-extensions' HfJsonTokenizer does not",

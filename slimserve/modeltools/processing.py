@@ -7,6 +7,7 @@ output where it already holds probabilities (rows of values in [0, 1] summing to
 `probabilities`), and its softmax where it holds logits.
 """
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,18 +116,19 @@ TOKENIZER_PREFIX = "tokenizer_"
 
 
 def graph_tokenizer(path: Path, max_length: int) -> "GraphTokenizer":
-    """The tokenizer.json at `path` as the graph can run it: WordPiece of the BERT family, or byte-level BPE of the
-    GPT-2 family (GPT-2, RoBERTa, BART)."""
+    """The tokenizer.json at `path` as the graph can run it: WordPiece of the BERT family, byte-level BPE of the
+    GPT-2 family (GPT-2, RoBERTa, BART), or Unigram of SentencePiece's (T5, XLM-R, mBART)."""
     spec = _read_tokenizer_json(Path(path))
     kind = spec["model"].get("type")
     if kind == "BPE":
         return BpeTokenizer(Path(path), spec, max_length)
     if kind == "WordPiece":
         return WordPieceTokenizer(Path(path), spec, max_length)
+    if kind == "Unigram":
+        return UnigramTokenizer(Path(path), spec, max_length)
     raise ConvertError(
-        f"--tokenizer {path}: expected a WordPiece (BERT's family) or byte-level BPE (GPT-2's family) tokenizer, "
-        f"found a {kind or 'tokenizer of no known'} model; Unigram (SentencePiece) tokenizers are not in the graph "
-        "yet: onnxruntime-extensions' HfJsonTokenizer answers them unlike tokenizers does"
+        f"--tokenizer {path}: expected a WordPiece (BERT's family), byte-level BPE (GPT-2's family) or Unigram "
+        f"(SentencePiece's families) tokenizer, found a {kind or 'tokenizer of no known'} model"
     )
 
 
@@ -151,7 +153,9 @@ class GraphTokenizer:
 
     def __init__(self, path: Path, spec: dict, max_length: int):
         self.path, self.max_length = path, max_length
-        self.vocab: dict[str, int] = spec["model"].get("vocab") or {}
+        vocab = spec["model"].get("vocab") or {}
+        # WordPiece and BPE map each token to its id; Unigram lists [piece, score] in id order
+        self.vocab: dict[str, int] = vocab if isinstance(vocab, dict) else {str(p[0]): i for i, p in enumerate(vocab)}
         padding = spec.get("padding") or {}
         self.pad_id = int(padding.get("pad_id", self.vocab.get(self.pad_token, 0)))
 
@@ -316,18 +320,7 @@ class WordPieceTokenizer(GraphTokenizer):
             )
             text = "lowercase_text"
         if self.strip_accents:
-            for index, (pattern, rewrite) in enumerate(_accent_rewrites()):
-                initializers += [_string(helper, tensor_proto, f"accents_{index}", pattern),
-                                 _string(helper, tensor_proto, f"unaccented_{index}", rewrite)]  # fmt: skip
-                nodes.append(
-                    helper.make_node(
-                        "StringRegexReplace",
-                        [text, f"accents_{index}", f"unaccented_{index}"],
-                        [f"unaccented_text_{index}"],
-                        domain=EXTENSIONS_DOMAIN,
-                    )
-                )
-                text = f"unaccented_text_{index}"
+            text = _rewritten(helper, tensor_proto, nodes, initializers, text, _accent_rewrites(), "unaccented")
         return text
 
 
@@ -392,13 +385,192 @@ class BpeTokenizer(GraphTokenizer):
             helper.make_node("Sub", ["text_length", "eos_count"], ["tail_start"]),
             helper.make_node("Slice", ["all_text_ids", "tail_start", "text_length"], ["tail"]),
             helper.make_node("Concat", ["head", "tail"], ["ids"], axis=0),
-            helper.make_node("Shape", ["ids"], ["ids_length"]),
-            helper.make_node("ConstantOfShape", ["ids_length"], ["type_ids"], value=constant("zero_value", [0])),
-            helper.make_node("ConstantOfShape", ["ids_length"], ["mask"], value=constant("one_value", [1])),
+            *_type_ids_and_mask(helper, constant),
         ]
         constants = [constant("flat", [-1]), constant("kept", [kept + len(self.eos)]),
                      constant("eos_count", [len(self.eos)])]  # fmt: skip
         return nodes, constants
+
+
+# Rust's char::is_whitespace (Unicode's White_Space), which tokenizers' Strip and WhitespaceSplit take as whitespace,
+# as an RE2 class: RE2's \s is ASCII's alone.
+WHITESPACE = r"[\x{9}-\x{d}\x{20}\x{85}\x{a0}\x{1680}\x{2000}-\x{200a}\x{2028}\x{2029}\x{202f}\x{205f}\x{3000}]"
+METASPACE = "\u2581"
+
+
+class UnigramTokenizer(GraphTokenizer):
+    """Unigram of SentencePiece's families (T5, XLM-R, mBART) as onnxruntime-extensions' SentencepieceTokenizer, on a
+    SentencePiece model written from the tokenizer.json's pieces and character map. tokenizers and SentencePiece
+    treat whitespace differently (the dummy prefix, stripping, collapsing, where the map runs), so the graph runs
+    tokenizers' normalizer and Metaspace steps itself as regular expressions, in their order, and leaves
+    SentencePiece only the character map and the lattice. The map's own spaces and removals are made where the
+    normalizer runs it, so that the steps after it see what tokenizers' see."""
+
+    pad_token = "<pad>"
+
+    def __init__(self, path: Path, spec: dict, max_length: int):
+        super().__init__(path, spec, max_length)
+        model = spec["model"]
+        self.pieces = [(str(piece), float(score)) for piece, score in model.get("vocab") or []]
+        self.unk_id = model.get("unk_id")
+        if self.unk_id is None:
+            raise ConvertError(f"--tokenizer {path}: its Unigram model has no unk_id; SentencePiece needs one")
+        self.byte_fallback = bool(model.get("byte_fallback"))
+        added = spec.get("added_tokens") or []
+        plain = [token["content"] for token in added if not token.get("special")]
+        if plain:
+            raise ConvertError(
+                f"--tokenizer {path}: its added token {plain[0]!r} is not special; the graph's SentencePiece takes "
+                "special added tokens only"
+            )
+        self.added = {token["content"]: int(token["id"]) for token in added}
+        self.charsmap = b""
+        self.rewrites = self._normalizer_rewrites(spec.get("normalizer")) + self._metaspace_rewrites(spec)
+        self.bos, self.eos = _specials_around_the_text(path, spec.get("post_processor"))
+        if max_length < 1 + len(self.bos) + len(self.eos):
+            raise ConvertError(f"--max-length {max_length}: expected room for the special tokens and one more")
+
+    def _refuse(self, what: str) -> ConvertError:
+        return ConvertError(
+            f"--tokenizer {self.path}: expected a Unigram tokenizer of SentencePiece's families (Precompiled, Replace "
+            f"and Strip normalizers; a Metaspace pre-tokenizer, after a WhitespaceSplit or alone); this one has {what}"
+        )
+
+    def _normalizer_rewrites(self, normalizer) -> list[tuple[str, str]]:
+        import base64
+
+        steps = normalizer.get("normalizers", [normalizer]) if normalizer else []
+        rewrites = []
+        for step in steps:
+            kind = step.get("type")
+            if kind == "Precompiled" and not self.charsmap:
+                self.charsmap = base64.b64decode(step.get("precompiled_charsmap") or "")
+                rewrites += _what_the_map_makes_of_spaces(self.charsmap)
+            elif kind == "Replace":
+                pattern = step.get("pattern") or {}
+                regex = pattern["Regex"] if "Regex" in pattern else _re2_literal(pattern.get("String", ""))
+                content = step.get("content", "")
+                if self.charsmap and re.sub(r"\\[Az]|[ \u2581{}0-9,+*?|^$()]", "", regex + content):
+                    raise self._refuse(f"a Replace of {regex!r} after its Precompiled map, which the graph runs last")
+                rewrites.append((regex, content.replace("\\", "\\\\")))
+            elif kind == "Strip":
+                rewrites += [(rf"\A{WHITESPACE}+", "")] if step.get("strip_left", True) else []
+                rewrites += [(rf"{WHITESPACE}+\z", "")] if step.get("strip_right", True) else []
+            else:
+                raise self._refuse(f"a {kind} normalizer")
+        return rewrites
+
+    def _metaspace_rewrites(self, spec: dict) -> list[tuple[str, str]]:
+        pre_tokenizer = spec.get("pre_tokenizer") or {}
+        steps = pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+        kinds = [step.get("type") for step in steps]
+        if kinds not in (["Metaspace"], ["WhitespaceSplit", "Metaspace"]):
+            raise self._refuse(f"a {' + '.join(map(str, kinds))} pre-tokenizer")
+        metaspace = steps[-1]
+        default = "always" if metaspace.get("add_prefix_space", True) else "never"  # tokenizers < 0.14 wrote this
+        prepend = metaspace.get("prepend_scheme") or default
+        if metaspace.get("replacement", METASPACE) != METASPACE or (
+            kinds[0] == "WhitespaceSplit" and prepend != "always"
+        ):
+            raise self._refuse(f"a Metaspace of {metaspace.get('replacement')!r}, prepending {prepend}")
+        if metaspace.get("split", True) and any(METASPACE in piece[1:] for piece, _ in self.pieces):
+            # tokenizers then splits before each U+2581 and SentencePiece's lattice spans them: the same only where no
+            # piece holds one past its start
+            raise self._refuse("a Metaspace that splits the text, and pieces with U+2581 inside")
+        # after a WhitespaceSplit, Metaspace takes each word alone: one that starts with U+2581 gets no other
+        whitespace_split = [
+            (rf"\A{WHITESPACE}+|{WHITESPACE}+\z", ""),
+            (rf"{WHITESPACE}+", " "),
+            (f" {METASPACE}", METASPACE),
+        ]
+        rewrites = [*(whitespace_split if len(kinds) > 1 else []), (" ", METASPACE)]
+        # Metaspace prepends U+2581 to a text that does not start with one ("first" is "always" for a text alone)
+        return rewrites + ([(rf"\A([^{METASPACE}])", rf"{METASPACE}\1")] if prepend != "never" else [])
+
+    def normalize(self, helper, tensor_proto, nodes: list, initializers: list) -> str:
+        return _rewritten(helper, tensor_proto, nodes, initializers, TEXT_INPUT, self.rewrites, "metaspace")
+
+    def token_id(self, token: str) -> int:
+        return self.added.get(token, self.vocab.get(token, self.unk_id))
+
+    def tokenize_one(self, helper, constant) -> tuple[list, list]:
+        from onnx import TensorProto
+
+        from slimserve.modeltools.sentencepiece_writer import unigram_model
+
+        control = {self.vocab[token] for token in self.added if token in self.vocab}
+        model = unigram_model(self.pieces, int(self.unk_id), control, self.byte_fallback, self.charsmap)
+        nodes = [
+            helper.make_node(
+                "SentencepieceTokenizer",
+                ["one_text", "nbest_size", "alpha", "no", "no", "no"],  # no sampling, bos, eos or reversing
+                ["text_tokens", "text_rows"],
+                domain=EXTENSIONS_DOMAIN,
+                model=model,
+            ),
+            helper.make_node("Cast", ["text_tokens"], ["text_ids"], to=TensorProto.INT64),
+            # truncated as tokenizers does: the text's first ids, then the special tokens around them
+            helper.make_node("Slice", ["text_ids", "zero", "kept"], ["kept_ids"]),
+            helper.make_node("Concat", ["before", "kept_ids", "after"], ["ids"], axis=0),
+            *_type_ids_and_mask(helper, constant),
+        ]
+        constants = [
+            constant("nbest_size", 0),
+            constant("alpha", 0.0, TensorProto.FLOAT),
+            constant("no", False, TensorProto.BOOL),
+            constant("kept", [self.max_length - len(self.bos) - len(self.eos)]),
+            constant("before", [self.token_id(token) for token in self.bos]),
+            constant("after", [self.token_id(token) for token in self.eos]),
+        ]
+        return nodes, constants
+
+
+def _re2_literal(text: str) -> str:
+    return "".join(f"\\x{{{ord(letter):x}}}" for letter in text)
+
+
+def _re2_class(codes: list[int]) -> str:
+    return f"[{_re2_literal(''.join(map(chr, codes)))}]"
+
+
+def _what_the_map_makes_of_spaces(charsmap: bytes) -> list[tuple[str, str]]:
+    """A Precompiled map's letters that become a space and those it removes, as rewrites: made where tokenizers
+    runs the map, they let the whitespace steps after it see its spaces before SentencePiece runs the rest of it."""
+    from tokenizers import normalizers
+
+    precompiled = normalizers.Precompiled(charsmap)
+    made: dict[str, list[int]] = {" ": [], "": []}
+    for code in (*range(0xD800), *range(0xE000, 0x110000)):
+        normalized = precompiled.normalize_str(chr(code))
+        if normalized in made and chr(code) != normalized:
+            made[normalized].append(code)
+    return [(_re2_class(codes), rewrite) for rewrite, codes in made.items() if codes]
+
+
+def _type_ids_and_mask(helper, constant) -> list:
+    """A text's token type ids (zeros) and attention mask (ones), as long as its `ids`."""
+    return [
+        helper.make_node("Shape", ["ids"], ["ids_length"]),
+        helper.make_node("ConstantOfShape", ["ids_length"], ["type_ids"], value=constant("zero_value", [0])),
+        helper.make_node("ConstantOfShape", ["ids_length"], ["mask"], value=constant("one_value", [1])),
+    ]
+
+
+def _rewritten(helper, tensor_proto, nodes: list, initializers: list, text: str, rewrites, name: str) -> str:
+    """Nodes that rewrite every text with each (RE2 pattern, rewrite) in turn; the name of what they answer."""
+    for index, (pattern, rewrite) in enumerate(rewrites):
+        initializers += [_string(helper, tensor_proto, f"{name}_pattern_{index}", pattern),
+                         _string(helper, tensor_proto, f"{name}_rewrite_{index}", rewrite)]  # fmt: skip
+        nodes.append(
+            helper.make_node(
+                "StringRegexReplace",
+                [text, f"{name}_pattern_{index}", f"{name}_rewrite_{index}"],
+                [f"{name}_text_{index}"],
+                domain=EXTENSIONS_DOMAIN,
+            )
+        )
+        text = f"{name}_text_{index}"
+    return text
 
 
 def _specials_around_the_text(path: Path, post_processor) -> tuple[list[str], list[str]]:
