@@ -259,6 +259,9 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
     unigram.pre_tokenizer = pre_tokenizers.Metaspace()
     unigram.add_tokens(["film"])
     unigram.save(str(tmp_path / "added.json"))
+    specials_alone = json.loads((tmp_path / "unigram.json").read_text())
+    specials_alone["model"]["vocab"] = specials_alone["model"]["vocab"][:3]  # <pad>, </s>, <unk>
+    (tmp_path / "specials.json").write_text(json.dumps(specials_alone))
     train_byte_level_bpe(tmp_path / "roberta.json", True)
     prefixed = json.loads((tmp_path / "roberta.json").read_text())
     prefixed["pre_tokenizer"]["add_prefix_space"] = True
@@ -280,6 +283,9 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "added.json"):
             f"--tokenizer {tmp_path}/added.json: its added token 'film' is not special; the graph's SentencePiece "
             "takes special added tokens only",
+        (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "specials.json"):
+            f"--tokenizer {tmp_path}/specials.json: its Unigram model holds special tokens alone, no pieces of text "
+            "(a tokenizer written without its vocabulary?)",
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "unigram.json", "--max-length", 1):
             "--max-length 1: expected room for the special tokens and one more",
         (tmp_path / "echo.onnx", "--tokenizer", tmp_path / "prefixed.json"):

@@ -424,6 +424,11 @@ class UnigramTokenizer(GraphTokenizer):
                 "special added tokens only"
             )
         self.added = {token["content"]: int(token["id"]) for token in added}
+        if all(piece in self.added or index == self.unk_id for index, (piece, _) in enumerate(self.pieces)):
+            raise ConvertError(
+                f"--tokenizer {path}: its Unigram model holds special tokens alone, no pieces of text (a tokenizer "
+                "written without its vocabulary?)"
+            )
         self.charsmap = b""
         self.rewrites = self._normalizer_rewrites(spec.get("normalizer")) + self._metaspace_rewrites(spec)
         self.bos, self.eos = _specials_around_the_text(path, spec.get("post_processor"))
