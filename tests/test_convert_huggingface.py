@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from support import call, convert_error, run_in_extra_venv
-from test_convert_tokenizer import CORPUS, TEXTS, train_byte_level_bpe, train_wordpiece
+from test_convert_tokenizer import CORPUS, TEXTS, train_byte_level_bpe, train_unigram, train_wordpiece
 
 from slimserve.lambda_handlers.core import InferenceCore, ServedModel
 from slimserve.lambda_handlers.runtimes import OnnxModel
@@ -57,6 +57,21 @@ roberta.save_pretrained(folder / "roberta-sentiment")
 (folder / "roberta-sentiment" / "tokenizer.json").write_bytes((folder / "bpe-tokenizer.json").read_bytes())
 with torch.no_grad():
     np.save(folder / "roberta-sentiment-logits.npy", roberta(input_ids=torch.tensor([e.ids for e in encoded]),
+            attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
+
+# XLM-R: RoBERTa's model with a Unigram (SentencePiece) tokenizer, <s> text </s>, padded with <pad> (1)
+unigram_tokenizer = Tokenizer.from_file(str(folder / "unigram-tokenizer.json"))
+unigram_tokenizer.enable_padding(pad_id=unigram_tokenizer.token_to_id("<pad>"))
+encoded = unigram_tokenizer.encode_batch(texts)
+torch.manual_seed(5)
+config = transformers.XLMRobertaConfig(**{**bert, "vocab_size": unigram_tokenizer.get_vocab_size(), "pad_token_id": 1,
+                                          "max_position_embeddings": 66}, num_labels=3,
+                                       id2label={int(k): v for k, v in sentiments.items()})
+xlmr = transformers.XLMRobertaForSequenceClassification(config).eval()
+xlmr.save_pretrained(folder / "xlm-roberta-sentiment")
+(folder / "xlm-roberta-sentiment" / "tokenizer.json").write_bytes((folder / "unigram-tokenizer.json").read_bytes())
+with torch.no_grad():
+    np.save(folder / "xlm-roberta-sentiment-logits.npy", xlmr(input_ids=torch.tensor([e.ids for e in encoded]),
             attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
 
 # GPT-2: its BPE puts nothing around a text, so an empty one has no tokens to attend to (README: Limits); its
@@ -121,6 +136,7 @@ def checkpoints(tmp_path_factory):
     train_wordpiece(folder / "tokenizer.json")
     train_byte_level_bpe(folder / "bpe-tokenizer.json", specials_around=True)
     train_byte_level_bpe(folder / "gpt2-tokenizer.json", specials_around=False)
+    train_unigram(folder / "unigram-tokenizer.json", single="<s> $A </s>")
     (folder / "texts.txt").write_text("\n".join(TEXTS))
     np.save(folder / "texts.npy", np.array(TEXTS))
     np.save(folder / "texts-nonempty.npy", np.array(NONEMPTY_TEXTS))
@@ -141,10 +157,11 @@ def convert_in_torch_venv(*args) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("checkpoint", ["bert-sentiment", "roberta-sentiment", "gpt2-sentiment"])
+@pytest.mark.parametrize("checkpoint", ["bert-sentiment", "roberta-sentiment", "gpt2-sentiment", "xlm-roberta-sentiment"])
 def test_a_text_classifier_checkpoint_takes_text_and_names_its_classes(checkpoints, tmp_path, checkpoint):
     """BERT with its WordPiece tokenizer; RoBERTa with its byte-level BPE (<s> text </s>, padded with <pad>, the
-    id RoBERTa's positions count from); GPT-2 with its byte-level BPE (nothing around the text, no token types)."""
+    id RoBERTa's positions count from); GPT-2 with its byte-level BPE (nothing around the text, no token types);
+    XLM-R with its Unigram tokenizer (SentencePiece's)."""
     texts = NONEMPTY_TEXTS if checkpoint == "gpt2-sentiment" else TEXTS
     out = convert_in_torch_venv(
         checkpoints / checkpoint,

@@ -137,18 +137,19 @@ UNIGRAM = ("expected a Unigram tokenizer of SentencePiece's families (Precompile
 UNIGRAM_TEXTS = [*BPE_TEXTS[:-1], "hello   ", "\thello\n", "   ", "▁lead", "x  ▁ y", " 　x​ "]
 
 
-def train_unigram(path, byte_fallback=False, pre_tokenizer=None):
+def train_unigram(path, byte_fallback=False, pre_tokenizer=None, single="$A </s>"):
     """A Unigram tokenizer trained here as SentencePiece's families have it: a Metaspace pre-tokenizer and the text
-    followed by </s> (T5's), or a WhitespaceSplit before it, as transformers writes XLM-R's and T5's."""
+    followed by </s> (T5's), or a WhitespaceSplit before it, as transformers writes XLM-R's and T5's; XLM-R's
+    special tokens in its order."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.Unigram(byte_fallback=byte_fallback))
     tokenizer.pre_tokenizer = pre_tokenizer or pre_tokenizers.Metaspace()
     alphabet = [f"<0x{byte:02X}>" for byte in range(256)] if byte_fallback else []
     tokenizer.train_from_iterator(CORPUS * 10, trainers.UnigramTrainer(
-        vocab_size=150 + len(alphabet), special_tokens=["<pad>", "</s>", "<unk>", *alphabet], unk_token="<unk>"))
-    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>",
-                                                             special_tokens=[("</s>", tokenizer.token_to_id("</s>"))])
+        vocab_size=150 + len(alphabet), special_tokens=["<s>", "<pad>", "</s>", "<unk>", *alphabet], unk_token="<unk>"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(token, tokenizer.token_to_id(token)) for token in ("<s>", "</s>")])
     tokenizer.save(str(path))
     return tokenizer
 
@@ -172,7 +173,8 @@ def test_a_unigram_graph_runs_the_normalizers_steps_in_tokenizers_order(tmp_path
     tokenizer.normalizer = normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.Strip(left=False, right=True),
                                                  normalizers.Replace(Regex(" {2,}"), "▁")])
     tokenizer.save(str(tmp_path / "tokenizer.json"))
-    assert_the_graph_tokenizes_as(tokenizer, tmp_path, capsys, [*UNIGRAM_TEXTS, "``quoted'' text"], 12, 0)
+    assert_the_graph_tokenizes_as(tokenizer, tmp_path, capsys, [*UNIGRAM_TEXTS, "``quoted'' text"], 12,
+                                tokenizer.token_to_id("<pad>"))
 
 
 def test_a_word_with_a_letter_the_vocabulary_lacks_is_refused_where_the_graph_would_differ(tmp_path, capsys):
@@ -260,7 +262,7 @@ def test_tokenizer_mistakes_are_one_line(tmp_path, capsys):
     unigram.add_tokens(["film"])
     unigram.save(str(tmp_path / "added.json"))
     specials_alone = json.loads((tmp_path / "unigram.json").read_text())
-    specials_alone["model"]["vocab"] = specials_alone["model"]["vocab"][:3]  # <pad>, </s>, <unk>
+    specials_alone["model"]["vocab"] = specials_alone["model"]["vocab"][:4]  # <s>, <pad>, </s>, <unk>
     (tmp_path / "specials.json").write_text(json.dumps(specials_alone))
     train_byte_level_bpe(tmp_path / "roberta.json", True)
     prefixed = json.loads((tmp_path / "roberta.json").read_text())
