@@ -45,34 +45,29 @@ classifier.save_pretrained(folder / "bert-sentiment")
 with torch.no_grad():
     np.save(folder / "bert-sentiment-logits.npy", classifier(input_ids=ids, attention_mask=mask).logits.numpy())
 
-roberta_tokenizer = Tokenizer.from_file(str(folder / "bpe-tokenizer.json"))
-roberta_tokenizer.enable_padding(pad_id=roberta_tokenizer.token_to_id("<pad>"))
-encoded = roberta_tokenizer.encode_batch(texts)
-torch.manual_seed(3)
-config = transformers.RobertaConfig(**{**bert, "vocab_size": roberta_tokenizer.get_vocab_size(), "pad_token_id": 1,
-                                       "max_position_embeddings": 66}, num_labels=3,
-                                    id2label={int(k): v for k, v in sentiments.items()})
-roberta = transformers.RobertaForSequenceClassification(config).eval()
-roberta.save_pretrained(folder / "roberta-sentiment")
-(folder / "roberta-sentiment" / "tokenizer.json").write_bytes((folder / "bpe-tokenizer.json").read_bytes())
-with torch.no_grad():
-    np.save(folder / "roberta-sentiment-logits.npy", roberta(input_ids=torch.tensor([e.ids for e in encoded]),
-            attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
 
-# XLM-R: RoBERTa's model with a Unigram (SentencePiece) tokenizer, <s> text </s>, padded with <pad> (1)
-unigram_tokenizer = Tokenizer.from_file(str(folder / "unigram-tokenizer.json"))
-unigram_tokenizer.enable_padding(pad_id=unigram_tokenizer.token_to_id("<pad>"))
-encoded = unigram_tokenizer.encode_batch(texts)
-torch.manual_seed(5)
-config = transformers.XLMRobertaConfig(**{**bert, "vocab_size": unigram_tokenizer.get_vocab_size(), "pad_token_id": 1,
-                                          "max_position_embeddings": 66}, num_labels=3,
-                                       id2label={int(k): v for k, v in sentiments.items()})
-xlmr = transformers.XLMRobertaForSequenceClassification(config).eval()
-xlmr.save_pretrained(folder / "xlm-roberta-sentiment")
-(folder / "xlm-roberta-sentiment" / "tokenizer.json").write_bytes((folder / "unigram-tokenizer.json").read_bytes())
-with torch.no_grad():
-    np.save(folder / "xlm-roberta-sentiment-logits.npy", xlmr(input_ids=torch.tensor([e.ids for e in encoded]),
-            attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
+# RoBERTa's model (positions counted from pad_token_id + 1) with tokenizer_file: <s> text </s>, <pad> is 1
+def roberta_family(name, tokenizer_file, seed, config_class, model_class):
+    tokenizer = Tokenizer.from_file(str(folder / tokenizer_file))
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("<pad>"))
+    encoded = tokenizer.encode_batch(texts)
+    torch.manual_seed(seed)
+    config = config_class(**{**bert, "vocab_size": tokenizer.get_vocab_size(), "pad_token_id": 1,
+                             "max_position_embeddings": 66}, num_labels=3,
+                          id2label={int(k): v for k, v in sentiments.items()})
+    model = model_class(config).eval()
+    model.save_pretrained(folder / name)
+    (folder / name / "tokenizer.json").write_bytes((folder / tokenizer_file).read_bytes())
+    with torch.no_grad():
+        np.save(folder / f"{name}-logits.npy", model(input_ids=torch.tensor([e.ids for e in encoded]),
+                attention_mask=torch.tensor([e.attention_mask for e in encoded])).logits.numpy())
+
+
+roberta_family("roberta-sentiment", "bpe-tokenizer.json", 3, transformers.RobertaConfig,
+               transformers.RobertaForSequenceClassification)
+# XLM-R: the same model with a Unigram (SentencePiece) tokenizer
+roberta_family("xlm-roberta-sentiment", "unigram-tokenizer.json", 5, transformers.XLMRobertaConfig,
+               transformers.XLMRobertaForSequenceClassification)
 
 # GPT-2: its BPE puts nothing around a text, so an empty one has no tokens to attend to (README: Limits); its
 # tokenizer gives no token_type_ids, and GPT-2 gets none
