@@ -278,7 +278,7 @@ def test_both_targets_serve_it_on_the_local_stack_as_the_runtime_answers(tmp_pat
             with urllib.request.urlopen(request, timeout=60) as response:
                 (output,) = json.loads(response.read())["outputs"]
             np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(rows.shape), expected)
-        model_dir = tmp_path / "work" / "mlp-sm-model"
+        model_dir = tmp_path / "work" / "mlp-sm-model-1"
         assert sorted(str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()) == [
             LISTING, "model.onnx", "weights.bin", "weights/w1.bin"]
 
@@ -292,7 +292,7 @@ def test_the_cli_registers_it_with_progress_locks_it_and_checks_its_size(s3_stor
     s3_store.client().create_bucket(Bucket="ext-cli")
     where = ["--endpoint-url", s3_store.endpoint, "--bucket", "ext-cli"]
     files = model_files(mlp)
-    assert main(["register", str(mlp.parent), "--name", "mlp", *where]) == 0
+    assert main(["register", str(mlp.parent), "--name", "mlp", "--new", *where]) == 0
     captured = capsys.readouterr()
     assert captured.out == (f"registered mlp version 1: sha256 {files.sha256}, 3 files, 9.0 MiB, "
                             f"models/mlp/{files.sha256}/model.onnx\n")

@@ -22,6 +22,9 @@ from slimserve.modeltools import examples
 
 HELD_OUT = {"iris": examples.iris_split, "digits": examples.digits_split}
 WARM_REQUESTS = 50
+DEMO_DIR = "demo"
+"""The demo's own folder in build/local: a store and a lock of its own, so a demo never touches, nor waits for, the
+project's `slimserve serve`."""
 
 
 def _sample_inputs(model: ModelConfig, signature) -> tuple[np.ndarray, np.ndarray | None]:
@@ -117,7 +120,7 @@ def run_demo(config: AppConfig, out) -> int:
         if not line.startswith("REPORT") or "Init Duration" in line:  # cold starts only; warm ones are many
             print(line, file=out, flush=True)
 
-    with LocalStack(config, port=free_port(), log=log) as stack:
+    with LocalStack(config, port=free_port(), log=log, work_dir=config.local_dir / DEMO_DIR) as stack:
         threading.Thread(target=stack.serve_forever, daemon=True).start()
         try:
             served = [m for m in config.models if m.name in stack.gateway.routes]

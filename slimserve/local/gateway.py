@@ -134,13 +134,20 @@ class LocalGateway(wire.Server):
         self.in_flight = 0
         self.closing = False
         self._idle = threading.Condition()
-        self.request_checks = {
-            path: Draft4Validator(v2_request_schema(name, route.signature))
-            for name, route in routes.items()
-            if route.signature is not None
-            for path in route.checked_paths(name)
-        }
+        self.request_checks: dict[str, Draft4Validator] = {}
+        for name, route in routes.items():
+            self._check_requests(name, route)
         super().__init__((host, port), _GatewayHandler)
+
+    def _check_requests(self, name: str, route: "Route | EndpointRoute") -> None:
+        if route.signature is not None:
+            validator = Draft4Validator(v2_request_schema(name, route.signature))
+            self.request_checks.update(dict.fromkeys(route.checked_paths(name), validator))
+
+    def replace_route(self, name: str, route: "Route | EndpointRoute") -> None:
+        """A model's route, replaced as a deploy replaces it: requests from now on take the new one."""
+        self._check_requests(name, route)
+        self.routes[name] = route
 
     @property
     def url(self) -> str:

@@ -2,8 +2,8 @@
 
 import logging
 import os
-import shutil
 import socket
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,27 +49,124 @@ def free_port() -> int:
 DEFAULT_BUCKET = "slimserve-models"
 
 
-def _load(store: LocalS3, folder: Path) -> None:
-    """Every file under `folder` as an object, streamed: a large model's files never sit in memory whole."""
-    client = store.client()
-    for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
-        if path.is_file():
-            client.upload_file(str(path), store.bucket, path.relative_to(folder).as_posix())
+class WriteThrough:
+    """moto's app, with every change to the bucket's objects made to `folder` too, before the client is told it
+    succeeded: moto keeps objects in memory only, and a stack stopped any way (SIGKILL included) must keep what it
+    was told. Each file is written beside its place and renamed into it, so it is the old object or the new, never
+    part of one; the registry writes a version's manifest last, so a version is in the folder whole or not at all."""
 
+    SUBRESOURCES = frozenset({"acl", "tagging", "legal-hold", "retention", "restore", "select", "attributes"})
 
-def _save(store: LocalS3, folder: Path) -> None:
-    """Every object into a fresh folder beside `folder`, which then replaces it: a save cut short leaves the last."""
-    client = store.client()
-    saving = folder.with_name(folder.name + ".saving")
-    shutil.rmtree(saving, ignore_errors=True)
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket):
-        for item in page.get("Contents", []):
-            target = saving / item["Key"]
+    def __init__(self, app, bucket: str, folder: Path):
+        self.app, self.bucket, self.folder = app, bucket, folder.resolve()
+        self.client = None
+        """Set once the folder's objects are loaded: only changes after that are written back."""
+
+    def __call__(self, environ, start_response):
+        change = self._change(environ) if self.client is not None else None
+        if change is None:
+            return self.app(environ, start_response)
+        if change[1] is None:
+            start_response("400 Bad Request", [("Content-Type", "application/xml")])
+            return [b"<Error><Code>InvalidArgument</Code><Message>a key outside the store</Message></Error>"]
+        answered: list = []
+        body: list[bytes] = []
+
+        def capture(status, headers, exc_info=None):
+            answered[:] = [status, headers]
+            return body.append
+
+        result = self.app(environ, capture)
+        try:
+            body.extend(result)
+        finally:
+            getattr(result, "close", lambda: None)()
+        status, headers = answered
+        if status.startswith("2"):
+            try:
+                self._apply(*change)
+            except OSError as error:  # the client is told, and retries: S3 treats a PUT again as the same PUT
+                status, headers = "500 Internal Server Error", [("Content-Type", "application/xml")]
+                body = [f"<Error><Code>InternalError</Code><Message>{error}</Message></Error>".encode()]
+        start_response(status, headers)
+        return body
+
+    def _change(self, environ) -> tuple[str, Path | None] | None:
+        """("put" | "delete" | "sync", the object's file) for a request that changes an object of the bucket; the file
+        is None for a key that would leave the folder."""
+        from urllib.parse import parse_qs
+
+        method, query = environ["REQUEST_METHOD"], parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        path = environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+        if environ.get("HTTP_HOST", "").split(":")[0].startswith(f"{self.bucket}."):
+            key = path[1:]
+        else:
+            bucket, _, key = path[1:].partition("/")
+            if bucket != self.bucket:
+                return None
+        if method == "POST" and "delete" in query and not key:
+            return "sync", self.folder
+        if not key or key.endswith("/") or self.SUBRESOURCES & query.keys():
+            return None
+        if method == "PUT" and not {"partNumber", "uploadId"} & query.keys():
+            kind = "put"
+        elif method == "POST" and "uploadId" in query:  # a multipart upload completed
+            kind = "put"
+        elif method == "DELETE" and "uploadId" not in query:
+            kind = "delete"
+        else:
+            return None
+        target = (self.folder / key).resolve()
+        return kind, (target if target.is_relative_to(self.folder) and target != self.folder else None)
+
+    def _apply(self, kind: str, target: Path) -> None:
+        if kind == "delete":
+            target.unlink(missing_ok=True)
+        elif kind == "sync":  # a multi-object delete: the folder keeps what the bucket still holds
+            kept = {
+                (self.folder / item["Key"]).resolve()
+                for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket)
+                for item in page.get("Contents", [])
+            }
+            for path in list(self.folder.rglob("*")):
+                if path.is_file() and path.resolve() not in kept:
+                    path.unlink()
+        else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(store.bucket, item["Key"], str(target))
-    saving.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    saving.rename(folder)
+            partial = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.partial")
+            key = target.relative_to(self.folder).as_posix()
+            self.client.download_file(self.bucket, key, str(partial))
+            os.replace(partial, target)
+
+    def load(self, store: "LocalS3") -> None:
+        """Every file of the folder as an object, streamed (a large model's files never sit in memory whole); then
+        changes are written back. Files a killed write left half done are removed."""
+        client = store.client()
+        for path in sorted(self.folder.rglob("*")) if self.folder.is_dir() else []:
+            if path.name.endswith(".partial") and path.name.startswith("."):
+                path.unlink()
+            elif path.is_file():
+                client.upload_file(str(path), store.bucket, path.relative_to(self.folder).as_posix())
+        self.client = client
+
+
+class _MotoServer:
+    """moto's S3 server as ThreadedMotoServer runs it, with its app wrapped; it binds when made, so a taken port is
+    an OSError here, not a server that never starts."""
+
+    def __init__(self, port: int, wrap):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = wrap(DomainDispatcherApplication(create_backend_app))
+        self.server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="local-s3", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join()
+        self.server.server_close()
 
 
 def claim_port(host: str, port: int, flag: str, instead: str) -> None:
@@ -90,27 +187,31 @@ def claim_port(host: str, port: int, flag: str, instead: str) -> None:
 @contextmanager
 def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None, keep: Path | None = None):
     """Start moto's server (on `port`, or any free one), create the bucket, and point this process's boto3 at it.
-    With `keep`, the bucket's objects are loaded from that folder at start and saved back to it at stop: moto keeps
-    them in memory only, and registered versions and aliases must outlive a restart."""
-    from moto.server import ThreadedMotoServer
-
+    With `keep`, the bucket holds that folder's files at start, and every change is written back to it as it is made
+    (WriteThrough): registered versions and aliases outlive the stack, however it stops."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per S3 call is noise here
     if port:
         claim_port("127.0.0.1", port, "--s3-port", "pass a free port, or leave --s3-port out to take any free one")
     port = port or free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    write_through: WriteThrough | None = None
+
+    def wrap(app):
+        nonlocal write_through
+        if keep is None:
+            return app
+        write_through = WriteThrough(app, bucket, Path(keep))
+        return write_through
+
+    server = _MotoServer(port, wrap)
     environment = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
     saved = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)
     try:
         store = LocalS3(environment["AWS_ENDPOINT_URL_S3"], bucket, environment)
         store.client().create_bucket(Bucket=bucket)
-        if keep is not None:
-            _load(store, Path(keep))
+        if write_through is not None:
+            write_through.load(store)
         yield store
-        if keep is not None:
-            _save(store, Path(keep))
     finally:
         for key, value in saved.items():
             if value is None:

@@ -18,6 +18,7 @@ from slimserve.assets import LAMBDA_PACKAGE, function_bundle
 from slimserve.config import AppConfig, ModelConfig
 from slimserve.lambda_handlers.contract import (
     LOADING,
+    MODEL_VERSION,
     SAGEMAKER_MODEL_DIR,
     SAGEMAKER_PORT,
     SERVER_HOST,
@@ -28,7 +29,7 @@ from slimserve.layers.builder import build_layer
 from slimserve.local.gateway import EndpointRoute, LocalGateway, Route
 from slimserve.local.runner import FunctionPool, FunctionSpec, lambda_python, spawn
 from slimserve.local.s3 import claim_port, free_port, local_s3
-from slimserve.local.state import write_state
+from slimserve.local.state import claim_project, write_state
 from slimserve.registry.versions import LIVE_ALIAS, Registry, RegistryError, Version
 
 LAMBDA_PYTHON = "3.12"
@@ -176,6 +177,76 @@ class LocalEndpoint:
                 self.process.wait()
 
 
+class EndpointVersions:
+    """A SageMaker model's serving program, moved to the version the `live` alias names as a deploy moves an
+    endpoint, blue/green: the new version's program starts beside the old one, requests go to it once it answers
+    /ping, and the old one then stops, answering what it has in flight first. A version that cannot start is logged
+    and the old one keeps serving."""
+
+    def __init__(self, model: ModelConfig, version: Version, registry: Registry, work_dir: Path, code: Path, log):
+        self.model, self.registry, self.work_dir, self.code, self.log = model, registry, work_dir, code, log
+        self.default = version.number
+        self.failed: set[int] = set()
+        self.closing = threading.Event()
+        self.endpoint, self.route = self._start(version)
+
+    def _start(self, version: Version) -> tuple[LocalEndpoint, EndpointRoute]:
+        name = self.model.name
+        model_dir = self.work_dir / f"{name}-model-{version.number}"
+        shutil.rmtree(model_dir, ignore_errors=True)  # as SageMaker mounts one version's folder, nothing else
+        self.registry.download(name, str(version.number), model_dir)
+        endpoint = LocalEndpoint(name, version, model_dir, self.work_dir, self.code, self.log)
+        self.log(
+            f"{name}: SageMaker serving program on the CPU at {endpoint.url} (version {version.number}), "
+            f"logs in {endpoint.log_path}"
+        )
+        route = EndpointRoute(
+            endpoint.url,
+            frozenset(endpoint_routes(name, str(version.number))),
+            api_key_required=self.model.auth == "api_key",
+            version=str(version.number),
+            signature=version.signature,
+            healthy=endpoint.healthy.is_set,
+        )
+        return endpoint, route
+
+    def follow(self, switch: Callable[[EndpointRoute], None]) -> None:
+        """From now on, move to `live`'s version when it changes; `switch` puts a new route in the gateway."""
+        threading.Thread(target=self._follow, args=(switch,), name=f"{self.model.name}-follow", daemon=True).start()
+
+    def _follow(self, switch: Callable[[EndpointRoute], None]) -> None:
+        while not self.closing.wait(ModelVersions.ALIAS_TTL_S):
+            try:
+                number = self.registry.alias(self.model.name, LIVE_ALIAS)["version"]
+            except RegistryError:
+                number = self.default
+            except Exception as error:  # the store unreachable or its alias unreadable: the old version serves on
+                self.log(f"{self.model.name}: cannot read the {LIVE_ALIAS} alias ({error}); serving on as before")
+                continue
+            if str(number) == self.route.version or number in self.failed:
+                continue
+            try:
+                endpoint, route = self._start(self.registry.version(self.model.name, str(number)))
+            except (RegistryError, RuntimeError) as error:
+                self.failed.add(number)
+                self.log(
+                    f"{self.model.name}: version {number} not started ({error}); version {self.route.version} serves on"
+                )
+                continue
+            old = self.endpoint
+            self.endpoint, self.route = endpoint, route
+            switch(route)
+            self.log(f"{self.model.name}: now serving version {number} (was {old.environment[MODEL_VERSION]})")
+            old.close()
+            shutil.rmtree(old.environment[SAGEMAKER_MODEL_DIR], ignore_errors=True)
+            if self.closing.is_set():
+                endpoint.close()
+
+    def close(self) -> None:
+        self.closing.set()
+        self.endpoint.close()
+
+
 class LocalStack:
     """Everything `slimserve serve` starts, stopped together by `close` (or leaving the `with`)."""
 
@@ -200,6 +271,7 @@ class LocalStack:
             raise
 
     def _start(self, host: str, port: int, work_dir: Path, api_key: str | None, s3_port: int | None) -> None:
+        self.resources.enter_context(claim_project(work_dir, self.config.path))
         claim_port(host, port, "--port", "pass another with --port")  # before the slow start, not after it
         python, version, note = lambda_python(LAMBDA_PYTHON)
         self.log(note)
@@ -254,8 +326,7 @@ class LocalStack:
                 self.log(f"{model.name}: IAM auth is not checked locally")
         self.gateway = LocalGateway(routes, host, port, api_key=api_key, log=self.log)
         self.resources.callback(self.gateway.server_close)
-        state = write_state(work_dir, self.gateway.url, s3.endpoint, s3.bucket)
-        self.resources.callback(state.unlink, missing_ok=True)
+        write_state(work_dir, self.gateway.url, s3.endpoint, s3.bucket)
 
     def _deployed_version(self, model: ModelConfig) -> Version:
         """The config's artifact, registered; or the version the config names, where the local store has it."""
@@ -273,32 +344,15 @@ class LocalStack:
 
     def _endpoint(self, model: ModelConfig, work_dir: Path) -> EndpointRoute:
         registered = self._deployed_version(model)
-        model_dir = work_dir / f"{model.name}-model"
-        shutil.rmtree(model_dir, ignore_errors=True)  # as SageMaker mounts one version's folder, nothing else
-        self.registry.download(model.name, str(registered.number), model_dir)
-        endpoint = self.endpoints[model.name] = LocalEndpoint(
-            model.name,
-            registered,
-            model_dir,
-            work_dir,
-            self.task_root,
-            self.log,
+        endpoint = self.endpoints[model.name] = EndpointVersions(
+            model, registered, self.registry, work_dir, self.task_root, self.log
         )
         self.resources.callback(endpoint.close)
-        self.log(
-            f"{model.name}: SageMaker serving program on the CPU at {endpoint.url} (version {registered.number}), "
-            f"logs in {endpoint.log_path}"
-        )
-        return EndpointRoute(
-            endpoint.url,
-            frozenset(endpoint_routes(model.name, str(registered.number))),
-            api_key_required=model.auth == "api_key",
-            version=str(registered.number),
-            signature=registered.signature,
-            healthy=endpoint.healthy.is_set,
-        )
+        return endpoint.route
 
     def serve_forever(self) -> None:
+        for name, endpoint in self.endpoints.items():
+            endpoint.follow(lambda route, name=name: self.gateway.replace_route(name, route))
         self.gateway.serve_forever()
 
     def close(self) -> None:
