@@ -1,6 +1,7 @@
 """The registry against moto's S3: idempotent versions, aliases, rollback, tamper detection, refusals."""
 
 import pickle
+import re
 import shutil
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 from support import MODELS
 
-from slimserve.registry.versions import RegistryError
+from slimserve.registry.versions import Registry, RegistryError
 
 
 def keys(registry) -> list[str]:
@@ -141,26 +142,36 @@ def test_cli_register_versions_alias_rollback(s3_store, tmp_path, capsys):
     assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
     assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris", *where]) == 0
     assert main(["register", str(other), "--name", "iris", *where]) == 0
-    assert main(["alias", "iris", "live", "1", *where]) == 0
-    assert main(["alias", "iris", "live", "2", *where]) == 0
-    assert main(["rollback", "iris", *where]) == 0  # live, the alias that serves
+    assert main(["versions", "iris", *where]) == 0  # before any alias: the config's version serves
+    assert main(["alias", "iris", "live", "2", *where]) == 0  # the first promotion
+    assert main(["rollback", "iris", *where]) == 0  # live, the alias that serves: back to the config's version
+    assert main(["rollback", "iris", *where]) == 2  # nothing earlier, and never forward to 2
     assert main(["versions", "iris", *where]) == 0
-    out = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
     sha = load_sha(MODELS / "iris.onnx")
     assert out[0] == f"registered iris version 1: sha256 {sha}, 1 file, 0.6 KiB, models/iris/{sha}/model.onnx"
     assert out[1] == f"iris: these bytes are already version 1 (sha256 {sha}); nothing uploaded"
     assert out[2].startswith("registered iris version 2: ")
+    assert out[3].split() == ["version", "sha256", "format", "bytes", "created", "source", "aliases"]
+    assert out[4].split()[:4] == ["1", sha[:12], "onnx", "637"]
+    assert out[4].endswith("iris.onnx                 live (the config's; no alias yet)")
+    assert out[5].endswith("iris-v2.onnx              -")
     serves = ('  in the local store: a running local stack serves it within a second; a deployed API serves it once a '
               'config with version = "live" is locked (slimserve lock) and deployed')
-    assert out[3:9] == ["iris: alias live now points at version 1 (new alias)", serves,
-                        "iris: alias live now points at version 2 (was version 1)", serves,
-                        "iris: alias live rolled back from version 2 to version 1", serves]
-    assert out[9].split() == ["version", "sha256", "format", "bytes", "created", "source"]
-    assert out[10].split()[:4] == ["1", sha[:12], "onnx", "637"] and out[11].split()[-1] == "iris-v2.onnx"
+    assert out[6:10] == ["iris: alias live now points at version 2 (was version 1)", serves,
+                         "iris: alias live rolled back from version 2 to version 1", serves]
+    assert captured.err == ("error: alias 'live' of model 'iris' points at version 1 and has no earlier version in its "
+                            "history; nothing to roll back to\n")
+    assert re.fullmatch(r".*iris\.onnx {17}live since \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", out[11]), out[11]
+    assert out[12].endswith("iris-v2.onnx              -")
     assert main(["alias", "iris", "prod", "2", *where]) == 0
-    assert capsys.readouterr().out.splitlines()[1] == (
+    assert main(["versions", "iris", *where]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == (
         '  in the local store: a running local stack serves the live alias, not this one; a deployed API serves it once a '
         'config with version = "prod" is locked (slimserve lock) and deployed')
+    assert re.fullmatch(r".*iris-v2\.onnx {14}prod since \S+Z", out[4]), out[4]
 
 
 def test_cli_errors_are_one_line(s3_store, tmp_path, capsys):
@@ -168,10 +179,15 @@ def test_cli_errors_are_one_line(s3_store, tmp_path, capsys):
 
     s3_store.client().create_bucket(Bucket="cli-errors")
     (tmp_path / "model.pkl").write_bytes(pickle.dumps([1]))
-    assert main(["register", str(tmp_path / "model.pkl"), "--name", "x", "--endpoint-url", s3_store.endpoint, "--bucket", "cli-errors"]) == 2
-    assert main(["rollback", "x", "--endpoint-url", s3_store.endpoint, "--bucket", "cli-errors"]) == 2
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "cli-errors"]
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "irsi", *where]) == 2  # a typo creates no model
+    assert main(["register", str(tmp_path / "model.pkl"), "--name", "x", "--new", *where]) == 2
+    assert main(["rollback", "x", *where]) == 2
     assert main(["versions", "x", "--region", "eu-west-1"]) == 2
+    assert keys(Registry(s3_store.client(), "cli-errors")) == []
     assert capsys.readouterr().err.splitlines() == [
+        "error: --name irsi: slimserve.toml has no model 'irsi' (its models: iris, digits); --new registers a model the "
+        "config does not name yet",
         f"error: {tmp_path / 'model.pkl'}: looks like a pickle; slimserve serves only ONNX and TFLite files, never pickle "
         "(unpickling runs arbitrary code): convert it first",
         "error: model 'x' has no alias 'live'",

@@ -4,11 +4,11 @@ with --profile/--region, the deployed one."""
 import sys
 from pathlib import Path
 
-from slimserve.config import load_config
+from slimserve.config import load_config, model_name_problem
 from slimserve.errors import UserError
 from slimserve.local.s3 import DEFAULT_BUCKET
 from slimserve.local.state import running_state
-from slimserve.registry.versions import LIVE_ALIAS, MULTIPART_BYTES
+from slimserve.registry.versions import LIVE_ALIAS, MULTIPART_BYTES, Version
 
 from .common import add_config, files_text, size_text
 
@@ -43,6 +43,7 @@ def add_commands(commands) -> None:
         if name == "rollback":
             command.add_argument("--alias", default=LIVE_ALIAS, help="alias to roll back (default: %(default)s)")
         if name == "register":
+            command.add_argument("--new", action="store_true", help="register a model the config does not name (yet)")
             command.add_argument(
                 "--allow-signature-change",
                 action="store_true",
@@ -129,6 +130,13 @@ class UploadProgress:
 
 
 def _register(args) -> int:
+    config = load_config(args.config)
+    names = [model.name for model in config.models]
+    if args.name not in names and not args.new and model_name_problem(args.name) is None:  # else register says why
+        raise UserError(
+            f"--name {args.name}: {config.path} has no model {args.name!r} (its models: {', '.join(names) or 'none'}); "
+            "--new registers a model the config does not name yet"
+        )
     version, new = _registry(args).register(
         Path(args.model), args.name, allow_signature_change=args.allow_signature_change, progress=UploadProgress()
     )
@@ -144,46 +152,89 @@ def _register(args) -> int:
     return 0
 
 
+def _configured(args):
+    """The config's model of that name, or None."""
+    return next((model for model in load_config(args.config).models if model.name == args.name), None)
+
+
+def _served_by_config(registry, model) -> Version | None:
+    """The version the config serves where the model has no `live` alias: the one its `version` names, else its
+    artifact's bytes, where the store holds them."""
+    from slimserve.modelfiles import model_files
+    from slimserve.registry.versions import RegistryError
+
+    if model is None:
+        return None
+    if model.version is not None and model.version != LIVE_ALIAS:
+        try:
+            return registry.version(model.name, model.version)
+        except RegistryError:
+            return None
+    sha256 = model_files(model.artifact).sha256
+    return next((v for v in registry.versions(model.name) if v.sha256 == sha256), None)
+
+
 def _versions(args) -> int:
     registry = _registry(args)
     versions = registry.versions(args.name)
     if not versions:
         print(f"{args.name}: no registered versions")
         return 0
-    print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  source")
+    pointing: dict[str, list[str]] = {}
+    aliases = registry.aliases(args.name)
+    for alias, record in sorted(aliases.items()):
+        pointing.setdefault(record["sha256"], []).append(f"{alias} since {record.get('since') or '?'}")
+    if LIVE_ALIAS not in aliases and (served := _served_by_config(registry, _configured(args))) is not None:
+        pointing.setdefault(served.sha256, []).insert(0, f"{LIVE_ALIAS} (the config's; no alias yet)")
+    print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  {'source':24}  aliases")
     for version in versions:
         print(
             f"{version.number:>7}  {version.sha256[:12]}  {version.format:6}  {version.size:>9}  "
-            f"{version.created:20}  {version.source}"
+            f"{version.created:20}  {version.source:24}  {', '.join(pointing.get(version.sha256, [])) or '-'}"
         )
     return 0
 
 
 def _alias(args) -> int:
-    before, after = _registry(args).set_alias(args.name, args.alias, args.version)
-    was = f"was version {before}" if before is not None else "new alias"
-    print(f"{args.name}: alias {args.alias} now points at version {after} ({was})")
-    print(_what_serves(args, args.alias))
+    registry, model = _registry(args), _configured(args)
+    served = _served_by_config(registry, model) if args.alias == LIVE_ALIAS else None
+    before, after = registry.set_alias(args.name, args.alias, args.version, served)
+    if before == after:
+        print(f"{args.name}: alias {args.alias} already points at version {after}")
+    else:
+        was = f"was version {before}" if before is not None else "new alias"
+        print(f"{args.name}: alias {args.alias} now points at version {after} ({was})")
+    print(_what_serves(args, args.alias, model))
     return 0
 
 
-def _what_serves(args, alias: str) -> str:
+def _what_serves(args, alias: str, model) -> str:
     """Which traffic an alias move affects: the two mechanisms, said where they act."""
+    sagemaker = model is not None and model.target == "sagemaker"
     deployed = (
         f'a deployed API serves it once a config with version = "{alias}" is locked (slimserve lock) and deployed'
     )
+    if sagemaker:
+        deployed += (
+            ", which moves the endpoint to it blue/green (rolled back on its alarms); until then the endpoint serves "
+            "the version it was deployed with"
+        )
     if args.profile or args.region:
         return f"  in the deployed store: {deployed}"
-    local = (
-        "a running local stack serves it within a second"
-        if alias == LIVE_ALIAS
-        else f"a running local stack serves the {LIVE_ALIAS} alias, not this one"
-    )
+    if alias != LIVE_ALIAS:
+        local = f"a running local stack serves the {LIVE_ALIAS} alias, not this one"
+    elif sagemaker:
+        local = (
+            "a running local stack moves to it as a deploy does: it starts the version's serving program and sends "
+            "requests to it once it answers /ping"
+        )
+    else:
+        local = "a running local stack serves it within a second"
     return f"  in the local store: {local}; {deployed}"
 
 
 def _rollback(args) -> int:
     before, after = _registry(args).rollback(args.name, args.alias)
     print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
-    print(_what_serves(args, args.alias))
+    print(_what_serves(args, args.alias, _configured(args)))
     return 0

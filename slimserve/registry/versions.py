@@ -128,6 +128,23 @@ LIVE_ALIAS = "live"
 once a config with `version = "live"` is locked (`slimserve lock`) and deployed."""
 
 
+HISTORY = 50
+"""How many earlier versions an alias remembers."""
+
+
+def alias_key(name: str, alias: str) -> str:
+    return f"models/{name}/aliases/{alias}.json"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _entry(version: int, sha256: str, since: str | None) -> dict:
+    """A version as an alias's record keeps it: the number, the bytes, and since when (None: before the alias)."""
+    return {"version": version, "sha256": sha256, "since": since}
+
+
 def _inputs_text(signature: dict) -> str:
     return ", ".join(f"{i['name']} {i['datatype']} {i['shape']}" for i in signature["inputs"])
 
@@ -171,7 +188,7 @@ class Registry:
         details = {
             "name": name,
             "version": max((v.number for v in versions), default=0) + 1,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": _now(),
             "source": files.path.name,
             "git_commit": _git_commit(files.path),
             "optimization": report,
@@ -254,39 +271,57 @@ class Registry:
         return match[0]
 
     def alias(self, name: str, alias: str) -> dict:
-        raw = self._get(f"models/{name}/aliases/{alias}.json")
+        raw = self._get(alias_key(name, alias))
         if raw is None:
             raise RegistryError(f"model {name!r} has no alias {alias!r}")
         return json.loads(raw)
 
-    def set_alias(self, name: str, alias: str, ref: str) -> tuple[int | None, int]:
-        """Point `alias` at a version; returns (previous number or None, new number)."""
+    def aliases(self, name: str) -> dict[str, dict]:
+        """Every alias of the model, by name."""
+        found = {}
+        prefix = alias_key(name, "").removesuffix(".json")
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                alias = item["Key"][len(prefix) :].removesuffix(".json")
+                found[alias] = self.alias(name, alias)
+        return found
+
+    def set_alias(self, name: str, alias: str, ref: str, served: Version | None = None) -> tuple[int | None, int]:
+        """Point `alias` at a version; returns (previous number or None, new number). `served`: the version that
+        serves in the alias's place while it does not exist yet (the config's, for `live`): the history starts with
+        it, so the first promotion can be rolled back too."""
         target = self.version(name, ref)
         try:
             current = self.alias(name, alias)
         except RegistryError:
             current = None
-        history = (
-            ([{"version": current["version"], "sha256": current["sha256"]}] + current["history"]) if current else []
-        )
+        if current is not None:
+            history = [_entry(current["version"], current["sha256"], current.get("since"))] + current["history"]
+        elif served is not None and served.number != target.number:
+            history = [_entry(served.number, served.sha256, None)]
+        else:
+            history = []
+        if current is not None and current["sha256"] == target.sha256:
+            return current["version"], target.number  # already there: its history is not a step to undo
         self._put_json(
-            f"models/{name}/aliases/{alias}.json",
-            {"version": target.number, "sha256": target.sha256, "history": history[:50]},
+            alias_key(name, alias), {**_entry(target.number, target.sha256, _now()), "history": history[:HISTORY]}
         )
-        return (current["version"] if current else None), target.number
+        return (current["version"] if current else served.number if served else None), target.number
 
     def rollback(self, name: str, alias: str = LIVE_ALIAS) -> tuple[int, int]:
-        """Point `alias` back at the version it pointed at before, one step back in its history; returns (from, to)."""
+        """Point `alias` back at the version it pointed at before the current one, a step back in time; returns
+        (from, to). The version rolled back from leaves the history: a second rollback goes further back, never to
+        it (moving forward again is `alias`)."""
         current = self.alias(name, alias)
-        if not current["history"]:
+        earlier = [entry for entry in current["history"] if entry["sha256"] != current["sha256"]]
+        if not earlier:
             raise RegistryError(
                 f"alias {alias!r} of model {name!r} points at version {current['version']} and has no "
                 "earlier version in its history; nothing to roll back to"
             )
-        previous, *older = current["history"]
+        previous, *older = earlier
         self._put_json(
-            f"models/{name}/aliases/{alias}.json",
-            {"version": previous["version"], "sha256": previous["sha256"], "history": older},
+            alias_key(name, alias), {**_entry(previous["version"], previous["sha256"], _now()), "history": older}
         )
         return current["version"], previous["version"]
 
