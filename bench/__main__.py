@@ -8,7 +8,7 @@ import argparse
 import platform
 import sys
 
-from . import handler, large_model, local_stack, project, serving, synth
+from . import handler, large_model, local_stack, optimize, project, serving, synth
 from .table import print_table
 
 
@@ -29,7 +29,8 @@ def main() -> int:
             + local_stack.layer_sizes() + local_stack.extensions_cold_init(args.cold_runs)
             + local_stack.cold_and_warm(args.runner_cold_runs, args.warm_requests)
             + local_stack.image_requests(args.image_requests) + synth.synth_times(args.synth_runs)
-            + serving.serving_throughput(args.serving_seconds) + project.project_times(args.project_runs))
+            + serving.serving_throughput(args.serving_seconds) + project.project_times(args.project_runs)
+            + optimize.levels_by_shape())
     print_table(rows)
     return 0
 

@@ -199,7 +199,8 @@ def load_peaks(runs: int) -> list[tuple]:
         started = time.perf_counter()
         samples = Path(folder) / "samples.npy"
         np.save(samples, np.random.default_rng(2).standard_normal((4, WIDTH), dtype=np.float32))
-        report = optimize(model, "fp16", samples, float("inf"), Path(folder) / "fp16" / "transformer.onnx", force=True)
+        report = optimize(model, "fp16", samples, float("inf"), Path(folder) / "fp16" / "transformer.onnx", force=True,
+                          min_agreement=0)  # gate off: random weights
         optimize_s = time.perf_counter() - started
         shutil.rmtree(Path(folder) / "fp16")
 

@@ -348,12 +348,14 @@ def test_torch_convert_writes_external_data_optimize_reads_it_and_both_targets_s
 
     size = model_files(out).size
     for level in ("fp16", "int8", "graph"):  # below EXTERNAL_DATA_BYTES each result folds into one file
-        report = optimize.optimize(out, level, tmp_path / "samples.npy", 0.05, tmp_path / level / "mlp.onnx", force=True)
+        report = optimize.optimize(out, level, tmp_path / "samples.npy", 0.05, tmp_path / level / "mlp.onnx", force=True,
+                                   min_agreement=0)  # random weights: classes near ties; the gate is not the point here
         assert report.original.size == size and sorted(p.name for p in (tmp_path / level).iterdir()) == ["mlp.onnx"]
         assert report.optimized.size == (tmp_path / level / "mlp.onnx").stat().st_size
     assert report.optimized.max_abs_diff < 1e-5  # the graph level changes no arithmetic
     monkeypatch.setattr(convert, "EXTERNAL_DATA_BYTES", 2**20)  # as if the fp16 weights passed the limit
-    report = optimize.optimize(out, "fp16", tmp_path / "samples.npy", 0.05, tmp_path / "big-fp16" / "mlp.onnx", force=True)
+    report = optimize.optimize(out, "fp16", tmp_path / "samples.npy", 0.05, tmp_path / "big-fp16" / "mlp.onnx", force=True,
+                               min_agreement=0)
     assert sorted(p.name for p in (tmp_path / "big-fp16").iterdir()) == ["mlp.onnx", "mlp.onnx.data"]
     assert report.optimized.size == model_files(tmp_path / "big-fp16" / "mlp.onnx").size < 0.6 * size
     fp16 = OnnxModel(tmp_path / "big-fp16" / "mlp.onnx").run({"input": samples}, ["output"])["output"]

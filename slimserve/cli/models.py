@@ -5,6 +5,8 @@ from pathlib import Path
 from slimserve.errors import UserError
 from slimserve.modeltools.convert import DEFAULT_MAX_LENGTH, DEFAULT_TOLERANCE
 from slimserve.modeltools.huggingface import CLASSIFICATION_TASKS, IMAGE_CLASSIFICATION, TASKS
+from slimserve.modeltools.optimize import DEFAULT_MIN_AGREEMENT, LEVELS
+from slimserve.modeltools.optimize import DEFAULT_TOLERANCE as DEFAULT_OPTIMIZE_TOLERANCE
 
 
 def add_commands(commands) -> None:
@@ -88,22 +90,42 @@ def add_commands(commands) -> None:
 
     optimize = commands.add_parser(
         "optimize",
-        help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras model to TFLite), gated on drift",
+        help="graph-optimize, int8- or fp16-quantize an ONNX model (or a Keras model to TFLite), gated on its answers "
+        "and its speed",
     )
     optimize.add_argument(
         "model", help="the .onnx model, or a Keras model (.keras, .h5; int8 or fp16; needs the tensorflow extra)"
     )
-    optimize.add_argument("--level", required=True, choices=["graph", "int8", "fp16"])
+    optimize.add_argument(
+        "--level",
+        required=True,
+        choices=LEVELS,
+        help="graph: ONNX Runtime's fusions; int8: dynamic (weights only); int8-static: weights and activations, "
+        "calibrated on the samples; fp16: half-precision weights; auto: each of these, writing the fastest that passes",
+    )
     optimize.add_argument(
         "--samples", required=True, help=".npy (one input) or .npz (named inputs) of representative inputs"
     )
     optimize.add_argument(
+        "--targets",
+        help="a .npy of the samples' true labels, one per sample: the report adds accuracy, and the gate "
+        "refuses a result that loses more than --min-agreement allows",
+    )
+    optimize.add_argument(
         "--tolerance",
         type=float,
-        default=0.01,
-        help="largest absolute output difference accepted (default: %(default)s)",
+        help="largest absolute output difference accepted (default: for a classifier, none: its classes are gated by "
+        f"--min-agreement; for other models, {DEFAULT_OPTIMIZE_TOLERANCE})",
     )
-    optimize.add_argument("--force", action="store_true", help="write the result even if it is larger and not faster")
+    optimize.add_argument(
+        "--min-agreement",
+        type=float,
+        default=DEFAULT_MIN_AGREEMENT,
+        help="least share of the samples whose class must stay the original's (default: %(default)s)",
+    )
+    optimize.add_argument(
+        "--force", action="store_true", help="write the result even if it is slower, or larger and no faster"
+    )
     optimize.add_argument(
         "--out", help="where to write the result (default: MODEL with .LEVEL.onnx, .LEVEL.tflite for Keras)"
     )
@@ -151,10 +173,19 @@ def _optimize(args) -> int:
     model = Path(args.model)
     suffix = ".tflite" if model.suffix in KERAS_SUFFIXES else ".onnx"
     out = Path(args.out) if args.out else model.with_suffix(f".{args.level}{suffix}")
-    report = optimize(model, args.level, Path(args.samples), args.tolerance, out, args.force)
+    targets = Path(args.targets) if args.targets else None
+    report = optimize(
+        model, args.level, Path(args.samples), args.tolerance, out, args.force, args.min_agreement, targets
+    )
     print(report.table())
+    chosen = report.optimized
+    classifier = chosen.top1_agreement is not None
+    agreement = f", the original's class for {chosen.top1_agreement:.2%} of the samples" if classifier else ""
+    tolerance = report.gate.value_tolerance(classifier)
+    within = "" if tolerance is None else f" within the tolerance {tolerance:g}"
     print(
-        f"wrote {report.written} ({report.optimized.size / report.original.size:.0%} of the original's size; "
-        f"max |diff| {report.optimized.max_abs_diff:.3g} within the tolerance {args.tolerance:g})"
+        f"wrote {report.written}: {chosen.label}, {chosen.size / report.original.size:.0%} of the original's size, "
+        f"{chosen.median_ms / report.original.median_ms:.2f}x its median latency (of {report.runs} runs each)"
+        f"{agreement}, max |diff| {chosen.max_abs_diff:.3g}{within}"
     )
     return 0

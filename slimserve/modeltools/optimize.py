@@ -1,17 +1,21 @@
-"""Make a model smaller or faster, and refuse the result if it drifts from the original.
+"""Make a model smaller or faster, and refuse a result that answers differently or runs slower.
 
-ONNX models are optimized by ONNX Runtime. A TFLite model's weights are fixed when
-TensorFlow converts it, so int8 and fp16 TFLite models are converted anew from the
-Keras source (the optional `tensorflow` extra) and measured against the float32 TFLite
-model `slimserve convert` writes. Every level is measured against the original on the
-user's own samples: size, median latency, max and mean absolute difference of each
-float output, and top-1 agreement for class scores. A result past the tolerance is
-never written.
+ONNX models are optimized by ONNX Runtime: graph fusions, dynamic int8 (weights only), static int8 (weights and
+activations, calibrated on the samples, as QDQ pairs that ONNX Runtime fuses into integer kernels) and fp16. A
+TFLite model's weights are fixed when TensorFlow converts it, so int8 and fp16 TFLite models are converted anew from
+the Keras source (the optional `tensorflow` extra) and measured against the float32 TFLite model `slimserve convert`
+writes.
+
+Every result is measured against the original on the user's own samples, each model in a session with the same
+options: size; median latency over interleaved runs, enough of them to be stable; max and mean absolute difference of
+the float outputs; top-1 agreement of class scores and labels; and, given true labels, accuracy. A result is written
+only if it passes the gate on every count (`Gate`); the refusal names each count it failed.
 """
 
 import statistics
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,17 +31,49 @@ from slimserve.modeltools.convert import (
     keras_to_tflite,
     load_keras,
     save_onnx,
-    staged,
 )
 from slimserve.modeltools.samples import model_feeds
 
-LEVELS = ("graph", "int8", "fp16")
+LEVELS = ("graph", "int8", "int8-static", "fp16", "auto")
+ONNX_LEVELS = LEVELS[:-1]
+"""What `auto` tries, in this order; it writes the fastest that passes the gate (the smaller where two tie)."""
 KERAS_LEVELS = ("int8", "fp16")
-LATENCY_RUNS = 50
+DEFAULT_TOLERANCE = 0.01
+DEFAULT_MIN_AGREEMENT = 0.995
+SAME_SPEED = 0.03
+"""Medians within this fraction of each other are the same speed: runs on a shared machine vary by about that."""
+MIN_RUNS, MIN_SECONDS, MAX_SECONDS = 20, 1.0, 30.0
+"""Latency: at least MIN_RUNS runs of each model and MIN_SECONDS of timing, interleaved so that the machine's drift
+falls on both alike; a slow model stops at MAX_SECONDS."""
+CALIBRATION_BATCH = 16
 
 
 class OptimizeError(UserError):
     """An optimization that cannot run, or whose result is refused; the message says why and by how much."""
+
+
+class GateRefused(OptimizeError):
+    """Every result failed the gate; `report` holds what was measured."""
+
+    def __init__(self, message: str, report: "Report"):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What a result must meet to be written. A classifier's is its classes (`min_agreement`); its scores are held to
+    a `tolerance` only where one is given, since how far a score may move depends on its scale (logits, probabilities).
+    Other models' values are held to `tolerance`, DEFAULT_TOLERANCE where none is given. `force` writes a result that
+    is slower, or larger and no faster."""
+
+    tolerance: float | None = None
+    min_agreement: float = DEFAULT_MIN_AGREEMENT
+    force: bool = False
+
+    def value_tolerance(self, classifier: bool) -> float | None:
+        """The largest output difference accepted; None: not gated (a classifier, no tolerance given)."""
+        return self.tolerance if self.tolerance is not None or classifier else DEFAULT_TOLERANCE
 
 
 @dataclass(frozen=True)
@@ -48,23 +84,45 @@ class Measurement:
     max_abs_diff: float
     mean_abs_diff: float
     top1_agreement: float | None
+    accuracy: float | None = None
+    refused: tuple[str, ...] = ()
+    """Each count of the gate it failed, said in words; empty: it passed."""
 
 
 @dataclass(frozen=True)
 class Report:
     level: str
-    tolerance: float
+    gate: Gate
     original: Measurement
-    optimized: Measurement
+    candidates: tuple[Measurement, ...]
     written: str | None
+    runs: int
+    """How many timed runs each model's median latency is of: all are timed together."""
+    chosen: str | None = None
+    """The level written: the fastest that passed (the smaller where two are the same speed)."""
+
+    @property
+    def optimized(self) -> Measurement:
+        """The result written; where none was, the fastest."""
+        by_speed = sorted(self.candidates, key=lambda m: m.median_ms)
+        return next((m for m in self.candidates if m.label == self.chosen), by_speed[0])
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
-        rows = [("", "size", "median latency", "max |diff|", "mean |diff|", "top-1 agreement")]
-        for m in (self.original, self.optimized):
-            top1 = "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}"
+        headers = ("", "size", "median latency", "max |diff|", "mean |diff|", "top-1 agreement", "accuracy", "gate")
+        rows = [headers]
+        for m in (self.original, *self.candidates):
+            verdict = (
+                ""
+                if m is self.original
+                else "refused"
+                if m.refused
+                else "written"
+                if m.label == self.chosen
+                else "passed"
+            )
             rows.append(
                 (
                     m.label,
@@ -72,39 +130,80 @@ class Report:
                     f"{m.median_ms:.3f} ms",
                     f"{m.max_abs_diff:.3g}",
                     f"{m.mean_abs_diff:.3g}",
-                    top1,
+                    "-" if m.top1_agreement is None else f"{m.top1_agreement:.2%}",
+                    "-" if m.accuracy is None else f"{m.accuracy:.2%}",
+                    verdict,
                 )
             )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(headers))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def _median_ms(model: OnnxModel | TfliteModel, samples: dict, outputs: list[str]) -> float:
-    times = []
-    for _ in range(LATENCY_RUNS):
-        started = time.perf_counter()
+def _median_ms(models: list, samples: dict, outputs: list[str]) -> tuple[list[float], int]:
+    """Each model's median latency in ms, timed in interleaved runs (after one untimed run each), and the runs."""
+    for model in models:
         model.run(samples, outputs)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    times: list[list[float]] = [[] for _ in models]
+    started = time.perf_counter()
+    while True:
+        for model, taken in zip(models, times):
+            begun = time.perf_counter()
+            model.run(samples, outputs)
+            taken.append(time.perf_counter() - begun)
+        elapsed = time.perf_counter() - started
+        if (len(times[0]) >= MIN_RUNS and elapsed >= MIN_SECONDS) or elapsed >= MAX_SECONDS:
+            return [statistics.median(taken) * 1000 for taken in times], len(times[0])
+
+
+def _labels(results: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The classes a model's outputs name: a label output (integers or strings, one per sample) where it has one,
+    else the best of the first 2-D float output with more than one column."""
+    for value in results.values():
+        if value.ndim == 1 and value.dtype.kind in "iuUSO":
+            return value
+    for value in results.values():
+        if value.dtype.kind == "f" and value.ndim == 2 and value.shape[1] > 1:
+            return value.argmax(axis=1)
+    return None
 
 
 def _compare(reference: dict, results: dict) -> tuple[float, float, float | None]:
-    """Max and mean absolute difference over float outputs; top-1 agreement over 2-D float outputs."""
-    diffs, agreements = [], []
+    """Max and mean absolute difference over float outputs; top-1 agreement of the classes they name."""
+    diffs = []
     for name, expected in reference.items():
-        got = results[name]
-        if expected.dtype.kind != "f":
-            continue
-        difference = np.abs(got.astype(np.float64) - expected.astype(np.float64))
-        diffs.append((float(difference.max()), float(difference.mean())))
-        if expected.ndim == 2 and expected.shape[1] > 1:
-            agreements.append(float((got.argmax(axis=1) == expected.argmax(axis=1)).mean()))
+        if expected.dtype.kind == "f":
+            difference = np.abs(results[name].astype(np.float64) - expected.astype(np.float64))
+            diffs.append((float(difference.max()), float(difference.mean())))
+    expected_labels, labels = _labels(reference), _labels(results)
+    agreement = None if expected_labels is None else float((labels == expected_labels).mean())
     if not diffs:
-        return 0.0, 0.0, None
-    return max(d[0] for d in diffs), statistics.mean(d[1] for d in diffs), (min(agreements) if agreements else None)
+        return 0.0, 0.0, agreement
+    return max(d[0] for d in diffs), statistics.mean(d[1] for d in diffs), agreement
 
 
-def _transform(source: Path, level: str, target: Path) -> None:
+def _read_targets(path: Path, reference: dict, samples: int) -> np.ndarray:
+    """The true labels of --targets, one per sample, of the kind the model names its classes by."""
+    try:
+        targets = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise OptimizeError(f"--targets {path}: not a numpy .npy file of labels: {error}") from None
+    labels = _labels(reference)
+    if labels is None:
+        raise OptimizeError(
+            f"--targets {path}: the model has neither a label output nor class scores to compare true labels with"
+        )
+    if targets.ndim != 1 or len(targets) != samples:
+        raise OptimizeError(
+            f"--targets {path}: expected one label per sample ({samples}), found shape {list(targets.shape)}"
+        )
+    if (targets.dtype.kind in "iu") != (labels.dtype.kind in "iu"):
+        raise OptimizeError(
+            f"--targets {path}: expected labels like the model's ({labels.dtype}), found {targets.dtype}"
+        )
+    return targets
+
+
+def _transform(source: Path, level: str, target: Path, samples: dict) -> None:
     """The `level` model of `source` at `target`: external data (the source's, loaded from beside it) is written to
     `<target>.data` where the result's weights pass EXTERNAL_DATA_BYTES, and folded into one file below that."""
     import onnx
@@ -121,19 +220,29 @@ def _transform(source: Path, level: str, target: Path) -> None:
         )
         onnxruntime.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         save_onnx(onnx.load(str(target)), target)  # read back with its data: one file where it fits
-    elif level == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    elif level in ("int8", "int8-static"):
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
         model = onnx.load(str(source))
         clean_opset_imports(model)  # models from skl2onnx may import the default domain twice
         weights = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
         # int8 weights are a quarter of fp32's: the quantizer writes a data file only when asked
-        quantize_dynamic(
-            model,
-            str(target),
-            weight_type=QuantType.QInt8,
-            use_external_data_format=weights // 4 > EXTERNAL_DATA_BYTES,
-        )
+        external = weights // 4 > EXTERNAL_DATA_BYTES
+        if level == "int8":
+            quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
+        else:
+            # QDQ with unsigned activations and per-channel signed weights: the form ONNX Runtime's CPU kernels
+            # run as integer arithmetic (onnxruntime.ai/docs/performance/model-optimizations/quantization.html)
+            quantize_static(
+                model,
+                str(target),
+                _Calibration(samples),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=external,
+            )
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -144,33 +253,61 @@ def _transform(source: Path, level: str, target: Path) -> None:
         save_onnx(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large), target)
 
 
+class _Calibration:
+    """The samples, CALIBRATION_BATCH rows at a time, as ONNX Runtime's static quantizer reads them (a
+    CalibrationDataReader): the ranges of the activations come from the user's own inputs."""
+
+    def __init__(self, samples: dict[str, np.ndarray]):
+        rows = len(next(iter(samples.values())))
+        self.batches = iter(
+            [
+                {name: array[i : i + CALIBRATION_BATCH] for name, array in samples.items()}
+                for i in range(0, rows, CALIBRATION_BATCH)
+            ]
+        )
+
+    def get_next(self) -> dict | None:
+        return next(self.batches, None)
+
+
 @dataclass(frozen=True)
 class _Job:
-    """What the caller asked for: the level, the samples and tolerance that gate it, and where the result goes."""
+    """What the caller asked for: the level, the samples (and true labels) and gate that judge it, and where the
+    result goes."""
 
     level: str
     samples_path: Path
-    tolerance: float
+    gate: Gate
     out: Path
-    force: bool
+    targets_path: Path | None
 
 
 def optimize(
-    model_path: Path, level: str, samples_path: Path, tolerance: float, out: Path, force: bool = False
+    model_path: Path,
+    level: str,
+    samples_path: Path,
+    tolerance: float | None,
+    out: Path,
+    force: bool = False,
+    min_agreement: float = DEFAULT_MIN_AGREEMENT,
+    targets: Path | None = None,
 ) -> Report:
-    """`force` writes a result that is larger and not faster than the original too."""
+    """`tolerance` None: the Gate's default; `force` writes a result that is slower, or larger and no faster, too;
+    `targets`: a .npy of the samples' true labels, for accuracy."""
     model_path, out = Path(model_path), Path(out)
     if level not in LEVELS:
         raise OptimizeError(f"unknown level {level!r}: expected one of {', '.join(LEVELS)}")
-    if tolerance < 0:
+    if tolerance is not None and tolerance < 0:
         raise OptimizeError(f"--tolerance must be >= 0, got {tolerance}")
+    if not 0 <= min_agreement <= 1:
+        raise OptimizeError(f"--min-agreement must be between 0 and 1, got {min_agreement}")
     if model_path.suffix == ".tflite":
         raise OptimizeError(
             f"{model_path}: a TFLite model is served as it is: its weights were fixed when TensorFlow converted it, "
             "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, "
             f"optimize its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}"
         )
-    job = _Job(level, Path(samples_path), tolerance, out, force)
+    job = _Job(level, Path(samples_path), Gate(tolerance, min_agreement, force), out, targets and Path(targets))
     if model_path.suffix in KERAS_SUFFIXES:
         return _optimize_keras(model_path, job)
     if model_path.suffix != ".onnx":
@@ -179,13 +316,25 @@ def optimize(
         original = OnnxModel(model_path)
     except ModelLoadError as error:
         raise OptimizeError(f"{model_path}: ONNX Runtime cannot load it: {error}") from None
-    original_size = model_files(model_path).size
-    with staged(out) as candidate_path:  # the result and its data file move into place only if the gate passes
-        try:
-            _transform(model_path, level, candidate_path)
-        except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
-            raise OptimizeError(f"{model_path}: {level} optimization failed: {error}") from None
-        report = _gate(job, original, original_size, OnnxModel(candidate_path), model_files(candidate_path).size)
+    samples = model_feeds(job.samples_path, original.signature)
+    levels = ONNX_LEVELS if level == "auto" else (level,)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # each result (and its data file) in a folder of its own beside `out`; the one written moves into place only
+    # once the gate passes it, and the folder goes with the rest
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}-") as folder:
+        candidates = {}
+        for each in levels:
+            path = Path(folder) / each / out.name
+            path.parent.mkdir()
+            try:
+                _transform(model_path, each, path, samples)
+                candidates[each] = (OnnxModel(path), model_files(path).size)
+            except Exception as error:  # the optimizers raise many kinds; the model is what is at fault
+                if level != "auto":
+                    raise OptimizeError(f"{model_path}: {each} optimization failed: {error}") from None
+        report = _gate(job, samples, original, model_files(model_path).size, candidates)
+        for path in sorted((Path(folder) / str(report.chosen)).iterdir()):
+            path.replace(out.parent / path.name)
     return report
 
 
@@ -202,47 +351,102 @@ def _optimize_keras(model_path: Path, job: _Job) -> Report:
         candidate_bytes = keras_to_tflite(keras_model, model_path, job.level)
     except ConvertError as error:
         raise OptimizeError(str(error)) from None
+    original = TfliteModel(original_bytes)
+    samples = model_feeds(job.samples_path, original.signature)
     report = _gate(
-        job, TfliteModel(original_bytes), len(original_bytes), TfliteModel(candidate_bytes), len(candidate_bytes)
+        job, samples, original, len(original_bytes), {job.level: (TfliteModel(candidate_bytes), len(candidate_bytes))}
     )
     job.out.parent.mkdir(parents=True, exist_ok=True)
     job.out.write_bytes(candidate_bytes)
     return report
 
 
-def _gate(job: _Job, original, original_size: int, candidate, candidate_size: int) -> Report:
-    """Measure both models on the samples; the report, if the candidate stays within the tolerance and, unless
-    forced, is smaller or faster (a small model's fp16 copy can be larger and slower): the caller then writes it."""
-    level, tolerance, out = job.level, job.tolerance, job.out
-    samples = model_feeds(job.samples_path, original.signature)
+def _gate(job: _Job, samples: dict, original, original_size: int, candidates: dict) -> Report:
+    """Measure the original and each candidate ({level: (model, size)}) on the samples, all timed together; the
+    report, with the fastest candidate that passes the gate written (the smaller where two tie), or an OptimizeError
+    naming each count every candidate failed."""
+    gate, out = job.gate, job.out
     outputs = [spec.name for spec in original.signature.outputs]
     reference = original.run(samples, outputs)
-    max_diff, mean_diff, agreement = _compare(reference, candidate.run(samples, outputs))
-    report = Report(
-        level,
-        tolerance,
-        Measurement(
-            "original",
-            original_size,
-            _median_ms(original, samples, outputs),
-            0.0,
-            0.0,
-            1.0 if agreement is not None else None,
-        ),
-        Measurement(level, candidate_size, _median_ms(candidate, samples, outputs), max_diff, mean_diff, agreement),
-        None,
+    targets = None if job.targets_path is None else _read_targets(job.targets_path, reference, _rows(samples))
+    models = [original, *(model for model, _ in candidates.values())]
+    latencies, runs = _median_ms(models, samples, outputs)
+    original_ms, candidate_ms = latencies[0], dict(zip(candidates, latencies[1:]))
+
+    def accuracy(results: dict) -> float | None:
+        return None if targets is None else float((_labels(results) == targets).mean())
+
+    original_accuracy = accuracy(reference)
+    measured = Measurement(
+        "original",
+        original_size,
+        original_ms,
+        0.0,
+        0.0,
+        1.0 if _labels(reference) is not None else None,
+        original_accuracy,
     )
-    if max_diff > tolerance:
-        raise OptimizeError(
-            f"{out}: not written: the {level} model differs from the original by up to {max_diff:.3g} on the samples, "
-            f"{max_diff - tolerance:.3g} past the tolerance {tolerance:g}\n{report.table()}"
+    results = []
+    for level, (model, size) in candidates.items():
+        answers = model.run(samples, outputs)
+        max_diff, mean_diff, agreement = _compare(reference, answers)
+        result = Measurement(level, size, candidate_ms[level], max_diff, mean_diff, agreement, accuracy(answers))
+        results.append(replace(result, refused=_failed(gate, measured, result)))
+    passed = sorted(
+        (m for m in results if not m.refused), key=lambda m: (round(m.median_ms / original_ms / SAME_SPEED), m.size)
+    )
+    report = Report(job.level, gate, measured, tuple(results), str(out) if passed else None, runs)
+    if passed:
+        return replace(report, chosen=passed[0].label)
+    reasons = "; ".join(f"the {m.label} model {', and '.join(m.refused)}" for m in results)
+    reasons = reasons or f"no {job.level} model could be made"
+    raise GateRefused(f"{out}: not written: {reasons}{_hint(job, results)}\n{report.table()}", report)
+
+
+def _rows(samples: dict) -> int:
+    return len(next(iter(samples.values())))
+
+
+def _failed(gate: Gate, original: Measurement, result: Measurement) -> tuple[str, ...]:
+    """Each count of the gate `result` fails, in words that say by how much and which option moves the line."""
+    failed = []
+    tolerance = gate.value_tolerance(classifier=result.top1_agreement is not None)
+    if tolerance is not None and result.max_abs_diff > tolerance:
+        failed.append(
+            f"differs from the original by up to {result.max_abs_diff:.3g} on the samples, "
+            f"{result.max_abs_diff - tolerance:.3g} past the tolerance {tolerance:g} (--tolerance)"
         )
-    worse = report.optimized.size >= report.original.size and report.optimized.median_ms >= report.original.median_ms
-    if worse and not job.force:
-        raise OptimizeError(
-            f"{out}: not written: the {level} model is {report.optimized.size / report.original.size:.0%} "
-            f"of the original's size and no faster "
-            f"({report.optimized.median_ms:.3f} against {report.original.median_ms:.3f} ms); "
-            f"--force writes it anyway\n{report.table()}"
+    if result.top1_agreement is not None and result.top1_agreement < gate.min_agreement:
+        failed.append(
+            f"names the original's class for {result.top1_agreement:.2%} of the samples, under "
+            f"{gate.min_agreement:.2%} (--min-agreement)"
         )
-    return Report(report.level, tolerance, report.original, report.optimized, str(out))
+    if result.accuracy is not None and original.accuracy is not None:
+        drop = original.accuracy - result.accuracy
+        if drop > 1 - gate.min_agreement + 1e-12:
+            failed.append(
+                f"is {drop:.2%} less accurate on --targets ({result.accuracy:.2%} against {original.accuracy:.2%}), "
+                f"more than the {1 - gate.min_agreement:.2%} --min-agreement allows"
+            )
+    ratio = result.median_ms / original.median_ms
+    if not gate.force and ratio > 1 + SAME_SPEED:
+        failed.append(
+            f"is {ratio:.2f}x slower ({result.median_ms:.3f} against {original.median_ms:.3f} ms; --force writes it)"
+        )
+    elif not gate.force and result.size >= original.size and ratio > 1 - SAME_SPEED:
+        failed.append(
+            f"is {result.size / original.size:.0%} of the original's size and no faster "
+            f"({result.median_ms:.3f} against {original.median_ms:.3f} ms; --force writes it)"
+        )
+    return tuple(failed)
+
+
+def _hint(job: _Job, results: list[Measurement]) -> str:
+    """What may win where dynamic int8 lost on speed."""
+    if job.level == "int8" and any("slower" in reason for m in results for reason in m.refused):
+        return (
+            ". Dynamic int8 quantizes the weights alone and converts activations on every run, which makes "
+            "convolutions slower on most CPUs: --level int8-static calibrates them on the samples, and --level auto "
+            "tries every level and writes the fastest that passes"
+        )
+    return ""
