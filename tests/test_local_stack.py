@@ -443,3 +443,41 @@ def read_response(connection) -> tuple[int, bytes]:
     response = http.client.HTTPResponse(connection)
     response.begin()
     return response.status, response.read()
+
+
+def test_a_sagemaker_model_follows_live_as_a_deploy_moves_an_endpoint(tmp_path, iris_test_split):
+    """Blue/green: the new version's serving program starts beside the old, takes requests once it answers /ping,
+    and the old one stops; no request in between fails. Rolling back moves it back the same way."""
+    import onnx
+
+    config = tmp_path / "slimserve.toml"
+    config.write_text(f'[app]\nname = "follow"\n\n[defaults]\nauth = "none"\n\n[models.follow-sm]\nformat = "onnx"\n'
+                      f'artifact = "{ROOT / "examples" / "models" / "iris.onnx"}"\ntarget = "sagemaker"\n')
+    retrained = onnx.load(ROOT / "examples" / "models" / "iris.onnx")
+    retrained.doc_string = "retrained"
+    onnx.save(retrained, tmp_path / "iris-v2.onnx")
+    row = json.dumps({"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": [5.1, 3.5, 1.4, 0.2]}]}).encode()
+    headers = {"Content-Type": "application/json"}
+    with running_stack(config, tmp_path / "work") as stack:
+
+        def answers_until(version: str) -> list[int]:
+            statuses, deadline = [], time.monotonic() + 90
+            while time.monotonic() < deadline:
+                status, body = http(stack, "POST", "/v2/models/follow-sm/infer", row, headers)
+                statuses.append(status)
+                if status == 200 and body["model_version"] == version:
+                    return statuses
+            raise AssertionError(f"still not version {version}: {stack.lines[-5:]}")
+
+        assert answers_until("1") == [200]
+        stack.registry.register(tmp_path / "iris-v2.onnx", "follow-sm")
+        stack.registry.set_alias("follow-sm", "live", "2", served=stack.registry.version("follow-sm", "1"))
+        assert set(answers_until("2")) == {200}  # every request answered while the endpoint moved
+        assert http(stack, "POST", "/v2/models/follow-sm/versions/2/infer", row, headers)[0] == 200
+        assert http(stack, "POST", "/v2/models/follow-sm/versions/1/infer", row, headers)[0] == 403  # as API Gateway
+        deadline = time.monotonic() + 30
+        while "follow-sm: now serving version 2 (was 1)" not in stack.lines and time.monotonic() < deadline:
+            time.sleep(0.1)  # said once the old program has answered what it had and stopped
+        assert not (tmp_path / "work" / "follow-sm-model-1").exists()  # the old version's folder went with it
+        stack.registry.rollback("follow-sm")
+        assert set(answers_until("1")) == {200}

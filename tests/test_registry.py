@@ -258,3 +258,24 @@ def test_register_loads_the_model_once(registry, monkeypatch):
     monkeypatch.setattr(runtimes, "OnnxModel", Counted)
     registry.register(MODELS / "iris.onnx", "iris")
     assert len(loads) == 1
+
+
+def test_alias_of_a_sagemaker_model_says_what_moves_it(s3_store, tmp_path, capsys):
+    from slimserve.cli import main
+
+    s3_store.client().create_bucket(Bucket="cli-sagemaker")
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "cli-sagemaker", "--config",
+             str(MODELS.parent / "with-sagemaker.toml")]
+    model = onnx.load(MODELS / "iris.onnx")
+    model.doc_string = "v2"
+    onnx.save(model, tmp_path / "iris-v2.onnx")
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "iris-gpu", *where]) == 0
+    assert main(["register", str(tmp_path / "iris-v2.onnx"), "--name", "iris-gpu", *where]) == 0
+    capsys.readouterr()
+    assert main(["alias", "iris-gpu", "live", "2", *where]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "iris-gpu: alias live now points at version 2 (was version 1)",
+        "  in the local store: a running local stack moves to it as a deploy does: it starts the version's serving "
+        'program and sends requests to it once it answers /ping; a deployed API serves it once a config with version = '
+        '"live" is locked (slimserve lock) and deployed, which moves the endpoint to it blue/green (rolled back on its '
+        "alarms); until then the endpoint serves the version it was deployed with"]

@@ -236,9 +236,9 @@ class EndpointVersions:
             old = self.endpoint
             self.endpoint, self.route = endpoint, route
             switch(route)
-            self.log(f"{self.model.name}: now serving version {number} (was {old.environment[MODEL_VERSION]})")
             old.close()
             shutil.rmtree(old.environment[SAGEMAKER_MODEL_DIR], ignore_errors=True)
+            self.log(f"{self.model.name}: now serving version {number} (was {old.environment[MODEL_VERSION]})")
             if self.closing.is_set():
                 endpoint.close()
 
