@@ -120,24 +120,16 @@ def store(work):
         return 2
     return 0
 
-def reap():
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:  # none started yet
-            threading.Event().wait(0.02)
-            continue
-        with printing:
-            print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
-
-printing = threading.Lock()  # held while forking too: a child must not inherit stdout mid-print, locked
-threading.Thread(target=reap, daemon=True).start()
-for line in sys.stdin:
-    with printing:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(store(Path(line.strip())))
-        print("started", pid, flush=True)
+for line in sys.stdin:  # no thread runs here: a fork copies only the thread that forks
+    command, argument = line.split()
+    if command == "wait":
+        pid, status = os.waitpid(int(argument), 0)
+        print("exit", pid, os.waitstatus_to_exitcode(status), flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        os._exit(store(Path(argument)))
+    print("started", pid, flush=True)
 """
 STEPS = ("register", "alias", "kill", "stop")
 """After each, a second store of the project is started too, and must be refused."""
@@ -163,9 +155,12 @@ class Stores:
             assert line, "the forking process ended"
             self.unread.append(line.split(" ", 2))
 
-    def start(self) -> int:
-        self.process.stdin.write(f"{self.work}\n")
+    def _send(self, command: str, argument) -> None:
+        self.process.stdin.write(f"{command} {argument}\n")
         self.process.stdin.flush()
+
+    def start(self) -> int:
+        self._send("start", self.work)
         pid = int(self._line("started")[1])
         deadline = time.monotonic() + 30
         while (state := running_state(self.work)) is None or state["pid"] != pid:
@@ -175,15 +170,16 @@ class Stores:
 
     def refused(self) -> str:
         """A second store of the project: its one line, once it has exited with status 2."""
-        self.process.stdin.write(f"{self.work}\n")
-        self.process.stdin.flush()
+        self._send("start", self.work)
         pid = int(self._line("started")[1])
         line = self._line("refused", pid)[2].strip()
+        self._send("wait", pid)
         assert self._line("exit", pid)[2].strip() == "2"
         return line
 
     def end(self, pid: int, how: signal.Signals) -> None:
         os.kill(pid, how)
+        self._send("wait", pid)
         assert int(self._line("exit", pid)[2]) == (0 if how == signal.SIGTERM else -how)
 
     def registry(self) -> Registry:

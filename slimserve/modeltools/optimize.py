@@ -400,7 +400,8 @@ def _gate(job: _Job, samples: dict, original, original_size: int, candidates: di
         return replace(report, chosen=passed[0].label)
     reasons = "; ".join(f"the {m.label} model {', and '.join(m.refused)}" for m in results)
     reasons = reasons or f"no {job.level} model could be made"
-    raise GateRefused(f"{out}: not written: {reasons}{_hint(job, results)}\n{report.table()}", report)
+    hint = _hint(job, results) if isinstance(original, OnnxModel) else ""
+    raise GateRefused(f"{out}: not written: {reasons}{hint}\n{report.table()}", report)
 
 
 def _rows(samples: dict) -> int:
