@@ -169,7 +169,8 @@ def test_cli_prints_the_table_and_refuses_with_exit_2(digits_onnx, capsys):
                                 "accuracy", "gate"]
     assert lines[2].split()[0] == "int8" and lines[2].split()[-1] == "written"
     assert re.fullmatch(rf"wrote {re.escape(str(out))}: int8, \d+% of the original's size, 0\.\d\dx its median latency "
-                        r"\(of \d+ runs each\), the original's class for 100\.00% of the samples, max \|diff\| \S+",
+                        r"\(of \d+ runs each\), the original's class for 100\.00% of the samples, max \|diff\| \S+ of its "
+                        r"scores \(not gated: --tolerance holds them\)",
                         lines[-1]), lines[-1]
     assert main(["optimize", str(folder / "digits.onnx"), "--level", "int8", "--samples", str(folder / "samples.npy"),
                  "--tolerance", "0", "--out", str(folder / "no.onnx")]) == 2

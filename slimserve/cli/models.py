@@ -182,7 +182,11 @@ def _optimize(args) -> int:
     classifier = chosen.top1_agreement is not None
     agreement = f", the original's class for {chosen.top1_agreement:.2%} of the samples" if classifier else ""
     tolerance = report.gate.value_tolerance(classifier)
-    within = "" if tolerance is None else f" within the tolerance {tolerance:g}"
+    within = (
+        " of its scores (not gated: --tolerance holds them)"
+        if tolerance is None
+        else (f" within the tolerance {tolerance:g}")
+    )
     print(
         f"wrote {report.written}: {chosen.label}, {chosen.size / report.original.size:.0%} of the original's size, "
         f"{chosen.median_ms / report.original.median_ms:.2f}x its median latency (of {report.runs} runs each)"
