@@ -176,3 +176,48 @@ def test_cli_prints_the_table_and_refuses_with_exit_2(digits_onnx, capsys):
                  "--tolerance", "0", "--out", str(folder / "no.onnx")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {folder / 'no.onnx'}: not written: the int8 model differs")
     assert not (folder / "no.onnx").exists()
+
+
+def test_a_regressors_several_values_are_held_to_the_tolerance_not_read_as_classes(tmp_path):
+    """A 2-D float output not named for class scores holds values (two targets here): no class agreement, and the
+    default tolerance applies."""
+    from skl2onnx import to_onnx
+    from sklearn.neural_network import MLPRegressor
+
+    from slimserve.modeltools.examples import SEED, digits_split
+
+    train_x, test_x, train_y, _ = digits_split()
+    targets = np.stack([train_y, train_x.sum(axis=1) / 100], axis=1)
+    regressor = MLPRegressor(hidden_layer_sizes=(256,), max_iter=300, random_state=SEED).fit(train_x / 16, targets)
+    (tmp_path / "two.onnx").write_bytes(to_onnx(regressor, (train_x[:1] / 16).astype(np.float32)).SerializeToString())
+    np.save(tmp_path / "samples.npy", (test_x / 16).astype(np.float32))
+    with pytest.raises(GateRefused) as caught:
+        optimize(tmp_path / "two.onnx", "int8", tmp_path / "samples.npy", None, tmp_path / "two.int8.onnx", force=True)
+    int8 = caught.value.report.candidates[0]
+    assert int8.top1_agreement is None and int8.max_abs_diff > 0.01
+    assert str(caught.value).startswith(f"{tmp_path / 'two.int8.onnx'}: not written: the int8 model differs from the "
+                                        f"original by up to {int8.max_abs_diff:.3g} on the samples")
+    assert "past the tolerance 0.01 (--tolerance)" in str(caught.value).splitlines()[0]
+
+
+def test_out_naming_the_model_itself_is_refused(digits_onnx):
+    folder, _ = digits_onnx
+    before = (folder / "digits.onnx").read_bytes()
+    with pytest.raises(OptimizeError, match=r"^--out .*digits.onnx: is the model itself; write the result beside it "
+                                            r"\(leave --out out\)$"):
+        optimize(folder / "digits.onnx", "int8", folder / "samples.npy", None, folder / "digits.onnx")
+    assert (folder / "digits.onnx").read_bytes() == before
+
+
+def test_auto_from_the_cli_says_why_each_level_it_did_not_write_was_refused(digits_onnx, capsys):
+    from slimserve.cli import main
+
+    folder, _ = digits_onnx
+    assert main(["optimize", str(folder / "digits.onnx"), "--level", "auto", "--samples", str(folder / "samples.npy"),
+                 "--out", str(folder / "auto.onnx")]) == 0
+    captured = capsys.readouterr()
+    assert "Please consider to run pre-processing" not in captured.err  # the quantizers' advice stays out
+    lines = captured.out.splitlines()
+    refused = [line.split()[0] for line in lines[2:6] if line.split()[-1] == "refused"]
+    assert [line.split(":")[0].strip() for line in lines[6:6 + len(refused)]] == refused
+    assert lines[-1].startswith(f"wrote {folder / 'auto.onnx'}: ")

@@ -167,7 +167,9 @@ def test_cli_register_versions_alias_rollback(s3_store, tmp_path, capsys):
     assert out[12].endswith("iris-v2.onnx              -")
     assert main(["alias", "iris", "prod", "2", *where]) == 0
     assert main(["versions", "iris", *where]) == 0
+    assert main(["versions", "irsi", *where]) == 0  # a typo: nothing registered, and the config's names shown
     out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "irsi: no registered versions (the config's models: iris, digits)"
     assert out[1] == (
         '  in the local store: a running local stack serves the live alias, not this one; a deployed API serves it once a '
         'config with version = "prod" is locked (slimserve lock) and deployed')

@@ -178,6 +178,8 @@ def _optimize(args) -> int:
         model, args.level, Path(args.samples), args.tolerance, out, args.force, args.min_agreement, targets
     )
     print(report.table())
+    for refused in (m for m in report.candidates if m.refused):
+        print(f"  {refused.label}: {'; '.join(refused.refused)}")
     chosen = report.optimized
     classifier = chosen.top1_agreement is not None
     agreement = f", the original's class for {chosen.top1_agreement:.2%} of the samples" if classifier else ""

@@ -178,7 +178,9 @@ def _versions(args) -> int:
     registry = _registry(args)
     versions = registry.versions(args.name)
     if not versions:
-        print(f"{args.name}: no registered versions")
+        names = [model.name for model in load_config(args.config).models]
+        known = "" if args.name in names else f" (the config's models: {', '.join(names) or 'none'})"
+        print(f"{args.name}: no registered versions{known}")
         return 0
     pointing: dict[str, list[str]] = {}
     aliases = registry.aliases(args.name)

@@ -12,6 +12,9 @@ the float outputs; top-1 agreement of class scores and labels; and, given true l
 only if it passes the gate on every count (`Gate`); the refusal names each count it failed.
 """
 
+import contextlib
+import logging
+import re
 import statistics
 import tempfile
 import time
@@ -155,26 +158,33 @@ def _median_ms(models: list, samples: dict, outputs: list[str]) -> tuple[list[fl
             return [statistics.median(taken) * 1000 for taken in times], len(times[0])
 
 
-def _labels(results: dict[str, np.ndarray]) -> np.ndarray | None:
+SCORE_NAMES = re.compile(r"logit|score|prob|class", re.IGNORECASE)
+"""A 2-D float output named like this holds class scores: the model is a classifier. Another 2-D output (a
+regressor's several targets, an embedding) holds values, gated by their difference."""
+
+
+def _labels(results: dict[str, np.ndarray], scores_named: bool = True) -> np.ndarray | None:
     """The classes a model's outputs name: a label output (integers or strings, one per sample) where it has one,
-    else the best of the first 2-D float output with more than one column."""
+    else the best of the first 2-D float output of class scores (any 2-D float output, where `scores_named` is off:
+    true labels were given, so the model is a classifier)."""
     for value in results.values():
         if value.ndim == 1 and value.dtype.kind in "iuUSO":
             return value
-    for value in results.values():
+    for name, value in results.items():
         if value.dtype.kind == "f" and value.ndim == 2 and value.shape[1] > 1:
-            return value.argmax(axis=1)
+            if not scores_named or SCORE_NAMES.search(name):
+                return value.argmax(axis=1)
     return None
 
 
-def _compare(reference: dict, results: dict) -> tuple[float, float, float | None]:
+def _compare(reference: dict, results: dict, scores_named: bool) -> tuple[float, float, float | None]:
     """Max and mean absolute difference over float outputs; top-1 agreement of the classes they name."""
     diffs = []
     for name, expected in reference.items():
         if expected.dtype.kind == "f":
             difference = np.abs(results[name].astype(np.float64) - expected.astype(np.float64))
             diffs.append((float(difference.max()), float(difference.mean())))
-    expected_labels, labels = _labels(reference), _labels(results)
+    expected_labels, labels = _labels(reference, scores_named), _labels(results, scores_named)
     agreement = None if expected_labels is None else float((labels == expected_labels).mean())
     if not diffs:
         return 0.0, 0.0, agreement
@@ -187,7 +197,7 @@ def _read_targets(path: Path, reference: dict, samples: int) -> np.ndarray:
         targets = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise OptimizeError(f"--targets {path}: not a numpy .npy file of labels: {error}") from None
-    labels = _labels(reference)
+    labels = _labels(reference, scores_named=False)
     if labels is None:
         raise OptimizeError(
             f"--targets {path}: the model has neither a label output nor class scores to compare true labels with"
@@ -228,21 +238,22 @@ def _transform(source: Path, level: str, target: Path, samples: dict) -> None:
         weights = sum(len(tensor.raw_data) for tensor in model.graph.initializer)
         # int8 weights are a quarter of fp32's: the quantizer writes a data file only when asked
         external = weights // 4 > EXTERNAL_DATA_BYTES
-        if level == "int8":
-            quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
-        else:
-            # QDQ with unsigned activations and per-channel signed weights: the form ONNX Runtime's CPU kernels
-            # run as integer arithmetic (onnxruntime.ai/docs/performance/model-optimizations/quantization.html)
-            quantize_static(
-                model,
-                str(target),
-                _Calibration(samples),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                use_external_data_format=external,
-            )
+        with _quiet_root_logger():
+            if level == "int8":
+                quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, use_external_data_format=external)
+            else:
+                # QDQ with unsigned activations and per-channel signed weights: the form ONNX Runtime's CPU kernels
+                # run as integer arithmetic (onnxruntime.ai/docs/performance/model-optimizations/quantization.html)
+                quantize_static(
+                    model,
+                    str(target),
+                    _Calibration(samples),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    use_external_data_format=external,
+                )
     else:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -251,6 +262,19 @@ def _transform(source: Path, level: str, target: Path, samples: dict) -> None:
         model = onnx.load(str(source))
         large = model_files(source).size > EXTERNAL_DATA_BYTES
         save_onnx(convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=large), target)
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """The quantizers advise pre-processing through the root logger, a line on stderr before slimserve's own
+    answer; what slimserve measures afterwards is the answer."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class _Calibration:
@@ -307,6 +331,8 @@ def optimize(
             "and neither slimserve nor TensorFlow's converter reads a .tflite back. For an int8 or fp16 TFLite model, "
             f"optimize its Keras source (.keras, .h5) with the tensorflow extra: {TENSORFLOW_EXTRA}"
         )
+    if out.resolve() == model_path.resolve():
+        raise OptimizeError(f"--out {out}: is the model itself; write the result beside it (leave --out out)")
     job = _Job(level, Path(samples_path), Gate(tolerance, min_agreement, force), out, targets and Path(targets))
     if model_path.suffix in KERAS_SUFFIXES:
         return _optimize_keras(model_path, job)
@@ -374,7 +400,7 @@ def _gate(job: _Job, samples: dict, original, original_size: int, candidates: di
     original_ms, candidate_ms = latencies[0], dict(zip(candidates, latencies[1:]))
 
     def accuracy(results: dict) -> float | None:
-        return None if targets is None else float((_labels(results) == targets).mean())
+        return None if targets is None else float((_labels(results, scores_named=False) == targets).mean())
 
     original_accuracy = accuracy(reference)
     measured = Measurement(
@@ -383,13 +409,13 @@ def _gate(job: _Job, samples: dict, original, original_size: int, candidates: di
         original_ms,
         0.0,
         0.0,
-        1.0 if _labels(reference) is not None else None,
+        1.0 if _labels(reference, targets is None) is not None else None,
         original_accuracy,
     )
     results = []
     for level, (model, size) in candidates.items():
         answers = model.run(samples, outputs)
-        max_diff, mean_diff, agreement = _compare(reference, answers)
+        max_diff, mean_diff, agreement = _compare(reference, answers, scores_named=targets is None)
         result = Measurement(level, size, candidate_ms[level], max_diff, mean_diff, agreement, accuracy(answers))
         results.append(replace(result, refused=_failed(gate, measured, result)))
     passed = sorted(
