@@ -172,7 +172,7 @@ def test_a_worker_killed_under_load_costs_its_request_a_502_and_no_other(mixed_s
 
 
 def test_a_serving_program_restarted_under_load_answers_every_request(mixed_stack):
-    endpoint = mixed_stack.endpoints["iris-gpu"]
+    endpoint = mixed_stack.endpoints["iris-gpu"].endpoint  # the serving program of the version it serves
     before = endpoint.restarts
     per_client = under_load(mixed_stack, "iris-gpu", lambda: endpoint.process.send_signal(signal.SIGTERM), seconds=6)
     assert endpoint.restarts == before + 1

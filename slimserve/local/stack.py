@@ -281,7 +281,7 @@ class LocalStack:
         self.log(f"local S3 (moto) at {s3.endpoint}, bucket {s3.bucket}")
         self.registry = registry = Registry(s3.client(), s3.bucket)
         self.versions: dict[str, ModelVersions] = {}  # the Lambda models' functions
-        self.endpoints: dict[str, LocalEndpoint] = {}  # the SageMaker models' serving programs
+        self.endpoints: dict[str, EndpointVersions] = {}  # the SageMaker models' serving programs
         routes = {}
         for model in self.config.models:
             if model.target == "sagemaker":
