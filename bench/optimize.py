@@ -99,7 +99,7 @@ def levels_by_shape() -> list[tuple]:
                 report = refused.report
             print(f"\n{shape}\n{report.table()}", file=sys.stderr)
             for level in report.candidates:
-                ratio = level.latency_ratio
+                ratio = level.median_ms / report.original.median_ms
                 written = level.label == report.chosen
                 top1 = "-" if level.top1_agreement is None else f"{level.top1_agreement:.2%}"
                 verdict = "written" if written else f"refused: {level.refused[0]}" if level.refused else "passed"

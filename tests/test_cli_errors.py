@@ -185,7 +185,7 @@ def test_a_result_larger_and_no_faster_is_written_only_when_forced(tmp_path, mon
     from slimserve.modeltools import optimize
 
     # as fast as each other, always
-    monkeypatch.setattr(optimize, "_median_ms", lambda models, samples, outputs: ([1.0] * len(models), [1.0] * len(models), 20))
+    monkeypatch.setattr(optimize, "_median_ms", lambda models, samples, outputs: ([1.0] * len(models), 20))
     np.save(tmp_path / "rows.npy", np.random.default_rng(0).random((20, 4), dtype=np.float32))
     model, out = str(MODELS / "iris.onnx"), tmp_path / "iris.fp16.onnx"
     arguments = ["optimize", model, "--level", "fp16", "--samples", str(tmp_path / "rows.npy"), "--out", str(out)]

@@ -191,7 +191,7 @@ def _optimize(args) -> int:
     )
     print(
         f"wrote {report.written}: {chosen.label}, {chosen.size / report.original.size:.0%} of the original's size, "
-        f"{chosen.latency_ratio:.2f}x its latency (median of {report.runs} paired runs)"
+        f"{chosen.median_ms / report.original.median_ms:.2f}x its median latency (of {report.runs} runs each)"
         f"{agreement}, max |diff| {chosen.max_abs_diff:.3g}{within}"
     )
     return 0

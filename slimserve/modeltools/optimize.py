@@ -88,8 +88,6 @@ class Measurement:
     mean_abs_diff: float
     top1_agreement: float | None
     accuracy: float | None = None
-    latency_ratio: float = 1.0
-    """The median over the timed rounds of its time over the original's in the same round: what the gate reads."""
     refused: tuple[str, ...] = ()
     """Each count of the gate it failed, said in words; empty: it passed."""
 
@@ -144,9 +142,8 @@ class Report:
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
 
-def _median_ms(models: list, samples: dict, outputs: list[str]) -> tuple[list[float], list[float], int]:
-    """Each model's median latency in ms, timed in interleaved runs (after one untimed run each); the median of each
-    one's time over the first's in the same round, which drift between rounds does not move; and the runs."""
+def _median_ms(models: list, samples: dict, outputs: list[str]) -> tuple[list[float], int]:
+    """Each model's median latency in ms, timed in interleaved runs (after one untimed run each), and the runs."""
     for model in models:
         model.run(samples, outputs)
     times: list[list[float]] = [[] for _ in models]
@@ -158,8 +155,7 @@ def _median_ms(models: list, samples: dict, outputs: list[str]) -> tuple[list[fl
             taken.append(time.perf_counter() - begun)
         elapsed = time.perf_counter() - started
         if (len(times[0]) >= MIN_RUNS and elapsed >= MIN_SECONDS) or elapsed >= MAX_SECONDS:
-            ratios = [statistics.median(t / first for t, first in zip(taken, times[0])) for taken in times]
-            return [statistics.median(taken) * 1000 for taken in times], ratios, len(times[0])
+            return [statistics.median(taken) * 1000 for taken in times], len(times[0])
 
 
 SCORE_NAMES = re.compile(r"logit|score|prob|class", re.IGNORECASE)
@@ -400,9 +396,8 @@ def _gate(job: _Job, samples: dict, original, original_size: int, candidates: di
     reference = original.run(samples, outputs)
     targets = None if job.targets_path is None else _read_targets(job.targets_path, reference, _rows(samples))
     models = [original, *(model for model, _ in candidates.values())]
-    latencies, ratios, runs = _median_ms(models, samples, outputs)
+    latencies, runs = _median_ms(models, samples, outputs)
     original_ms, candidate_ms = latencies[0], dict(zip(candidates, latencies[1:]))
-    candidate_ratio = dict(zip(candidates, ratios[1:]))
 
     def accuracy(results: dict) -> float | None:
         return None if targets is None else float((_labels(results, scores_named=False) == targets).mean())
@@ -421,11 +416,11 @@ def _gate(job: _Job, samples: dict, original, original_size: int, candidates: di
     for level, (model, size) in candidates.items():
         answers = model.run(samples, outputs)
         max_diff, mean_diff, agreement = _compare(reference, answers, scores_named=targets is None)
-        result = Measurement(
-            level, size, candidate_ms[level], max_diff, mean_diff, agreement, accuracy(answers), candidate_ratio[level]
-        )
+        result = Measurement(level, size, candidate_ms[level], max_diff, mean_diff, agreement, accuracy(answers))
         results.append(replace(result, refused=_failed(gate, measured, result)))
-    passed = sorted((m for m in results if not m.refused), key=lambda m: (round(m.latency_ratio / SAME_SPEED), m.size))
+    passed = sorted(
+        (m for m in results if not m.refused), key=lambda m: (round(m.median_ms / original_ms / SAME_SPEED), m.size)
+    )
     report = Report(job.level, gate, measured, tuple(results), str(out) if passed else None, runs)
     if passed:
         return replace(report, chosen=passed[0].label)
@@ -460,7 +455,7 @@ def _failed(gate: Gate, original: Measurement, result: Measurement) -> tuple[str
                 f"is {drop:.2%} less accurate on --targets ({result.accuracy:.2%} against {original.accuracy:.2%}), "
                 f"more than the {1 - gate.min_agreement:.2%} --min-agreement allows"
             )
-    ratio = result.latency_ratio
+    ratio = result.median_ms / original.median_ms
     if not gate.force and ratio > 1 + SAME_SPEED:
         failed.append(
             f"is {ratio:.2f}x slower ({result.median_ms:.3f} against {original.median_ms:.3f} ms; --force writes it)"
