@@ -281,3 +281,16 @@ def test_alias_of_a_sagemaker_model_says_what_moves_it(s3_store, tmp_path, capsy
         'program and sends requests to it once it answers /ping; a deployed API serves it once a config with version = '
         '"live" is locked (slimserve lock) and deployed, which moves the endpoint to it blue/green (rolled back on its '
         "alarms); until then the endpoint serves the version it was deployed with"]
+
+
+def test_a_named_store_needs_no_config(s3_store, tmp_path, capsys):
+    """--endpoint-url (or --profile/--region) names the store outright: a CI job without the project's config can
+    still list and register (nothing to check a name against, so --new is not asked for)."""
+    from slimserve.cli import main
+
+    s3_store.client().create_bucket(Bucket="no-config")
+    where = ["--endpoint-url", s3_store.endpoint, "--bucket", "no-config", "--config", str(tmp_path / "absent.toml")]
+    assert main(["versions", "fraud", *where]) == 0
+    assert main(["register", str(MODELS / "iris.onnx"), "--name", "fraud", *where]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fraud: no registered versions" and out[1].startswith("registered fraud version 1: ")

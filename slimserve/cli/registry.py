@@ -4,7 +4,7 @@ with --profile/--region, the deployed one."""
 import sys
 from pathlib import Path
 
-from slimserve.config import load_config, model_name_problem
+from slimserve.config import AppConfig, load_config, model_name_problem
 from slimserve.errors import UserError
 from slimserve.local.s3 import DEFAULT_BUCKET
 from slimserve.local.state import running_state
@@ -58,7 +58,24 @@ def add_commands(commands) -> None:
         command.set_defaults(run=run)
 
 
-def _registry(args):
+def _config(args) -> AppConfig | None:
+    """The config, read once per command; None where it does not exist and the store is named outright
+    (--endpoint-url, or --profile/--region), which needs no config."""
+    if not Path(args.config).exists() and (args.endpoint_url or args.profile or args.region):
+        return None
+    return load_config(args.config)
+
+
+def _configured(config: AppConfig | None, name: str):
+    """The config's model of that name, or None."""
+    return next((model for model in config.models if model.name == name), None) if config else None
+
+
+def _model_names(config: AppConfig | None) -> list[str]:
+    return [model.name for model in config.models] if config else []
+
+
+def _registry(args, config: AppConfig | None):
     """The registry on the local stack's S3 unless --profile/--region name an AWS account."""
     import boto3
 
@@ -74,11 +91,11 @@ def _registry(args):
         )
     endpoint, bucket = args.endpoint_url, args.bucket
     if endpoint is None:
-        config = Path(args.config)
-        state = running_state(load_config(config).local_dir)
+        assert config is not None  # _config reads it wherever no store is named
+        state = running_state(config.local_dir)
         if state is None:
             raise UserError(
-                f"no local stack of {config} is running: start one with `slimserve serve` (in another terminal), "
+                f"no local stack of {args.config} is running: start one with `slimserve serve` (in another terminal), "
                 "or pass --endpoint-url, or --profile/--region and --bucket for the deployed store"
             )
         endpoint, bucket = state["s3_endpoint"], bucket or state["bucket"]
@@ -106,7 +123,7 @@ def _lock(args) -> int:
     from slimserve.registry.lock import lock_path, write_lock
 
     config = load_config(args.config)
-    resolved = write_lock(config, _registry(args))
+    resolved = write_lock(config, _registry(args, config))
     for name, version in resolved.items():
         print(f"{name}: {config.model(name).version!r} is version {version.number} (sha256 {version.sha256})")
     print(f"wrote {lock_path(config)}: {len(resolved)} of {len(config.models)} models deploy a registered version")
@@ -130,14 +147,14 @@ class UploadProgress:
 
 
 def _register(args) -> int:
-    config = load_config(args.config)
-    names = [model.name for model in config.models]
-    if args.name not in names and not args.new and model_name_problem(args.name) is None:  # else register says why
+    config = _config(args)
+    names = _model_names(config)
+    if config and args.name not in names and not args.new and model_name_problem(args.name) is None:  # else: why
         raise UserError(
             f"--name {args.name}: {config.path} has no model {args.name!r} (its models: {', '.join(names) or 'none'}); "
             "--new registers a model the config does not name yet"
         )
-    version, new = _registry(args).register(
+    version, new = _registry(args, config).register(
         Path(args.model), args.name, allow_signature_change=args.allow_signature_change, progress=UploadProgress()
     )
     if new:
@@ -150,11 +167,6 @@ def _register(args) -> int:
             f"{args.name}: these bytes are already version {version.number} (sha256 {version.sha256}); nothing uploaded"
         )
     return 0
-
-
-def _configured(args):
-    """The config's model of that name, or None."""
-    return next((model for model in load_config(args.config).models if model.name == args.name), None)
 
 
 def _served_by_config(registry, model) -> Version | None:
@@ -175,18 +187,22 @@ def _served_by_config(registry, model) -> Version | None:
 
 
 def _versions(args) -> int:
-    registry = _registry(args)
+    config = _config(args)
+    registry = _registry(args, config)
     versions = registry.versions(args.name)
     if not versions:
-        names = [model.name for model in load_config(args.config).models]
-        known = "" if args.name in names else f" (the config's models: {', '.join(names) or 'none'})"
+        names = _model_names(config)
+        known = "" if not config or args.name in names else f" (the config's models: {', '.join(names) or 'none'})"
         print(f"{args.name}: no registered versions{known}")
         return 0
     pointing: dict[str, list[str]] = {}
     aliases = registry.aliases(args.name)
     for alias, record in sorted(aliases.items()):
         pointing.setdefault(record["sha256"], []).append(f"{alias} since {record.get('since') or '?'}")
-    if LIVE_ALIAS not in aliases and (served := _served_by_config(registry, _configured(args))) is not None:
+    if (
+        LIVE_ALIAS not in aliases
+        and (served := _served_by_config(registry, _configured(config, args.name))) is not None
+    ):
         pointing.setdefault(served.sha256, []).insert(0, f"{LIVE_ALIAS} (the config's; no alias yet)")
     print(f"{'version':>7}  {'sha256':12}  {'format':6}  {'bytes':>9}  {'created':20}  {'source':24}  aliases")
     for version in versions:
@@ -198,7 +214,8 @@ def _versions(args) -> int:
 
 
 def _alias(args) -> int:
-    registry, model = _registry(args), _configured(args)
+    config = _config(args)
+    registry, model = _registry(args, config), _configured(config, args.name)
     served = _served_by_config(registry, model) if args.alias == LIVE_ALIAS else None
     before, after = registry.set_alias(args.name, args.alias, args.version, served)
     if before == after:
@@ -236,7 +253,8 @@ def _what_serves(args, alias: str, model) -> str:
 
 
 def _rollback(args) -> int:
-    before, after = _registry(args).rollback(args.name, args.alias)
+    config = _config(args)
+    before, after = _registry(args, config).rollback(args.name, args.alias)
     print(f"{args.name}: alias {args.alias} rolled back from version {before} to version {after}")
-    print(_what_serves(args, args.alias, _configured(args)))
+    print(_what_serves(args, args.alias, _configured(config, args.name)))
     return 0

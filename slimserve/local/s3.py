@@ -158,8 +158,8 @@ class _MotoServer:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
-        app = wrap(DomainDispatcherApplication(create_backend_app))
-        self.server = make_server("127.0.0.1", port, app, threaded=True, request_handler=MotoRequestHandler)
+        self.app = wrap(DomainDispatcherApplication(create_backend_app))
+        self.server = make_server("127.0.0.1", port, self.app, threaded=True, request_handler=MotoRequestHandler)
         self.thread = threading.Thread(target=self.server.serve_forever, name="local-s3", daemon=True)
         self.thread.start()
 
@@ -193,24 +193,15 @@ def local_s3(bucket: str = DEFAULT_BUCKET, port: int | None = None, keep: Path |
     if port:
         claim_port("127.0.0.1", port, "--s3-port", "pass a free port, or leave --s3-port out to take any free one")
     port = port or free_port()
-    write_through: WriteThrough | None = None
-
-    def wrap(app):
-        nonlocal write_through
-        if keep is None:
-            return app
-        write_through = WriteThrough(app, bucket, Path(keep))
-        return write_through
-
-    server = _MotoServer(port, wrap)
+    server = _MotoServer(port, lambda app: app if keep is None else WriteThrough(app, bucket, Path(keep)))
     environment = {**LOCAL_CREDENTIALS, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
     saved = {key: os.environ.get(key) for key in environment}
     os.environ.update(environment)
     try:
         store = LocalS3(environment["AWS_ENDPOINT_URL_S3"], bucket, environment)
         store.client().create_bucket(Bucket=bucket)
-        if write_through is not None:
-            write_through.load(store)
+        if isinstance(server.app, WriteThrough):
+            server.app.load(store)
         yield store
     finally:
         for key, value in saved.items():

@@ -295,14 +295,14 @@ class Registry:
             current = self.alias(name, alias)
         except RegistryError:
             current = None
+        if current is not None and current["sha256"] == target.sha256:
+            return current["version"], target.number  # already there: its history is not a step to undo
         if current is not None:
             history = [_entry(current["version"], current["sha256"], current.get("since"))] + current["history"]
         elif served is not None and served.number != target.number:
             history = [_entry(served.number, served.sha256, None)]
         else:
             history = []
-        if current is not None and current["sha256"] == target.sha256:
-            return current["version"], target.number  # already there: its history is not a step to undo
         self._put_json(
             alias_key(name, alias), {**_entry(target.number, target.sha256, _now()), "history": history[:HISTORY]}
         )
